@@ -1,0 +1,39 @@
+# The commands the README names. Everything runs from the project's own virtual environment.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.install-stamp
+
+.PHONY: install run test lint format migrate bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## API + one worker on the embedded SQLite database and embedded broker; Ctrl-C stops both.
+run: install
+	$(BIN)/bnlab run
+
+migrate: install
+	$(BIN)/bnlab migrate
+
+## Lint, types, import contracts, then the whole test suite (needs Postgres and Redis on 127.0.0.1).
+test: install lint
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check service workers migrations tests
+	$(BIN)/ruff format --check service workers migrations tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: install
+	$(BIN)/ruff format service workers migrations tests
+	$(BIN)/ruff check --fix service workers migrations tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,36 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.db import get_engine
+from service.queue import broker_reachable
+
+router = APIRouter(prefix="/health", tags=["health"])
+
+
+@router.get("/live", summary="The process is up")
+def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def database_reachable() -> bool:
+    try:
+        with get_engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError:
+        return False
+    return True
+
+
+@router.get("/ready", summary="The database and the broker are reachable")
+def ready(response: Response) -> dict[str, str]:
+    checks = {"database": database_reachable(), "broker": broker_reachable()}
+    if not all(checks.values()):
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return {"status": "ok" if all(checks.values()) else "unavailable"} | {
+        name: "ok" if ok else "unreachable" for name, ok in checks.items()
+    }

@@ -1,0 +1,223 @@
+"""The training loop, evaluation and inference. Nothing here knows about Celery, HTTP or the database:
+progress and cancellation go through a `TrainingCallbacks` object that the task layer supplies.
+
+`train`, `evaluate` and `predict_proba` each set the model's mode on purpose: with batch
+normalization, train mode normalises with the batch's statistics and updates the running buffers,
+eval mode uses the buffers. Evaluating in train mode would silently give different numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.ml.config import ModelConfig, TrainConfig
+from service.ml.datasets import ImageDataset, to_inputs
+from service.ml.nets import make_net
+
+# should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
+STOP_CHECK_INTERVAL_S = 0.5
+SGD_MOMENTUM = 0.9
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 1-based
+    train_loss: float  # sample-weighted mean over the epoch, in train mode (what Keras reports)
+    train_accuracy: float
+    val_loss: float  # eval mode, after the epoch
+    val_accuracy: float
+    seconds: float  # wall time of the epoch, validation included
+
+
+class TrainingCallbacks(Protocol):
+    def on_epoch_end(self, metrics: EpochMetrics) -> None: ...
+
+    def should_stop(self) -> bool:
+        """Cooperative cancellation: True makes the loop stop at the next step boundary."""
+        ...
+
+
+class NullCallbacks:
+    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+_NULL_CALLBACKS = NullCallbacks()  # stateless, so one shared default instance is safe
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    epochs: list[EpochMetrics] = field(default_factory=list)
+    cancelled: bool = False
+    # True when a final batch of a single sample was skipped each epoch (BN cannot train on it).
+    dropped_last_batch: bool = False
+
+
+class _StopPoller:
+    """Calls should_stop() at most every STOP_CHECK_INTERVAL_S between steps, and on demand."""
+
+    def __init__(self, callbacks: TrainingCallbacks) -> None:
+        self._callbacks = callbacks
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self._last < STOP_CHECK_INTERVAL_S:
+            return False
+        return self.now()
+
+    def now(self) -> bool:
+        self._last = time.monotonic()
+        return self._callbacks.should_stop()
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a function of (seed, epoch) only, so every configuration
+    trained with the same seed sees the same batches in the same order."""
+    (state,) = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(state)))
+
+
+def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
+    """make_net under a seeded, forked RNG: identical initial weights per seed, global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_net(cfg)
+
+
+def _make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    if tcfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    if tcfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=SGD_MOMENTUM)
+    raise ValueError(f"unknown optimizer {tcfg.optimizer!r}; expected 'adam' or 'sgd'")
+
+
+def _check_inputs(
+    cfg: ModelConfig, tcfg: TrainConfig, train_set: ImageDataset, val_set: ImageDataset
+) -> None:
+    if tcfg.epochs < 1 or tcfg.batch_size < 1:
+        raise ValueError("epochs and batch_size must be >= 1")
+    if len(train_set) < 2 or len(val_set) < 1:
+        raise ValueError("training needs at least 2 training samples and 1 validation sample")
+    if cfg.norm.kind == "batch" and tcfg.batch_size < 2:
+        raise ValueError("batch normalization cannot train with batch_size 1 (one value per channel)")
+    # Compared by size: the net flattens its input, so (1, 28, 28) and (784,) describe the same data.
+    if (
+        math.prod(train_set.sample_shape) != math.prod(cfg.input_shape)
+        or train_set.num_classes != cfg.num_classes
+    ):
+        raise ValueError(
+            f"data ({train_set.sample_shape}, {train_set.num_classes} classes) do not fit the model"
+            f" ({tuple(cfg.input_shape)}, {cfg.num_classes} classes)"
+        )
+
+
+def train(
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    train_set: ImageDataset,
+    val_set: ImageDataset,
+    callbacks: TrainingCallbacks = _NULL_CALLBACKS,
+) -> TrainResult:
+    """Train a fresh `make_net(cfg)` with softmax cross-entropy; validate after every epoch.
+
+    Deterministic on CPU for a given seed and thread count. A final batch of one sample is dropped
+    for every configuration (BN would raise on it; dropping it for all keeps the data identical
+    across the configurations being compared); other partial batches are kept, as in Keras.
+    """
+    _check_inputs(cfg, tcfg, train_set, val_set)
+    model = build_model(cfg, tcfg.seed)
+    optimizer = _make_optimizer(model, tcfg)
+    x_all, y_all = to_inputs(train_set.x), train_set.y  # converted once, resident for all epochs
+    n, bs = len(train_set), tcfg.batch_size
+    n_used = n - 1 if n % bs == 1 else n
+    result = TrainResult(model=model, dropped_last_batch=n_used < n)
+    poller = _StopPoller(callbacks)
+
+    for epoch in range(1, tcfg.epochs + 1):
+        started = time.monotonic()
+        model.train()  # on purpose: evaluate() left the model in eval mode
+        order = epoch_permutation(n, tcfg.seed, epoch)[:n_used]
+        loss_sum = torch.zeros(())
+        correct = torch.zeros((), dtype=torch.int64)
+        for start in range(0, n_used, bs):
+            if poller.due():
+                result.cancelled = True
+                return result  # the epoch in progress is not reported
+            idx = order[start : start + bs]
+            x, y = x_all[idx], y_all[idx]
+            logits: torch.Tensor = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+            optimizer.step()
+            # Accumulated on-tensor: an .item() per step would force a sync and cost Python time.
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+
+        val_loss, val_accuracy = evaluate(model, val_set)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=loss_sum.item() / n_used,
+            train_accuracy=correct.item() / n_used,
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            seconds=time.monotonic() - started,
+        )
+        result.epochs.append(metrics)
+        callbacks.on_epoch_end(metrics)
+        if epoch < tcfg.epochs and poller.now():
+            result.cancelled = True
+            return result
+    return result
+
+
+def evaluate(model: nn.Module, ds: ImageDataset, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over `ds`, in eval mode: BN uses its running statistics."""
+    n = len(ds)
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    model.eval()  # on purpose: train mode would normalise with batch statistics and move the buffers
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    # Balanced chunks (sizes differ by at most 1) never leave a batch of one, which a BN layer
+    # without running stats (track_running_stats=False) could not normalise.
+    chunks = math.ceil(n / batch_size)
+    with torch.inference_mode():
+        for x_u8, y in zip(ds.x.tensor_split(chunks), ds.y.tensor_split(chunks), strict=True):
+            logits: torch.Tensor = model(to_inputs(x_u8))
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(dim=1) == y).sum()
+    return loss_sum.item() / n, correct.item() / n
+
+
+def predict_proba(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities [N, classes] for float inputs [N, *input_shape] or flat [N, features]."""
+    expected = _input_features(model)
+    if inputs.dim() < 2 or math.prod(inputs.shape[1:]) != expected:
+        raise ValueError(
+            f"inputs must be [N, ...] with {expected} values per sample, got {tuple(inputs.shape)}"
+        )
+    model.eval()  # on purpose: inference must use running statistics, whatever mode the model was left in
+    with torch.inference_mode():
+        logits: torch.Tensor = model(inputs.to(torch.float32))
+        return logits.softmax(dim=1)
+
+
+def _input_features(model: nn.Module) -> int:
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        raise ValueError("model has no Linear layer")
+    return first.in_features

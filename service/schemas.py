@@ -1,0 +1,189 @@
+"""Request and response models. One schema family per resource; every field is described so the
+OpenAPI page at /docs documents the API by itself."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.ml.config import ModelConfig, NormConfig, TrainConfig
+
+# A job is a declarative spec, never code: unknown fields are refused and floats must be finite.
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+MAX_PARAMETERS = 20_000_000
+MAX_PREDICT_SAMPLES = 1024
+
+DatasetName = Literal["fashion-mnist", "mnist", "synthetic"]
+Width = Annotated[int, Field(ge=1, le=4096)]
+
+
+class NormSpec(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["none", "batch"] = Field(
+        "batch", description="Normalization layer after each hidden Linear."
+    )
+    position: Literal["after_activation", "before_activation"] = Field(
+        "after_activation",
+        description="after_activation: Linear → act → BN (the article's Keras code); "
+        "before_activation: Linear → BN → act (the article's equation 6).",
+    )
+    eps: float = Field(1e-3, gt=0, le=1, description="Added to the variance; Keras' default 1e-3.")
+    momentum: float | None = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="PyTorch convention: weight of the new batch in the running statistics (Keras' 0.99 is "
+        "0.01 here). null = cumulative average.",
+    )
+    affine: bool = Field(True, description="Learn γ and β.")
+    track_running_stats: bool = Field(True, description="Keep running statistics for eval mode.")
+
+
+class ModelSpec(BaseModel):
+    model_config = STRICT
+
+    arch: Literal["mlp"] = Field("mlp", description="Flatten → [Linear → act → norm] × len(hidden) → Linear.")
+    hidden: list[Width] = Field([128], min_length=1, max_length=16, description="Hidden layer widths.")
+    activation: Literal["relu", "sigmoid", "tanh"] = Field("relu", description="Hidden activation.")
+    norm: NormSpec = Field(default_factory=NormSpec, description="Normalization of the hidden layers.")
+
+
+class DatasetSpec(BaseModel):
+    model_config = STRICT
+
+    name: DatasetName = Field(
+        "fashion-mnist",
+        description="fashion-mnist and mnist read IDX files from BNLAB_DATA_DIR/<name>/ or "
+        "/usr/share/datasets/<name>/; synthetic is generated from a seed and needs no files.",
+    )
+    val_split: float = Field(
+        0.2,
+        gt=0,
+        le=0.5,
+        description="The last fraction of the training set held out, as Keras' validation_split.",
+    )
+    limit: int | None = Field(
+        None,
+        ge=10,
+        le=1_000_000,
+        description="Use only the first N training samples; for synthetic, how many to generate "
+        "(default 10000).",
+    )
+
+
+class TrainSpec(BaseModel):
+    model_config = STRICT
+
+    epochs: int = Field(10, ge=1, le=1000, description="Passes over the training split.")
+    batch_size: int = Field(32, ge=2, le=8192, description="Samples per step; BN needs at least 2.")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with momentum 0.9.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Learning rate.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds initialisation and data order.")
+
+
+class RunCreate(BaseModel):
+    """A training job. Omitted fields default to the article's Keras experiment."""
+
+    model_config = STRICT
+
+    name: str | None = Field(None, max_length=200, description="Optional label.")
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> Self:
+        widths = [784, *self.model.hidden, 10]
+        parameters = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(f"model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}")
+        if self.dataset.limit is not None:
+            train_size = math.floor(self.dataset.limit * (1 - self.dataset.val_split))
+            if train_size < self.train.batch_size:
+                raise ValueError(
+                    f"dataset.limit {self.dataset.limit} leaves {train_size} training samples, "
+                    f"fewer than train.batch_size {self.train.batch_size}"
+                )
+        return self
+
+    def model_config_for_ml(self) -> ModelConfig:
+        norm = NormConfig(**self.model.norm.model_dump())
+        return ModelConfig(
+            arch=self.model.arch, hidden=tuple(self.model.hidden), activation=self.model.activation, norm=norm
+        )
+
+    def train_config_for_ml(self) -> TrainConfig:
+        return TrainConfig(**self.train.model_dump())
+
+
+RunStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class RunSummary(BaseModel):
+    epochs_done: int = Field(description="Epochs finished so far.")
+    epochs_total: int = Field(description="Epochs asked for.")
+    train_loss: float | None = Field(None, description="Training loss of the last finished epoch.")
+    train_accuracy: float | None = Field(None, description="Training accuracy of the last finished epoch.")
+    val_loss: float | None = Field(None, description="Validation loss of the last finished epoch.")
+    val_accuracy: float | None = Field(None, description="Validation accuracy of the last finished epoch.")
+
+
+class RunPublic(BaseModel):
+    id: str = Field(description="Server-generated run id.")
+    name: str | None = Field(description="The label given at submission.")
+    status: RunStatusName = Field(description="queued → running → succeeded | failed | cancelled.")
+    spec: RunCreate = Field(description="The normalised spec: every default filled in, as it ran.")
+    error: str | None = Field(description="Why the run failed, when it did.")
+    cancel_requested: bool = Field(
+        description="A cancel was asked for; a running job stops at the next step."
+    )
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    summary: RunSummary
+
+
+class RunsPublic(BaseModel):
+    items: list[RunPublic]
+    total: int = Field(description="Runs matching the filter.")
+    limit: int
+    offset: int
+
+
+class EpochMetricPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int = Field(description="1-based epoch number.")
+    train_loss: float
+    train_accuracy: float
+    val_loss: float = Field(description="Validation loss in eval mode (running statistics).")
+    val_accuracy: float
+    seconds: float = Field(description="Wall time of the epoch, validation included.")
+
+
+class RunMetricsPublic(BaseModel):
+    epochs: list[EpochMetricPublic]
+
+
+class PredictRequest(BaseModel):
+    model_config = STRICT
+
+    inputs: list[Any] = Field(
+        min_length=1,
+        max_length=MAX_PREDICT_SAMPLES,
+        description="N samples, each 784 numbers or 28×28 (or 1×28×28) nested lists, pixel values in [0, 1].",
+    )
+
+
+class PredictResponse(BaseModel):
+    predictions: list[int] = Field(description="Most probable class per sample.")
+    probabilities: list[list[float]] = Field(description="Softmax probabilities per sample and class.")
+
+
+class Message(BaseModel):
+    detail: str

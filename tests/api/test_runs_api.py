@@ -1,0 +1,202 @@
+"""The HTTP API in-process, on a migrated SQLite database and the embedded folder broker.
+
+No worker runs here: these tests check validation, persistence and the queue message itself.
+The end-to-end tests in tests/integration run real worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import get_settings
+from service.main import create_app
+from tests.conftest import Backend
+
+SMALL_SPEC = {
+    "name": "tiny",
+    "dataset": {"name": "synthetic", "limit": 200},
+    "train": {"epochs": 1},
+}
+
+
+@pytest.fixture
+def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
+    use_backend(sqlite_backend)
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+def queued_messages() -> list[Path]:
+    return sorted((get_settings().broker_folder / "queue").glob("*.msg"))
+
+
+def test_submit_returns_202_location_and_queued_run(client: TestClient) -> None:
+    response = client.post("/api/v1/runs", json=SMALL_SPEC)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "queued"
+    assert response.headers["location"] == f"/api/v1/runs/{body['id']}"
+    assert client.get(response.headers["location"]).json()["id"] == body["id"]
+
+
+def test_submit_enqueues_exactly_one_json_message_naming_the_run(client: TestClient) -> None:
+    run_id = client.post("/api/v1/runs", json=SMALL_SPEC).json()["id"]
+    messages = queued_messages()
+    assert len(messages) == 1
+    envelope = json.loads(messages[0].read_text())
+    assert envelope["content-type"] == "application/json"
+    assert envelope["headers"]["task"] == "bnlab.train_run"
+    assert run_id in envelope["body"] or run_id in json.dumps(envelope)
+
+
+def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestClient) -> None:
+    spec = client.post("/api/v1/runs", json={}).json()["spec"]
+    assert spec["dataset"] == {"name": "fashion-mnist", "val_split": 0.2, "limit": None}
+    assert spec["model"]["hidden"] == [128]
+    assert spec["model"]["activation"] == "relu"
+    assert spec["model"]["norm"] == {
+        "kind": "batch",
+        "position": "after_activation",
+        "eps": 0.001,
+        "momentum": 0.01,
+        "affine": True,
+        "track_running_stats": True,
+    }
+    assert spec["train"] == {"epochs": 10, "batch_size": 32, "optimizer": "adam", "lr": 0.001, "seed": 0}
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"colour": "blue"}, "colour"),
+        ({"model": {"norm": {"kind": "batch", "sparkle": 1}}}, "sparkle"),
+        ({"train": {"epochs": 1_000_000_000}}, "epochs"),
+        ({"train": {"batch_size": 0}}, "batch_size"),
+        ({"train": {"batch_size": 1}}, "batch_size"),
+        ({"train": {"lr": -1}}, "lr"),
+        ({"model": {"norm": {"kind": "layer"}}}, "kind"),
+        ({"model": {"hidden": [4096] * 16}}, "parameters"),
+        ({"dataset": {"name": "../../etc/passwd"}}, "name"),
+        ({"dataset": {"name": "synthetic", "limit": 20}, "train": {"batch_size": 32}}, "fewer than"),
+        ({"model": {"norm": {"momentum": 1.5}}}, "momentum"),
+    ],
+)
+def test_invalid_specs_are_422_with_a_message_and_nothing_is_enqueued(
+    client: TestClient, spec: dict[str, object], fragment: str
+) -> None:
+    response = client.post("/api/v1/runs", json=spec)
+    assert response.status_code == 422
+    assert fragment in response.text
+    assert queued_messages() == []
+    assert client.get("/api/v1/runs").json()["total"] == 0
+
+
+def test_non_finite_learning_rate_is_rejected(client: TestClient) -> None:
+    response = client.post(
+        "/api/v1/runs", content=b'{"train": {"lr": NaN}}', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert queued_messages() == []
+
+
+def test_missing_dataset_is_422_saying_where_to_put_the_files(client: TestClient) -> None:
+    response = client.post("/api/v1/runs", json={"dataset": {"name": "mnist"}})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "train-images-idx3-ubyte" in detail
+    assert str(get_settings().data_dir / "mnist") in detail
+    assert queued_messages() == []
+
+
+def test_list_filters_by_status_newest_first_with_pagination(client: TestClient) -> None:
+    ids = []
+    for _ in range(3):
+        ids.append(client.post("/api/v1/runs", json=SMALL_SPEC).json()["id"])
+        time.sleep(0.01)
+    client.post(f"/api/v1/runs/{ids[0]}/cancel")
+    page = client.get("/api/v1/runs", params={"limit": 2}).json()
+    assert page["total"] == 3
+    assert [run["id"] for run in page["items"]] == [ids[2], ids[1]]
+    second = client.get("/api/v1/runs", params={"limit": 2, "offset": 2}).json()
+    assert [run["id"] for run in second["items"]] == [ids[0]]
+    cancelled = client.get("/api/v1/runs", params={"status": "cancelled"}).json()
+    assert [run["id"] for run in cancelled["items"]] == [ids[0]]
+    assert client.get("/api/v1/runs", params={"status": "sleeping"}).status_code == 422
+
+
+def test_cancel_queued_run_then_conflict(client: TestClient) -> None:
+    run_id = client.post("/api/v1/runs", json=SMALL_SPEC).json()["id"]
+    cancelled = client.post(f"/api/v1/runs/{run_id}/cancel")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["finished_at"] is not None
+    again = client.post(f"/api/v1/runs/{run_id}/cancel")
+    assert again.status_code == 409
+    assert "already ended" in again.json()["detail"]
+
+
+def test_unknown_and_malformed_ids(client: TestClient) -> None:
+    assert client.get(f"/api/v1/runs/{'0' * 32}").status_code == 404
+    assert client.get(f"/api/v1/runs/{'0' * 32}/metrics").status_code == 404
+    assert client.get("/api/v1/runs/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
+    assert client.get("/api/v1/runs/not-an-id").status_code == 422
+
+
+def test_metrics_empty_and_summary_before_training(client: TestClient) -> None:
+    run_id = client.post("/api/v1/runs", json=SMALL_SPEC).json()["id"]
+    assert client.get(f"/api/v1/runs/{run_id}/metrics").json() == {"epochs": []}
+    summary = client.get(f"/api/v1/runs/{run_id}").json()["summary"]
+    assert summary == {
+        "epochs_done": 0,
+        "epochs_total": 1,
+        "train_loss": None,
+        "train_accuracy": None,
+        "val_loss": None,
+        "val_accuracy": None,
+    }
+
+
+def test_predict_before_success_is_409(client: TestClient) -> None:
+    run_id = client.post("/api/v1/runs", json=SMALL_SPEC).json()["id"]
+    response = client.post(f"/api/v1/runs/{run_id}/predict", json={"inputs": [[0.0] * 784]})
+    assert response.status_code == 409
+    assert "queued" in response.json()["detail"]
+
+
+def test_health(client: TestClient) -> None:
+    assert client.get("/health/live").json() == {"status": "ok"}
+    assert client.get("/health/ready").json() == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+def test_openapi_documents_the_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ["/api/v1/runs", "/api/v1/runs/{run_id}", "/api/v1/runs/{run_id}/metrics",
+                 "/api/v1/runs/{run_id}/cancel", "/api/v1/runs/{run_id}/predict"]:  # fmt: skip
+        assert path in paths
+    assert client.get("/docs").status_code == 200
+
+
+def test_broker_down_answers_503_fast_and_keeps_the_run_queued(
+    tmp_path: Path, use_backend: Callable[[Backend], None]
+) -> None:
+    # Port 9 on loopback has no listener: the connection is refused at once.
+    use_backend(
+        Backend(
+            "sqlite", {"BNLAB_DATA_DIR": str(tmp_path / "d"), "BNLAB_BROKER_URL": "redis://127.0.0.1:9/0"}
+        )
+    )
+    with TestClient(create_app()) as down:
+        started = time.monotonic()
+        response = down.post("/api/v1/runs", json=SMALL_SPEC)
+        elapsed = time.monotonic() - started
+        assert response.status_code == 503
+        assert elapsed < 2.5
+        run_path = response.headers["location"]
+        assert down.get(run_path).json()["status"] == "queued"
+        assert down.get("/health/ready").status_code == 503

@@ -1,0 +1,154 @@
+"""The training loop on small synthetic sets: determinism, batching, cancellation, learning, modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from service.ml import training
+from service.ml.config import ModelConfig, NormConfig, TrainConfig
+from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
+from service.ml.training import EpochMetrics, epoch_permutation, evaluate, predict_proba, train
+
+BN = ModelConfig()
+NO_BN = ModelConfig(norm=NormConfig(kind="none"))
+
+
+class Recorder:
+    """Records epochs; asks to stop on the `stop_at`-th call of should_stop (never if None)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.epochs: list[EpochMetrics] = []
+        self.stop_calls = 0
+        self.stop_at = stop_at
+
+    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+        self.epochs.append(metrics)
+
+    def should_stop(self) -> bool:
+        self.stop_calls += 1
+        return self.stop_at is not None and self.stop_calls >= self.stop_at
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[ImageDataset, ImageDataset]:
+    return train_val_split(make_synthetic(320, seed=5), 0.25)
+
+
+def without_time(m: EpochMetrics) -> tuple[float, ...]:
+    return (m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy)
+
+
+def test_same_seed_gives_identical_weights_and_metrics(small: tuple[ImageDataset, ImageDataset]) -> None:
+    runs = [train(BN, TrainConfig(epochs=1, seed=s), *small) for s in (7, 7, 8)]
+    a, b, c = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert without_time(runs[0].epochs[0]) == without_time(runs[1].epochs[0])
+    assert not torch.equal(a["fc1.weight"], c["fc1.weight"])  # the seed does matter
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
+    assert torch.equal(epoch_permutation(100, 3, 1), epoch_permutation(100, 3, 1))
+    assert not torch.equal(epoch_permutation(100, 3, 1), epoch_permutation(100, 3, 2))
+    assert not torch.equal(epoch_permutation(100, 3, 1), epoch_permutation(100, 4, 1))
+    assert sorted(epoch_permutation(100, 3, 1).tolist()) == list(range(100))
+
+
+def test_train_does_not_disturb_the_global_rng(small: tuple[ImageDataset, ImageDataset]) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(NO_BN, TrainConfig(epochs=1), *small)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(("n", "dropped"), [(33, True), (34, False), (64, False)])
+def test_final_batch_of_one_is_dropped(n: int, dropped: bool) -> None:
+    data = make_synthetic(n + 10, seed=1)
+    train_set, val_set = data.take(slice(0, n)), data.take(slice(n, None))
+    result = train(BN, TrainConfig(epochs=1, batch_size=32), train_set, val_set)
+    assert result.dropped_last_batch is dropped
+    assert len(result.epochs) == 1
+
+
+def test_batch_size_one_with_bn_is_refused(small: tuple[ImageDataset, ImageDataset]) -> None:
+    with pytest.raises(ValueError, match="batch_size 1"):
+        train(BN, TrainConfig(epochs=1, batch_size=1), *small)
+
+
+def test_callbacks_see_every_epoch(small: tuple[ImageDataset, ImageDataset]) -> None:
+    recorder = Recorder()
+    result = train(NO_BN, TrainConfig(epochs=3), *small, callbacks=recorder)
+    assert [m.epoch for m in recorder.epochs] == [1, 2, 3]
+    assert recorder.epochs == result.epochs
+    assert not result.cancelled
+    m = result.epochs[-1]
+    assert all(
+        type(v) is float for v in (m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds)
+    )
+    # Asked once per epoch end except after the last; the 0.5 s throttle keeps it off the steps.
+    assert recorder.stop_calls <= 2 + sum(e.seconds for e in result.epochs) / training.STOP_CHECK_INTERVAL_S
+
+
+def test_stop_at_an_epoch_end(small: tuple[ImageDataset, ImageDataset]) -> None:
+    recorder = Recorder(stop_at=1)
+    result = train(NO_BN, TrainConfig(epochs=5), *small, callbacks=recorder)
+    assert result.cancelled
+    assert [m.epoch for m in result.epochs] == [1]
+
+
+def test_stop_mid_epoch_drops_that_epoch(
+    small: tuple[ImageDataset, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(training, "STOP_CHECK_INTERVAL_S", 0.0)  # ask before every step
+    recorder = Recorder(stop_at=3)
+    result = train(BN, TrainConfig(epochs=2), *small, callbacks=recorder)
+    assert result.cancelled
+    assert result.epochs == []
+    assert recorder.epochs == []
+    assert recorder.stop_calls == 3
+
+
+@pytest.mark.parametrize("cfg", [BN, NO_BN], ids=["bn", "no-bn"])
+def test_both_configurations_learn(cfg: ModelConfig) -> None:
+    train_set, val_set = train_val_split(make_synthetic(2000, seed=0), 0.2)
+    result = train(cfg, TrainConfig(epochs=2, seed=0), train_set, val_set)
+    first, last = result.epochs
+    assert last.val_accuracy > 0.5  # chance is 0.1
+    assert last.train_loss < first.train_loss
+
+
+def test_sgd_optimizer_trains(small: tuple[ImageDataset, ImageDataset]) -> None:
+    result = train(NO_BN, TrainConfig(epochs=2, optimizer="sgd", lr=0.05), *small)
+    assert result.epochs[-1].train_loss < result.epochs[0].train_loss
+
+
+def bn_model_after_training(small: tuple[ImageDataset, ImageDataset]) -> nn.Module:
+    model = train(BN, TrainConfig(epochs=1), *small).model
+    model.train()  # as if a caller forgot: evaluate/predict_proba must switch modes themselves
+    return model
+
+
+def test_evaluate_sets_eval_mode_and_ignores_batching(small: tuple[ImageDataset, ImageDataset]) -> None:
+    model = bn_model_after_training(small)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, accuracy = evaluate(model, small[1])
+    assert not model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    loss7, accuracy7 = evaluate(model, small[1], batch_size=7)
+    assert accuracy7 == accuracy
+    assert loss7 == pytest.approx(loss, abs=1e-6)
+
+
+def test_predict_proba(small: tuple[ImageDataset, ImageDataset]) -> None:
+    model = bn_model_after_training(small)
+    inputs = to_inputs(small[1].x[:16])
+    probs = predict_proba(model, inputs)
+    assert not model.training
+    assert probs.shape == (16, 10)
+    torch.testing.assert_close(probs.sum(1), torch.ones(16))
+    torch.testing.assert_close(predict_proba(model, inputs.flatten(1)), probs)
+    torch.testing.assert_close(predict_proba(model, inputs[3:4]), probs[3:4], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="784 values per sample"):
+        predict_proba(model, torch.rand(2, 100))
