@@ -11,7 +11,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -113,4 +124,52 @@ class ModelArtifact(Base):
     model_config: Mapped[dict[str, Any]] = mapped_column(JSONType)
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# ---------------------------------------------------------------------------------------- serving
+
+
+class ModelAlias(Base):
+    """A stable model name (e.g. `fashion-bn`) for the V2 protocol and the predict routes.
+
+    Today an alias points at a run, optionally pinned to one version of its model (null: the newest
+    version, so a recalibration is picked up). "The best run of an experiment by a metric" needs the
+    experiments of issue 3: that form will add its columns next to `run_id`.
+    """
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Recalibration(Base):
+    """How a version > 1 of a run's model was made: PreciseBN statistics recomputed from version
+    `base_version` with frozen weights, and what it did to the validation figures."""
+
+    __tablename__ = "recalibrations"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["run_id", "version"],
+            ["model_artifacts.run_id", "model_artifacts.version"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    run_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_version: Mapped[int] = mapped_column(Integer)
+    estimator: Mapped[str] = mapped_column(String(32))
+    num_batches: Mapped[int] = mapped_column(Integer)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    samples: Mapped[int] = mapped_column(Integer)
+    val_loss_before: Mapped[float] = mapped_column(Float)
+    val_accuracy_before: Mapped[float] = mapped_column(Float)
+    val_loss_after: Mapped[float] = mapped_column(Float)
+    val_accuracy_after: Mapped[float] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
