@@ -25,7 +25,8 @@ def worker_command() -> list[str]:
         "--loglevel", settings.log_level.upper(),
         "--queues", settings.queue,
         "--concurrency", str(settings.worker_concurrency),
-        "--hostname", "bnlab@%h",
+        # Unique per worker process, so that runs held by one node can be told from another's.
+        "--hostname", f"bnlab-{os.getpid()}@%h",
         # Gossip, mingle and broker heartbeats are cluster chatter bnlab does not use.
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip

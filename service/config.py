@@ -6,9 +6,9 @@ import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The embedded broker: kombu's filesystem transport in a folder under BNLAB_DATA_DIR. It needs no
@@ -34,11 +34,47 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, le=256, description="Threads per training process; 0 = automatic.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Leases: a running run proves its worker alive every heartbeat interval; the reaper treats a run
+    # whose heartbeat is older than the lease timeout as orphaned (worker killed, OOM, machine lost).
+    heartbeat_interval_s: float = Field(5.0, gt=0, le=300, description="Seconds between heartbeats.")
+    lease_timeout_s: float = Field(30.0, gt=0, le=3600, description="Heartbeat age that orphans a run.")
+    reaper_interval_s: float = Field(5.0, gt=0, le=600, description="Seconds between reaper passes.")
+    max_attempts: int = Field(3, ge=1, le=20, description="Claims of one run before it fails for good.")
+    requeue_after_s: float = Field(
+        120.0, gt=0, le=86400, description="A run queued this long is published to the broker again."
+    )
+    max_run_seconds: int = Field(
+        6 * 3600, ge=60, le=7 * 86400, description="Cap on any run's time limit, whatever its spec."
+    )
+
+    api_keys_file: Path | None = Field(
+        None,
+        description="API keys: one '<sha256 hex> <scopes> <name>' per line; unset = no auth, loopback only.",
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:
         # Resolve once so the API and a worker started from the same folder agree on every path.
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _refuse_open_network_binding(self) -> Self:
+        # Without API keys anyone who reaches the port can train and read models: loopback only.
+        if self.api_keys_file is None and not self.binds_loopback:
+            raise ValueError(
+                f"BNLAB_HOST={self.host} is not a loopback address and no BNLAB_API_KEYS_FILE is set: "
+                "create keys with `bnlab keys create` before exposing the API"
+            )
+        if self.lease_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("BNLAB_LEASE_TIMEOUT_S must be longer than BNLAB_HEARTBEAT_INTERVAL_S")
+        return self
+
+    @property
+    def broker_visibility_timeout_s(self) -> int:
+        # Redis redelivers an unacked message after this long; it must exceed every run's hard time
+        # limit, or a long run would be handed to a second worker while the first still trains it.
+        return self.max_run_seconds + 3600
 
     @property
     def sqlalchemy_url(self) -> str:

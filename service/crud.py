@@ -4,16 +4,19 @@ the caller (the request dependency or a task's session_scope) owns the transacti
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.models import EpochMetric, ModelArtifact, Run, RunStatus, utcnow
+from service.models import EpochMetric, ModelArtifact, Run, RunCheckpoint, RunStatus, utcnow
 from service.schemas import RunCreate
 
 
-def create_run(*, session: Session, spec: RunCreate) -> Run:
-    run = Run(name=spec.name, spec=spec.model_dump(mode="json"), status=RunStatus.queued.value)
+def create_run(*, session: Session, spec: RunCreate, owner: str | None = None) -> Run:
+    # enqueued_at stays empty until the broker has taken the message: the reaper publishes such runs.
+    run = Run(name=spec.name, spec=spec.model_dump(mode="json"), status=RunStatus.queued.value, owner=owner)
     session.add(run)
     session.flush()
     return run
@@ -23,8 +26,8 @@ def get_run(*, session: Session, run_id: str) -> Run | None:
     return session.get(Run, run_id)
 
 
-def get_run_spec(*, session: Session, run_id: str) -> dict[str, object]:
-    spec: dict[str, object] = session.scalars(select(Run.spec).where(Run.id == run_id)).one()
+def get_run_spec(*, session: Session, run_id: str) -> dict[str, object] | None:
+    spec: dict[str, object] | None = session.scalars(select(Run.spec).where(Run.id == run_id)).one_or_none()
     return spec
 
 
@@ -59,42 +62,124 @@ def request_cancel(*, session: Session, run: Run) -> None:
         run.finished_at = utcnow()
 
 
-def claim_run(*, session: Session, run_id: str, worker: str) -> bool:
-    """Move a run from queued to running in one conditional UPDATE; False if it was not queued
-    (cancelled meanwhile, or already taken by another delivery of the same message)."""
+@dataclass(frozen=True)
+class Lease:
+    """Proof that one worker process holds one attempt of a run. Every write a worker makes is
+    conditional on it, so a worker that lost its run (reaped, re-delivered) can change nothing."""
+
+    run_id: str
+    worker: str
+    attempt: int
+
+
+class LeaseLost(RuntimeError):
+    """The run is no longer held by this lease."""
+
+
+@dataclass(frozen=True)
+class RunSignals:
+    held: bool
+    cancel_requested: bool
+    release_requested: bool
+
+
+def _held(lease: Lease) -> ColumnElement[bool]:
+    return and_(
+        Run.id == lease.run_id,
+        Run.worker == lease.worker,
+        Run.attempts == lease.attempt,
+        Run.status == RunStatus.running.value,
+    )
+
+
+def _update(session: Session, where: ColumnElement[bool], **values: object) -> bool:
     result = session.execute(
         update(Run)
-        .where(Run.id == run_id, Run.status == RunStatus.queued.value)
-        .values(
-            status=RunStatus.running.value,
-            worker=worker,
-            attempts=Run.attempts + 1,
-            started_at=utcnow(),
-            updated_at=utcnow(),
-        )
+        .where(where)
+        .values(updated_at=utcnow(), **values)
         .execution_options(synchronize_session=False)
     )
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
-def is_cancel_requested(*, session: Session, run_id: str) -> bool:
-    return bool(session.scalar(select(Run.cancel_requested).where(Run.id == run_id)))
+def node_of(worker: str) -> str:
+    """The Celery node of a worker id `node/pid`: all pool processes of one worker share it."""
+    return worker.rsplit("/", 1)[0]
+
+
+def claim_run(*, session: Session, run_id: str, worker: str, time_limit_s: int) -> Lease | None:
+    """Move a run from queued to running in one conditional UPDATE; None if it was not queued
+    (cancelled meanwhile, or already taken by another delivery of the same message), or if this
+    worker's own node handed it back while shutting down."""
+    now = utcnow()
+    released_by_this_node = and_(
+        Run.release_requested.is_(True), Run.worker.startswith(f"{node_of(worker)}/", autoescape=True)
+    )
+    claimed = _update(
+        session,
+        and_(Run.id == run_id, Run.status == RunStatus.queued.value, ~released_by_this_node),
+        status=RunStatus.running.value,
+        worker=worker,
+        attempts=Run.attempts + 1,
+        started_at=func.coalesce(Run.started_at, now),
+        heartbeat_at=now,
+        deadline_at=now + timedelta(seconds=time_limit_s),
+        release_requested=False,
+    )
+    if not claimed:
+        return None
+    attempt = session.scalars(select(Run.attempts).where(Run.id == run_id)).one()
+    return Lease(run_id=run_id, worker=worker, attempt=attempt)
+
+
+def heartbeat(*, session: Session, lease: Lease) -> bool:
+    return _update(session, _held(lease), heartbeat_at=utcnow())
+
+
+def read_signals(*, session: Session, lease: Lease) -> RunSignals:
+    row = session.execute(
+        select(Run.cancel_requested, Run.release_requested).where(_held(lease))
+    ).one_or_none()
+    if row is None:
+        return RunSignals(held=False, cancel_requested=False, release_requested=False)
+    return RunSignals(
+        held=True, cancel_requested=row.cancel_requested, release_requested=row.release_requested
+    )
+
+
+def resume_point(*, session: Session, run_id: str) -> RunCheckpoint | None:
+    """The checkpoint to resume from; metrics of epochs after it are dropped, so that the run's
+    history stays one continuous series when those epochs are trained again."""
+    checkpoint = session.get(RunCheckpoint, run_id)
+    last_epoch = checkpoint.epoch if checkpoint else 0
+    session.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id, EpochMetric.epoch > last_epoch))
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id)
+        .values(epochs_done=last_epoch)
+        .execution_options(synchronize_session=False)
+    )
+    return checkpoint
 
 
 def record_epoch(
     *,
     session: Session,
-    run_id: str,
+    lease: Lease,
     epoch: int,
     train_loss: float,
     train_accuracy: float,
     val_loss: float,
     val_accuracy: float,
     seconds: float,
+    training_state: bytes,
 ) -> None:
+    """An epoch's metrics and the checkpoint taken after it, together; raises LeaseLost otherwise."""
+    if not _update(session, _held(lease), epochs_done=epoch, heartbeat_at=utcnow()):
+        raise LeaseLost(f"run {lease.run_id} is no longer held by {lease.worker} (attempt {lease.attempt})")
     session.add(
         EpochMetric(
-            run_id=run_id,
+            run_id=lease.run_id,
             epoch=epoch,
             train_loss=train_loss,
             train_accuracy=train_accuracy,
@@ -103,21 +188,88 @@ def record_epoch(
             seconds=seconds,
         )
     )
+    session.merge(RunCheckpoint(run_id=lease.run_id, epoch=epoch, state=training_state, created_at=utcnow()))
+
+
+def finish_held_run(*, session: Session, lease: Lease, status: RunStatus, error: str | None = None) -> bool:
+    """End a run this lease holds; False (and nothing written) if the lease was lost."""
+    finished = _update(session, _held(lease), status=status.value, error=error, finished_at=utcnow())
+    if finished:
+        session.execute(delete(RunCheckpoint).where(RunCheckpoint.run_id == lease.run_id))
+    return finished
+
+
+def release_held_run(*, session: Session, lease: Lease) -> bool:
+    """Hand a run back to the queue (worker shutting down); the attempt does not count.
+
+    `worker` and `release_requested` stay set so that the shutting-down node cannot claim it again;
+    `enqueued_at` is cleared so that the next reaper pass of any worker publishes it.
+    """
+    return _update(
+        session, _held(lease), status=RunStatus.queued.value, attempts=Run.attempts - 1, enqueued_at=None
+    )
+
+
+def request_release(*, session: Session, node: str) -> int:
+    """Ask every run held by a worker node (all its pool processes) to checkpoint and hand back."""
+    result = session.execute(
+        update(Run)
+        .where(Run.status == RunStatus.running.value, Run.worker.startswith(f"{node}/", autoescape=True))
+        .values(release_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
+def orphaned_runs(*, session: Session, heartbeat_before: datetime) -> Sequence[Run]:
+    return session.scalars(
+        select(Run).where(Run.status == RunStatus.running.value, Run.heartbeat_at < heartbeat_before)
+    ).all()
+
+
+def requeue_orphan(*, session: Session, run: Run) -> bool:
+    """Back to queued, if the orphan is still exactly as the reaper saw it."""
+    return _update(
+        session,
+        and_(_held(Lease(run.id, run.worker or "", run.attempts)), Run.heartbeat_at == run.heartbeat_at),
+        status=RunStatus.queued.value,
+        worker=None,
+        enqueued_at=utcnow(),
+    )
+
+
+def fail_orphan(*, session: Session, run: Run, error: str) -> bool:
+    return _update(
+        session,
+        and_(_held(Lease(run.id, run.worker or "", run.attempts)), Run.heartbeat_at == run.heartbeat_at),
+        status=RunStatus.failed.value,
+        error=error,
+        finished_at=utcnow(),
+    )
+
+
+def stale_queued_runs(*, session: Session, enqueued_before: datetime) -> Sequence[Run]:
+    return session.scalars(
+        select(Run).where(
+            Run.status == RunStatus.queued.value,
+            or_(Run.enqueued_at.is_(None), Run.enqueued_at < enqueued_before),
+        )
+    ).all()
+
+
+def mark_enqueued(*, session: Session, run_id: str) -> None:
     session.execute(
         update(Run)
         .where(Run.id == run_id)
-        .values(epochs_done=epoch, updated_at=utcnow())
+        .values(enqueued_at=utcnow())
         .execution_options(synchronize_session=False)
     )
 
 
-def finish_run(*, session: Session, run_id: str, status: RunStatus, error: str | None = None) -> None:
-    session.execute(
-        update(Run)
-        .where(Run.id == run_id)
-        .values(status=status.value, error=error, finished_at=utcnow(), updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+def count_active_runs(*, session: Session, owner: str | None) -> int:
+    active = (RunStatus.queued.value, RunStatus.running.value)
+    query = select(func.count()).select_from(Run).where(Run.status.in_(active), Run.owner == owner)
+    return session.scalar(query) or 0
 
 
 def save_artifact(

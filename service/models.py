@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -83,8 +84,18 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # Cancellation is cooperative: the API sets the flag, the training loop reads it between steps.
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    # The API key (by name) that submitted the run; None when the server runs without keys.
+    owner: Mapped[str | None] = mapped_column(String(100), index=True)
+    # The lease: which worker holds the run, for which attempt, and when it last proved alive.
     worker: Mapped[str | None] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Past this instant the run has overrun its time budget (the spec's hard time limit).
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set when a worker shuts down: the holder checkpoints, hands the run back to the queue and stops.
+    release_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # Last time the run's message was published; the reaper publishes again when it grows old.
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -109,6 +120,22 @@ class EpochMetric(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     run: Mapped[Run] = relationship(back_populates="metrics")
+
+
+class RunCheckpoint(Base):
+    """The last finished epoch's model and optimizer state, so a re-delivered run resumes there.
+
+    Written in the same transaction as that epoch's metrics, so the two never disagree.
+    """
+
+    __tablename__ = "run_checkpoints"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    # safetensors bytes (service.ml.resume.save_training_state): weights, optimizer tensors and
+    # the optimizer's JSON metadata. Never pickled.
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ModelArtifact(Base):

@@ -20,6 +20,7 @@ class BrokerUnavailable(RuntimeError):
 
 # Seconds the API waits for the broker before answering 503: a submit never hangs.
 PUBLISH_TIMEOUT_S = 2.0
+HARD_LIMIT_GRACE_S = 60
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
@@ -35,7 +36,10 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "polling_interval": 0.2,
         }
     # Fail fast when a networked broker is down instead of hanging the caller.
-    return {"socket_connect_timeout": PUBLISH_TIMEOUT_S}
+    return {
+        "socket_connect_timeout": PUBLISH_TIMEOUT_S,
+        "visibility_timeout": settings.broker_visibility_timeout_s,
+    }
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -67,14 +71,20 @@ def producer_app() -> Celery:
     return app
 
 
-def enqueue_training(run_id: str) -> None:
-    """Publish the training task for a committed run. Raises if the broker cannot be reached in time."""
+def enqueue_training(run_id: str, *, time_limit_s: int) -> None:
+    """Publish the training task for a committed run. Raises if the broker cannot be reached in time.
+
+    The soft limit raises inside the task (the run fails with "timeout"); the hard limit, a minute
+    later, kills a process stuck where no exception can reach it.
+    """
     settings = get_settings()
     try:
         producer_app().send_task(
             TRAIN_RUN_TASK,
             args=[run_id],
             queue=settings.queue,
+            soft_time_limit=time_limit_s,
+            time_limit=time_limit_s + HARD_LIMIT_GRACE_S,
             retry=True,
             retry_policy={
                 "max_retries": 1,

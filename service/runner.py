@@ -1,49 +1,119 @@
 """Execute one training run: the domain function behind the Celery task.
 
-The task passes a run id; this module reloads the run, trains it with callbacks that write each
-epoch's metrics to the database and read the cancel flag, and records the outcome. Weights and the
-final status are written in one transaction, so a run is never `succeeded` without its artifact.
+The task passes a run id. This module claims the run (a lease in the database), resumes it from its
+last checkpoint if an earlier attempt got that far, trains it while a heartbeat thread proves the
+worker alive, and records the outcome — every write conditional on still holding the lease, so a
+worker that lost its run (reaped after a stall, say) can neither finish it nor store a second model.
+Weights and the final status are written in one transaction: a run is never `succeeded` without them.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from service import crud
+from service.budget import time_limit_s
 from service.config import get_settings
 from service.db import session_scope
-from service.ml import checkpoints, datasets, training
+from service.ml import checkpoints, datasets, resume, training
 from service.models import RunStatus
+from service.queue import enqueue_training
 from service.schemas import RunCreate
 
 log = logging.getLogger(__name__)
 
 
+class StopReason(Enum):
+    cancelled = "cancelled"
+    released = "released"  # the worker is shutting down: hand the run back to the queue
+    lease_lost = "lease_lost"
+
+
+class RunTimeout(Exception):
+    """The run overran the time limit derived from its spec."""
+
+
 @dataclass
 class DatabaseCallbacks:
-    """Reports a run's progress to the database and reads its cancel flag."""
+    """Reports progress (metrics + checkpoint, atomically) and reads the run's stop signals."""
 
-    run_id: str
+    lease: crud.Lease
+    time_limit_s: int
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+    stop_reason: StopReason | None = None
+    started: float = field(default_factory=time.monotonic)
 
-    def on_epoch_end(self, metrics: training.EpochMetrics) -> None:
-        with session_scope() as session:
-            crud.record_epoch(
-                session=session,
-                run_id=self.run_id,
-                epoch=metrics.epoch,
-                train_loss=metrics.train_loss,
-                train_accuracy=metrics.train_accuracy,
-                val_loss=metrics.val_loss,
-                val_accuracy=metrics.val_accuracy,
-                seconds=metrics.seconds,
-            )
-        log.info("run %s epoch %d: val_accuracy=%.4f", self.run_id, metrics.epoch, metrics.val_accuracy)
+    def on_epoch_end(self, metrics: training.EpochMetrics, snapshot: training.Snapshot) -> None:
+        try:
+            with session_scope() as session:
+                crud.record_epoch(
+                    session=session,
+                    lease=self.lease,
+                    epoch=metrics.epoch,
+                    train_loss=metrics.train_loss,
+                    train_accuracy=metrics.train_accuracy,
+                    val_loss=metrics.val_loss,
+                    val_accuracy=metrics.val_accuracy,
+                    seconds=metrics.seconds,
+                    training_state=snapshot(),
+                )
+        except crud.LeaseLost:
+            self.lease_lost.set()
+            return
+        log.info("run %s epoch %d: val_accuracy=%.4f", self.lease.run_id, metrics.epoch, metrics.val_accuracy)
 
     def should_stop(self) -> bool:
+        # Celery's soft time limit does the same, but only for messages that carry it; this one
+        # holds whatever delivered the run.
+        if time.monotonic() - self.started > self.time_limit_s:
+            raise RunTimeout(f"{self.time_limit_s} s")
+        if self.lease_lost.is_set():
+            self.stop_reason = StopReason.lease_lost
+            return True
         with session_scope() as session:
-            return crud.is_cancel_requested(session=session, run_id=self.run_id)
+            signals = crud.read_signals(session=session, lease=self.lease)
+        if not signals.held:
+            self.stop_reason = StopReason.lease_lost
+        elif signals.cancel_requested:
+            self.stop_reason = StopReason.cancelled
+        elif signals.release_requested:
+            self.stop_reason = StopReason.released
+        return self.stop_reason is not None
+
+
+class Heartbeat:
+    """A daemon thread that renews the lease every heartbeat interval while a run trains."""
+
+    def __init__(self, lease: crud.Lease, lost: threading.Event) -> None:
+        self._lease, self._lost = lease, lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{lease.run_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        interval = get_settings().heartbeat_interval_s
+        while not self._stop.wait(interval):
+            try:
+                with session_scope() as session:
+                    held = crud.heartbeat(session=session, lease=self._lease)
+            except Exception:  # a database blip: the next beat retries; the lease timeout is the limit
+                log.warning("heartbeat for run %s failed", self._lease.run_id, exc_info=True)
+                continue
+            if not held:
+                self._lost.set()
+                return
 
 
 def dataset_search_dirs() -> list[Path]:
@@ -58,53 +128,98 @@ def load_training_data(spec: RunCreate) -> tuple[datasets.ImageDataset, datasets
 
 
 def describe_error(exc: BaseException) -> str:
-    # Dataset and checkpoint errors are written for users; anything else keeps its type for debugging.
-    if isinstance(exc, datasets.DatasetError | checkpoints.CheckpointError):
+    # Errors written for users keep their text; a time limit says which; anything else keeps its type.
+    if isinstance(exc, datasets.DatasetError | checkpoints.CheckpointError | resume.ResumeError):
         return str(exc)
+    if isinstance(exc, RunTimeout) or type(exc).__name__ == "SoftTimeLimitExceeded":
+        return f"timeout: the run overran its time limit ({exc})"
     return f"{type(exc).__name__}: {exc}"
 
 
+def run_time_limit_s(spec: RunCreate) -> int:
+    return time_limit_s(spec, cap_s=get_settings().max_run_seconds)
+
+
+def publish(run_id: str, spec: RunCreate) -> None:
+    """Publish a committed run's task with the time limits its spec earns."""
+    enqueue_training(run_id, time_limit_s=run_time_limit_s(spec))
+
+
 def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
-    """Train run `run_id` to its end. Returns the final status, or None if the run was not queued."""
+    """Train run `run_id` to its end. Returns the final status, or None if this delivery did not
+    end the run (not queued, handed back on shutdown, or lease lost)."""
     with session_scope() as session:
-        if not crud.claim_run(session=session, run_id=run_id, worker=worker):
-            log.info("run %s is not queued (cancelled or taken); skipping this delivery", run_id)
+        raw_spec = crud.get_run_spec(session=session, run_id=run_id)
+        if raw_spec is None:
+            log.warning("no run %s; discarding this message", run_id)
             return None
-        spec = RunCreate.model_validate(crud.get_run_spec(session=session, run_id=run_id))
-    log.info("run %s started on %s", run_id, worker)
+        spec = RunCreate.model_validate(raw_spec)
+        limit_s = run_time_limit_s(spec)
+        lease = crud.claim_run(session=session, run_id=run_id, worker=worker, time_limit_s=limit_s)
+        if lease is None:
+            log.info("run %s is not queued (cancelled, finished or taken); skipping this delivery", run_id)
+            return None
+        checkpoint = crud.resume_point(session=session, run_id=run_id)
+        start_state = checkpoint.state if checkpoint else None
+    log.info("run %s attempt %d started on %s", run_id, lease.attempt, worker)
+    callbacks = DatabaseCallbacks(lease, limit_s)
     try:
-        train_set, val_set = load_training_data(spec)
-        model_config = spec.model_config_for_ml()
-        result = training.train(
-            model_config, spec.train_config_for_ml(), train_set, val_set, DatabaseCallbacks(run_id)
-        )
+        with Heartbeat(lease, callbacks.lease_lost):
+            result = _train(spec, callbacks, start_state)
         if result.cancelled:
-            return _finish(run_id, RunStatus.cancelled)
-        weights = checkpoints.save_checkpoint(result.model, model_config)
+            return _stop(lease, callbacks.stop_reason or StopReason.cancelled)
+        weights = checkpoints.save_checkpoint(result.model, spec.model_config_for_ml())
     except Exception as exc:
         log.exception("run %s failed", run_id)
-        return _finish(run_id, RunStatus.failed, describe_error(exc))
+        return _end(lease, RunStatus.failed, describe_error(exc))
+    return _succeed(lease, spec, weights)
+
+
+def _train(spec: RunCreate, callbacks: DatabaseCallbacks, start_state: bytes | None) -> training.TrainResult:
+    train_set, val_set = load_training_data(spec)
+    state = resume.load_training_state(start_state) if start_state else None
+    if state is not None:
+        log.info("run %s resumes after epoch %d", callbacks.lease.run_id, state.epoch)
+    return training.train(
+        spec.model_config_for_ml(), spec.train_config_for_ml(), train_set, val_set, callbacks, resume=state
+    )
+
+
+def _succeed(lease: crud.Lease, spec: RunCreate, weights: bytes) -> RunStatus | None:
     with session_scope() as session:
+        if not crud.finish_held_run(session=session, lease=lease, status=RunStatus.succeeded):
+            log.warning("run %s: lease lost before the model was stored; discarding it", lease.run_id)
+            return None
         crud.save_artifact(
             session=session,
-            run_id=run_id,
+            run_id=lease.run_id,
             weights=weights,
-            model_config=model_config.to_dict(),
+            model_config=spec.model_config_for_ml().to_dict(),
             sha256=checkpoints.sha256_hex(weights),
         )
-        crud.finish_run(session=session, run_id=run_id, status=RunStatus.succeeded)
-    log.info("run %s succeeded", run_id)
+    log.info("run %s succeeded", lease.run_id)
     return RunStatus.succeeded
 
 
-def _finish(run_id: str, status: RunStatus, error: str | None = None) -> RunStatus:
+def _stop(lease: crud.Lease, reason: StopReason) -> RunStatus | None:
+    if reason is StopReason.cancelled:
+        return _end(lease, RunStatus.cancelled)
+    if reason is StopReason.released:
+        # Not published from here: this node is shutting down and could receive it again. The
+        # reaper of any other worker (or of this one, restarted) publishes it on its next pass.
+        with session_scope() as session:
+            if crud.release_held_run(session=session, lease=lease):
+                log.info("run %s handed back to the queue at shutdown", lease.run_id)
+        return None
+    log.warning("run %s: lease lost (reaped or re-delivered); this attempt stops", lease.run_id)
+    return None
+
+
+def _end(lease: crud.Lease, status: RunStatus, error: str | None = None) -> RunStatus | None:
     with session_scope() as session:
-        crud.finish_run(session=session, run_id=run_id, status=status, error=error)
-    log.info("run %s ended %s", run_id, status.value)
+        ended = crud.finish_held_run(session=session, lease=lease, status=status, error=error)
+    if not ended:
+        log.warning("run %s: lease lost; not recording %s", lease.run_id, status.value)
+        return None
+    log.info("run %s ended %s", lease.run_id, status.value)
     return status
-
-
-def queued_run_ids() -> list[str]:
-    with session_scope() as session:
-        runs, _ = crud.list_runs(session=session, status=RunStatus.queued, limit=10_000, offset=0)
-        return [run.id for run in runs]

@@ -96,10 +96,13 @@ class RunCreate(BaseModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
 
+    def parameter_count(self) -> int:
+        widths = [784, *self.model.hidden, 10]
+        return sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+
     @model_validator(mode="after")
     def _check_budget(self) -> Self:
-        widths = [784, *self.model.hidden, 10]
-        parameters = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+        parameters = self.parameter_count()
         if parameters > MAX_PARAMETERS:
             raise ValueError(f"model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}")
         if self.dataset.limit is not None:

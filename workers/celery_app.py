@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
+from service import crud
 from service.config import get_settings
-from service.queue import celery_config, enqueue_training
-from service.runner import queued_run_ids
+from service.db import session_scope
+from service.queue import celery_config
+from service.reaper import reap_once
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,13 @@ if get_settings().uses_embedded_broker:
     # Remote control needs fanout exchanges that the folder broker only emulates; nobody uses it here.
     app.conf.worker_enable_remote_control = False
 
+_reaper_stop = threading.Event()
+
+
+def worker_id(nodename: str, pid: int) -> str:
+    """What a run's `worker` column records: the Celery node and the pool process."""
+    return f"{nodename}/{pid}"
+
 
 @worker_process_init.connect
 def _configure_torch(**_: Any) -> None:
@@ -28,12 +38,28 @@ def _configure_torch(**_: Any) -> None:
     torch.set_num_threads(get_settings().effective_torch_threads())
 
 
+def _reap_forever() -> None:
+    interval = get_settings().reaper_interval_s
+    while not _reaper_stop.wait(interval):
+        try:
+            reap_once()
+        except Exception:  # a database or broker blip must not end the loop: the next pass retries
+            log.exception("reaper pass failed")
+
+
 @worker_ready.connect
-def _requeue_waiting_runs(**_: Any) -> None:
-    # Runs committed while the broker was down (or lost with a non-persistent broker) are still
-    # `queued` in the database. Enqueue them again; a duplicate delivery cannot claim a run twice.
-    run_ids = queued_run_ids()
-    for run_id in run_ids:
-        enqueue_training(run_id)
-    if run_ids:
-        log.info("re-enqueued %d queued run(s) found at start-up", len(run_ids))
+def _start_reaper(**_: Any) -> None:
+    # The reaper runs in the worker's main process (no torch there: only database and broker calls).
+    reap_once()  # at start-up: runs orphaned by a previous crash, runs queued while the broker was down
+    threading.Thread(target=_reap_forever, name="bnlab-reaper", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _hand_back_runs(sender: str, **_: Any) -> None:
+    # Warm shutdown (SIGTERM): ask this node's running jobs to checkpoint and return to the queue,
+    # instead of holding the shutdown for the rest of a long training run.
+    _reaper_stop.set()
+    with session_scope() as session:
+        count = crud.request_release(session=session, node=sender)
+    if count:
+        log.info("asked %d running run(s) to hand back before shutdown", count)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import socket
+import os
 
 from service.queue import TRAIN_RUN_TASK
 from service.runner import execute_run
-from workers.celery_app import app
+from workers.celery_app import app, worker_id
 
 
 @app.task(name=TRAIN_RUN_TASK)
 def train_run(run_id: str) -> str | None:
-    status = execute_run(run_id, worker=f"{socket.gethostname()}:{train_run.request.hostname}")
+    status = execute_run(run_id, worker=worker_id(train_run.request.hostname or "unknown", os.getpid()))
     return status.value if status else None

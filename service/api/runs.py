@@ -12,7 +12,8 @@ from service.api.deps import RunDep, SessionDep, SettingsDep
 from service.config import Settings
 from service.ml import datasets
 from service.models import Run, RunStatus
-from service.queue import BrokerUnavailable, enqueue_training
+from service.queue import BrokerUnavailable
+from service.runner import publish
 from service.schemas import (
     EpochMetricPublic,
     Message,
@@ -80,14 +81,15 @@ def submit_run(spec: RunCreate, session: SessionDep, settings: SettingsDep, resp
     session.commit()
     location = f"/api/v1/runs/{run.id}"
     try:
-        enqueue_training(run.id)
+        publish(run.id, spec)
     except BrokerUnavailable as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail=f"the broker is unreachable ({exc}); run {run.id} is saved as queued and is enqueued "
-            "again when a worker starts",
+            detail=f"the broker is unreachable ({exc}); run {run.id} is saved as queued and is published "
+            "again once the broker is back",
             headers={"Location": location, "Retry-After": "10"},
         ) from exc
+    crud.mark_enqueued(session=session, run_id=run.id)
     response.headers["Location"] = location
     return run_public(session=session, run=run)
 

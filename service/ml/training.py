@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -21,6 +23,7 @@ from torch import nn
 from service.ml.config import ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, to_inputs
 from service.ml.nets import make_net
+from service.ml.resume import TrainingState, restore, save_training_state
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
 STOP_CHECK_INTERVAL_S = 0.5
@@ -37,8 +40,14 @@ class EpochMetrics:
     seconds: float  # wall time of the epoch, validation included
 
 
+# Returns the training state (model + optimizer) at this epoch boundary as safetensors bytes.
+Snapshot = Callable[[], bytes]
+
+
 class TrainingCallbacks(Protocol):
-    def on_epoch_end(self, metrics: EpochMetrics) -> None: ...
+    def on_epoch_end(self, metrics: EpochMetrics, snapshot: Snapshot) -> None:
+        """Called after each epoch's validation; `snapshot()` serialises the state to resume from."""
+        ...
 
     def should_stop(self) -> bool:
         """Cooperative cancellation: True makes the loop stop at the next step boundary."""
@@ -46,7 +55,7 @@ class TrainingCallbacks(Protocol):
 
 
 class NullCallbacks:
-    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+    def on_epoch_end(self, metrics: EpochMetrics, snapshot: Snapshot) -> None:
         pass
 
     def should_stop(self) -> bool:
@@ -130,23 +139,31 @@ def train(
     train_set: ImageDataset,
     val_set: ImageDataset,
     callbacks: TrainingCallbacks = _NULL_CALLBACKS,
+    resume: TrainingState | None = None,
 ) -> TrainResult:
     """Train a fresh `make_net(cfg)` with softmax cross-entropy; validate after every epoch.
 
     Deterministic on CPU for a given seed and thread count. A final batch of one sample is dropped
     for every configuration (BN would raise on it; dropping it for all keeps the data identical
     across the configurations being compared); other partial batches are kept, as in Keras.
+
+    With `resume`, training continues after `resume.epoch` from that state: each epoch's data order
+    depends only on (seed, epoch), so the resumed epochs see the batches they would have seen.
     """
     _check_inputs(cfg, tcfg, train_set, val_set)
     model = build_model(cfg, tcfg.seed)
     optimizer = _make_optimizer(model, tcfg)
+    first_epoch = 1
+    if resume is not None:
+        restore(resume, model, optimizer)
+        first_epoch = resume.epoch + 1
     x_all, y_all = to_inputs(train_set.x), train_set.y  # converted once, resident for all epochs
     n, bs = len(train_set), tcfg.batch_size
     n_used = n - 1 if n % bs == 1 else n
     result = TrainResult(model=model, dropped_last_batch=n_used < n)
     poller = _StopPoller(callbacks)
 
-    for epoch in range(1, tcfg.epochs + 1):
+    for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.monotonic()
         model.train()  # on purpose: evaluate() left the model in eval mode
         order = epoch_permutation(n, tcfg.seed, epoch)[:n_used]
@@ -177,7 +194,7 @@ def train(
             seconds=time.monotonic() - started,
         )
         result.epochs.append(metrics)
-        callbacks.on_epoch_end(metrics)
+        callbacks.on_epoch_end(metrics, partial(save_training_state, model, optimizer, epoch))
         if epoch < tcfg.epochs and poller.now():
             result.cancelled = True
             return result

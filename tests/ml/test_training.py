@@ -9,7 +9,7 @@ from torch import nn
 from service.ml import training
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
-from service.ml.training import EpochMetrics, epoch_permutation, evaluate, predict_proba, train
+from service.ml.training import EpochMetrics, Snapshot, epoch_permutation, evaluate, predict_proba, train
 
 BN = ModelConfig()
 NO_BN = ModelConfig(norm=NormConfig(kind="none"))
@@ -20,11 +20,13 @@ class Recorder:
 
     def __init__(self, stop_at: int | None = None) -> None:
         self.epochs: list[EpochMetrics] = []
+        self.snapshots: list[bytes] = []
         self.stop_calls = 0
         self.stop_at = stop_at
 
-    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+    def on_epoch_end(self, metrics: EpochMetrics, snapshot: Snapshot) -> None:
         self.epochs.append(metrics)
+        self.snapshots.append(snapshot())
 
     def should_stop(self) -> bool:
         self.stop_calls += 1

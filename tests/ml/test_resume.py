@@ -1,0 +1,47 @@
+"""Resuming from an epoch-boundary training state gives the run it would have been uninterrupted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.ml.config import ModelConfig, NormConfig, TrainConfig
+from service.ml.datasets import make_synthetic, train_val_split
+from service.ml.resume import ResumeError, load_training_state
+from service.ml.training import train
+from tests.ml.test_training import Recorder, without_time
+
+
+@pytest.mark.parametrize(("norm", "optimizer"), [("batch", "adam"), ("none", "adam"), ("batch", "sgd")])
+def test_resume_after_epoch_one_equals_an_uninterrupted_run(norm: str, optimizer: str) -> None:
+    cfg = ModelConfig(hidden=(32,), norm=NormConfig(kind=norm))  # type: ignore[arg-type]
+    data = train_val_split(make_synthetic(400, seed=2), 0.25)
+    three = TrainConfig(epochs=3, seed=4, optimizer=optimizer)  # type: ignore[arg-type]
+    straight = Recorder()
+    whole = train(cfg, three, *data, callbacks=straight)
+
+    first = Recorder()
+    train(cfg, TrainConfig(epochs=1, seed=4, optimizer=optimizer), *data, callbacks=first)  # type: ignore[arg-type]
+    state = load_training_state(first.snapshots[0])
+    assert state.epoch == 1
+    rest = Recorder()
+    resumed = train(cfg, three, *data, callbacks=rest, resume=state)
+
+    assert [m.epoch for m in rest.epochs] == [2, 3]
+    assert [without_time(m) for m in rest.epochs] == [without_time(m) for m in straight.epochs[1:]]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_state_for_another_architecture_is_refused() -> None:
+    data = train_val_split(make_synthetic(200, seed=1), 0.25)
+    recorder = Recorder()
+    train(ModelConfig(hidden=(32,)), TrainConfig(epochs=1), *data, callbacks=recorder)
+    state = load_training_state(recorder.snapshots[0])
+    with pytest.raises(ResumeError):
+        train(ModelConfig(hidden=(16,)), TrainConfig(epochs=2), *data, resume=state)
+
+
+def test_garbage_is_a_resume_error() -> None:
+    with pytest.raises(ResumeError):
+        load_training_state(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
