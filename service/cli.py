@@ -95,6 +95,21 @@ def _stop_children(children: Sequence[subprocess.Popen[bytes]]) -> None:
             child.kill()
 
 
+def create_key(args: argparse.Namespace) -> None:
+    from service.auth import KeyFileError
+    from service.auth import create_key as append_key
+
+    path = get_settings().api_keys_file
+    if path is None:
+        raise SystemExit("set BNLAB_API_KEYS_FILE to the keys file first (it is created if missing)")
+    try:
+        key = append_key(path, scopes=args.scopes, name=args.name)
+    except KeyFileError as exc:
+        raise SystemExit(f"bnlab keys create: {exc}") from exc
+    print(key)  # noqa: T201 - shown once: only its hash is stored
+    print(f"# key '{args.name}' ({args.scopes}) added to {path}; it is not shown again", file=sys.stderr)  # noqa: T201
+
+
 COMMANDS = {
     "api": (serve_api, "serve the HTTP API"),
     "worker": (run_worker, "start one Celery worker"),
@@ -110,11 +125,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text)
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="append a new key to BNLAB_API_KEYS_FILE and print it once")
+    create.add_argument("--scopes", required=True, help="comma-separated: read, train, admin")
+    create.add_argument("--name", required=True, help="a name for the key (letters, digits, . _ -)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    COMMANDS[args.command][0]()
+    if args.command == "keys":
+        create_key(args)
+    else:
+        COMMANDS[args.command][0]()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ class Settings(BaseSettings):
         6 * 3600, ge=60, le=7 * 86400, description="Cap on any run's time limit, whatever its spec."
     )
 
+    max_body_bytes: int = Field(
+        16 << 20, ge=1024, le=1 << 30, description="Largest request body (413 above)."
+    )
+    max_concurrent_requests: int = Field(64, ge=1, le=10_000, description="Requests in flight before 503.")
+    rate_limit_per_minute: int = Field(600, ge=1, le=1_000_000, description="Sustained requests per key.")
+    rate_limit_burst: int = Field(60, ge=1, le=100_000, description="Requests a key may send at once.")
+    max_active_runs_per_key: int = Field(50, ge=1, le=100_000, description="Queued + running runs per key.")
+
     api_keys_file: Path | None = Field(
         None,
         description="API keys: one '<sha256 hex> <scopes> <name>' per line; unset = no auth, loopback only.",

@@ -6,13 +6,14 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.api.security import PUBLIC
 from service.db import get_engine
 from service.queue import broker_reachable
 
 router = APIRouter(prefix="/health", tags=["health"])
 
 
-@router.get("/live", summary="The process is up")
+@router.get("/live", summary="The process is up", openapi_extra=PUBLIC)
 def live() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -26,7 +27,7 @@ def database_reachable() -> bool:
     return True
 
 
-@router.get("/ready", summary="The database and the broker are reachable")
+@router.get("/ready", summary="The database and the broker are reachable", openapi_extra=PUBLIC)
 def ready(response: Response) -> dict[str, str]:
     checks = {"database": database_reachable(), "broker": broker_reachable()}
     if not all(checks.values()):

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from service import crud, inference
 from service.api.deps import RunDep, SessionDep, SettingsDep
+from service.api.security import READ, PrincipalDep
 from service.config import Settings
 from service.ml import datasets
 from service.models import Run, RunStatus
@@ -68,15 +69,33 @@ def require_dataset(spec: RunCreate, settings: Settings) -> None:
         )
 
 
+def require_capacity(*, session: Session, owner: str, limit: int) -> None:
+    active = crud.count_active_runs(session=session, owner=owner)
+    if active >= limit:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"key '{owner}' already has {active} queued or running runs (limit {limit}); "
+            "wait for some to finish or cancel them",
+            headers={"Retry-After": "30"},
+        )
+
+
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Submit a training run",
-    responses={422: {"description": "Invalid spec or missing dataset"}, 503: {"model": Message}},
+    responses={
+        422: {"description": "Invalid spec or missing dataset"},
+        429: {"model": Message},
+        503: {"model": Message},
+    },
 )
-def submit_run(spec: RunCreate, session: SessionDep, settings: SettingsDep, response: Response) -> RunPublic:
+def submit_run(
+    spec: RunCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep, response: Response
+) -> RunPublic:
     require_dataset(spec, settings)
-    run = crud.create_run(session=session, spec=spec)
+    require_capacity(session=session, owner=principal.name, limit=settings.max_active_runs_per_key)
+    run = crud.create_run(session=session, spec=spec, owner=principal.name)
     # Commit, then enqueue: otherwise a worker could receive the id before the row exists.
     session.commit()
     location = f"/api/v1/runs/{run.id}"
@@ -137,6 +156,7 @@ def cancel_run(run: RunDep, session: SessionDep) -> RunPublic:
     "/{run_id}/predict",
     summary="Predict with the trained model in eval mode (BN running statistics)",
     responses={409: {"model": Message}, 422: {"model": Message}},
+    openapi_extra=READ,
 )
 def predict(run: RunDep, body: PredictRequest, session: SessionDep) -> PredictResponse:
     if run.status != RunStatus.succeeded:

@@ -1,0 +1,94 @@
+"""Limits that keep one client or a burst from taking the service down.
+
+- a cap on requests in flight: past it the API answers 503 at once instead of queueing work;
+- a token bucket per API key (per caller on a keyless loopback server): 429 with Retry-After.
+The body-size cap is Starlette's RequestBodyLimitMiddleware (413, chunked bodies included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from fastapi import HTTPException, Request, status
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api.security import current_principal, required_scope
+from service.config import get_settings
+
+
+class ConcurrencyLimitMiddleware:
+    """Answer 503 when `max_in_flight` HTTP requests are already being served."""
+
+    def __init__(self, app: ASGIApp, max_in_flight: int) -> None:
+        self.app, self.max_in_flight = app, max_in_flight
+        self.in_flight = 0  # the event loop is single-threaded: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            body = json.dumps({"detail": "the server is at its concurrency limit; retry shortly"}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status.HTTP_503_SERVICE_UNAVAILABLE,
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+@dataclass
+class Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """A token bucket per caller: `burst` requests at once, refilled at `per_minute`."""
+
+    def __init__(self, per_minute: int, burst: int) -> None:
+        self.rate, self.burst = per_minute / 60.0, float(burst)
+        self._buckets: dict[str, Bucket] = {}
+        self._lock = threading.Lock()
+
+    def wait_time(self, caller: str) -> float:
+        """0 if the request may go ahead (and take a token), else seconds until a token is there."""
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._buckets.setdefault(caller, Bucket(self.burst, now))
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket.updated = now
+            if bucket.tokens >= 1:
+                bucket.tokens -= 1
+                return 0.0
+            return (1 - bucket.tokens) / self.rate
+
+
+def rate_limit(request: Request) -> None:
+    if required_scope(request) == "public":
+        return
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.wait_time(current_principal(request).name)
+    if wait > 0:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail="rate limit exceeded for this key",
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
+
+
+def new_rate_limiter() -> RateLimiter:
+    settings = get_settings()
+    return RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
