@@ -59,6 +59,14 @@ def test_one_image_whose_command_picks_the_role(compose: dict[str, Any]) -> None
         assert services[role]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
+def test_the_exposed_api_requires_api_keys(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    assert api["environment"]["BNLAB_HOST"] == "0.0.0.0"
+    assert api["environment"]["BNLAB_API_KEYS_FILE"] == "/run/secrets/bnlab_keys"
+    assert "bnlab_keys" in api["secrets"]
+    assert compose["secrets"]["bnlab_keys"]["file"] == "./bnlab-keys.txt"
+
+
 def test_redis_needs_a_password(compose: dict[str, Any]) -> None:
     assert "--requirepass" in compose["services"]["redis"]["command"]
 
