@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         120.0, gt=0, le=86400, description="A run queued this long is published to the broker again."
     )
     max_run_seconds: int = Field(
-        6 * 3600, ge=60, le=7 * 86400, description="Cap on any run's time limit, whatever its spec."
+        6 * 3600, ge=5, le=7 * 86400, description="Cap on any run's time limit, whatever its spec."
     )
 
     max_body_bytes: int = Field(

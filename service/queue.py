@@ -20,7 +20,13 @@ class BrokerUnavailable(RuntimeError):
 
 # Seconds the API waits for the broker before answering 503: a submit never hangs.
 PUBLISH_TIMEOUT_S = 2.0
-HARD_LIMIT_GRACE_S = 60
+# The hard limit follows the soft one by a tenth of it, between 2 s and a minute: time to fail the
+# run cleanly before the process is killed.
+MAX_HARD_LIMIT_GRACE_S = 60
+
+
+def hard_time_limit_s(soft_limit_s: int) -> int:
+    return soft_limit_s + min(MAX_HARD_LIMIT_GRACE_S, max(2, soft_limit_s // 10))
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
@@ -84,7 +90,7 @@ def enqueue_training(run_id: str, *, time_limit_s: int) -> None:
             args=[run_id],
             queue=settings.queue,
             soft_time_limit=time_limit_s,
-            time_limit=time_limit_s + HARD_LIMIT_GRACE_S,
+            time_limit=hard_time_limit_s(time_limit_s),
             retry=True,
             retry_policy={
                 "max_retries": 1,

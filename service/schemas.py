@@ -91,7 +91,14 @@ class RunCreate(BaseModel):
 
     model_config = STRICT
 
-    name: str | None = Field(None, max_length=200, description="Optional label.")
+    name: str | None = Field(
+        None,
+        max_length=200,
+        # Letters, digits, spaces and punctuation, but no slash or backslash: no field of a job
+        # spec can carry a path or a URL.
+        pattern=r"^[\w .,:;()+=@#%&!?'-]*$",
+        description="Optional label: letters, digits, spaces and .,:;()+=@#%&!?'- (no slashes).",
+    )
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -190,3 +197,184 @@ class PredictResponse(BaseModel):
 
 class Message(BaseModel):
     detail: str
+
+
+# ---------------------------------------------------------------------------------------- serving
+
+RunId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="Server-generated run id (32 hex).")]
+Version = Annotated[int, Field(ge=1, le=1_000_000, description="Model version: 1 is the trained weights.")]
+
+
+class ImageInfoPublic(BaseModel):
+    format: str = Field(description="PNG or JPEG.")
+    width: int = Field(description="Width of the uploaded image, in pixels.")
+    height: int = Field(description="Height of the uploaded image, in pixels.")
+    inverted: bool = Field(description="Whether the image was inverted to light-on-dark.")
+
+
+class ServedPredictResponse(PredictResponse):
+    model_version: int = Field(description="The version of the run's model that answered.")
+    fused: bool = Field(description="Whether BN was folded into the Linear layers for this answer.")
+    mode: Literal["eval", "train"] = Field(
+        description="eval: BN running statistics; train: this request's batch statistics."
+    )
+    image: ImageInfoPublic | None = Field(None, description="The decoded upload, for image input.")
+
+
+class AliasPut(BaseModel):
+    """What an alias names. Today a run (optionally one version of its model); the form "best run of
+    an experiment by a metric" arrives with experiments (issue 3) as another field set."""
+
+    model_config = STRICT
+
+    run_id: RunId
+    version: Version | None = Field(None, description="Pin one version; null follows the newest.")
+
+
+class AliasPublic(BaseModel):
+    name: str
+    run_id: str
+    version: int | None = Field(description="The pinned version, or null to follow the newest.")
+    serves_version: int | None = Field(description="The version the alias serves now; null before training.")
+    created_at: datetime
+    updated_at: datetime
+
+
+class AliasesPublic(BaseModel):
+    items: list[AliasPublic]
+
+
+class RecalibrationPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    version: int = Field(description="The version these statistics were stored as.")
+    base_version: int = Field(description="The version whose weights were kept (frozen).")
+    estimator: Literal["population", "mean_of_batches"]
+    num_batches: int
+    batch_size: int
+    samples: int = Field(description="Training samples the statistics were computed over.")
+    val_loss_before: float
+    val_accuracy_before: float
+    val_loss_after: float
+    val_accuracy_after: float
+    seconds: float = Field(description="Wall time: recalibration and both validation passes.")
+    created_at: datetime
+
+
+class ModelVersionPublic(BaseModel):
+    version: int
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+    recalibration: RecalibrationPublic | None = Field(description="How the version was made, if not trained.")
+
+
+class ModelVersionsPublic(BaseModel):
+    run_id: str
+    items: list[ModelVersionPublic]
+
+
+class RecalibrateRequest(BaseModel):
+    model_config = STRICT
+
+    estimator: Literal["population", "mean_of_batches"] = Field(
+        "population",
+        description="population: mean and variance over all samples (fvcore's PreciseBN); "
+        "mean_of_batches: mean of per-batch means and unbiased variances (torch's swa_utils.update_bn).",
+    )
+    num_batches: int = Field(100, ge=1, le=2000, description="Training batches to compute statistics over.")
+    batch_size: int | None = Field(None, ge=2, le=1024, description="Samples per batch; null: the run's.")
+    base_version: Version | None = Field(None, description="Whose weights to keep; null: the newest version.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds which training samples are drawn.")
+
+
+class SummaryPublic(BaseModel):
+    min: float
+    max: float
+    mean: float
+    std: float
+    histogram_edges: list[float] = Field(description="bins + 1 edges, equal widths from min to max.")
+    histogram_counts: list[int]
+
+
+class BNLayerPublic(BaseModel):
+    name: str
+    num_features: int
+    eps: float
+    momentum: float | None = Field(description="PyTorch convention; null = cumulative average.")
+    affine: bool
+    track_running_stats: bool
+    num_batches_tracked: int | None
+    running_mean: SummaryPublic | None
+    running_var: SummaryPublic | None
+    weight: SummaryPublic | None = Field(description="γ, when affine.")
+    bias: SummaryPublic | None = Field(description="β, when affine.")
+
+
+class BNStatsPublic(BaseModel):
+    run_id: str
+    version: int
+    layers: list[BNLayerPublic]
+
+
+# Open Inference Protocol (KServe V2) shapes: ../shared/reference/peers.md.
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for the batch dimension.")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+    parameters: dict[str, Any] = Field(description="bnlab's extras: run id, version served, fusion.")
+
+
+class V2InferInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=64)
+    shape: list[Annotated[int, Field(ge=0, le=1_000_000)]] = Field(min_length=1, max_length=8)
+    datatype: str = Field(max_length=16, description="FP32, FP64 or UINT8.")
+    data: list[Any] = Field(description="Row-major values, flat or nested.")
+    parameters: dict[str, Any] | None = None
+
+
+class V2RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=64)
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, max_length=256)
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2InferInput] = Field(min_length=1, max_length=1, description="One input tensor: `input`.")
+    outputs: list[V2RequestedOutput] | None = Field(None, max_length=2)
+
+
+class V2InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[float] | list[int]
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[V2InferOutput]
+
+
+class V2Error(BaseModel):
+    error: str

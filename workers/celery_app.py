@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 app = Celery("bnlab", include=["workers.tasks"])
 app.conf.update(celery_config(get_settings()))
+# After a pool process dies, Celery waits this long for a result it might have sent before it
+# declares the job lost and starts a replacement; the default 10 s stalls the whole worker.
+app.conf.worker_lost_wait = 2.0
 if get_settings().uses_embedded_broker:
     # Remote control needs fanout exchanges that the folder broker only emulates; nobody uses it here.
     app.conf.worker_enable_remote_control = False

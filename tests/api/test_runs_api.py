@@ -85,6 +85,10 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         ({"dataset": {"name": "../../etc/passwd"}}, "name"),
         ({"dataset": {"name": "synthetic", "limit": 20}, "train": {"batch_size": 32}}, "fewer than"),
         ({"model": {"norm": {"momentum": 1.5}}}, "momentum"),
+        ({"name": "http://127.0.0.1:9/steal"}, "name"),
+        ({"name": "../../etc/passwd"}, "name"),
+        ({"name": "C:\\Windows\\system32"}, "name"),
+        ({"dataset": {"name": "file:///etc/passwd"}}, "name"),
     ],
 )
 def test_invalid_specs_are_422_with_a_message_and_nothing_is_enqueued(
