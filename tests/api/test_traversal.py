@@ -11,6 +11,8 @@ from fastapi.testclient import TestClient
 from service.main import create_app
 from tests.conftest import Backend
 
+# Encoded, double-encoded and backslash forms; a bare ".." segment is resolved by the HTTP client
+# itself (RFC 3986 dot-segment removal) before the request leaves, so it cannot reach the server.
 VARIANTS = [
     "..%2F..%2F..%2Fetc%2Fpasswd",
     "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
@@ -19,7 +21,6 @@ VARIANTS = [
     "....%2F%2F....%2F%2Fetc%2Fpasswd",
     "%2Fetc%2Fpasswd",
     "etc%2Fpasswd%00",
-    "..",
     "%23",
     "a" * 5000,
 ]
