@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint format migrate bench clean
+.PHONY: install run test lint format migrate fuzz bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ migrate: install
 ## Lint, types, import contracts, then the whole test suite (needs Postgres and Redis on 127.0.0.1).
 test: install lint
 	$(BIN)/python -m pytest
+
+## Schemathesis, every check, against a real API + worker (with a key and without credentials).
+fuzz: install
+	$(BIN)/python tests/fuzz/run_fuzz.py
 
 lint: install
 	$(BIN)/ruff check service workers migrations tests

@@ -1,0 +1,103 @@
+"""`make fuzz`: schemathesis, every check, against a real `bnlab run` (API + worker) on loopback.
+
+Two passes over the OpenAPI document: with an admin key, and without credentials. Exits non-zero
+on any failure. The server runs on a temporary SQLite database with its own keys file, and is
+stopped by the PID this script started it with. FUZZ_EXAMPLES and FUZZ_SEED tune a run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+EXAMPLES = os.environ.get("FUZZ_EXAMPLES", "20")
+SEED = os.environ.get("FUZZ_SEED", "20261125")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"fuzz: the API at {url} did not become ready")
+
+
+def schemathesis(url: str, folder: Path, headers: list[str], label: str) -> int:
+    command = [
+        str(BIN / "schemathesis"), "run", f"{url}/openapi.json", "--checks", "all",
+        "--max-examples", EXAMPLES, "--seed", SEED, "--workers", "1", "--no-color",
+        "--report", "junit", "--report-dir", str(folder / label), *headers,
+    ]  # fmt: skip
+    print(
+        f"fuzz: {label}: {' '.join(c if 'Bearer' not in c else 'Authorization: Bearer ***' for c in command)}"
+    )
+    return subprocess.run(command, cwd=folder, check=False).returncode
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="bnlab-fuzz-") as tmp:
+        folder = Path(tmp)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BNLAB_")}
+        keys_file = folder / "keys.txt"
+        port = free_port()
+        env |= {
+            "BNLAB_DATA_DIR": str(folder / "data"),
+            "BNLAB_API_KEYS_FILE": str(keys_file),
+            "BNLAB_PORT": str(port),
+            "BNLAB_LOG_LEVEL": "warning",
+            # The fuzzer is one client sending thousands of requests: lift the per-key limits, and
+            # keep the runs it submits short.
+            "BNLAB_RATE_LIMIT_PER_MINUTE": "1000000",
+            "BNLAB_RATE_LIMIT_BURST": "100000",
+            "BNLAB_MAX_ACTIVE_RUNS_PER_KEY": "100000",
+            "BNLAB_MAX_RUN_SECONDS": "5",
+        }
+        key = subprocess.run(
+            [str(BIN / "bnlab"), "keys", "create", "--scopes", "admin", "--name", "fuzz"],
+            env=env, check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        with (folder / "server.log").open("wb") as log:
+            server = subprocess.Popen(
+                [str(BIN / "bnlab"), "run"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url)
+            failures = schemathesis(url, folder, ["-H", f"Authorization: Bearer {key}"], "with-key")
+            failures |= schemathesis(url, folder, [], "without-credentials")
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        if server.returncode not in (0, -signal.SIGTERM):
+            print((folder / "server.log").read_text()[-3000:])
+        print("fuzz: " + ("FAILED" if failures else "0 failures in both passes"))
+        return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
