@@ -1,84 +1,87 @@
-"""Serving trained runs: load a run's weights once per process, validate inputs, predict in eval mode."""
+"""Request inputs → model inputs: shapes, datatypes, finiteness and range checked, one message per fault.
+
+Two encodings arrive here: the predict route's `{"inputs": [...]}` (pixel values in [0, 1], nested
+per sample) and the Open Inference Protocol's tensors (`datatype`, `shape` with the batch first, and
+`data` flat or nested in row-major order). Both end as float32 [N, *input_shape] in [0, 1].
+"""
 
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from service.ml import checkpoints, training
 from service.ml.config import ModelConfig
-from service.models import ModelArtifact
 
-MODEL_CACHE_SIZE = 16
+MAX_SAMPLES = 1024  # per request; the predict schema and the V2 route both hold to it
+
+# Open Inference Protocol datatypes we accept, and how a value maps to a pixel in [0, 1].
+V2_DATATYPES = {"FP32": 1.0, "FP64": 1.0, "UINT8": 255.0}
 
 
 class InputError(ValueError):
     """The request's inputs do not fit the model; the message says what was expected."""
 
 
-class ModelCache:
-    """A small LRU of loaded models keyed by (run, version, sha256), so new weights are never stale."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._models: OrderedDict[tuple[str, int, str], tuple[torch.nn.Module, ModelConfig]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(
-        self, *, session: Session, run_id: str, version: int = 1
-    ) -> tuple[torch.nn.Module, ModelConfig] | None:
-        sha = session.scalar(
-            select(ModelArtifact.sha256).where(
-                ModelArtifact.run_id == run_id, ModelArtifact.version == version
-            )
-        )
-        if sha is None:
-            return None
-        key = (run_id, version, sha)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-        artifact = session.get(ModelArtifact, (run_id, version))
-        if artifact is None:
-            return None
-        loaded = checkpoints.load_checkpoint(artifact.weights, ModelConfig.from_dict(artifact.model_config))
-        with self._lock:
-            self._models[key] = loaded
-            while len(self._models) > self._capacity:
-                self._models.popitem(last=False)
-        return loaded
+def accepted_sample_shapes(config: ModelConfig) -> list[tuple[int, ...]]:
+    """Per-sample shapes accepted for the model: flat, as configured, and without unit dims."""
+    sample_shape = tuple(config.input_shape)
+    shapes = {(math.prod(sample_shape),), sample_shape, tuple(d for d in sample_shape if d != 1)}
+    return sorted(shapes, key=len)
 
 
-model_cache = ModelCache(MODEL_CACHE_SIZE)
+def _expected(config: ModelConfig) -> str:
+    return " or ".join("N×" + "×".join(map(str, shape)) for shape in accepted_sample_shapes(config))
+
+
+def _to_model_input(array: np.ndarray, config: ModelConfig) -> torch.Tensor:
+    """Check a float array of values in [0, 1] and reshape it to [N, *input_shape] float32."""
+    if not np.isfinite(array).all():
+        raise InputError("inputs must be finite numbers (no NaN or infinity)")
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        raise InputError("inputs must be pixel values in [0, 1] (divide 0–255 pixels by 255)")
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return tensor.reshape(array.shape[0], *config.input_shape)
 
 
 def inputs_to_tensor(inputs: list[Any], config: ModelConfig) -> torch.Tensor:
-    """Check shape, finiteness and range; return float32 [N, *input_shape]."""
-    sample_shape = tuple(config.input_shape)
-    flat = math.prod(sample_shape)
-    accepted = {(flat,), sample_shape, tuple(d for d in sample_shape if d != 1)}
-    expected = " or ".join("N×" + "×".join(map(str, shape)) for shape in sorted(accepted, key=len))
+    """The predict route's nested `inputs`: N samples of one accepted shape, values in [0, 1]."""
     try:
-        array = np.asarray(inputs, dtype=np.float32)
+        array = np.asarray(inputs, dtype=np.float64)
     except (ValueError, TypeError) as exc:
-        raise InputError(f"inputs must be a rectangular array of numbers of shape {expected}") from exc
-    if array.ndim < 2 or tuple(array.shape[1:]) not in accepted:
-        raise InputError(f"inputs must have shape {expected}; got {'×'.join(map(str, array.shape))}")
-    if not np.isfinite(array).all():
-        raise InputError("inputs must be finite numbers (no NaN or infinity)")
-    if array.min() < 0.0 or array.max() > 1.0:
-        raise InputError("inputs must be pixel values in [0, 1] (divide 0–255 pixels by 255)")
-    return torch.from_numpy(array).reshape(len(array), *sample_shape)
+        raise InputError(
+            f"inputs must be a rectangular array of numbers of shape {_expected(config)}"
+        ) from exc
+    if array.ndim < 2 or tuple(array.shape[1:]) not in accepted_sample_shapes(config):
+        raise InputError(f"inputs must have shape {_expected(config)}; got {'×'.join(map(str, array.shape))}")
+    return _to_model_input(array, config)
 
 
-def predict(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[list[int], list[list[float]]]:
-    probabilities = training.predict_proba(model, inputs)
-    return probabilities.argmax(dim=1).tolist(), probabilities.tolist()
+def v2_tensor_to_input(datatype: str, shape: list[int], data: list[Any], config: ModelConfig) -> torch.Tensor:
+    """An Open Inference Protocol input tensor → model input. `data` is flat or nested row-major."""
+    if datatype not in V2_DATATYPES:
+        raise InputError(f"datatype {datatype} is not supported; use one of {', '.join(V2_DATATYPES)}")
+    if len(shape) < 2 or tuple(shape[1:]) not in accepted_sample_shapes(config):
+        samples = _expected(config).replace("N×", "")
+        raise InputError(f"shape must be [N, ...] with a sample shape of {samples}; got {shape}")
+    if not 1 <= shape[0] <= MAX_SAMPLES:
+        raise InputError(f"the batch dimension must be between 1 and {MAX_SAMPLES}; got {shape[0]}")
+    try:
+        array = np.asarray(data, dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise InputError("data must be numbers, flat or nested in row-major order (not ragged)") from exc
+    if array.ndim != 1 and list(array.shape) != shape:
+        raise InputError(
+            f"nested data has shape {list(array.shape)}, which is not the declared shape {shape}"
+        )
+    if array.size != math.prod(shape):
+        raise InputError(f"data has {array.size} values; shape {shape} needs {math.prod(shape)}")
+    array = array.reshape(shape)
+    if datatype == "UINT8":
+        if not np.isfinite(array).all() or (array != np.round(array)).any():
+            raise InputError("UINT8 data must be integers")
+        if array.min() < 0 or array.max() > 255:
+            raise InputError("UINT8 data must be in [0, 255]")
+    return _to_model_input(array / V2_DATATYPES[datatype], config)

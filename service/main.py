@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import __version__
-from service.api import health, runs
+from service.api import aliases, bn_tools, health, run_models, runs, v2
 from service.api.errors import validation_error_handler
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize
@@ -29,4 +29,8 @@ def create_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(health.router)
     app.include_router(runs.router)
+    app.include_router(run_models.router)
+    app.include_router(bn_tools.router)
+    app.include_router(aliases.router)
+    app.include_router(v2.router)
     return app

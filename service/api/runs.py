@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from service import crud, inference
-from service.api.deps import RunDep, SessionDep, SettingsDep
+from service import crud
+from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
+from service.api.deps import RunDep, RunIdPath, SessionDep, SettingsDep
+from service.api.predict_inputs import read_predict_inputs
 from service.api.security import READ, PrincipalDep
 from service.config import Settings
-from service.ml import datasets
+from service.images import Invert
+from service.ml import bn_tools, datasets
 from service.models import Run, RunStatus
 from service.queue import BrokerUnavailable
 from service.runner import publish
@@ -19,13 +23,14 @@ from service.schemas import (
     EpochMetricPublic,
     Message,
     PredictRequest,
-    PredictResponse,
     RunCreate,
     RunMetricsPublic,
     RunPublic,
     RunsPublic,
     RunSummary,
+    ServedPredictResponse,
 )
+from service.serving import get_model_server
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -152,24 +157,60 @@ def cancel_run(run: RunDep, session: SessionDep) -> RunPublic:
     return run_public(session=session, run=run)
 
 
+PREDICT_DOCS = READ | body_docs(
+    {"application/json": inline_schema(PredictRequest), "multipart/form-data": IMAGE_UPLOAD_SCHEMA}
+)
+
+
 @router.post(
     "/{run_id}/predict",
-    summary="Predict with the trained model in eval mode (BN running statistics)",
-    responses={409: {"model": Message}, 422: {"model": Message}},
-    openapi_extra=READ,
+    summary="Predict with the trained model: JSON inputs, or an uploaded PNG/JPEG image",
+    description="Eval mode (BN running statistics), BN folded into the Linear layers unless `fused=false`; "
+    "`mode=train` answers with this request's batch statistics instead, stored buffers untouched. "
+    "An image is converted by the rule in the README (grayscale, light-on-dark, letterboxed to 28×28).",
+    responses={
+        409: {"model": Message},
+        413: {"model": Message},
+        415: {"model": Message},
+        422: {"model": Message},
+    },
+    openapi_extra=PREDICT_DOCS,
 )
-def predict(run: RunDep, body: PredictRequest, session: SessionDep) -> PredictResponse:
-    if run.status != RunStatus.succeeded:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, detail=f"run {run.id} is {run.status}; only a succeeded run can predict"
-        )
-    loaded = inference.model_cache.get(session=session, run_id=run.id)
-    if loaded is None:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"run {run.id} has no stored model")
-    model, config = loaded
-    try:
-        inputs = inference.inputs_to_tensor(body.inputs, config)
-    except inference.InputError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
-    predictions, probabilities = inference.predict(model, inputs)
-    return PredictResponse(predictions=predictions, probabilities=probabilities)
+async def predict(
+    request: Request,
+    run_id: RunIdPath,
+    fused: Annotated[bool, Query(description="Serve with BN folded into the Linear layers.")] = True,
+    mode: Annotated[
+        Literal["eval", "train"],
+        Query(description="eval: running statistics; train: this batch's statistics."),
+    ] = "eval",
+    version: Annotated[
+        int | None, Query(ge=1, le=1_000_000, description="Model version; default newest.")
+    ] = None,
+    invert: Annotated[
+        Invert,
+        Query(description="Images: auto inverts dark-on-light images (light border) to light-on-dark."),
+    ] = "auto",
+) -> ServedPredictResponse:
+    prepared = await read_predict_inputs(request, run_id=run_id, version=version, invert=invert)
+    loaded = prepared.loaded
+    if mode == "train":
+        # Batch statistics depend on the whole batch: never micro-batched with other requests.
+        try:
+            probabilities = await run_in_threadpool(
+                bn_tools.predict_proba_batch_stats, loaded.unfused, prepared.inputs
+            )
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+        served_fused = False
+    else:
+        probabilities = await get_model_server().predict(loaded, prepared.inputs, fused=fused)
+        served_fused = fused and loaded.fusion.fused
+    return ServedPredictResponse(
+        predictions=probabilities.argmax(dim=1).tolist(),
+        probabilities=probabilities.tolist(),
+        model_version=loaded.version,
+        fused=served_fused,
+        mode=mode,
+        image=prepared.image,
+    )

@@ -1,0 +1,99 @@
+"""/api/v1/models: aliases, stable names for models (`fashion-bn`) usable wherever a run id is.
+
+PUT names a run, optionally one version of its model (otherwise the alias follows the newest, so
+a recalibration is served as soon as it is stored). The form "the best run of experiment X by
+val_accuracy" needs experiments (issue 3) and will be another body of the same PUT.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Response, status
+from sqlalchemy.orm import Session
+
+from service import crud, crud_models
+from service.api.deps import SessionDep
+from service.models import ModelAlias
+from service.schemas import AliasesPublic, AliasPublic, AliasPut, Message
+
+router = APIRouter(prefix="/api/v1/models", tags=["models"])
+
+AliasPath = Annotated[
+    str,
+    Path(
+        pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$",
+        description="A letter, then up to 63 letters, digits, '_', '.' or '-'; never a 32-hex run id.",
+    ),
+]
+
+
+def alias_public(*, session: Session, alias: ModelAlias) -> AliasPublic:
+    versions = crud_models.artifact_versions(session=session, run_id=alias.run_id)
+    serves = alias.version if alias.version is not None else max(versions, default=None)
+    return AliasPublic(
+        name=alias.name,
+        run_id=alias.run_id,
+        version=alias.version,
+        serves_version=serves if serves in versions else None,
+        created_at=alias.created_at,
+        updated_at=alias.updated_at,
+    )
+
+
+def _alias_or_404(session: Session, name: str) -> ModelAlias:
+    alias = crud_models.get_alias(session=session, name=name)
+    if alias is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"alias {name} not found")
+    return alias
+
+
+@router.put(
+    "/{alias}",
+    summary="Create or re-point an alias (201 when created, 200 when re-pointed)",
+    responses={201: {"model": AliasPublic}, 422: {"model": Message}},
+)
+def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: Response) -> AliasPublic:
+    if crud_models.RUN_ID.match(alias):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail="an alias cannot look like a run id (32 hex digits)"
+        )
+    if crud.get_run(session=session, run_id=body.run_id) is None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"run {body.run_id} not found")
+    if body.version is not None:
+        versions = crud_models.artifact_versions(session=session, run_id=body.run_id)
+        if body.version not in versions:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail=f"run {body.run_id} has no model version {body.version} "
+                f"(it has {versions or 'none yet'})",
+            )
+    row, created = crud_models.put_alias(
+        session=session, name=alias, run_id=body.run_id, version=body.version
+    )
+    if created:
+        response.status_code = status.HTTP_201_CREATED
+    response.headers["Location"] = f"/api/v1/models/{alias}"
+    return alias_public(session=session, alias=row)
+
+
+@router.get("", summary="List aliases")
+def list_aliases(session: SessionDep) -> AliasesPublic:
+    return AliasesPublic(
+        items=[alias_public(session=session, alias=a) for a in crud_models.list_aliases(session=session)]
+    )
+
+
+@router.get("/{alias}", summary="One alias and the version it serves", responses={404: {"model": Message}})
+def get_alias(alias: AliasPath, session: SessionDep) -> AliasPublic:
+    return alias_public(session=session, alias=_alias_or_404(session, alias))
+
+
+@router.delete(
+    "/{alias}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an alias (the run and its models stay)",
+    responses={404: {"model": Message}},
+)
+def delete_alias(alias: AliasPath, session: SessionDep) -> None:
+    crud_models.delete_alias(session=session, alias=_alias_or_404(session, alias))
