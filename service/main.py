@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import __version__
 from service.api import aliases, bn_tools, health, run_models, runs, v2
-from service.api.errors import validation_error_handler
+from service.api.errors import COMMON_RESPONSES, validation_error_handler
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
-from service.api.security import authorize
+from service.api.security import authorize, mark_public_operations
 from service.config import get_settings
 
 
@@ -22,6 +24,7 @@ def create_app() -> FastAPI:
         description="Train and serve neural networks with and without batch normalization.",
         # Every route: authenticate, check its scope, then the per-key rate limit.
         dependencies=[Depends(authorize), Depends(rate_limit)],
+        responses=COMMON_RESPONSES,
     )
     app.state.rate_limiter = new_rate_limiter()
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
@@ -33,4 +36,16 @@ def create_app() -> FastAPI:
     app.include_router(bn_tools.router)
     app.include_router(aliases.router)
     app.include_router(v2.router)
+    _document_public_operations(app)
     return app
+
+
+def _document_public_operations(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = mark_public_operations(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it

@@ -196,7 +196,10 @@ class PredictResponse(BaseModel):
 
 
 class Message(BaseModel):
-    detail: str
+    """Every error body: a sentence saying what was wrong, or, for a malformed request, the list of
+    field errors (location, message, type) that request validation found."""
+
+    detail: str | list[dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------- serving

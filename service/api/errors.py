@@ -10,6 +10,19 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service.schemas import Message
+
+# What any route can answer besides its own codes: auth, limits, an unknown id, overload.
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": Message, "description": "Missing or invalid API key"},
+    403: {"model": Message, "description": "The key lacks the scope this route needs"},
+    404: {"model": Message, "description": "No such resource"},
+    413: {"model": Message, "description": "Request body over BNLAB_MAX_BODY_BYTES"},
+    422: {"model": Message, "description": "The request is malformed or its values are out of bounds"},
+    429: {"model": Message, "description": "Rate limit or active-run cap reached; see Retry-After"},
+    503: {"model": Message, "description": "Overloaded, or the broker is unreachable; see Retry-After"},
+}
+
 
 def _json_safe(value: Any) -> Any:
     """NaN and infinity are not JSON: echoing a rejected `NaN` back as-is would turn a 422 into a 500."""

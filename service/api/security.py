@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.routing import APIRoute
@@ -63,6 +63,17 @@ def authorize(
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this key lacks the '{scope}' scope")
     request.state.principal = principal
     return principal
+
+
+def mark_public_operations(schema: dict[str, Any]) -> dict[str, Any]:
+    """Public operations need no key: say so in the OpenAPI document (an empty `security`)."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if operation.get(SCOPE_KEY) == "public":
+                operation["security"] = []
+                for code in ("401", "403"):
+                    operation.get("responses", {}).pop(code, None)
+    return schema
 
 
 def current_principal(request: Request) -> Principal:
