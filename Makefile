@@ -29,6 +29,10 @@ test: install lint
 fuzz: install
 	$(BIN)/python tests/fuzz/run_fuzz.py
 
+## Serving benchmark over HTTP on loopback (about three minutes); prints a table, asserts nothing.
+bench: install
+	$(BIN)/python bench/serve.py
+
 lint: install
 	$(BIN)/ruff check service workers migrations tests
 	$(BIN)/ruff format --check service workers migrations tests

@@ -24,8 +24,8 @@ class ResolvedModel:
     name: str
     run_id: str
     version: int
+    sha256: str
     versions: list[int]  # every stored version of the run, ascending
-    alias: ModelAlias | None
 
 
 class NameNotFound(LookupError):
@@ -69,27 +69,31 @@ def list_artifacts(*, session: Session, run_id: str) -> Sequence[ModelArtifact]:
 def resolve_model(*, session: Session, name: str, version: int | None) -> ResolvedModel:
     """A run id or an alias, and a version (None: the alias's pinned one, else the newest).
 
+    Two indexed reads at most (the alias, the run's artifact versions): it runs for every request.
     Raises NameNotFound for an unknown name, VersionNotFound for a version the run does not have.
     """
-    alias = None
+    pinned = None
     if RUN_ID.match(name):
         run_id = name
-        if session.get(Run, run_id) is None:
-            raise NameNotFound(f"no model named {name}")
     else:
         alias = session.get(ModelAlias, name)
         if alias is None:
             raise NameNotFound(f"no model named {name} (neither a run id nor an alias)")
-        run_id = alias.run_id
-    versions = artifact_versions(session=session, run_id=run_id)
+        run_id, pinned = alias.run_id, alias.version
+    rows = session.execute(
+        select(ModelArtifact.version, ModelArtifact.sha256)
+        .where(ModelArtifact.run_id == run_id)
+        .order_by(ModelArtifact.version)
+    ).all()
+    shas = {row.version: row.sha256 for row in rows}
+    if not shas and session.scalar(select(Run.id).where(Run.id == run_id)) is None:
+        raise NameNotFound(f"no model named {name}")
     if version is None:
-        version = (
-            alias.version if alias is not None and alias.version is not None else max(versions, default=0)
-        )
-    if version not in versions:
-        detail = f"versions {', '.join(map(str, versions))}" if versions else "no stored model yet"
+        version = pinned if pinned is not None else max(shas, default=0)
+    if version not in shas:
+        detail = f"versions {', '.join(map(str, shas))}" if shas else "no stored model yet"
         raise VersionNotFound(f"model {name} has no version {version} ({detail})")
-    return ResolvedModel(name=name, run_id=run_id, version=version, versions=versions, alias=alias)
+    return ResolvedModel(name=name, run_id=run_id, version=version, sha256=shas[version], versions=list(shas))
 
 
 # ---------------------------------------------------------------------------------------- aliases

@@ -51,7 +51,11 @@ def _alias_or_404(session: Session, name: str) -> ModelAlias:
 @router.put(
     "/{alias}",
     summary="Create or re-point an alias (201 when created, 200 when re-pointed)",
-    responses={201: {"model": AliasPublic}, 422: {"model": Message}},
+    responses={
+        201: {"model": AliasPublic},
+        400: {"model": Message, "description": "The body is not JSON"},
+        404: {"model": Message, "description": "No such run or version"},
+    },
 )
 def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: Response) -> AliasPublic:
     if crud_models.RUN_ID.match(alias):
@@ -59,12 +63,12 @@ def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: R
             status.HTTP_422_UNPROCESSABLE_CONTENT, detail="an alias cannot look like a run id (32 hex digits)"
         )
     if crud.get_run(session=session, run_id=body.run_id) is None:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"run {body.run_id} not found")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {body.run_id} not found")
     if body.version is not None:
         versions = crud_models.artifact_versions(session=session, run_id=body.run_id)
         if body.version not in versions:
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                status.HTTP_404_NOT_FOUND,
                 detail=f"run {body.run_id} has no model version {body.version} "
                 f"(it has {versions or 'none yet'})",
             )

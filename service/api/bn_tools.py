@@ -42,6 +42,7 @@ def get_bn_stats(
     description="Runs in the API process and answers when done (about a second for Fashion-MNIST's "
     "training split); one at a time per process, 503 with Retry-After meanwhile.",
     responses={
+        400: {"model": Message, "description": "The body is not JSON"},
         404: {"model": Message},
         409: {"model": Message},
         422: {"model": Message},
@@ -57,9 +58,8 @@ def recalibrate(run_id: RunIdPath, body: RecalibrateRequest, response: Response)
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc), headers={"Retry-After": "2"}
         ) from exc
-    except recalibration.NothingToRecalibrate as exc:
+    except (recalibration.NothingToRecalibrate, recalibration.TooFewSamples, DatasetError) as exc:
+        # The request is well-formed; the run's model or data cannot meet it.
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
-    except (recalibration.TooFewSamples, DatasetError) as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
     response.headers["Location"] = f"/api/v1/runs/{run_id}/versions/{row.version}"
     return RecalibrationPublic.model_validate(row)

@@ -23,7 +23,10 @@ router = APIRouter(prefix="/api/v1/runs", tags=["models"])
 VersionRef = Annotated[
     str, Path(pattern=r"^([1-9][0-9]{0,5}|latest)$", description="A version number, or `latest`.")
 ]
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Message}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": Message, "description": "No such run or version"},
+    409: {"model": Message, "description": "The run has not succeeded: it has no model"},
+}
 
 
 def require_succeeded(run: Run) -> None:
@@ -117,7 +120,7 @@ def download_config(run: RunDep, version: VersionRef, session: SessionDep) -> Re
     summary="Download the eval-mode model as ONNX "
     "(input `input`, output `logits`; fused unless ?fused=false)",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}, 409: {"model": Message}, **NOT_FOUND},
+    responses={200: {"content": {"application/octet-stream": {}}}, **NOT_FOUND},
 )
 def download_onnx(
     run_id: RunIdPath,

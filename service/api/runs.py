@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import crud
+from service.api import served
 from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
 from service.api.deps import RunDep, RunIdPath, SessionDep, SettingsDep
-from service.api.predict_inputs import read_predict_inputs
+from service.api.predict_inputs import PredictBody, read_predict_body
 from service.api.security import READ, PrincipalDep
 from service.config import Settings
 from service.images import Invert
@@ -30,7 +32,7 @@ from service.schemas import (
     RunSummary,
     ServedPredictResponse,
 )
-from service.serving import get_model_server
+from service.serving import LoadedModel
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -192,25 +194,30 @@ async def predict(
         Query(description="Images: auto inverts dark-on-light images (light border) to light-on-dark."),
     ] = "auto",
 ) -> ServedPredictResponse:
-    prepared = await read_predict_inputs(request, run_id=run_id, version=version, invert=invert)
-    loaded = prepared.loaded
+    body = await read_predict_body(request, invert=invert)
     if mode == "train":
-        # Batch statistics depend on the whole batch: never micro-batched with other requests.
-        try:
-            probabilities = await run_in_threadpool(
-                bn_tools.predict_proba_batch_stats, loaded.unfused, prepared.inputs
-            )
-        except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+        probabilities, loaded = await run_in_threadpool(_predict_batch_stats, run_id, version, body)
         served_fused = False
     else:
-        probabilities = await get_model_server().predict(loaded, prepared.inputs, fused=fused)
-        served_fused = fused and loaded.fusion.fused
+        answer = await served.infer(run_id, version, fused=fused, prepare=body, is_run_id=True)
+        probabilities, loaded, served_fused = answer.probabilities, answer.loaded, answer.fused
     return ServedPredictResponse(
         predictions=probabilities.argmax(dim=1).tolist(),
         probabilities=probabilities.tolist(),
         model_version=loaded.version,
         fused=served_fused,
         mode=mode,
-        image=prepared.image,
+        image=body.image_info,
     )
+
+
+def _predict_batch_stats(
+    run_id: str, version: int | None, body: PredictBody
+) -> tuple[torch.Tensor, LoadedModel]:
+    """mode=train: this request's batch statistics. Never batched with other requests (their samples
+    would change this one's statistics), on a copy of the model (the stored buffers never move)."""
+    loaded = served.served_run_model(run_id, version)
+    try:
+        return bn_tools.predict_proba_batch_stats(loaded.unfused, body(loaded)), loaded
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc

@@ -1,15 +1,19 @@
-"""Loading served models for routes: blocking helpers (call them off the event loop) that map the
-serving layer's errors to HTTP ones. No helper holds a database session while a model loads or runs."""
+"""Served models for routes: the serving layer's errors mapped to HTTP ones.
+
+The blocking helpers must run off the event loop; none holds a database session while a model
+loads or runs.
+"""
 
 from __future__ import annotations
 
 from fastapi import HTTPException, status
+from starlette.concurrency import run_in_threadpool
 
 from service import crud, crud_models
 from service.db import session_scope
 from service.ml.checkpoints import CheckpointError
 from service.models import RunStatus
-from service.serving import LoadedModel, ModelNotFound, open_model
+from service.serving import Answer, LoadedModel, ModelNotFound, Prepare, get_model_server, open_model
 
 
 def require_succeeded_run(run_id: str) -> None:
@@ -25,17 +29,35 @@ def require_succeeded_run(run_id: str) -> None:
             )
 
 
+def _http_error(name: str, exc: Exception) -> HTTPException:
+    if isinstance(exc, CheckpointError):  # stored weights that do not load: the model is not servable
+        return HTTPException(status.HTTP_409_CONFLICT, detail=f"model {name} cannot be loaded: {exc}")
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc))
+
+
 def served_model(name: str, version: int | None) -> tuple[crud_models.ResolvedModel, LoadedModel]:
-    """A run id or alias (and version) → its loaded model; 404 when there is none, 409 when its
-    stored weights do not load."""
+    """Blocking: a run id or alias (and version) → its loaded model; 404 when there is none, 409
+    when its stored weights do not load."""
     try:
         return open_model(name, version)
-    except (crud_models.NameNotFound, ModelNotFound) as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
-    except CheckpointError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"model {name} cannot be loaded: {exc}") from exc
+    except (crud_models.NameNotFound, ModelNotFound, CheckpointError) as exc:
+        raise _http_error(name, exc) from exc
 
 
 def served_run_model(run_id: str, version: int | None) -> LoadedModel:
+    """Blocking: like served_model, for a run id, with 409 for a run that has not succeeded."""
     require_succeeded_run(run_id)
     return served_model(run_id, version)[1]
+
+
+async def infer(
+    name: str, version: int | None, *, fused: bool, prepare: Prepare, is_run_id: bool = False
+) -> Answer:
+    """Answer one request through the model server (micro-batched when on), errors as HTTP ones.
+    With `is_run_id`, a run without a model is explained (404 unknown run, 409 not succeeded)."""
+    try:
+        return await get_model_server().infer(name, version, fused=fused, prepare=prepare)
+    except (crud_models.NameNotFound, ModelNotFound, CheckpointError) as exc:
+        if is_run_id and isinstance(exc, crud_models.NameNotFound):
+            await run_in_threadpool(require_succeeded_run, name)
+        raise _http_error(name, exc) from exc

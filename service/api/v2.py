@@ -13,8 +13,8 @@ Health answers 200 for true and 400 for false, as the protocol says.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import torch
@@ -23,16 +23,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from service import __version__, crud_models, inference
+from service.api import served
 from service.api.bodies import body_docs, inline_schema
 from service.api.health import database_reachable
 from service.api.security import PUBLIC, READ
 from service.api.served import served_model
 from service.db import session_scope
 from service.schemas import V2Error, V2InferRequest, V2InferResponse, V2ModelMetadata, V2TensorMetadata
-from service.serving import LoadedModel, get_model_server
+from service.serving import Answer, LoadedModel, get_model_server
 
 INPUT = "input"
 OUTPUTS = ("probabilities", "predictions")
@@ -68,11 +68,31 @@ class V2Route(APIRoute):
         return route
 
 
+# Every error a /v2 route itself answers is {"error": ...}; these override the app-wide {"detail"}
+# documentation (413 and 503 come from middleware in front of the routes and keep that form).
+V2_ERRORS = {
+    400: "Malformed request, or inputs that do not fit the model",
+    401: "Missing or invalid API key",
+    403: "The key lacks the scope this route needs",
+    404: "No such model or version",
+    409: "The stored model cannot be served",
+    429: "Rate limit reached; see Retry-After",
+}
+
+
+@asynccontextmanager
+async def serving_lifespan(_app: Any) -> AsyncIterator[None]:
+    # Reads BNLAB_SERVE_* (invalid values stop the API at start-up) and starts the batcher threads.
+    get_model_server()
+    yield
+
+
 router = APIRouter(
     prefix="/v2",
     tags=["open inference protocol"],
     route_class=V2Route,
-    responses={400: {"model": V2Error}, 404: {"model": V2Error}},
+    lifespan=serving_lifespan,
+    responses={code: {"model": V2Error, "description": text} for code, text in V2_ERRORS.items()},
 )
 
 ModelName = Annotated[
@@ -182,41 +202,43 @@ def model_version_ready(name: ModelName, version: VersionPath, response: Respons
 # ---------------------------------------------------------------------------------------- infer
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    request: V2InferRequest
-    resolved: crud_models.ResolvedModel
-    loaded: LoadedModel
-    inputs: torch.Tensor
-    outputs: tuple[str, ...]
-
-
 def _bad_request(message: str) -> HTTPException:
     return HTTPException(status.HTTP_400_BAD_REQUEST, detail=message)
 
 
-def _prepare(body: bytes, name: str, version: int | None) -> _Prepared:
-    """Blocking: parse and check the body, resolve and load the model, build the input tensor."""
-    try:
-        request = V2InferRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise _bad_request(describe_errors(list(exc.errors(include_url=False)))) from exc
-    tensor = request.inputs[0]
-    if tensor.name != INPUT:
-        raise _bad_request(f"unknown input {tensor.name!r}; this model's input is {INPUT!r}")
-    outputs = tuple(o.name for o in request.outputs) if request.outputs else OUTPUTS
-    unknown = [o for o in outputs if o not in OUTPUTS]
-    if unknown:
-        raise _bad_request(f"unknown output {unknown[0]!r}; this model's outputs are {', '.join(OUTPUTS)}")
-    resolved, loaded = served_model(name, version)
-    try:
-        inputs = inference.v2_tensor_to_input(tensor.datatype, tensor.shape, tensor.data, loaded.config)
-    except inference.InputError as exc:
-        raise _bad_request(f"input {INPUT!r}: {exc}") from exc
-    return _Prepared(request, resolved, loaded, inputs, outputs)
+class _InferBody:
+    """An infer request's body, parsed and checked in an inference thread once the model is known."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.request: V2InferRequest | None = None
+        self.outputs: tuple[str, ...] = OUTPUTS
+
+    def __call__(self, loaded: LoadedModel) -> torch.Tensor:
+        try:
+            self.request = request = V2InferRequest.model_validate_json(self.body)
+        except ValidationError as exc:
+            raise _bad_request(describe_errors(list(exc.errors(include_url=False)))) from exc
+        tensor = request.inputs[0]
+        if tensor.name != INPUT:
+            raise _bad_request(f"unknown input {tensor.name!r}; this model's input is {INPUT!r}")
+        if request.outputs:
+            self.outputs = tuple(o.name for o in request.outputs)
+        unknown = [o for o in self.outputs if o not in OUTPUTS]
+        if unknown:
+            raise _bad_request(
+                f"unknown output {unknown[0]!r}; this model's outputs are {', '.join(OUTPUTS)}"
+            )
+        try:
+            return inference.v2_tensor_to_input(tensor.datatype, tensor.shape, tensor.data, loaded.config)
+        except inference.InputError as exc:
+            raise _bad_request(f"input {INPUT!r}: {exc}") from exc
 
 
-def _response(name: str, prepared: _Prepared, probabilities: torch.Tensor, fused: bool) -> V2InferResponse:
+def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse:
+    probabilities = answer.probabilities
+    if not math.isfinite(float(probabilities.sum())):
+        raise HTTPException(status.HTTP_409_CONFLICT, detail="the model produced non-finite outputs")
     n, classes = probabilities.shape
     data: dict[str, dict[str, Any]] = {
         "probabilities": {
@@ -229,23 +251,18 @@ def _response(name: str, prepared: _Prepared, probabilities: torch.Tensor, fused
     return V2InferResponse.model_validate(
         {
             "model_name": name,
-            "model_version": str(prepared.resolved.version),
-            "id": prepared.request.id,
-            "parameters": {
-                "fused": fused and prepared.loaded.fusion.fused,
-                "run_id": prepared.resolved.run_id,
-            },
-            "outputs": [{"name": output, **data[output]} for output in prepared.outputs],
+            "model_version": str(answer.resolved.version),
+            "id": body.request.id if body.request else None,
+            "parameters": {"fused": answer.fused, "run_id": answer.resolved.run_id},
+            "outputs": [{"name": output, **data[output]} for output in body.outputs],
         }
     )
 
 
 async def _infer(request: Request, name: str, version: int | None, fused: bool) -> V2InferResponse:
-    prepared = await run_in_threadpool(_prepare, await request.body(), name, version)
-    probabilities = await get_model_server().predict(prepared.loaded, prepared.inputs, fused=fused)
-    if not math.isfinite(float(probabilities.sum())):
-        raise HTTPException(status.HTTP_409_CONFLICT, detail="the model produced non-finite outputs")
-    return _response(name, prepared, probabilities, fused)
+    body = _InferBody(await request.body())
+    answer = await served.infer(name, version, fused=fused, prepare=body)
+    return _response(name, body, answer)
 
 
 INFER_DOCS = READ | body_docs({"application/json": inline_schema(V2InferRequest)})

@@ -50,9 +50,9 @@ def test_pinned_alias_keeps_its_version_while_a_free_one_follows_the_newest(
 
 
 def test_alias_refusals(client: TestClient, bn_run: str) -> None:
-    assert client.put("/api/v1/models/x", json={"run_id": "0" * 32}).status_code == 422  # no such run
+    assert client.put("/api/v1/models/x", json={"run_id": "0" * 32}).status_code == 404  # no such run
     missing_version = client.put("/api/v1/models/x", json={"run_id": bn_run, "version": 5})
-    assert missing_version.status_code == 422
+    assert missing_version.status_code == 404
     assert "no model version 5" in missing_version.json()["detail"]
     assert client.put("/api/v1/models/x", json={"run_id": bn_run, "experiment": "e1"}).status_code == 422
     assert client.put("/api/v1/models/x", json={"run_id": "../../etc"}).status_code == 422

@@ -6,121 +6,128 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from service import serving
 from service.main import create_app
 from service.ml import datasets
 from service.schemas import RunCreate
-from service.serving import MicroBatcher, ModelServer, ServingSettings
+from service.serving import Batcher, ModelServer, ServingSettings
 from tests.conftest import Backend
 from tests.serving.conftest import BN_SPEC, _trained_weights, oracle_probabilities, store_trained_run
 
 BN_SPEC_JSON = RunCreate.model_validate(BN_SPEC).model_dump_json()
 
 
-class RecordingForward:
-    """x → 2x, recording each batch's size; the first call can be held to let requests pile up."""
+class Doubling:
+    """process(key, items): each item x → 2x, failing items < 0; records each batch; can be held."""
 
     def __init__(self) -> None:
-        self.sizes: list[int] = []
+        self.batches: list[tuple[str, list[float]]] = []
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, key: str, items: list[float]) -> list[float | BaseException]:
         self.release.wait(5)
-        self.sizes.append(len(x))
-        return x * 2
+        self.batches.append((key, list(items)))
+        return [ValueError(f"negative: {x}") if x < 0 else 2 * x for x in items]
 
 
-def rows(n: int, start: float) -> torch.Tensor:
-    return torch.arange(start, start + n, dtype=torch.float32).reshape(n, 1)
+def make_batcher(
+    process: Doubling, *, workers: int = 1, size: int = 8, wait: float = 0.0
+) -> Batcher[str, float, float]:
+    return Batcher(process, workers=workers, max_batch_size=size, max_wait_s=wait)
 
 
-def test_concurrent_requests_share_forward_passes_and_get_their_own_rows() -> None:
-    forward = RecordingForward()
-    forward.release.clear()  # the first forward waits: the next requests queue up behind it
-    batcher = MicroBatcher(forward, max_batch_size=8, max_wait_s=0.0)
-    futures = [batcher.submit(rows(1, float(i))) for i in range(1)]
+def test_requests_queued_behind_a_busy_worker_form_one_batch_and_get_their_own_answers() -> None:
+    process = Doubling()
+    process.release.clear()  # the first batch is held: the next requests queue up behind it
+    batcher = make_batcher(process, size=8)
+    first = batcher.submit("m", 1.0)
     time.sleep(0.05)
-    futures += [batcher.submit(rows(1 + i % 3, 100.0 * i)) for i in range(1, 20)]
-    forward.release.set()
-    for i, future in enumerate(futures):
-        expected = rows(1, 0.0) * 2 if i == 0 else rows(1 + i % 3, 100.0 * i) * 2
-        assert torch.equal(future.result(timeout=5), expected)
-    assert sum(forward.sizes) == sum(1 + i % 3 for i in range(1, 20)) + 1
-    assert len(forward.sizes) < 20  # gathered
-    assert max(forward.sizes) <= 8
-    assert batcher.requests == 20
-    batcher.close()
-    batcher.join(5)
+    futures = [batcher.submit("m", float(i)) for i in range(10, 30)]
+    process.release.set()
+    assert first.result(5) == 2.0
+    assert [f.result(5) for f in futures] == [2.0 * i for i in range(10, 30)]
+    sizes = [len(items) for _, items in process.batches]
+    assert sizes == [1, 8, 8, 4]  # max_batch_size respected, arrival order kept
+    assert (batcher.batches, batcher.requests, batcher.largest_batch) == (4, 21, 8)
+    batcher.close(5)
 
 
 def test_max_wait_gathers_requests_that_arrive_a_little_later() -> None:
-    forward = RecordingForward()
-    batcher = MicroBatcher(forward, max_batch_size=64, max_wait_s=0.2)
-    first = batcher.submit(rows(1, 0.0))
-    time.sleep(0.02)
-    second = batcher.submit(rows(2, 10.0))
-    assert torch.equal(first.result(5), rows(1, 0.0) * 2)
-    assert torch.equal(second.result(5), rows(2, 10.0) * 2)
-    assert forward.sizes == [3]
-    batcher.close()
-
-
-def test_oversized_request_runs_alone_and_a_full_batch_does_not_wait() -> None:
-    forward = RecordingForward()
-    batcher = MicroBatcher(forward, max_batch_size=4, max_wait_s=10.0)
+    process = Doubling()
+    batcher = make_batcher(process, size=64, wait=0.3)
+    first = batcher.submit("m", 1.0)
+    time.sleep(0.03)
+    second = batcher.submit("m", 2.0)
+    assert (first.result(5), second.result(5)) == (2.0, 4.0)
+    assert process.batches == [("m", [1.0, 2.0])]
     started = time.monotonic()
-    assert torch.equal(batcher.submit(rows(9, 0.0)).result(5), rows(9, 0.0) * 2)
-    assert time.monotonic() - started < 5  # a request that fills the batch never waits max_wait
-    assert forward.sizes == [9]
-    batcher.close()
+    full = [batcher.submit("m", 1.0) for _ in range(64)]  # a full batch does not wait for max_wait
+    assert all(f.result(5) == 2.0 for f in full)
+    assert time.monotonic() - started < 0.25
+    batcher.close(5)
 
 
-def test_cancelled_requests_are_skipped_and_errors_reach_only_their_batch() -> None:
-    forward = RecordingForward()
-    forward.release.clear()
-    batcher = MicroBatcher(forward, max_batch_size=8, max_wait_s=0.0)
-    held = batcher.submit(rows(1, 0.0))
+def test_keys_are_never_mixed_and_the_longest_waiting_key_goes_first() -> None:
+    process = Doubling()
+    process.release.clear()
+    batcher = make_batcher(process)
+    held = batcher.submit("a", 0.0)
     time.sleep(0.05)
-    cancelled = batcher.submit(rows(5, 50.0))
-    assert cancelled.cancel()
-    kept = batcher.submit(rows(1, 7.0))
-    forward.release.set()
-    assert torch.equal(kept.result(5), rows(1, 7.0) * 2)
+    b = [batcher.submit("b", 1.0) for _ in range(3)]
+    a = [batcher.submit("a", 5.0) for _ in range(3)]
+    process.release.set()
     held.result(5)
-    assert 5 not in forward.sizes
-    assert sum(forward.sizes) == 2
+    assert [f.result(5) for f in a + b] == [10.0] * 3 + [2.0] * 3
+    assert [key for key, _ in process.batches] == ["a", "b", "a"]
+    assert all(len(set(items)) == 1 for _, items in process.batches[1:])
+    batcher.close(5)
 
-    def failing(x: torch.Tensor) -> torch.Tensor:
-        if float(x[0, 0]) < 0:
-            raise RuntimeError("boom")
-        return x
 
-    broken = MicroBatcher(failing, max_batch_size=1, max_wait_s=0.0)
+def test_errors_reach_only_their_request_and_cancelled_requests_are_skipped() -> None:
+    process = Doubling()
+    process.release.clear()
+    batcher = make_batcher(process)
+    held = batcher.submit("m", 0.0)
+    time.sleep(0.05)
+    bad, good, cancelled = batcher.submit("m", -1.0), batcher.submit("m", 3.0), batcher.submit("m", 7.0)
+    assert cancelled.cancel()
+    process.release.set()
+    held.result(5)
+    with pytest.raises(ValueError, match="negative"):
+        bad.result(5)
+    assert good.result(5) == 6.0
+    assert process.batches[1] == ("m", [-1.0, 3.0])
+
+    def broken(key: str, items: list[float]) -> list[float | BaseException]:
+        raise RuntimeError("boom")
+
+    failing = Batcher(broken, workers=1, max_batch_size=4, max_wait_s=0.0)
     with pytest.raises(RuntimeError, match="boom"):
-        broken.submit(rows(1, -1.0)).result(5)
-    assert torch.equal(broken.submit(rows(1, 3.0)).result(5), rows(1, 3.0))  # the thread lives on
-    broken.close()
+        failing.submit("m", 1.0).result(5)
+    with pytest.raises(RuntimeError, match="boom"):  # the worker lives on
+        failing.submit("m", 2.0).result(5)
+    failing.close(5)
+    batcher.close(5)
 
 
 def test_close_answers_what_was_submitted_then_refuses() -> None:
-    forward = RecordingForward()
-    forward.release.clear()
-    batcher = MicroBatcher(forward, max_batch_size=2, max_wait_s=0.0)
-    pending = [batcher.submit(rows(1, float(i))) for i in range(5)]
-    batcher.close()
-    forward.release.set()
-    assert [float(f.result(5)[0, 0]) for f in pending] == [0.0, 2.0, 4.0, 6.0, 8.0]
-    batcher.join(5)
+    process = Doubling()
+    process.release.clear()
+    batcher = make_batcher(process, workers=2, size=2)
+    pending = [batcher.submit("m", float(i)) for i in range(5)]
+    closing = threading.Thread(target=batcher.close, args=(5,))
+    closing.start()
+    process.release.set()
+    closing.join(5)
+    assert [f.result(0) for f in pending] == [0.0, 2.0, 4.0, 6.0, 8.0]
     with pytest.raises(RuntimeError, match="closed"):
-        batcher.submit(rows(1, 0.0))
+        batcher.submit("m", 0.0)
 
 
 def test_cache_is_lru_under_its_memory_cap_and_keyed_by_sha() -> None:
@@ -136,22 +143,20 @@ def test_cache_is_lru_under_its_memory_cap_and_keyed_by_sha() -> None:
         return fetch
 
     first = server.load(("run0", 1, "sha"), fetch_for("run0"))
-    per_model = first.nbytes
-    assert per_model > 2 * 784 * 32 * 4  # the fused and the unfused variant both count
-    fits = (1024 * 1024) // per_model
-    server.submit(first, torch.zeros(2, 1, 28, 28), fused=True).result(5)  # start its batcher
-    for i in range(1, fits + 3):
+    assert first.nbytes > 2 * 784 * 32 * 4  # the fused and the unfused variant both count
+    fits = (1024 * 1024) // first.nbytes
+    server.load(("run1", 1, "sha"), fetch_for("run1"))
+    for i in range(2, fits + 3):
         server.load((f"run{i}", 1, "sha"), fetch_for(f"run{i}"))
         assert server.lookup(("run1", 1, "sha")) is not None  # touched after every load: never the LRU
     assert server.cached_bytes <= 1024 * 1024
     keys = {key[0] for key in server.cached_keys()}
     assert "run0" not in keys
     assert "run1" in keys
-    assert first.closed
-    assert all(b._closed for b in first.batchers.values())
-    # An evicted model still answers the requests that hold it, without batching.
-    assert server.submit(first, torch.zeros(1, 1, 28, 28), fused=True).result(5).shape == (1, 10)
-    assert server.lookup(("run1", 1, "other-sha")) is None  # new weights under the same version: reload
+    assert len(keys) == fits
+    assert server.load(("run1", 1, "sha"), fetch_for("again")) is not None
+    assert "again" not in loads  # cached: not fetched again
+    assert server.lookup(("run1", 1, "other-sha")) is None  # new weights under the same version: a new entry
     assert len(loads) == fits + 3
 
 
@@ -184,11 +189,8 @@ def test_concurrent_http_requests_are_batched_and_each_gets_its_answer(
             assert response.status_code == 200, response.text
             probabilities = response.json()["outputs"][0]["data"]
             np.testing.assert_allclose(probabilities, expected[i], atol=1e-5)
-        server = serving.get_model_server()
-        (key,) = [k for k in server.cached_keys() if k[0] == run_id]
-        loaded = server.lookup(key)
-        assert loaded is not None
-        batcher = loaded.batchers[True]
+        batcher = serving.get_model_server().batcher
+        assert batcher is not None
         assert batcher.requests == 24
         assert batcher.batches < 24
         assert batcher.largest_batch > 1
@@ -197,13 +199,19 @@ def test_concurrent_http_requests_are_batched_and_each_gets_its_answer(
         serving.get_model_server.cache_clear()
 
 
-def test_unbatched_server_answers_in_its_thread_pool() -> None:
-    weights, config = _trained_weights(BN_SPEC_JSON)
+def test_unbatched_server_answers_each_request_alone(bn_run_id: str) -> None:
     server = ModelServer(ServingSettings(micro_batching=False, inference_threads=2))
-    loaded = server.load(("r", 1, "s"), lambda: (weights, config))
-    with ThreadPoolExecutor(8) as pool:
-        futures: list[Future[torch.Tensor]] = list(
-            pool.map(lambda _: server.submit(loaded, torch.rand(3, 1, 28, 28), fused=True), range(16))
-        )
-    assert all(f.result(5).shape == (3, 10) for f in futures)
-    assert loaded.batchers == {}
+    pixels = datasets.to_inputs(datasets.make_synthetic(3, seed=2).x)
+    futures = [server.submit(bn_run_id, None, fused=True, prepare=lambda _loaded: pixels) for _ in range(8)]
+    answers = [f.result(10) for f in futures]
+    assert server.batcher is None
+    expected = oracle_probabilities(bn_run_id, pixels.numpy().reshape(3, -1))
+    for answer in answers:
+        np.testing.assert_allclose(answer.probabilities.numpy(), expected, atol=1e-5)
+        assert (answer.resolved.run_id, answer.loaded.version, answer.fused) == (bn_run_id, 1, True)
+
+
+@pytest.fixture
+def bn_run_id(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> str:
+    use_backend(sqlite_backend)
+    return store_trained_run(BN_SPEC)

@@ -77,7 +77,7 @@ def test_recalibration_refusals(client: TestClient, bn_run: str, no_bn_run: str)
     too_many = client.post(
         f"/api/v1/runs/{bn_run}/recalibrate", json={"num_batches": 2000, "batch_size": 1024}
     )
-    assert too_many.status_code == 422
+    assert too_many.status_code == 409
     assert "training split has 480" in too_many.json()["detail"]
     for body in ({"estimator": "ema"}, {"num_batches": 0}, {"batch_size": 1}, {"seed": -1}, {"extra": 1}):
         assert client.post(f"/api/v1/runs/{bn_run}/recalibrate", json=body).status_code == 422, body
