@@ -49,5 +49,9 @@ def test_traversal_variants_never_reach_a_file(client: TestClient, method: str, 
         path = re.sub(r"\{[^}]+\}", variant, template)
         response = client.request(method, path, json={})
         # 400 is how the Open Inference Protocol (/v2) reports bad input.
-        assert response.status_code in (400, 404, 405, 409, 422), (path, response.status_code, response.text[:200])
+        assert response.status_code in (400, 404, 405, 409, 422), (
+            path,
+            response.status_code,
+            response.text[:200],
+        )
         assert "root:" not in response.text
