@@ -34,14 +34,14 @@ bench: install
 	$(BIN)/python bench/serve.py
 
 lint: install
-	$(BIN)/ruff check service workers migrations tests
-	$(BIN)/ruff format --check service workers migrations tests
+	$(BIN)/ruff check service workers migrations tests bench
+	$(BIN)/ruff format --check service workers migrations tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 format: install
-	$(BIN)/ruff format service workers migrations tests
-	$(BIN)/ruff check --fix service workers migrations tests
+	$(BIN)/ruff format service workers migrations tests bench
+	$(BIN)/ruff check --fix service workers migrations tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

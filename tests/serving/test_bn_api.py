@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
 
+from service.main import create_app
 from service.ml import datasets
 from service.models import RunStatus
+from tests.conftest import Backend
 from tests.serving.conftest import BN_SPEC, oracle_probabilities, store_trained_run, stored_model
 
 
@@ -87,3 +91,16 @@ def test_recalibration_refusals(client: TestClient, bn_run: str, no_bn_run: str)
     assert client.get(f"/api/v1/runs/{queued}/bn-stats").status_code == 409
     assert client.get(f"/api/v1/runs/{'0' * 32}/bn-stats").status_code == 404
     assert client.get(f"/api/v1/runs/{no_bn_run}/bn-stats").json()["layers"] == []
+
+
+def test_serving_on_postgres(postgres_backend: Backend, use_backend: Callable[[Backend], None]) -> None:
+    """The same path on the production database: versions, a recalibration's savepoint, aliases, V2."""
+    use_backend(postgres_backend)
+    with TestClient(create_app()) as client:
+        run_id = store_trained_run(BN_SPEC)
+        assert client.post(f"/api/v1/runs/{run_id}/recalibrate", json={"num_batches": 5}).status_code == 201
+        assert client.put("/api/v1/models/pg-bn", json={"run_id": run_id, "version": 1}).status_code == 201
+        body = {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]}
+        answer = client.post("/v2/models/pg-bn/infer", json=body).json()
+        assert (answer["model_version"], answer["parameters"]["run_id"]) == ("1", run_id)
+        assert client.get(f"/v2/models/{run_id}").json()["versions"] == ["1", "2"]
