@@ -6,11 +6,12 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import __version__
 from service.api import aliases, bn_tools, health, run_models, runs, v2
-from service.api.errors import COMMON_RESPONSES, validation_error_handler
+from service.api.errors import COMMON_RESPONSES, http_error_handler, validation_error_handler
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize, mark_public_operations
 from service.config import get_settings
@@ -30,6 +31,7 @@ def create_app() -> FastAPI:
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.include_router(health.router)
     app.include_router(runs.router)
     app.include_router(run_models.router)

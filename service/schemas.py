@@ -3,22 +3,31 @@ OpenAPI page at /docs documents the API by itself."""
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 
 # A job is a declarative spec, never code: unknown fields are refused and floats must be finite.
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+
+def _not_a_boolean(value: Any) -> Any:
+    # Lax parsing would read `true` as 1; a number field takes numbers only (299.0 stays an int).
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+NotBool = BeforeValidator(_not_a_boolean)
+
 MAX_PARAMETERS = 20_000_000
 MAX_PREDICT_SAMPLES = 1024
 
 DatasetName = Literal["fashion-mnist", "mnist", "synthetic"]
-Width = Annotated[int, Field(ge=1, le=4096)]
+Width = Annotated[int, NotBool, Field(ge=1, le=4096)]
 
 
 class NormSpec(BaseModel):
@@ -32,16 +41,18 @@ class NormSpec(BaseModel):
         description="after_activation: Linear → act → BN (the article's Keras code); "
         "before_activation: Linear → BN → act (the article's equation 6).",
     )
-    eps: float = Field(1e-3, gt=0, le=1, description="Added to the variance; Keras' default 1e-3.")
-    momentum: float | None = Field(
+    eps: Annotated[float, NotBool] = Field(
+        1e-3, gt=0, le=1, description="Added to the variance; Keras' default 1e-3."
+    )
+    momentum: Annotated[float | None, NotBool] = Field(
         0.01,
         ge=0,
         le=1,
         description="PyTorch convention: weight of the new batch in the running statistics (Keras' 0.99 is "
         "0.01 here). null = cumulative average.",
     )
-    affine: bool = Field(True, description="Learn γ and β.")
-    track_running_stats: bool = Field(True, description="Keep running statistics for eval mode.")
+    affine: bool = Field(True, strict=True, description="Learn γ and β.")
+    track_running_stats: bool = Field(True, strict=True, description="Keep running statistics for eval mode.")
 
 
 class ModelSpec(BaseModel):
@@ -61,13 +72,13 @@ class DatasetSpec(BaseModel):
         description="fashion-mnist and mnist read IDX files from BNLAB_DATA_DIR/<name>/ or "
         "/usr/share/datasets/<name>/; synthetic is generated from a seed and needs no files.",
     )
-    val_split: float = Field(
+    val_split: Annotated[float, NotBool] = Field(
         0.2,
         gt=0,
         le=0.5,
         description="The last fraction of the training set held out, as Keras' validation_split.",
     )
-    limit: int | None = Field(
+    limit: Annotated[int | None, NotBool] = Field(
         None,
         ge=10,
         le=1_000_000,
@@ -79,11 +90,15 @@ class DatasetSpec(BaseModel):
 class TrainSpec(BaseModel):
     model_config = STRICT
 
-    epochs: int = Field(10, ge=1, le=1000, description="Passes over the training split.")
-    batch_size: int = Field(32, ge=2, le=8192, description="Samples per step; BN needs at least 2.")
+    epochs: Annotated[int, NotBool] = Field(10, ge=1, le=1000, description="Passes over the training split.")
+    batch_size: Annotated[int, NotBool] = Field(
+        32, ge=2, le=8192, description="Samples per step; BN needs at least 2."
+    )
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with momentum 0.9.")
-    lr: float = Field(1e-3, gt=0, le=10, description="Learning rate.")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds initialisation and data order.")
+    lr: Annotated[float, NotBool] = Field(1e-3, gt=0, le=10, description="Learning rate.")
+    seed: Annotated[int, NotBool] = Field(
+        0, ge=0, le=2**31 - 1, description="Seeds initialisation and data order."
+    )
 
 
 class RunCreate(BaseModel):
@@ -112,13 +127,8 @@ class RunCreate(BaseModel):
         parameters = self.parameter_count()
         if parameters > MAX_PARAMETERS:
             raise ValueError(f"model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}")
-        if self.dataset.limit is not None:
-            train_size = math.floor(self.dataset.limit * (1 - self.dataset.val_split))
-            if train_size < self.train.batch_size:
-                raise ValueError(
-                    f"dataset.limit {self.dataset.limit} leaves {train_size} training samples, "
-                    f"fewer than train.batch_size {self.train.batch_size}"
-                )
+        # A batch larger than the training split is allowed: each epoch is then one smaller batch,
+        # as in Keras (limit >= 10 with val_split <= 0.5 always leaves at least 5 samples).
         return self
 
     def model_config_for_ml(self) -> ModelConfig:

@@ -40,4 +40,6 @@ IMAGE_UPLOAD_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"file": {"type": "string", "format": "binary", "description": "A PNG or JPEG image."}},
     "required": ["file"],
+    # Only the file: other fields are refused (the form parser caps them), so say so.
+    "additionalProperties": False,
 }

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from fastapi import Request, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.schemas import Message
 
 # What any route can answer besides its own codes: auth, limits, an unknown id, overload.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Message, "description": "The body could not be parsed (not JSON, or bad multipart)"},
     401: {"model": Message, "description": "Missing or invalid API key"},
     403: {"model": Message, "description": "The key lacks the scope this route needs"},
     404: {"model": Message, "description": "No such resource"},
@@ -39,3 +43,23 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
     assert isinstance(exc, RequestValidationError)
     detail = _json_safe(jsonable_encoder(exc.errors()))
     return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def _allowed_methods(app: Any, path: str) -> list[str]:
+    methods: set[str] = set()
+    for template, operations in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's own handler, except that a 405 lists every method the path serves: Starlette names
+    only those of the first route that matched the path (GET and POST are separate routes)."""
+    assert isinstance(exc, StarletteHTTPException)
+    response = await http_exception_handler(request, exc)
+    if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        allowed = _allowed_methods(request.app, request.url.path)
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)
+    return response

@@ -69,6 +69,13 @@ async def _read_upload(request: Request) -> bytes:
     if length is not None and length.isdigit() and int(length) > images.MAX_IMAGE_BYTES + MULTIPART_OVERHEAD:
         raise _too_large()
     async with request.form(max_files=1, max_fields=8, max_part_size=MULTIPART_OVERHEAD) as form:
+        unexpected = sorted(set(form.keys()) - {"file"})
+        if unexpected:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail=f"unexpected form fields {unexpected}: "
+                "send the image as a file field named 'file' and nothing else",
+            )
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise HTTPException(

@@ -83,8 +83,10 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         ({"model": {"norm": {"kind": "layer"}}}, "kind"),
         ({"model": {"hidden": [4096] * 16}}, "parameters"),
         ({"dataset": {"name": "../../etc/passwd"}}, "name"),
-        ({"dataset": {"name": "synthetic", "limit": 20}, "train": {"batch_size": 32}}, "fewer than"),
         ({"model": {"norm": {"momentum": 1.5}}}, "momentum"),
+        ({"train": {"seed": False}}, "boolean"),
+        ({"model": {"hidden": [True]}}, "boolean"),
+        ({"model": {"norm": {"affine": 0}}}, "affine"),
         ({"name": "http://127.0.0.1:9/steal"}, "name"),
         ({"name": "../../etc/passwd"}, "name"),
         ({"name": "C:\\Windows\\system32"}, "name"),
@@ -204,3 +206,17 @@ def test_broker_down_answers_503_fast_and_keeps_the_run_queued(
         run_path = response.headers["location"]
         assert down.get(run_path).json()["status"] == "queued"
         assert down.get("/health/ready").status_code == 503
+
+
+def test_method_not_allowed_lists_every_method_of_the_path(client: TestClient) -> None:
+    response = client.request("OPTIONS", "/api/v1/runs")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"
+    assert client.delete(f"/api/v1/runs/{'0' * 32}").headers["allow"] == "GET"
+
+
+def test_a_body_that_is_not_json_is_a_documented_400(client: TestClient) -> None:
+    response = client.post("/api/v1/runs", content=b"\xff\xfe{", headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422)
+    paths = client.get("/openapi.json").json()["paths"]
+    assert str(response.status_code) in paths["/api/v1/runs"]["post"]["responses"]

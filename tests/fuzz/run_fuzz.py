@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 EXAMPLES = os.environ.get("FUZZ_EXAMPLES", "20")
 SEED = os.environ.get("FUZZ_SEED", "20261125")
+CONFIG = Path(__file__).resolve().parent / "schemathesis.toml"
 
 
 def free_port() -> int:
@@ -28,6 +29,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def write_small_mnist(folder: Path, samples: int = 200) -> None:
+    """Real IDX files (random pixels) so that every dataset the schema names exists on this server:
+    a missing dataset is a deliberate 422, which a fuzzer would count as valid input rejected."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = rng.integers(0, 256, size=(samples, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=samples, dtype=np.uint8)
+    for split in ("train", "t10k"):
+        header = struct.pack(">IIII", 2051, samples, 28, 28)
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+        header = struct.pack(">II", 2049, samples)
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
 
 
 def wait_ready(url: str, timeout: float = 90) -> None:
@@ -44,7 +64,8 @@ def wait_ready(url: str, timeout: float = 90) -> None:
 
 def schemathesis(url: str, folder: Path, headers: list[str], label: str) -> int:
     command = [
-        str(BIN / "schemathesis"), "run", f"{url}/openapi.json", "--checks", "all",
+        str(BIN / "schemathesis"), "--config-file", str(CONFIG), "run", f"{url}/openapi.json",
+        "--checks", "all",
         "--max-examples", EXAMPLES, "--seed", SEED, "--workers", "1", "--no-color",
         "--report", "junit", "--report-dir", str(folder / label), *headers,
     ]  # fmt: skip
@@ -72,6 +93,7 @@ def main() -> int:
             "BNLAB_MAX_ACTIVE_RUNS_PER_KEY": "100000",
             "BNLAB_MAX_RUN_SECONDS": "5",
         }
+        write_small_mnist(folder / "data" / "mnist")
         key = subprocess.run(
             [str(BIN / "bnlab"), "keys", "create", "--scopes", "admin", "--name", "fuzz"],
             env=env, check=True, capture_output=True, text=True,
