@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -128,3 +129,31 @@ def test_metadata_problems(model: nn.Module) -> None:
     bad_cfg = json.dumps({**CFG.to_dict(), "activation": "gelu"})
     with pytest.raises(CheckpointError, match="cannot be built"):
         load_checkpoint(raw(state, model_config=bad_cfg))
+
+
+def _with_header(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """Rewrite a safetensors header (keeping the tensor bytes) to forge a malformed file."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + data[8 + length :]
+
+
+def _overlap(header: dict[str, Any]) -> None:
+    names = sorted(k for k in header if k != "__metadata__")
+    header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
+
+
+def _past_the_end(header: dict[str, Any]) -> None:
+    name = next(k for k in header if k != "__metadata__")
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start, end + 10**9]
+
+
+@pytest.mark.parametrize(
+    "edit", [_overlap, _past_the_end], ids=["overlapping-offsets", "offsets-past-the-end"]
+)
+def test_forged_offsets_are_refused(model: nn.Module, edit: Callable[[dict[str, Any]], None]) -> None:
+    with pytest.raises(CheckpointError):
+        load_checkpoint(_with_header(save_checkpoint(model, CFG), edit))
