@@ -10,6 +10,9 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 import pytest
+import torch
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from service import serving
 from service.main import create_app
@@ -215,3 +218,49 @@ def test_unbatched_server_answers_each_request_alone(bn_run_id: str) -> None:
 def bn_run_id(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> str:
     use_backend(sqlite_backend)
     return store_trained_run(BN_SPEC)
+
+
+def test_inference_never_blocks_the_event_loop(bn_run_id: str) -> None:
+    """A request whose preparation takes 300 ms: meanwhile the loop keeps serving other coroutines."""
+    server = ModelServer(ServingSettings())
+    pixels = datasets.to_inputs(datasets.make_synthetic(2, seed=4).x)
+
+    def slow(_loaded: object) -> torch.Tensor:
+        time.sleep(0.3)
+        return pixels
+
+    async def scenario() -> tuple[int, float]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        started = time.monotonic()
+        answer = await server.infer(bn_run_id, None, fused=True, prepare=slow)
+        elapsed = time.monotonic() - started
+        task.cancel()
+        assert answer.probabilities.shape == (2, 10)
+        return ticks, elapsed
+
+    ticks, elapsed = asyncio.run(scenario())
+    assert elapsed >= 0.3
+    assert ticks >= 10  # ~30 possible; a blocked loop would manage 0
+
+
+def test_invalid_serving_settings_stop_the_api_at_start_up(
+    sqlite_backend: Backend, use_backend: Callable[[Backend], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_backend(sqlite_backend)
+    monkeypatch.setenv("BNLAB_SERVE_MAX_BATCH_SIZE", "0")
+    serving.get_serving_settings.cache_clear()
+    serving.get_model_server.cache_clear()
+    try:
+        with pytest.raises(ValidationError, match="max_batch_size"), TestClient(create_app()):
+            pass
+    finally:
+        serving.get_serving_settings.cache_clear()
+        serving.get_model_server.cache_clear()

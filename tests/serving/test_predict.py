@@ -104,6 +104,16 @@ def test_conversion_rule_letterboxes_and_flattens_transparency() -> None:
     assert tensor[0, 0, 14, 14] == 1.0
 
 
+def test_exif_orientation_is_applied() -> None:
+    tall = Image.new("L", (20, 40), 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": a phone held upright
+    buffer = io.BytesIO()
+    tall.save(buffer, format="JPEG", exif=exif.tobytes())
+    _, info = images.decode_image(buffer.getvalue(), (1, 28, 28))
+    assert (info.width, info.height) == (40, 20)
+
+
 def fake_png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width×height, followed by a tiny compressed body: a decompression bomb."""
 
