@@ -93,6 +93,7 @@ def _stop_children(children: Sequence[subprocess.Popen[bytes]]) -> None:
             child.wait(timeout=SHUTDOWN_GRACE_S)
         except subprocess.TimeoutExpired:
             child.kill()
+            child.wait()  # reap it: a killed child left unwaited stays a zombie
 
 
 def create_key(args: argparse.Namespace) -> None:
