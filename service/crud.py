@@ -227,24 +227,20 @@ def orphaned_runs(*, session: Session, heartbeat_before: datetime) -> Sequence[R
     ).all()
 
 
+def _unchanged_orphan(run: Run) -> ColumnElement[bool]:
+    """The orphan is still exactly as the reaper saw it: same holder, attempt and last heartbeat."""
+    return and_(_held(Lease(run.id, run.worker or "", run.attempts)), Run.heartbeat_at == run.heartbeat_at)
+
+
 def requeue_orphan(*, session: Session, run: Run) -> bool:
-    """Back to queued, if the orphan is still exactly as the reaper saw it."""
     return _update(
-        session,
-        and_(_held(Lease(run.id, run.worker or "", run.attempts)), Run.heartbeat_at == run.heartbeat_at),
-        status=RunStatus.queued.value,
-        worker=None,
-        enqueued_at=utcnow(),
+        session, _unchanged_orphan(run), status=RunStatus.queued.value, worker=None, enqueued_at=utcnow()
     )
 
 
 def fail_orphan(*, session: Session, run: Run, error: str) -> bool:
     return _update(
-        session,
-        and_(_held(Lease(run.id, run.worker or "", run.attempts)), Run.heartbeat_at == run.heartbeat_at),
-        status=RunStatus.failed.value,
-        error=error,
-        finished_at=utcnow(),
+        session, _unchanged_orphan(run), status=RunStatus.failed.value, error=error, finished_at=utcnow()
     )
 
 
