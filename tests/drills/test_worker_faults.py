@@ -122,7 +122,8 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_three_attempts(sqlit
 def test_a_hung_job_is_killed_at_its_hard_limit_and_fails_with_timeout(tmp_path: Path) -> None:
     with cluster(sqlite_backend_at(tmp_path), tmp_path / "logs", BNLAB_MAX_RUN_SECONDS="5") as lab:
         worker = lab.start_worker()
-        run_id = lab.submit(long_spec())
+        # Far longer than the 5 s limit, so that the SIGSTOP always lands mid-run.
+        run_id = lab.submit(long_spec(epochs=1000))
         lab.wait_status(run_id, {"running"})
         child = worker.pool_child()
         os.kill(child, signal.SIGSTOP)  # hung where no exception can reach it
