@@ -4,12 +4,13 @@ the caller (the request dependency or a task's session_scope) owns the transacti
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from service.ml.training import EpochMetrics
 from service.models import EpochMetric, ModelArtifact, Run, RunCheckpoint, RunStatus, utcnow
 from service.schemas import RunCreate
 
@@ -162,33 +163,14 @@ def resume_point(*, session: Session, run_id: str) -> RunCheckpoint | None:
     return checkpoint
 
 
-def record_epoch(
-    *,
-    session: Session,
-    lease: Lease,
-    epoch: int,
-    train_loss: float,
-    train_accuracy: float,
-    val_loss: float,
-    val_accuracy: float,
-    seconds: float,
-    training_state: bytes,
-) -> None:
+def record_epoch(*, session: Session, lease: Lease, metrics: EpochMetrics, training_state: bytes) -> None:
     """An epoch's metrics and the checkpoint taken after it, together; raises LeaseLost otherwise."""
-    if not _update(session, _held(lease), epochs_done=epoch, heartbeat_at=utcnow()):
+    if not _update(session, _held(lease), epochs_done=metrics.epoch, heartbeat_at=utcnow()):
         raise LeaseLost(f"run {lease.run_id} is no longer held by {lease.worker} (attempt {lease.attempt})")
-    session.add(
-        EpochMetric(
-            run_id=lease.run_id,
-            epoch=epoch,
-            train_loss=train_loss,
-            train_accuracy=train_accuracy,
-            val_loss=val_loss,
-            val_accuracy=val_accuracy,
-            seconds=seconds,
-        )
+    session.add(EpochMetric(run_id=lease.run_id, **asdict(metrics)))  # the dataclass fields are the columns
+    session.merge(
+        RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())
     )
-    session.merge(RunCheckpoint(run_id=lease.run_id, epoch=epoch, state=training_state, created_at=utcnow()))
 
 
 def finish_held_run(*, session: Session, lease: Lease, status: RunStatus, error: str | None = None) -> bool:

@@ -52,15 +52,7 @@ class DatabaseCallbacks:
         try:
             with session_scope() as session:
                 crud.record_epoch(
-                    session=session,
-                    lease=self.lease,
-                    epoch=metrics.epoch,
-                    train_loss=metrics.train_loss,
-                    train_accuracy=metrics.train_accuracy,
-                    val_loss=metrics.val_loss,
-                    val_accuracy=metrics.val_accuracy,
-                    seconds=metrics.seconds,
-                    training_state=snapshot(),
+                    session=session, lease=self.lease, metrics=metrics, training_state=snapshot()
                 )
         except crud.LeaseLost:
             self.lease_lost.set()

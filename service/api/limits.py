@@ -76,7 +76,8 @@ class RateLimiter:
             return (1 - bucket.tokens) / self.rate
 
 
-def rate_limit(request: Request) -> None:
+async def rate_limit(request: Request) -> None:
+    # Async: on every request, and only an in-memory bucket under a short lock.
     if required_scope(request) == "public":
         return
     limiter: RateLimiter = request.app.state.rate_limiter

@@ -1,5 +1,8 @@
 """Authentication and authorization for every route, applied once as an app-wide dependency.
 
+It is async on purpose: it runs on every request and never blocks (a stat of the keys file, a
+hash), so it should not cost a thread hand-off.
+
 A route's required scope is `openapi_extra={"x-bnlab-scope": ...}` when it declares one, else read
 for GET/HEAD and train for anything that changes state. Health probes declare "public".
 """
@@ -45,7 +48,7 @@ def _unauthorized(message: str) -> HTTPException:
     )
 
 
-def authorize(
+async def authorize(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Principal:
     scope = required_scope(request)

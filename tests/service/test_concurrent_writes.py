@@ -16,6 +16,7 @@ import pytest
 
 from service import crud
 from service.db import session_scope
+from service.ml.training import EpochMetrics
 from service.reaper import reap_once
 from service.schemas import RunCreate
 from tests.conftest import Backend
@@ -49,10 +50,10 @@ def worker_writer(name: str) -> Callable[[list[BaseException], threading.Event],
                 for epoch in (1, 2):
                     with session_scope() as session:
                         crud.heartbeat(session=session, lease=lease)
+                        metrics = EpochMetrics(epoch, 1.0, 0.5, 1.0, 0.5, 0.1)
                         crud.record_epoch(
-                            session=session, lease=lease, epoch=epoch, train_loss=1.0, train_accuracy=0.5,
-                            val_loss=1.0, val_accuracy=0.5, seconds=0.1, training_state=b"x" * 1000,
-                        )  # fmt: skip
+                            session=session, lease=lease, metrics=metrics, training_state=b"x" * 1000
+                        )
                 with session_scope() as session:
                     crud.finish_held_run(session=session, lease=lease, status=crud.RunStatus.succeeded)
 
