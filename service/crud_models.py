@@ -79,6 +79,8 @@ def resolve_model(*, session: Session, name: str, version: int | None) -> Resolv
         alias = session.get(ModelAlias, name)
         if alias is None:
             raise NameNotFound(f"no model named {name} (neither a run id nor an alias)")
+        if alias.run_id is None:  # the experiment form; resolved by the experiments code (issue 3)
+            raise NameNotFound(f"alias {name} names no run yet")
         run_id, pinned = alias.run_id, alias.version
     rows = session.execute(
         select(ModelArtifact.version, ModelArtifact.sha256)

@@ -97,6 +97,12 @@ class Run(Base):
     # Last time the run's message was published; the reaper publishes again when it grows old.
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
+    # Set for the runs an experiment created: which experiment, and the grid point (dotted spec
+    # path -> value) this run trains; its seed is in `spec`.
+    experiment_id: Mapped[str | None] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), index=True
+    )
+    grid_point: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -120,6 +126,58 @@ class EpochMetric(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     run: Mapped[Run] = relationship(back_populates="metrics")
+
+
+class LayerStat(Base):
+    """Internal covariate shift, measured: the mean and standard deviation of one normalisation
+    slot's input (before normalising) on the run's fixed probe batch, after each epoch (epoch 0 is
+    the freshly initialised network). Runs without normalisation are probed at the same slots, so
+    with and without BN compare layer by layer."""
+
+    __tablename__ = "layer_stats"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    input_mean: Mapped[float] = mapped_column(Float)
+    input_std: Mapped[float] = mapped_column(Float)
+
+
+class Experiment(Base):
+    """A grid of runs over one base spec: one run per grid point and seed."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    # The ready-made experiment it came from (GET /api/v1/presets), if any.
+    preset: Mapped[str | None] = mapped_column(String(64))
+    # The normalised experiment spec (base run spec, grid, seeds, report settings), as submitted.
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    owner: Mapped[str | None] = mapped_column(String(100), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class Dataset(Base):
+    """A user's dataset, uploaded as .npz and stored validated, in the database, so that every API
+    and worker process sees it without a shared disk. Referenced from run specs by its id."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    owner: Mapped[str | None] = mapped_column(String(100), index=True)
+    # Shape of one sample, e.g. [1, 28, 28] or [40], and the number of classes (labels 0..n-1).
+    sample_shape: Mapped[list[int]] = mapped_column(JSONType)
+    num_classes: Mapped[int] = mapped_column(Integer)
+    num_samples: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    # The validated arrays, re-encoded by the server (never the uploaded bytes as they came).
+    format: Mapped[str] = mapped_column(String(32), default="safetensors")
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class RunCheckpoint(Base):
@@ -160,16 +218,21 @@ class ModelArtifact(Base):
 class ModelAlias(Base):
     """A stable model name (e.g. `fashion-bn`) for the V2 protocol and the predict routes.
 
-    Today an alias points at a run, optionally pinned to one version of its model (null: the newest
-    version, so a recalibration is picked up). "The best run of an experiment by a metric" needs the
-    experiments of issue 3: that form will add its columns next to `run_id`.
+    An alias points at a run, optionally pinned to one version of its model (null: the newest
+    version, so a recalibration is picked up), or at the best run of an experiment by a metric.
     """
 
     __tablename__ = "model_aliases"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    # Either a run (run_id, optionally a pinned version) or an experiment's best run by a metric
+    # (experiment_id + metric, resolved when the alias is used, so it follows new results).
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     version: Mapped[int | None] = mapped_column(Integer)
+    experiment_id: Mapped[str | None] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), index=True
+    )
+    metric: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

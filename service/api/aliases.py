@@ -29,7 +29,7 @@ AliasPath = Annotated[
 
 
 def alias_public(*, session: Session, alias: ModelAlias) -> AliasPublic:
-    versions = crud_models.artifact_versions(session=session, run_id=alias.run_id)
+    versions = crud_models.artifact_versions(session=session, run_id=alias.run_id or "")
     serves = alias.version if alias.version is not None else max(versions, default=None)
     return AliasPublic(
         name=alias.name,
