@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.ml.training import EpochMetrics
-from service.models import EpochMetric, ModelArtifact, Run, RunCheckpoint, RunStatus, utcnow
+from service.models import EpochMetric, LayerStat, ModelArtifact, Run, RunCheckpoint, RunStatus, utcnow
 from service.schemas import RunCreate
 
 
@@ -52,6 +52,13 @@ def last_epoch_metric(*, session: Session, run: Run) -> EpochMetric | None:
 def list_epoch_metrics(*, session: Session, run_id: str) -> Sequence[EpochMetric]:
     return session.scalars(
         select(EpochMetric).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch)
+    ).all()
+
+
+def list_layer_stats(*, session: Session, run_id: str) -> Sequence[LayerStat]:
+    """A run's probe statistics (input mean/std per normalisation slot), by epoch then slot order."""
+    return session.scalars(
+        select(LayerStat).where(LayerStat.run_id == run_id).order_by(LayerStat.epoch, LayerStat.layer)
     ).all()
 
 
