@@ -174,7 +174,20 @@ def record_epoch(*, session: Session, lease: Lease, metrics: EpochMetrics, train
     """An epoch's metrics and the checkpoint taken after it, together; raises LeaseLost otherwise."""
     if not _update(session, _held(lease), epochs_done=metrics.epoch, heartbeat_at=utcnow()):
         raise LeaseLost(f"run {lease.run_id} is no longer held by {lease.worker} (attempt {lease.attempt})")
-    session.add(EpochMetric(run_id=lease.run_id, **asdict(metrics)))  # the dataclass fields are the columns
+    session.add(
+        EpochMetric(
+            run_id=lease.run_id,
+            epoch=metrics.epoch,
+            train_loss=metrics.train_loss,
+            train_accuracy=metrics.train_accuracy,
+            val_loss=metrics.val_loss,
+            val_accuracy=metrics.val_accuracy,
+            seconds=metrics.seconds,
+        )
+    )
+    # merge: a run resumed after a crash may probe an epoch again (epoch 0 comes with epoch 1).
+    for stat in metrics.layer_stats:
+        session.merge(LayerStat(run_id=lease.run_id, **asdict(stat)))  # the dataclass fields are the columns
     session.merge(
         RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())
     )

@@ -190,6 +190,24 @@ class RunMetricsPublic(BaseModel):
     epochs: list[EpochMetricPublic]
 
 
+class SlotStatisticPublic(BaseModel):
+    layer: str = Field(description="The normalisation slot by module name (bn1, …), identity if no norm.")
+    input_mean: float = Field(description="Mean of the slot's input, before normalising, on the probe batch.")
+    input_std: float = Field(description="Standard deviation of the same values.")
+
+
+class EpochSlotStatisticsPublic(BaseModel):
+    epoch: int = Field(description="0 = the freshly initialised network; k = after epoch k.")
+    layers: list[SlotStatisticPublic] = Field(description="One entry per slot, input to output.")
+
+
+class RunLayerStatsPublic(BaseModel):
+    """Internal covariate shift, measured: how each normalisation slot's input moves as training goes."""
+
+    probe_samples: int = Field(description="Size of the fixed probe batch (the first validation samples).")
+    epochs: list[EpochSlotStatisticsPublic]
+
+
 class PredictRequest(BaseModel):
     model_config = STRICT
 

@@ -18,19 +18,23 @@ from service.api.security import READ, PrincipalDep
 from service.config import Settings
 from service.images import Invert
 from service.ml import bn_tools, datasets
+from service.ml.probes import PROBE_SAMPLES
 from service.models import Run, RunStatus
 from service.queue import BrokerUnavailable
 from service.runner import publish
 from service.schemas import (
     EpochMetricPublic,
+    EpochSlotStatisticsPublic,
     Message,
     PredictRequest,
     RunCreate,
+    RunLayerStatsPublic,
     RunMetricsPublic,
     RunPublic,
     RunsPublic,
     RunSummary,
     ServedPredictResponse,
+    SlotStatisticPublic,
 )
 from service.serving import LoadedModel
 
@@ -144,6 +148,31 @@ def get_run(run: RunDep, session: SessionDep) -> RunPublic:
 def get_metrics(run: RunDep, session: SessionDep) -> RunMetricsPublic:
     rows = crud.list_epoch_metrics(session=session, run_id=run.id)
     return RunMetricsPublic(epochs=[EpochMetricPublic.model_validate(row) for row in rows])
+
+
+@router.get(
+    "/{run_id}/layer-stats",
+    summary="Internal covariate shift: mean and std of each normalisation slot's input, per epoch",
+)
+def get_layer_stats(run: RunDep, session: SessionDep) -> RunLayerStatsPublic:
+    by_epoch: dict[int, list[SlotStatisticPublic]] = {}
+    for row in crud.list_layer_stats(session=session, run_id=run.id):
+        by_epoch.setdefault(row.epoch, []).append(
+            SlotStatisticPublic(layer=row.layer, input_mean=row.input_mean, input_std=row.input_std)
+        )
+    return RunLayerStatsPublic(
+        probe_samples=PROBE_SAMPLES,
+        epochs=[
+            EpochSlotStatisticsPublic(epoch=epoch, layers=sorted(layers, key=lambda s: _natural(s.layer)))
+            for epoch, layers in sorted(by_epoch.items())
+        ],
+    )
+
+
+def _natural(name: str) -> tuple[str, int]:
+    # bn2 before bn10: slot names are a prefix and the block number.
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem) :] or 0)
 
 
 @router.post(

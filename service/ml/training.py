@@ -23,6 +23,7 @@ from torch import nn
 from service.ml.config import ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, to_inputs
 from service.ml.nets import make_net
+from service.ml.probes import SlotStatistics
 from service.ml.resume import TrainingState, restore, save_training_state
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
@@ -38,6 +39,9 @@ class EpochMetrics:
     val_loss: float  # eval mode, after the epoch
     val_accuracy: float
     seconds: float  # wall time of the epoch, validation included
+    # Each normalisation slot's input on the probe batch after this epoch; epoch 1 also carries the
+    # initial network's (epoch 0), so the stored series starts before any training.
+    layer_stats: tuple[SlotStatistics, ...] = ()
 
 
 # Returns the training state (model + optimizer) at this epoch boundary as safetensors bytes.
