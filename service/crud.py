@@ -33,11 +33,13 @@ def get_run_spec(*, session: Session, run_id: str) -> dict[str, object] | None:
 
 
 def list_runs(
-    *, session: Session, status: RunStatus | None, limit: int, offset: int
+    *, session: Session, status: RunStatus | None, limit: int, offset: int, experiment_id: str | None = None
 ) -> tuple[Sequence[Run], int]:
     query = select(Run)
     if status is not None:
         query = query.where(Run.status == status.value)
+    if experiment_id is not None:
+        query = query.where(Run.experiment_id == experiment_id)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     page = session.scalars(query.order_by(Run.created_at.desc(), Run.id).limit(limit).offset(offset)).all()
     return page, total

@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import __version__
-from service.api import aliases, bn_tools, health, run_models, runs, v2
+from service.api import aliases, bn_tools, experiments, health, presets, run_models, run_plots, runs, v2
 from service.api.errors import COMMON_RESPONSES, http_error_handler, validation_error_handler
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize, mark_public_operations
@@ -35,6 +35,9 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(runs.router)
     app.include_router(run_models.router)
+    app.include_router(run_plots.router)
+    app.include_router(experiments.router)
+    app.include_router(presets.router)
     app.include_router(bn_tools.router)
     app.include_router(aliases.router)
     app.include_router(v2.router)

@@ -80,12 +80,14 @@ def require_dataset(spec: RunCreate, settings: Settings) -> None:
         )
 
 
-def require_capacity(*, session: Session, owner: str, limit: int) -> None:
+def require_capacity(*, session: Session, owner: str, limit: int, adding: int = 1) -> None:
+    """429 unless `adding` more active runs (a whole experiment's) stay within the key's cap."""
     active = crud.count_active_runs(session=session, owner=owner)
-    if active >= limit:
+    if active + adding > limit:
+        adds = f"; this request would add {adding}" if adding > 1 else ""
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
-            detail=f"key '{owner}' already has {active} queued or running runs (limit {limit}); "
+            detail=f"key '{owner}' already has {active} queued or running runs (limit {limit}){adds}; "
             "wait for some to finish or cancel them",
             headers={"Retry-After": "30"},
         )
@@ -111,7 +113,7 @@ def submit_run(
     session.commit()
     location = f"/api/v1/runs/{run.id}"
     try:
-        publish(run.id, spec)
+        publish_run(session=session, run_id=run.id, spec=spec)
     except BrokerUnavailable as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -119,9 +121,15 @@ def submit_run(
             "again once the broker is back",
             headers={"Location": location, "Retry-After": "10"},
         ) from exc
-    crud.mark_enqueued(session=session, run_id=run.id)
     response.headers["Location"] = location
     return run_public(session=session, run=run)
+
+
+def publish_run(*, session: Session, run_id: str, spec: RunCreate) -> None:
+    """Publish a committed run's task by name and note when; raises BrokerUnavailable, and the run
+    then stays queued with no enqueued_at, which the reaper publishes once the broker is back."""
+    publish(run_id, spec)
+    crud.mark_enqueued(session=session, run_id=run_id)
 
 
 @router.get("", summary="List runs, newest first")
@@ -132,8 +140,13 @@ def list_runs(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    experiment_id: Annotated[
+        str | None, Query(pattern=r"^[0-9a-f]{32}$", description="Only the runs of this experiment.")
+    ] = None,
 ) -> RunsPublic:
-    runs, total = crud.list_runs(session=session, status=status_filter, limit=limit, offset=offset)
+    runs, total = crud.list_runs(
+        session=session, status=status_filter, limit=limit, offset=offset, experiment_id=experiment_id
+    )
     return RunsPublic(
         items=[run_public(session=session, run=run) for run in runs], total=total, limit=limit, offset=offset
     )
