@@ -14,6 +14,8 @@ NormKind = Literal["none", "batch"]
 NormPosition = Literal["after_activation", "before_activation"]
 Activation = Literal["relu", "sigmoid", "tanh"]
 OptimizerName = Literal["adam", "sgd"]
+# pixels: uint8 images, trained as x / 255; features: float inputs used as they are.
+InputKind = Literal["pixels", "features"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class ModelConfig:
     arch: Literal["mlp"] = "mlp"
     input_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 10
+    # How serving reads inputs as training did: pixels take values in [0, 1] (or UINT8 0..255),
+    # features (MNIST-1D, float uploads) any finite numbers. Older configs lack it: pixels.
+    input_kind: InputKind = "pixels"
     hidden: tuple[int, ...] = (128,)
     activation: Activation = "relu"
     norm: NormConfig = field(default_factory=NormConfig)

@@ -1,7 +1,9 @@
-"""Image datasets: MNIST-format IDX files on disk, and a generated synthetic set for tests and demos.
+"""Datasets: MNIST-format IDX files, CIFAR-10's binary version, MNIST-1D and a synthetic set, all
+generated or read here, plus the data shapes of the built-ins (known without loading anything).
 
-Files are read once per process (an lru_cache keyed by the resolved directory and the split), so a
-worker that runs many jobs does not re-read and re-decompress 26 MB for each of them.
+A dataset is `x` (uint8 images, 0..255, divided by 255 for the network; or float32 features used as
+they are) and int64 labels `y`. Files are read once per process (lru_caches keyed by the resolved
+location and the split), so a worker that runs many jobs does not re-read and re-decompress them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.ml import cifar, mnist1d
+from service.ml.config import InputKind
+from service.ml.errors import DatasetError
+
 Split = Literal["train", "test"]
 
 IDX_FILES: dict[str, tuple[str, str]] = {
@@ -26,6 +32,8 @@ IDX_FILES: dict[str, tuple[str, str]] = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FILE_DATASETS = ("mnist", "fashion-mnist")
+CIFAR10 = "cifar10"
+MNIST1D = "mnist1d"
 SYNTHETIC = "synthetic"
 # Where Debian's dataset-fashion-mnist package puts the files.
 SYSTEM_DATASET_DIR = Path("/usr/share/datasets")
@@ -39,20 +47,47 @@ SYNTHETIC_TEST_SIZE = 2_000
 _IMAGES_MAGIC = 2051
 _LABELS_MAGIC = 2049
 
+__all__ = ["DatasetError", "InputKind"]  # re-exported: callers use datasets.DatasetError
 
-class DatasetError(Exception):
-    """A dataset is missing or unreadable; the message is meant for the end user."""
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a model needs to know about its data, known before any sample is loaded."""
+
+    input_shape: tuple[int, ...]  # one sample as the network sees it: (C, H, W) or (F,)
+    num_classes: int
+    input_kind: InputKind
+    train_samples: int  # size of the training split (before val_split and limit)
+
+
+# The built-ins' shapes, for the API to check a spec without reading a file.
+BUILTIN_SHAPES: dict[str, DataShape] = {
+    "fashion-mnist": DataShape((1, 28, 28), NUM_CLASSES, "pixels", 60_000),
+    "mnist": DataShape((1, 28, 28), NUM_CLASSES, "pixels", 60_000),
+    SYNTHETIC: DataShape((1, 28, 28), NUM_CLASSES, "pixels", SYNTHETIC_TRAIN_SIZE),
+    CIFAR10: DataShape(cifar.SAMPLE_SHAPE, cifar.NUM_CLASSES, "pixels", cifar.TRAIN_SIZE),
+    MNIST1D: DataShape((mnist1d.LENGTH,), mnist1d.NUM_CLASSES, "features", mnist1d.TRAIN_SIZE),
+}
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: dataclass equality would compare tensors elementwise
 class ImageDataset:
-    x: torch.Tensor  # uint8 [N, 28, 28]
-    y: torch.Tensor  # int64 [N]
+    """Samples of any shape: uint8 images [N, H, W] (one channel) or [N, C, H, W], or float32
+    features [N, *sample_shape] such as MNIST-1D's [N, 40]; labels int64 [N] in 0..num_classes-1."""
+
+    x: torch.Tensor
+    y: torch.Tensor
     num_classes: int
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return (1, self.x.shape[1], self.x.shape[2])
+    def sample_shape(self) -> tuple[int, ...]:
+        if self.x.dtype == torch.uint8 and self.x.dim() == 3:
+            return (1, self.x.shape[1], self.x.shape[2])  # grayscale images gain their channel
+        return tuple(self.x.shape[1:])
+
+    @property
+    def input_kind(self) -> InputKind:
+        return "pixels" if self.x.dtype == torch.uint8 else "features"
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -114,23 +149,39 @@ def _find_file(directory: Path, gz_name: str) -> Path | None:
 
 
 def find_dataset_dir(name: str, search_dirs: Sequence[Path]) -> Path | None:
-    """The first `d / name` among `search_dirs` that holds the training images and labels."""
+    """The first `d / name` among `search_dirs` that holds the dataset's training files."""
     for parent in search_dirs:
         directory = Path(parent) / name
-        if all(_find_file(directory, f) is not None for f in IDX_FILES["train"]):
+        if name == CIFAR10:
+            if cifar.find_source(directory) is not None:
+                return directory
+        elif all(_find_file(directory, f) is not None for f in IDX_FILES["train"]):
             return directory
     return None
 
 
+def needs_files(name: str) -> bool:
+    return name in FILE_DATASETS or name == CIFAR10
+
+
 def missing_dataset_message(name: str, search_dirs: Sequence[Path]) -> str:
-    files = ", ".join(f for pair in IDX_FILES.values() for f in pair)
     searched = ", ".join(str(Path(d) / name) for d in search_dirs) or "(no directories configured)"
+    if name == CIFAR10:
+        refusals = [r for d in search_dirs if (r := cifar.pickled_version_refusal(Path(d) / name))]
+        return " ".join(
+            [
+                f"Dataset 'cifar10' not found. {cifar.WHAT_IS_NEEDED} Searched: {searched}. Or set"
+                " BNLAB_ALLOW_DOWNLOAD=1 to let the worker download it.",
+                *refusals,
+            ]
+        )
+    files = ", ".join(f for pair in IDX_FILES.values() for f in pair)
     return (
         f"Dataset {name!r} not found. It needs the IDX files {files} (gzipped or not; the t10k test files"
         f" only for the test split) in a directory named {name!r} under one of the search directories."
         f" Searched: {searched}. On Debian, `apt-get install dataset-fashion-mnist` provides Fashion-MNIST"
         f" in {SYSTEM_DATASET_DIR / 'fashion-mnist'}; for MNIST, put the files in one of the directories"
-        " above."
+        " above, or set BNLAB_ALLOW_DOWNLOAD=1 to let the worker download them."
     )
 
 
@@ -140,7 +191,7 @@ def missing_dataset_message(name: str, search_dirs: Sequence[Path]) -> str:
 def load_dataset(
     name: str, *, search_dirs: Sequence[Path], split: Split = "train", limit: int | None = None
 ) -> ImageDataset:
-    """Load a split of a named dataset; `limit` keeps the first `limit` samples.
+    """Load a split of a named built-in dataset; `limit` keeps the first `limit` samples.
 
     For "synthetic", `limit` is the number of samples to generate instead (10k train, 2k test when
     None). The returned tensors are shared with the process cache: treat them as read-only.
@@ -153,14 +204,30 @@ def load_dataset(
         default = SYNTHETIC_TRAIN_SIZE if split == "train" else SYNTHETIC_TEST_SIZE
         # A different sample seed per split, the same class prototypes: the test set is the same task.
         return make_synthetic(limit or default, seed=0 if split == "train" else 1)
-    if name not in FILE_DATASETS:
-        known = ", ".join((*FILE_DATASETS, SYNTHETIC))
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {known}")
-    directory = find_dataset_dir(name, search_dirs)
-    if directory is None:
-        raise DatasetError(missing_dataset_message(name, search_dirs))
-    ds = _load_files(str(directory.resolve()), split)
+    if name not in BUILTIN_SHAPES:
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(BUILTIN_SHAPES)}")
+    if name == MNIST1D:
+        ds = _load_mnist1d(split)
+    else:
+        directory = find_dataset_dir(name, search_dirs)
+        if directory is None:
+            raise DatasetError(missing_dataset_message(name, search_dirs))
+        loader = _load_cifar if name == CIFAR10 else _load_files
+        ds = loader(str(directory.resolve()), split)
     return ds if limit is None else ds.take(slice(0, limit))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cifar(directory: str, split: Split) -> ImageDataset:
+    x, y = cifar.read_split(Path(directory), split)
+    return ImageDataset(torch.from_numpy(x), torch.from_numpy(y), cifar.NUM_CLASSES)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_mnist1d(split: Split) -> ImageDataset:
+    data = mnist1d.make_dataset()
+    x, y = (data.x, data.y) if split == "train" else (data.x_test, data.y_test)
+    return ImageDataset(torch.from_numpy(x), torch.from_numpy(y), mnist1d.NUM_CLASSES)
 
 
 @functools.lru_cache(maxsize=8)
@@ -241,6 +308,10 @@ def train_val_split(ds: ImageDataset, val_split: float) -> tuple[ImageDataset, I
     return ds.take(slice(0, split_at)), ds.take(slice(split_at, None))
 
 
-def to_inputs(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 images [N, H, W] -> float32 in [0, 1], [N, 1, H, W] (the article divides by 255)."""
-    return x_uint8.to(torch.float32).div_(255.0).unsqueeze(1)
+def to_inputs(x: torch.Tensor) -> torch.Tensor:
+    """Samples as the network takes them: uint8 pixels -> float32 / 255 (the article divides by 255),
+    grayscale [N, H, W] gaining its channel [N, 1, H, W]; float features are used as they are."""
+    if x.dtype != torch.uint8:
+        return x.to(torch.float32)
+    scaled = x.to(torch.float32).div_(255.0)
+    return scaled.unsqueeze(1) if scaled.dim() == 3 else scaled

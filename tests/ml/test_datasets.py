@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import gzip
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from service.ml import cifar, mnist1d
 from service.ml.datasets import (
+    BUILTIN_SHAPES,
+    CIFAR10,
     IDX_FILES,
+    MNIST1D,
     SYNTHETIC,
     SYSTEM_DATASET_DIR,
     DatasetError,
@@ -124,8 +130,8 @@ def test_load_dataset_from_files_with_limit_and_cache(tmp_path: Path) -> None:
 def test_load_dataset_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", search_dirs=[tmp_path])
-    with pytest.raises(DatasetError, match="unknown dataset 'cifar10'"):
-        load_dataset("cifar10", search_dirs=[tmp_path])
+    with pytest.raises(DatasetError, match="unknown dataset 'imagenet'"):
+        load_dataset("imagenet", search_dirs=[tmp_path])
     write_dataset(tmp_path / "mnist")  # train only
     with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.gz"):
         load_dataset("mnist", search_dirs=[tmp_path], split="test")
@@ -179,3 +185,186 @@ def test_real_fashion_mnist_train_split() -> None:
     assert tuple(ds.x.shape) == (60_000, 28, 28)
     assert ds.x.dtype == torch.uint8
     assert torch.bincount(ds.y).tolist() == [6000] * 10
+
+
+# ---------------------------------------------------------------------------------------- any shape
+
+
+def test_to_inputs_keeps_channels_and_passes_features_through() -> None:
+    rgb = torch.tensor([[[[0, 255]], [[51, 102]], [[255, 0]]]], dtype=torch.uint8)  # [1, 3, 1, 2]
+    out = to_inputs(rgb)
+    assert (out.dtype, tuple(out.shape)) == (torch.float32, (1, 3, 1, 2))
+    torch.testing.assert_close(out[0, 1], torch.tensor([[0.2, 0.4]]))
+    features = torch.tensor([[-3.5, 0.0, 1e6]], dtype=torch.float32)
+    assert torch.equal(to_inputs(features), features)  # floats are used as they are, not scaled
+
+
+def test_sample_shape_and_input_kind() -> None:
+    labels = torch.zeros(2, dtype=torch.int64)
+    gray = ImageDataset(torch.zeros(2, 5, 6, dtype=torch.uint8), labels, 10)
+    rgb = ImageDataset(torch.zeros(2, 3, 5, 6, dtype=torch.uint8), labels, 10)
+    feats = ImageDataset(torch.zeros(2, 40), labels, 10)
+    assert [gray.sample_shape, rgb.sample_shape, feats.sample_shape] == [(1, 5, 6), (3, 5, 6), (40,)]
+    assert [gray.input_kind, rgb.input_kind, feats.input_kind] == ["pixels", "pixels", "features"]
+
+
+# ---------------------------------------------------------------------------------------- MNIST-1D
+
+
+def test_mnist1d_is_deterministic_standardised_and_balanced() -> None:
+    a, b = mnist1d.make_dataset(), mnist1d.make_dataset()
+    assert (a.x.shape, a.x.dtype, a.y.dtype, a.x_test.shape, a.y_test.shape) == (
+        (4000, 40),
+        np.float32,
+        np.int64,
+        (1000, 40),
+        (1000,),
+    )
+    assert np.array_equal(a.x, b.x)
+    assert np.array_equal(a.y_test, b.y_test)
+    other = mnist1d.make_dataset(mnist1d.Mnist1dArgs(seed=7))
+    assert not np.array_equal(a.x, other.x)
+    every = np.concatenate([a.x, a.x_test])
+    assert abs(float(every.mean())) < 1e-5
+    assert abs(float(every.std()) - 1) < 1e-5
+    counts = np.bincount(np.concatenate([a.y, a.y_test]))
+    assert counts.tolist() == [500] * 10  # 500 per class, shuffled across the split
+    assert set(np.bincount(a.y).tolist()) != {400}  # shuffled: the split is not class-stratified
+
+
+def test_mnist1d_is_learnable_but_not_linearly() -> None:
+    """The paper's point: a linear model does poorly (its logistic regression: 32 %), far above chance
+    all the same; with the labels shuffled the same fit is at chance."""
+    data = mnist1d.make_dataset()
+
+    def linear_test_accuracy(labels: np.ndarray) -> float:
+        weights = np.linalg.lstsq(np.c_[data.x, np.ones(len(data.x))], np.eye(10)[labels], rcond=None)[0]
+        return float(
+            ((np.c_[data.x_test, np.ones(len(data.x_test))] @ weights).argmax(1) == data.y_test).mean()
+        )
+
+    assert 0.18 < linear_test_accuracy(data.y) < 0.5
+    assert linear_test_accuracy(np.random.default_rng(0).permutation(data.y)) < 0.15
+
+
+def test_mnist1d_gaussian_smoothing_matches_scipys_reflect_mode() -> None:
+    x = np.zeros(20)
+    x[0] = 1.0  # an impulse at the border: half of the kernel is reflected back onto the signal
+    smooth = mnist1d._gaussian_smooth(x, sigma=2.0)
+    offsets = np.arange(-8, 9)
+    kernel = np.exp(-0.5 * (offsets / 2.0) ** 2)
+    kernel /= kernel.sum()
+    # 'reflect' pads d c b a | a b c d: the impulse at 0 has a mirror image at -1, so the output at i
+    # is the kernel's weight at distance i plus the one at distance i + 1 (zero beyond 8).
+    at_distance = np.pad(kernel[8:], (0, 12))
+    expected = at_distance[:20] + at_distance[1:21]
+    np.testing.assert_allclose(smooth, expected, rtol=1e-12, atol=1e-15)
+    assert smooth.sum() == pytest.approx(1.0)
+
+
+def test_mnist1d_through_load_dataset_and_builtin_shape() -> None:
+    train = load_dataset(MNIST1D, search_dirs=[], limit=100)
+    test = load_dataset(MNIST1D, search_dirs=[], split="test")
+    shape = BUILTIN_SHAPES[MNIST1D]
+    assert (train.sample_shape, train.num_classes, train.input_kind) == (
+        shape.input_shape,
+        shape.num_classes,
+        shape.input_kind,
+    )
+    assert (len(train), len(test), len(load_dataset(MNIST1D, search_dirs=[]))) == (
+        100,
+        1000,
+        shape.train_samples,
+    )
+    assert train.x.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------- CIFAR-10
+
+
+def cifar_records(n: int, seed: int, labels: np.ndarray | None = None) -> bytes:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n, dtype=np.uint8) if labels is None else labels.astype(np.uint8)
+    pixels = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    return np.concatenate([y[:, None], pixels], axis=1).tobytes()
+
+
+def cifar_files(n: int = 3) -> dict[str, bytes]:
+    names = [*cifar.SPLIT_FILES["train"], *cifar.SPLIT_FILES["test"]]
+    return {name: cifar_records(n, seed) for seed, name in enumerate(names)}
+
+
+def write_cifar_archive(
+    path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for info in extra or []:
+            tar.addfile(info, io.BytesIO(b"\0" * info.size) if info.isreg() else None)
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def expected_cifar(files: dict[str, bytes], names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    records = np.frombuffer(b"".join(files[n] for n in names), dtype=np.uint8).reshape(-1, 3073)
+    return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64)
+
+
+@pytest.mark.parametrize("layout", ["flat", "batches-dir", "archive"])
+def test_cifar10_binary_version_in_each_layout(tmp_path: Path, layout: str) -> None:
+    files = cifar_files()
+    directory = tmp_path / "cifar10"
+    if layout == "archive":
+        write_cifar_archive(directory / cifar.ARCHIVE, files)
+    else:
+        target = directory if layout == "flat" else directory / cifar.MEMBER_DIR
+        for name, data in files.items():
+            write(target / name, data)
+    train = load_dataset(CIFAR10, search_dirs=[tmp_path / "elsewhere", tmp_path])
+    test = load_dataset(CIFAR10, search_dirs=[tmp_path], split="test")
+    x, y = expected_cifar(files, cifar.SPLIT_FILES["train"])
+    assert (train.sample_shape, train.input_kind, len(train), len(test)) == ((3, 32, 32), "pixels", 15, 3)
+    assert np.array_equal(train.x.numpy(), x)
+    assert np.array_equal(train.y.numpy(), y)
+    # R, G and B planes in that order: the first pixel of the G plane is byte 1 + 1024 of a record.
+    assert int(train.x[0, 1, 0, 0]) == files["data_batch_1.bin"][1 + 1024]
+    assert BUILTIN_SHAPES[CIFAR10].input_shape == train.sample_shape
+
+
+def test_cifar10_archive_members_are_read_in_memory_and_links_never_followed(tmp_path: Path) -> None:
+    files = cifar_files()
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(cifar_records(5, 99))
+    link = tarfile.TarInfo(f"{cifar.MEMBER_DIR}/data_batch_1.bin")
+    link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+    absolute = tarfile.TarInfo(f"/{cifar.MEMBER_DIR}/data_batch_2.bin")
+    absolute.size = 3073
+    dotdot = tarfile.TarInfo(f"../{cifar.MEMBER_DIR}/data_batch_3.bin")
+    dotdot.size = 3073
+    del files["data_batch_1.bin"]
+    archive = write_cifar_archive(tmp_path / "cifar10" / cifar.ARCHIVE, files, extra=[link, absolute, dotdot])
+    with pytest.raises(DatasetError, match=r"has no cifar-10-batches-bin/data_batch_1\.bin"):
+        cifar.read_split(archive.parent, "train")
+    assert sorted(p.name for p in archive.parent.iterdir()) == [cifar.ARCHIVE]  # nothing extracted
+
+
+def test_cifar10_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"data_batch_1\.bin: 3074 bytes is not a whole number of 3073"):
+        cifar.parse_batch(cifar_records(1, 0) + b"\0", "data_batch_1.bin")
+    with pytest.raises(DatasetError, match="record 1 has label 10, outside 0..9"):
+        cifar.parse_batch(cifar_records(2, 0, labels=np.array([3, 10])), "x.bin")
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / cifar.ARCHIVE).write_bytes(b"not a gzip stream")
+    with pytest.raises(DatasetError, match="cannot read the archive"):
+        load_dataset(CIFAR10, search_dirs=[tmp_path])
+
+
+def test_cifar10_python_version_is_refused_and_why(tmp_path: Path) -> None:
+    (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="python version, whose batches are pickles") as caught:
+        load_dataset(CIFAR10, search_dirs=[tmp_path])
+    assert "cifar-10-binary.tar.gz" in str(caught.value)
+    assert find_dataset_dir(CIFAR10, [tmp_path]) is None
