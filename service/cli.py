@@ -1,18 +1,21 @@
-"""The `bnlab` command: start the API, a worker, both, or apply migrations.
+"""The `bnlab` command: the server roles (api, worker, run, migrate, keys) and the user's commands
+(submit, runs, show, cancel, predict, experiment, report; in service.cli_client), which talk to a
+bnlab API over HTTP.
 
 `bnlab worker` execs Celery on the `workers` package by module name, so the service never imports it.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import click
+
+from service.cli_client import register_client_commands
 from service.config import get_settings
 
 SHUTDOWN_GRACE_S = 30
@@ -44,6 +47,8 @@ def migrate() -> None:
 def serve_api() -> None:
     import uvicorn
 
+    from service.telemetry import logging_config
+
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     uvicorn.run(
@@ -52,6 +57,10 @@ def serve_api() -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # Our JSON (or text) format for uvicorn's own loggers too; one access line per request
+        # comes from service.api.metrics, with the request id.
+        log_config=logging_config(settings.log_level, settings.log_format),
+        access_log=False,
     )
 
 
@@ -96,22 +105,14 @@ def _stop_children(children: Sequence[subprocess.Popen[bytes]]) -> None:
             child.wait()  # reap it: a killed child left unwaited stays a zombie
 
 
-def create_key(args: argparse.Namespace) -> None:
-    from service.auth import KeyFileError
-    from service.auth import create_key as append_key
+def configure_logging() -> None:
+    from service.telemetry import configure_logging as configure
 
-    path = get_settings().api_keys_file
-    if path is None:
-        raise SystemExit("set BNLAB_API_KEYS_FILE to the keys file first (it is created if missing)")
-    try:
-        key = append_key(path, scopes=args.scopes, name=args.name)
-    except KeyFileError as exc:
-        raise SystemExit(f"bnlab keys create: {exc}") from exc
-    print(key)  # noqa: T201 - shown once: only its hash is stored
-    print(f"# key '{args.name}' ({args.scopes}) added to {path}; it is not shown again", file=sys.stderr)  # noqa: T201
+    settings = get_settings()
+    configure(settings.log_level, settings.log_format)
 
 
-COMMANDS = {
+COMMANDS: dict[str, tuple[Callable[[], None], str]] = {
     "api": (serve_api, "serve the HTTP API"),
     "worker": (run_worker, "start one Celery worker"),
     "migrate": (migrate, "apply database migrations"),
@@ -119,25 +120,58 @@ COMMANDS = {
 }
 
 
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Train and serve BatchNorm / no-BatchNorm models.
+
+    Server roles: api, worker, run, migrate, keys. User commands talk to the API at BNLAB_URL
+    (default http://127.0.0.1:8000) with the key in BNLAB_API_KEY. Exit codes: 0 done; 1 a run or
+    experiment waited for did not succeed; 2 bad usage; 3 the API refused the request; 4 the API
+    could not be reached.
+    """
+
+
+def _server_command(name: str, function: Callable[[], None], help_text: str) -> click.Command:
+    def callback() -> None:
+        configure_logging()
+        function()
+
+    return click.Command(name, callback=callback, help=help_text, short_help=help_text)
+
+
+for _name, (_function, _help) in COMMANDS.items():
+    cli.add_command(_server_command(_name, _function, _help))
+
+
+@cli.group()
+def keys() -> None:
+    """Manage API keys (BNLAB_API_KEYS_FILE)."""
+
+
+@keys.command("create")
+@click.option("--scopes", required=True, help="comma-separated: read, train, admin")
+@click.option("--name", required=True, help="a name for the key (letters, digits, . _ -)")
+def create_key(scopes: str, name: str) -> None:
+    """Append a new key to BNLAB_API_KEYS_FILE and print it once."""
+    from service.auth import KeyFileError
+    from service.auth import create_key as append_key
+
+    path = get_settings().api_keys_file
+    if path is None:
+        raise SystemExit("set BNLAB_API_KEYS_FILE to the keys file first (it is created if missing)")
+    try:
+        key = append_key(path, scopes=scopes, name=name)
+    except KeyFileError as exc:
+        raise SystemExit(f"bnlab keys create: {exc}") from exc
+    print(key)  # noqa: T201 - shown once: only its hash is stored
+    print(f"# key '{name}' ({scopes}) added to {path}; it is not shown again", file=sys.stderr)  # noqa: T201
+
+
+register_client_commands(cli)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="bnlab", description="Train and serve BatchNorm / no-BatchNorm models."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text)
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
-    create = keys.add_parser("create", help="append a new key to BNLAB_API_KEYS_FILE and print it once")
-    create.add_argument("--scopes", required=True, help="comma-separated: read, train, admin")
-    create.add_argument("--name", required=True, help="a name for the key (letters, digits, . _ -)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.command == "keys":
-        create_key(args)
-    else:
-        COMMANDS[args.command][0]()
+    cli.main(args=list(argv) if argv is not None else None, prog_name="bnlab")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1, le=64, description="Training processes per worker.")
     torch_threads: int = Field(0, ge=0, le=256, description="Threads per training process; 0 = automatic.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # JSON lines carry the request id (API) and run id (worker) as fields for a log collector.
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text.")
 
     # Leases: a running run proves its worker alive every heartbeat interval; the reaper treats a run
     # whose heartbeat is older than the lease timeout as orphaned (worker killed, OOM, machine lost).

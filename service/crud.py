@@ -51,9 +51,12 @@ def last_epoch_metric(*, session: Session, run: Run) -> EpochMetric | None:
     return session.get(EpochMetric, (run.id, run.epochs_done))
 
 
-def list_epoch_metrics(*, session: Session, run_id: str) -> Sequence[EpochMetric]:
+def list_epoch_metrics(*, session: Session, run_id: str, after_epoch: int = 0) -> Sequence[EpochMetric]:
+    """A run's epochs in order; `after_epoch` skips those a caller (a live stream) already has."""
     return session.scalars(
-        select(EpochMetric).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch)
+        select(EpochMetric)
+        .where(EpochMetric.run_id == run_id, EpochMetric.epoch > after_epoch)
+        .order_by(EpochMetric.epoch)
     ).all()
 
 

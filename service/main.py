@@ -10,7 +10,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import __version__
-from service.api import aliases, bn_tools, experiments, health, presets, run_models, run_plots, runs, v2
+from service.api import (
+    aliases,
+    bn_tools,
+    events,
+    experiments,
+    health,
+    metrics,
+    presets,
+    run_models,
+    run_plots,
+    runs,
+    v2,
+    web,
+)
 from service.api.errors import COMMON_RESPONSES, http_error_handler, validation_error_handler
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize, mark_public_operations
@@ -30,6 +43,8 @@ def create_app() -> FastAPI:
     app.state.rate_limiter = new_rate_limiter()
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
+    # Outermost: a request id, a log line and metrics for every answer, 413 and 503 included.
+    app.add_middleware(metrics.RequestTelemetryMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.include_router(health.router)
@@ -41,6 +56,9 @@ def create_app() -> FastAPI:
     app.include_router(bn_tools.router)
     app.include_router(aliases.router)
     app.include_router(v2.router)
+    app.include_router(events.router)
+    app.include_router(metrics.router)
+    web.install(app)
     _document_public_operations(app)
     return app
 

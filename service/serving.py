@@ -42,7 +42,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from torch import nn
 
-from service import crud_models
+from service import crud_models, telemetry
 from service.db import session_scope
 from service.ml import checkpoints
 from service.ml.config import ModelConfig
@@ -349,7 +349,10 @@ class ModelServer:
         return self._pool.submit(self._process_one, key, prepare)
 
     async def infer(self, name: str, version: int | None, *, fused: bool, prepare: Prepare) -> Answer:
-        return await asyncio.wrap_future(self.submit(name, version, fused=fused, prepare=prepare))
+        started = time.perf_counter()
+        answer = await asyncio.wrap_future(self.submit(name, version, fused=fused, prepare=prepare))
+        telemetry.INFERENCE_LATENCY.labels(answer.loaded.run_id).observe(time.perf_counter() - started)
+        return answer
 
     def _process_one(self, key: InferKey, prepare: Prepare) -> Answer:
         (result,) = self._process(key, [prepare])
@@ -360,7 +363,13 @@ class ModelServer:
     def _process(self, key: InferKey, prepares: list[Prepare]) -> list[Answer | BaseException]:
         """One batch: resolve the name once, prepare each request's input, one forward pass, scatter."""
         name, version, fused = key
-        resolved, loaded = self.open(name, version)
+        try:
+            resolved, loaded = self.open(name, version)
+        except Exception:
+            telemetry.INFERENCE_REQUESTS.labels(telemetry.UNRESOLVED_MODEL, "error").inc(len(prepares))
+            raise
+        model = resolved.run_id
+        telemetry.INFERENCE_BATCH_SIZE.labels(model).observe(len(prepares))
         results: list[Answer | BaseException | None] = [None] * len(prepares)
         inputs: list[torch.Tensor] = []
         for i, prepare in enumerate(prepares):
@@ -368,6 +377,7 @@ class ModelServer:
                 inputs.append(prepare(loaded))
             except Exception as exc:  # this request's input is bad: only it fails
                 results[i] = exc
+                telemetry.INFERENCE_REQUESTS.labels(model, "error").inc()
         if inputs:
             module = loaded.module(fused)
             batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
@@ -379,6 +389,7 @@ class ModelServer:
             for i, result in enumerate(results):
                 if result is None:
                     results[i] = Answer(resolved, loaded, next(rows), served_fused)
+            telemetry.INFERENCE_REQUESTS.labels(model, "ok").inc(len(inputs))
         return [r for r in results if r is not None]
 
 

@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutting_down
 
 from service import crud
 from service.config import get_settings
 from service.db import session_scope
 from service.queue import celery_config
 from service.reaper import reap_once
+from service.telemetry import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,14 @@ _reaper_stop = threading.Event()
 def worker_id(nodename: str, pid: int) -> str:
     """What a run's `worker` column records: the Celery node and the pool process."""
     return f"{nodename}/{pid}"
+
+
+@setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    # Connected, this replaces Celery's own logging set-up: the worker logs as the API does (JSON
+    # lines by default), and each line written while a run trains carries its run id.
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
 
 
 @worker_process_init.connect

@@ -6,10 +6,12 @@ import os
 
 from service.queue import TRAIN_RUN_TASK
 from service.runner import execute_run
+from service.telemetry import run_context
 from workers.celery_app import app, worker_id
 
 
 @app.task(name=TRAIN_RUN_TASK)
 def train_run(run_id: str) -> str | None:
-    status = execute_run(run_id, worker=worker_id(train_run.request.hostname or "unknown", os.getpid()))
+    with run_context(run_id):
+        status = execute_run(run_id, worker=worker_id(train_run.request.hostname or "unknown", os.getpid()))
     return status.value if status else None
