@@ -8,13 +8,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast, get_args
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
+from service import crud_experiments
 from service.models import ModelAlias, ModelArtifact, Recalibration, Run
+from service.schemas import AliasMetric
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+ALIAS_METRICS: tuple[str, ...] = get_args(AliasMetric)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,10 @@ class NameNotFound(LookupError):
 
 class VersionNotFound(NameNotFound):
     """The name exists, but its run has no such stored version (or none yet)."""
+
+
+class NoQualifyingRun(VersionNotFound):
+    """An experiment alias whose experiment has no succeeded run with a model yet."""
 
 
 def artifact_versions(*, session: Session, run_id: str) -> list[int]:
@@ -69,7 +77,8 @@ def list_artifacts(*, session: Session, run_id: str) -> Sequence[ModelArtifact]:
 def resolve_model(*, session: Session, name: str, version: int | None) -> ResolvedModel:
     """A run id or an alias, and a version (None: the alias's pinned one, else the newest).
 
-    Two indexed reads at most (the alias, the run's artifact versions): it runs for every request.
+    Two indexed reads at most (the alias, the run's artifact versions), three for an experiment
+    alias (its best run so far): it runs for every request.
     Raises NameNotFound for an unknown name, VersionNotFound for a version the run does not have.
     """
     pinned = None
@@ -79,9 +88,7 @@ def resolve_model(*, session: Session, name: str, version: int | None) -> Resolv
         alias = session.get(ModelAlias, name)
         if alias is None:
             raise NameNotFound(f"no model named {name} (neither a run id nor an alias)")
-        if alias.run_id is None:  # the experiment form; resolved by the experiments code (issue 3)
-            raise NameNotFound(f"alias {name} names no run yet")
-        run_id, pinned = alias.run_id, alias.version
+        run_id, pinned = alias_target(session=session, alias=alias)
     rows = session.execute(
         select(ModelArtifact.version, ModelArtifact.sha256)
         .where(ModelArtifact.run_id == run_id)
@@ -101,6 +108,28 @@ def resolve_model(*, session: Session, name: str, version: int | None) -> Resolv
 # ---------------------------------------------------------------------------------------- aliases
 
 
+def alias_target(*, session: Session, alias: ModelAlias) -> tuple[str, int | None]:
+    """The run (and pinned version) an alias serves now. An experiment alias is resolved here, at
+    use, to its best run so far; raises NoQualifyingRun while none has succeeded with a model."""
+    if alias.run_id is not None:
+        return alias.run_id, alias.version
+    best = experiment_best(session=session, alias=alias)
+    if best is None:
+        raise NoQualifyingRun(
+            f"alias {alias.name} serves the best run of experiment {alias.experiment_id} by {alias.metric}, "
+            "and none of its runs has succeeded with a model yet"
+        )
+    return best[0], None
+
+
+def experiment_best(*, session: Session, alias: ModelAlias) -> tuple[str, float] | None:
+    """An experiment alias's best run and its metric value now; None when no run qualifies."""
+    metric = alias.metric if alias.metric in ALIAS_METRICS else "val_accuracy"
+    return crud_experiments.best_run(
+        session=session, experiment_id=alias.experiment_id or "", metric=cast(AliasMetric, metric)
+    )
+
+
 def get_alias(*, session: Session, name: str) -> ModelAlias | None:
     return session.get(ModelAlias, name)
 
@@ -109,16 +138,24 @@ def list_aliases(*, session: Session) -> Sequence[ModelAlias]:
     return session.scalars(select(ModelAlias).order_by(ModelAlias.name)).all()
 
 
-def put_alias(*, session: Session, name: str, run_id: str, version: int | None) -> tuple[ModelAlias, bool]:
-    """Create or re-point an alias; returns it and whether it was created."""
+def put_alias(
+    *,
+    session: Session,
+    name: str,
+    run_id: str | None,
+    version: int | None,
+    experiment_id: str | None = None,
+    metric: str | None = None,
+) -> tuple[ModelAlias, bool]:
+    """Create or re-point an alias (to a run, or to an experiment's best run by a metric); returns
+    it and whether it was created."""
     alias = session.get(ModelAlias, name)
     created = alias is None
     if alias is None:
-        alias = ModelAlias(name=name, run_id=run_id, version=version)
+        alias = ModelAlias(name=name)
         session.add(alias)
-    else:
-        alias.run_id = run_id
-        alias.version = version
+    alias.run_id, alias.version = run_id, version
+    alias.experiment_id, alias.metric = experiment_id, metric
     session.flush()
     return alias, created
 

@@ -255,22 +255,55 @@ class ServedPredictResponse(PredictResponse):
 
 
 class AliasPut(BaseModel):
-    """What an alias names. Today a run (optionally one version of its model); the form "best run of
-    an experiment by a metric" arrives with experiments (issue 3) as another field set."""
+    """What an alias names: a run (optionally one version of its model), or the best run of an
+    experiment by a metric, resolved each time the alias is used (so it follows new results)."""
 
     model_config = STRICT
 
-    run_id: RunId
-    version: Version | None = Field(None, description="Pin one version; null follows the newest.")
+    run_id: RunId | None = Field(None, description="The run to serve; or give experiment_id instead.")
+    version: Version | None = Field(
+        None, description="With run_id: pin one version; null follows the newest."
+    )
+    experiment_id: Annotated[str | None, Field(pattern=r"^[0-9a-f]{32}$")] = Field(
+        None,
+        description="Serve this experiment's best succeeded run with a model, by `metric` of its last epoch.",
+    )
+    metric: AliasMetric | None = Field(
+        None,
+        description="With experiment_id (default val_accuracy): accuracies pick the highest, "
+        "losses the lowest.",
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        if (self.run_id is None) == (self.experiment_id is None):
+            raise ValueError(
+                "give either run_id (and optionally version) or experiment_id (and optionally metric)"
+            )
+        if self.run_id is not None and self.metric is not None:
+            raise ValueError("metric goes with experiment_id, not run_id")
+        if self.experiment_id is not None and self.version is not None:
+            raise ValueError(
+                "version goes with run_id: an experiment alias serves its best run's newest version"
+            )
+        return self
 
 
 class AliasPublic(BaseModel):
-    name: str
-    run_id: str
+    name: str = Field(description="The alias.")
+    run_id: str | None = Field(
+        description="The run it serves now: the named run, or the experiment's current best (null when "
+        "no run qualifies yet)."
+    )
     version: int | None = Field(description="The pinned version, or null to follow the newest.")
     serves_version: int | None = Field(description="The version the alias serves now; null before training.")
-    created_at: datetime
-    updated_at: datetime
+    experiment_id: str | None = Field(description="For an experiment alias: the experiment.")
+    metric: AliasMetric | None = Field(description="For an experiment alias: the metric that picks the run.")
+    metric_value: float | None = Field(
+        description="For an experiment alias: the chosen run's last-epoch value of the metric."
+    )
+    created_at: datetime = Field(description="When the alias was created.")
+    updated_at: datetime = Field(description="When it was last re-pointed.")
 
 
 class AliasesPublic(BaseModel):

@@ -1,8 +1,9 @@
 """/api/v1/models: aliases, stable names for models (`fashion-bn`) usable wherever a run id is.
 
 PUT names a run, optionally one version of its model (otherwise the alias follows the newest, so
-a recalibration is served as soon as it is stored). The form "the best run of experiment X by
-val_accuracy" needs experiments (issue 3) and will be another body of the same PUT.
+a recalibration is served as soon as it is stored), or an experiment and a metric: the alias then
+serves the experiment's best succeeded run by that metric, resolved each time it is used, so it
+follows the experiment as runs finish (409 while none has succeeded).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Response, status
 from sqlalchemy.orm import Session
 
-from service import crud, crud_models
+from service import crud, crud_experiments, crud_models
 from service.api.deps import SessionDep
 from service.models import ModelAlias
 from service.schemas import AliasesPublic, AliasPublic, AliasPut, Message
@@ -29,15 +30,24 @@ AliasPath = Annotated[
 
 
 def alias_public(*, session: Session, alias: ModelAlias) -> AliasPublic:
-    versions = crud_models.artifact_versions(session=session, run_id=alias.run_id or "")
+    run_id, value = alias.run_id, None
+    if alias.experiment_id is not None:
+        best = crud_models.experiment_best(session=session, alias=alias)
+        run_id, value = best if best else (None, None)
+    versions = crud_models.artifact_versions(session=session, run_id=run_id) if run_id else []
     serves = alias.version if alias.version is not None else max(versions, default=None)
-    return AliasPublic(
-        name=alias.name,
-        run_id=alias.run_id,
-        version=alias.version,
-        serves_version=serves if serves in versions else None,
-        created_at=alias.created_at,
-        updated_at=alias.updated_at,
+    return AliasPublic.model_validate(
+        {
+            "name": alias.name,
+            "run_id": run_id,
+            "version": alias.version,
+            "serves_version": serves if serves in versions else None,
+            "experiment_id": alias.experiment_id,
+            "metric": alias.metric,
+            "metric_value": value,
+            "created_at": alias.created_at,
+            "updated_at": alias.updated_at,
+        }
     )
 
 
@@ -54,7 +64,7 @@ def _alias_or_404(session: Session, name: str) -> ModelAlias:
     responses={
         201: {"model": AliasPublic},
         400: {"model": Message, "description": "The body is not JSON"},
-        404: {"model": Message, "description": "No such run or version"},
+        404: {"model": Message, "description": "No such run, version or experiment"},
     },
 )
 def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: Response) -> AliasPublic:
@@ -62,23 +72,37 @@ def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: R
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, detail="an alias cannot look like a run id (32 hex digits)"
         )
-    if crud.get_run(session=session, run_id=body.run_id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {body.run_id} not found")
-    if body.version is not None:
-        versions = crud_models.artifact_versions(session=session, run_id=body.run_id)
-        if body.version not in versions:
+    if body.experiment_id is not None:
+        if crud_experiments.get_experiment(session=session, experiment_id=body.experiment_id) is None:
             raise HTTPException(
-                status.HTTP_404_NOT_FOUND,
-                detail=f"run {body.run_id} has no model version {body.version} "
-                f"(it has {versions or 'none yet'})",
+                status.HTTP_404_NOT_FOUND, detail=f"experiment {body.experiment_id} not found"
             )
+    elif body.run_id is not None:
+        _require_run_version(session, body.run_id, body.version)
     row, created = crud_models.put_alias(
-        session=session, name=alias, run_id=body.run_id, version=body.version
+        session=session,
+        name=alias,
+        run_id=body.run_id,
+        version=body.version,
+        experiment_id=body.experiment_id,
+        metric=body.metric or ("val_accuracy" if body.experiment_id else None),
     )
     if created:
         response.status_code = status.HTTP_201_CREATED
     response.headers["Location"] = f"/api/v1/models/{alias}"
     return alias_public(session=session, alias=row)
+
+
+def _require_run_version(session: Session, run_id: str, version: int | None) -> None:
+    if crud.get_run(session=session, run_id=run_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {run_id} not found")
+    if version is not None:
+        versions = crud_models.artifact_versions(session=session, run_id=run_id)
+        if version not in versions:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                detail=f"run {run_id} has no model version {version} (it has {versions or 'none yet'})",
+            )
 
 
 @router.get("", summary="List aliases")

@@ -32,6 +32,8 @@ def require_succeeded_run(run_id: str) -> None:
 def _http_error(name: str, exc: Exception) -> HTTPException:
     if isinstance(exc, CheckpointError):  # stored weights that do not load: the model is not servable
         return HTTPException(status.HTTP_409_CONFLICT, detail=f"model {name} cannot be loaded: {exc}")
+    if isinstance(exc, crud_models.NoQualifyingRun):  # the alias exists; its experiment has no model yet
+        return HTTPException(status.HTTP_409_CONFLICT, detail=str(exc))
     return HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc))
 
 

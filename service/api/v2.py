@@ -75,7 +75,7 @@ V2_ERRORS = {
     401: "Missing or invalid API key",
     403: "The key lacks the scope this route needs",
     404: "No such model or version",
-    409: "The stored model cannot be served",
+    409: "The stored model cannot be served, or an experiment alias has no succeeded run yet",
     429: "Rate limit reached; see Retry-After",
 }
 

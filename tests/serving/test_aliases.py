@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi.testclient import TestClient
+
+from service import crud
+from service.db import session_scope
+from service.ml import checkpoints
+from service.models import EpochMetric, Run
+from service.schemas import RunCreate
+from tests.serving.conftest import BN_SPEC, _trained_weights
 
 INFER = {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]}
 
@@ -16,6 +25,9 @@ def test_alias_lifecycle(client: TestClient, bn_run: str, no_bn_run: str) -> Non
         "run_id": bn_run,
         "version": None,
         "serves_version": 1,
+        "experiment_id": None,
+        "metric": None,
+        "metric_value": None,
         "created_at": None,
         "updated_at": None,
     }
@@ -63,3 +75,104 @@ def test_alias_refusals(client: TestClient, bn_run: str) -> None:
     early = client.put("/api/v1/models/early", json={"run_id": queued})
     assert early.status_code == 201
     assert early.json()["serves_version"] is None  # named before it trained: serves once it has
+
+
+def finish_run(run_id: str, *, val_accuracy: float, val_loss: float, model: bool = True) -> None:
+    """What a worker stores when a run succeeds: its epochs' metrics and (normally) its model."""
+    with session_scope() as session:
+        run = session.get(Run, run_id)
+        assert run is not None
+        spec = RunCreate.model_validate(run.spec)
+        for epoch in range(1, spec.train.epochs + 1):
+            last = epoch == spec.train.epochs
+            session.add(
+                EpochMetric(
+                    run_id=run_id,
+                    epoch=epoch,
+                    train_loss=0.5,
+                    train_accuracy=0.8,
+                    val_loss=val_loss if last else 9.0,
+                    val_accuracy=val_accuracy if last else 0.0,
+                    seconds=0.1,
+                )
+            )
+        run.epochs_done, run.status = spec.train.epochs, "succeeded"
+        if model:
+            weights, config = _trained_weights(spec.model_dump_json())
+            crud.save_artifact(
+                session=session,
+                run_id=run_id,
+                weights=weights,
+                model_config=config,
+                sha256=checkpoints.sha256_hex(weights),
+            )
+
+
+def experiment(client: TestClient) -> dict[str, Any]:
+    body = {"name": "alias", "base": BN_SPEC, "grid": {"model.norm.kind": ["none", "batch"]}, "seeds": [0, 1]}
+    response = client.post("/api/v1/experiments", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_an_experiment_alias_serves_its_best_run_and_follows_it_as_runs_finish(client: TestClient) -> None:
+    exp = experiment(client)
+    a, b, c, d = (r["id"] for r in exp["runs"])
+    created = client.put("/api/v1/models/best", json={"experiment_id": exp["id"]})
+    assert created.status_code == 201, created.text
+    assert created.json() | {"created_at": None, "updated_at": None} == {
+        "name": "best",
+        "run_id": None,
+        "version": None,
+        "serves_version": None,
+        "experiment_id": exp["id"],
+        "metric": "val_accuracy",
+        "metric_value": None,
+        "created_at": None,
+        "updated_at": None,
+    }
+    early = client.post("/v2/models/best/infer", json=INFER)
+    assert early.status_code == 409
+    assert "none of its runs has succeeded" in early.json()["error"]
+    assert client.get("/v2/models/best/ready").status_code == 400
+
+    finish_run(a, val_accuracy=0.70, val_loss=0.9)
+    finish_run(c, val_accuracy=0.99, val_loss=0.1, model=False)  # no stored model: never served
+    assert client.get("/api/v1/models/best").json()["run_id"] == a
+    assert client.post("/v2/models/best/infer", json=INFER).json()["parameters"]["run_id"] == a
+
+    finish_run(b, val_accuracy=0.80, val_loss=0.95)
+    now = client.get("/api/v1/models/best").json()
+    assert (now["run_id"], now["serves_version"], now["metric_value"]) == (b, 1, 0.80)
+    assert client.post("/v2/models/best/infer", json=INFER).json()["parameters"]["run_id"] == b
+    assert client.get("/v2/models/best/ready").json() == {"name": "best", "ready": True}
+
+    by_loss = client.put("/api/v1/models/best", json={"experiment_id": exp["id"], "metric": "val_loss"})
+    assert by_loss.status_code == 200
+    assert (by_loss.json()["run_id"], by_loss.json()["metric_value"]) == (a, 0.9)  # the lowest loss
+    assert client.post("/v2/models/best/infer", json=INFER).json()["parameters"]["run_id"] == a
+    with session_scope() as session:  # a running run never qualifies, whatever its metrics say
+        running = session.get(Run, d)
+        assert running is not None
+        running.status = "running"
+    assert client.get("/api/v1/models/best").json()["run_id"] == a
+
+    assert client.put("/api/v1/models/best", json={"run_id": b}).json()["experiment_id"] is None
+    assert client.post("/v2/models/best/infer", json=INFER).json()["parameters"]["run_id"] == b
+
+
+def test_experiment_alias_refusals(client: TestClient, bn_run: str) -> None:
+    exp_id = experiment(client)["id"]
+    unknown = client.put("/api/v1/models/x", json={"experiment_id": "0" * 32})
+    assert unknown.status_code == 404
+    assert "experiment" in unknown.json()["detail"]
+    for body in (
+        {},
+        {"run_id": bn_run, "experiment_id": exp_id},
+        {"experiment_id": exp_id, "version": 1},
+        {"run_id": bn_run, "metric": "val_loss"},
+        {"experiment_id": exp_id, "metric": "seconds"},
+        {"experiment_id": "../../etc"},
+    ):
+        assert client.put("/api/v1/models/x", json=body).status_code == 422, body
+    assert client.get("/api/v1/models/x").status_code == 404
