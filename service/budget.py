@@ -11,12 +11,10 @@ STARTUP_ALLOWANCE_S = 300
 SECONDS_PER_STEP_OVERHEAD = 0.02
 # One pessimistic GFLOP/s for the 6·params·batch flops of a training step.
 FLOPS_PER_SECOND = 1e9
-DEFAULT_SAMPLES = {"fashion-mnist": 60_000, "mnist": 60_000, "synthetic": 10_000}
-
-
-def time_limit_s(spec: RunCreate, *, cap_s: int) -> int:
-    samples = spec.dataset.limit or DEFAULT_SAMPLES[spec.dataset.name]
+def time_limit_s(spec: RunCreate, *, cap_s: int, parameters: int, train_samples: int) -> int:
+    """`parameters` of the spec's network on its data; `train_samples` the size of that data."""
+    samples = spec.dataset.limit or train_samples
     steps_per_epoch = math.ceil(samples * (1 - spec.dataset.val_split) / spec.train.batch_size)
-    step_s = SECONDS_PER_STEP_OVERHEAD + 6 * spec.parameter_count() * spec.train.batch_size / FLOPS_PER_SECOND
+    step_s = SECONDS_PER_STEP_OVERHEAD + 6 * parameters * spec.train.batch_size / FLOPS_PER_SECOND
     budget = STARTUP_ALLOWANCE_S + spec.train.epochs * (steps_per_epoch * step_s + 5)
     return min(cap_s, math.ceil(budget))

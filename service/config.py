@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Self
@@ -57,6 +58,36 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(60, ge=1, le=100_000, description="Requests a key may send at once.")
     max_active_runs_per_key: int = Field(50, ge=1, le=100_000, description="Queued + running runs per key.")
 
+    # Datasets: uploads (.npz, stored in the database) and optional downloads of the built-ins.
+    max_dataset_bytes: int = Field(
+        64 << 20,
+        ge=1024,
+        le=1 << 31,
+        description="Largest uploaded .npz, and its unpacked arrays (413 above).",
+    )
+    allow_download: bool = Field(
+        False,
+        description="Workers may download MNIST, Fashion-MNIST and CIFAR-10 when missing (SHA-256 checked).",
+    )
+    # Server settings, never client input: where the downloads come from (tests point them at 127.0.0.1).
+    mnist_mirror: str = Field(
+        "https://ossci-datasets.s3.amazonaws.com/mnist/", description="MNIST files' base URL."
+    )
+    fashion_mnist_mirror: str = Field(
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", description="Fashion-MNIST's base URL."
+    )
+    cifar10_mirror: str = Field(
+        "https://www.cs.toronto.edu/~kriz/", description="CIFAR-10 archive's base URL."
+    )
+    download_sha256: dict[str, str] = Field(
+        default_factory=dict,
+        description='Expected SHA-256 per "<dataset>/<file>", replacing the built-in digest (a mirror that '
+        "republished a file; tests).",
+    )
+    max_download_bytes: int = Field(
+        256 << 20, ge=1024, le=1 << 34, description="Largest file a download may be."
+    )
+
     api_keys_file: Path | None = Field(
         None,
         description="API keys: one '<sha256 hex> <scopes> <name>' per line; unset = no auth, loopback only.",
@@ -67,6 +98,21 @@ class Settings(BaseSettings):
     def _absolute_data_dir(cls, value: Path) -> Path:
         # Resolve once so the API and a worker started from the same folder agree on every path.
         return value.expanduser().resolve()
+
+    @field_validator("mnist_mirror", "fashion_mnist_mirror", "cifar10_mirror")
+    @classmethod
+    def _http_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or not value.endswith("/"):
+            raise ValueError(f"a mirror must be an http(s) base URL ending in '/', got {value!r}")
+        return value
+
+    @field_validator("download_sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [key for key, digest in value.items() if not re.fullmatch(r"[0-9a-f]{64}", digest)]
+        if bad:
+            raise ValueError(f"download_sha256 values must be 64 lowercase hex digits; check {bad}")
+        return value
 
     @model_validator(mode="after")
     def _refuse_open_network_binding(self) -> Self:

@@ -2,7 +2,8 @@
 
 Two encodings arrive here: the predict route's `{"inputs": [...]}` (pixel values in [0, 1], nested
 per sample) and the Open Inference Protocol's tensors (`datatype`, `shape` with the batch first, and
-`data` flat or nested in row-major order). Both end as float32 [N, *input_shape] in [0, 1].
+`data` flat or nested in row-major order). Both end as float32 [N, *input_shape]: in [0, 1] for a
+model trained on pixels, any finite value for one trained on float features (ModelConfig.input_kind).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from service.ml.config import ModelConfig
 
 MAX_SAMPLES = 1024  # per request; the predict schema and the V2 route both hold to it
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Open Inference Protocol datatypes we accept, and how a value maps to a pixel in [0, 1].
 V2_DATATYPES = {"FP32": 1.0, "FP64": 1.0, "UINT8": 255.0}
@@ -37,10 +39,14 @@ def _expected(config: ModelConfig) -> str:
 
 
 def _to_model_input(array: np.ndarray, config: ModelConfig) -> torch.Tensor:
-    """Check a float array of values in [0, 1] and reshape it to [N, *input_shape] float32."""
+    """Check a float array (pixels in [0, 1]; features any finite value, as the model was trained
+    on them) and reshape it to [N, *input_shape] float32."""
     if not np.isfinite(array).all():
         raise InputError("inputs must be finite numbers (no NaN or infinity)")
-    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+    if config.input_kind == "features":
+        if np.abs(array).max(initial=0.0) > FLOAT32_MAX:
+            raise InputError("inputs must fit in float32")
+    elif array.size and (array.min() < 0.0 or array.max() > 1.0):
         raise InputError("inputs must be pixel values in [0, 1] (divide 0–255 pixels by 255)")
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     return tensor.reshape(array.shape[0], *config.input_shape)
@@ -84,4 +90,6 @@ def v2_tensor_to_input(datatype: str, shape: list[int], data: list[Any], config:
             raise InputError("UINT8 data must be integers")
         if array.min() < 0 or array.max() > 255:
             raise InputError("UINT8 data must be in [0, 255]")
-    return _to_model_input(array / V2_DATATYPES[datatype], config)
+    # UINT8 are pixels 0..255 for an image model, plain values for a features model.
+    scale = V2_DATATYPES[datatype] if config.input_kind == "pixels" else 1.0
+    return _to_model_input(array / scale, config)

@@ -24,6 +24,7 @@ from service.api import (
     v2,
     web,
 )
+from service.api.datasets import upload_router_limits
 from service.api.errors import COMMON_RESPONSES, http_error_handler, validation_error_handler
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize, mark_public_operations
@@ -55,6 +56,7 @@ def create_app() -> FastAPI:
     app.include_router(presets.router)
     app.include_router(bn_tools.router)
     app.include_router(aliases.router)
+    app.include_router(**upload_router_limits(settings))  # /api/v1/datasets: its own body limit
     app.include_router(v2.router)
     app.include_router(events.router)
     app.include_router(metrics.router)

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from service import crud
+from sqlalchemy.orm import Session
+
+from service import crud, data
 from service.budget import time_limit_s
 from service.config import get_settings
 from service.db import session_scope
 from service.ml import checkpoints, datasets, resume, training
+from service.ml.config import ModelConfig
 from service.models import RunStatus
 from service.queue import enqueue_training
 from service.schemas import RunCreate
@@ -109,14 +112,11 @@ class Heartbeat:
 
 
 def dataset_search_dirs() -> list[Path]:
-    return [get_settings().data_dir, datasets.SYSTEM_DATASET_DIR]
+    return data.search_dirs(get_settings())
 
 
 def load_training_data(spec: RunCreate) -> tuple[datasets.ImageDataset, datasets.ImageDataset]:
-    full = datasets.load_dataset(
-        spec.dataset.name, search_dirs=dataset_search_dirs(), split="train", limit=spec.dataset.limit
-    )
-    return datasets.train_val_split(full, spec.dataset.val_split)
+    return data.load_training_data(spec)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -128,13 +128,21 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_time_limit_s(spec: RunCreate) -> int:
-    return time_limit_s(spec, cap_s=get_settings().max_run_seconds)
+def run_time_limit_s(spec: RunCreate, *, session: Session) -> int:
+    cap_s = get_settings().max_run_seconds
+    try:
+        shape = data.data_shape(session=session, dataset=spec.dataset)
+    except data.UnknownDataset:
+        return cap_s  # an upload deleted since submission: the run fails as it loads its data
+    parameters = data.parameter_count(spec, shape)
+    return time_limit_s(spec, cap_s=cap_s, parameters=parameters, train_samples=shape.train_samples)
 
 
 def publish(run_id: str, spec: RunCreate) -> None:
     """Publish a committed run's task with the time limits its spec earns."""
-    enqueue_training(run_id, time_limit_s=run_time_limit_s(spec))
+    with session_scope() as session:
+        limit_s = run_time_limit_s(spec, session=session)
+    enqueue_training(run_id, time_limit_s=limit_s)
 
 
 def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
@@ -146,7 +154,7 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
             log.warning("no run %s; discarding this message", run_id)
             return None
         spec = RunCreate.model_validate(raw_spec)
-        limit_s = run_time_limit_s(spec)
+        limit_s = run_time_limit_s(spec, session=session)
         lease = crud.claim_run(session=session, run_id=run_id, worker=worker, time_limit_s=limit_s)
         if lease is None:
             log.info("run %s is not queued (cancelled, finished or taken); skipping this delivery", run_id)
@@ -157,27 +165,37 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
     callbacks = DatabaseCallbacks(lease, limit_s)
     try:
         with Heartbeat(lease, callbacks.lease_lost):
-            result = _train(spec, callbacks, start_state)
+            result, config = _train(spec, callbacks, start_state)
         if result.cancelled:
             return _stop(lease, callbacks.stop_reason or StopReason.cancelled)
-        weights = checkpoints.save_checkpoint(result.model, spec.model_config_for_ml())
+        weights = checkpoints.save_checkpoint(result.model, config)
     except Exception as exc:
         log.exception("run %s failed", run_id)
         return _end(lease, RunStatus.failed, describe_error(exc))
-    return _succeed(lease, spec, weights)
+    return _succeed(lease, config, weights)
 
 
-def _train(spec: RunCreate, callbacks: DatabaseCallbacks, start_state: bytes | None) -> training.TrainResult:
+def model_config_for_data(spec: RunCreate, train_set: datasets.ImageDataset) -> ModelConfig:
+    """The spec's network for the data as loaded: its sample shape, classes and input scaling."""
+    shape = datasets.DataShape(
+        train_set.sample_shape, train_set.num_classes, train_set.input_kind, len(train_set)
+    )
+    return data.model_config(spec, shape)
+
+
+def _train(
+    spec: RunCreate, callbacks: DatabaseCallbacks, start_state: bytes | None
+) -> tuple[training.TrainResult, ModelConfig]:
     train_set, val_set = load_training_data(spec)
     state = resume.load_training_state(start_state) if start_state else None
     if state is not None:
         log.info("run %s resumes after epoch %d", callbacks.lease.run_id, state.epoch)
-    return training.train(
-        spec.model_config_for_ml(), spec.train_config_for_ml(), train_set, val_set, callbacks, resume=state
-    )
+    config = model_config_for_data(spec, train_set)
+    result = training.train(config, spec.train_config_for_ml(), train_set, val_set, callbacks, resume=state)
+    return result, config
 
 
-def _succeed(lease: crud.Lease, spec: RunCreate, weights: bytes) -> RunStatus | None:
+def _succeed(lease: crud.Lease, config: ModelConfig, weights: bytes) -> RunStatus | None:
     with session_scope() as session:
         if not crud.finish_held_run(session=session, lease=lease, status=RunStatus.succeeded):
             log.warning("run %s: lease lost before the model was stored; discarding it", lease.run_id)
@@ -186,7 +204,7 @@ def _succeed(lease: crud.Lease, spec: RunCreate, weights: bytes) -> RunStatus | 
             session=session,
             run_id=lease.run_id,
             weights=weights,
-            model_config=spec.model_config_for_ml().to_dict(),
+            model_config=config.to_dict(),
             sha256=checkpoints.sha256_hex(weights),
         )
     log.info("run %s succeeded", lease.run_id)

@@ -26,7 +26,10 @@ NotBool = BeforeValidator(_not_a_boolean)
 MAX_PARAMETERS = 20_000_000
 MAX_PREDICT_SAMPLES = 1024
 
-DatasetName = Literal["fashion-mnist", "mnist", "synthetic"]
+DatasetName = Literal["fashion-mnist", "mnist", "synthetic", "cifar10", "mnist1d", "uploaded"]
+DatasetId = Annotated[
+    str, Field(pattern=r"^[0-9a-f]{32}$", description="Server-generated dataset id (32 hex).")
+]
 Width = Annotated[int, NotBool, Field(ge=1, le=4096)]
 
 
@@ -69,8 +72,13 @@ class DatasetSpec(BaseModel):
 
     name: DatasetName = Field(
         "fashion-mnist",
-        description="fashion-mnist and mnist read IDX files from BNLAB_DATA_DIR/<name>/ or "
-        "/usr/share/datasets/<name>/; synthetic is generated from a seed and needs no files.",
+        description="fashion-mnist and mnist read IDX files, cifar10 its binary version, from "
+        "BNLAB_DATA_DIR/<name>/ or /usr/share/datasets/<name>/ (or a download, when the server allows it); "
+        "synthetic and mnist1d (Greydanus 2020: 4000 train samples of 40 floats) are generated and need no "
+        "files; uploaded is a dataset from POST /api/v1/datasets, named by `id`.",
+    )
+    id: DatasetId | None = Field(
+        None, description="With name 'uploaded' (and only then): the id POST /api/v1/datasets returned."
     )
     val_split: Annotated[float, NotBool] = Field(
         0.2,
@@ -85,6 +93,54 @@ class DatasetSpec(BaseModel):
         description="Use only the first N training samples; for synthetic, how many to generate "
         "(default 10000).",
     )
+
+    @model_validator(mode="after")
+    def _id_names_an_upload(self) -> Self:
+        if self.name == "uploaded" and self.id is None:
+            raise ValueError(
+                "dataset.id is required with name 'uploaded' (the id POST /api/v1/datasets returned)"
+            )
+        if self.name != "uploaded" and self.id is not None:
+            raise ValueError(f"dataset.id is only for name 'uploaded', not for the built-in {self.name!r}")
+        return self
+
+
+class DatasetPublic(BaseModel):
+    """An uploaded dataset, as stored (its arrays are not part of the answer)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(description='Server-generated id: train on it with {"name": "uploaded", "id": ...}.')
+    name: str = Field(description="The label given at upload.")
+    sample_shape: list[int] = Field(description="One sample as the network sees it: [C, H, W] or [F].")
+    num_classes: int = Field(description="K: the labels are 0..K-1, every class present.")
+    num_samples: int = Field(description="Samples (the training split; val_split holds out its end).")
+    dtype: Literal["uint8", "float32"] = Field(
+        description="uint8: pixels, divided by 255 for training and served from [0, 1]; "
+        "float32: features, used as they are."
+    )
+    sha256: str = Field(description="SHA-256 of the stored arrays (the server's safetensors encoding).")
+    size_bytes: int = Field(description="Size of the stored arrays.")
+    created_at: datetime = Field(description="When it was uploaded.")
+
+
+class DatasetsPublic(BaseModel):
+    items: list[DatasetPublic] = Field(description="Uploaded datasets, newest first.")
+    total: int = Field(description="Uploaded datasets in all.")
+    limit: int = Field(description="Page size asked for.")
+    offset: int = Field(description="Datasets skipped.")
+
+
+class ScheduleSpec(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["none", "step", "cosine"] = Field(
+        "none",
+        description="Learning rate per epoch: none = constant; step = lr·gamma^⌊(epoch−1)/step_size⌋; "
+        "cosine = lr·(1 + cos(π·(epoch−1)/epochs))/2.",
+    )
+    step_size: Annotated[int, NotBool] = Field(10, ge=1, le=1000, description="step: epochs per decay.")
+    gamma: Annotated[float, NotBool] = Field(0.1, gt=0, le=1, description="step: factor per decay.")
 
 
 class TrainSpec(BaseModel):

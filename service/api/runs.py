@@ -9,20 +9,22 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import crud
+from service import crud, data
 from service.api import served
 from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
 from service.api.deps import RunDep, RunIdPath, SessionDep, SettingsDep
 from service.api.predict_inputs import PredictBody, read_predict_body
 from service.api.security import READ, PrincipalDep
 from service.config import Settings
+from service.db import session_scope
 from service.images import Invert
-from service.ml import bn_tools, datasets
+from service.ml import bn_tools
 from service.ml.probes import PROBE_SAMPLES
 from service.models import Run, RunStatus
 from service.queue import BrokerUnavailable
 from service.runner import publish
 from service.schemas import (
+    MAX_PARAMETERS,
     EpochMetricPublic,
     EpochSlotStatisticsPublic,
     Message,
@@ -69,15 +71,19 @@ def run_public(*, session: Session, run: Run) -> RunPublic:
 
 
 def require_dataset(spec: RunCreate, settings: Settings) -> None:
-    """A missing dataset is the user's to fix: say so at submit time, not as a failed run later."""
-    name = spec.dataset.name
-    if name not in datasets.FILE_DATASETS:
-        return
-    search_dirs = [settings.data_dir, datasets.SYSTEM_DATASET_DIR]
-    if datasets.find_dataset_dir(name, search_dirs) is None:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=datasets.missing_dataset_message(name, search_dirs)
-        )
+    """A missing dataset, or one the model cannot train on, is the user's to fix: say so at submit
+    time (422), not as a failed run later."""
+    missing = data.missing_dataset(spec, settings)
+    if missing is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=missing)
+    with session_scope() as session:  # its own: callers validate before they write anything
+        try:
+            shape = data.data_shape(session=session, dataset=spec.dataset)
+        except data.UnknownDataset as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    problem = data.shape_problem(spec, shape, max_parameters=MAX_PARAMETERS)
+    if problem is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=problem)
 
 
 def require_capacity(*, session: Session, owner: str, limit: int, adding: int = 1) -> None:

@@ -57,7 +57,7 @@ def test_submit_enqueues_exactly_one_json_message_naming_the_run(client: TestCli
 
 def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestClient) -> None:
     spec = client.post("/api/v1/runs", json={}).json()["spec"]
-    assert spec["dataset"] == {"name": "fashion-mnist", "val_split": 0.2, "limit": None}
+    assert spec["dataset"] == {"name": "fashion-mnist", "id": None, "val_split": 0.2, "limit": None}
     assert spec["model"]["hidden"] == [128]
     assert spec["model"]["activation"] == "relu"
     assert spec["model"]["norm"] == {
