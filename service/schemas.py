@@ -505,9 +505,6 @@ class V2Error(BaseModel):
 # ---------------------------------------------------------------------------------------- experiments
 
 MAX_EXPERIMENT_RUNS = 64
-ExperimentId = Annotated[
-    str, Field(pattern=r"^[0-9a-f]{32}$", description="Server-generated experiment id (32 hex).")
-]
 # A dotted path into the run spec, e.g. `model.norm.kind` or `train.lr`; `train.seed` is set by
 # `seeds` and `name` is derived, so neither can be a grid axis.
 GridPath = Annotated[
