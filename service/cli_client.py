@@ -281,6 +281,132 @@ def predict(run_id: str, image: Path, as_json: bool) -> None:
     out.print("top 3      " + "  ".join(f"{c}: {probabilities[c]:.3f}" for c in top), markup=False)
 
 
+# ---------------------------------------------------------------------------------------- experiments
+
+
+@click.group()
+def experiment() -> None:
+    """Create and list experiments (grids of runs over one base spec)."""
+
+
+def _parse_seeds(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",")]
+    except ValueError as exc:
+        raise click.BadParameter("comma-separated integers, e.g. 0,1,2") from exc
+
+
+@experiment.command("create")
+@click.argument("spec", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--preset", help="Start a ready-made experiment (GET /api/v1/presets) instead of SPEC.")
+@click.option("--seeds", callback=_parse_seeds, help="With --preset: seeds to run, e.g. 0,1,2.")
+@click.option("--dataset", help="With --preset: the dataset to use instead of the preset's.")
+@click.option("--wait", is_flag=True, help="Follow every run live; exit 1 unless all succeed.")
+@api_command
+def create_experiment(
+    spec: str | None, preset: str | None, seeds: list[int] | None, dataset: str | None, wait: bool
+) -> None:
+    """Create an experiment from SPEC (a JSON file, `-` for stdin) or from --preset."""
+    if (spec is None) == (preset is None):
+        raise click.UsageError("give either SPEC or --preset")
+    with _client() as client:
+        if preset is not None:
+            overrides = {k: v for k, v in {"seeds": seeds, "dataset": dataset}.items() if v is not None}
+            created = client.start_preset(preset, overrides)
+        else:
+            specs = _read_specs(spec or "-")
+            if len(specs) != 1:
+                raise click.BadParameter("one experiment spec (a JSON object)", param_hint="SPEC")
+            created = client.create_experiment(specs[0])
+        out.print(f"experiment {created['id']} {created['name']}: {len(created['runs'])} runs", markup=False)
+        if wait:
+            _exit_for(wait_for_experiment(client, created))
+
+
+def wait_for_experiment(client: Client, experiment: dict[str, Any]) -> dict[str, str]:
+    final = {run["id"]: run["status"] for run in experiment["runs"]}
+    with RunProgress(out) as progress:
+        for run in experiment["runs"]:
+            summary = {"epochs_total": run["epochs_total"]}
+            progress.add({"id": run["id"], "name": run["name"], "status": run["status"], "summary": summary})
+        for event in client.experiment_events(experiment["id"]):
+            if event.type == "end":
+                break
+            progress.update(event.data["run_id"], event)
+            if event.type == "status":
+                final[event.data["run_id"]] = event.data["status"]
+    return final
+
+
+@experiment.command("list")
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@api_command
+def list_experiments(limit: int) -> None:
+    """List experiments, newest first."""
+    with _client() as client:
+        page = client.list_experiments(limit=limit)
+    table = Table("id", "name", "preset", "runs", "finished", "created", box=None)
+    for item in page["items"]:
+        counts = item["status_counts"]
+        done = sum(counts.get(s, 0) for s in FINISHED)
+        table.add_row(
+            item["id"], item["name"], item["preset"] or "", f"{done}/{len(item['runs'])}",
+            "yes" if item["finished"] else "no", item["created_at"][:19].replace("T", " "),
+        )  # fmt: skip
+    out.print(table)
+
+
+@click.command()
+@click.argument("experiment_id")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Save a PNG.")
+@click.option("--metric", type=click.Choice(["loss", "accuracy"]), default="loss", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The API's JSON report.")
+@api_command
+def report(experiment_id: str, plot: Path | None, metric: str, as_json: bool) -> None:
+    """An experiment's report: per configuration, mean ± std over seeds; winners; claim verdicts."""
+    with _client() as client:
+        body = client.get_report(experiment_id)
+        image = client.get_plot(experiment_id, metric) if plot else None
+    if as_json:
+        _print_json(body)
+    else:
+        _print_report(body)
+    if plot is not None and image is not None:
+        plot.write_bytes(image)
+        err.print(f"plot ({metric}) saved to {plot}", markup=False)
+
+
+def _stat(stat: dict[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    std = stat.get("std")
+    return f"{stat['mean']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def _print_report(body: dict[str, Any]) -> None:
+    state = "finished" if body["finished"] else "still running: figures will change"
+    out.print(f"experiment {body['experiment_id']} {body['name']} ({state})", markup=False)
+    table = Table(
+        "configuration", "ok/runs", "final val_loss", "final val_acc", "best val_loss",
+        f"epochs to {body['target']:g}", box=None,
+    )  # fmt: skip
+    for config in body["configurations"]:
+        reach = config["epochs_to_target"]
+        mean = "-" if reach["mean"] is None else f"{reach['mean']:.1f}"
+        table.add_row(
+            config["config"], f"{config['succeeded']}/{config['runs']}",
+            _stat(config["final"].get("val_loss")), _stat(config["final"].get("val_accuracy")),
+            _stat(config["best"].get("val_loss")), f"{mean} ({reach['reached']} reached)",
+        )  # fmt: skip
+    out.print(table)
+    for winner in body["winners"]:
+        out.print(f"best {winner['metric']} ({winner['better']}): {winner['config']}", markup=False)
+    for claim in body["claims"]:
+        out.print(f"claim: {claim['claim']} -> {claim['verdict']} ({claim['evidence']})", markup=False)
+
+
 def register_client_commands(group: click.Group) -> None:
-    for command in (submit, list_runs, show, cancel, predict):
+    for command in (submit, list_runs, show, cancel, predict, experiment, report):
         group.add_command(command)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,14 +121,52 @@ class Client:
             )
         return answer
 
+    # -- experiments
+
+    def create_experiment(self, spec: dict[str, Any]) -> dict[str, Any]:
+        experiment: dict[str, Any] = self.request("POST", "/api/v1/experiments", json=spec)
+        return experiment
+
+    def start_preset(self, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        experiment: dict[str, Any] = self.request("POST", f"/api/v1/presets/{name}", json=overrides or None)
+        return experiment
+
+    def list_experiments(self, *, limit: int = 20) -> dict[str, Any]:
+        page: dict[str, Any] = self.request("GET", "/api/v1/experiments", params={"limit": limit})
+        return page
+
+    def get_experiment(self, experiment_id: str) -> dict[str, Any]:
+        experiment: dict[str, Any] = self.request("GET", f"/api/v1/experiments/{experiment_id}")
+        return experiment
+
+    def get_report(self, experiment_id: str) -> dict[str, Any]:
+        report: dict[str, Any] = self.request("GET", f"/api/v1/experiments/{experiment_id}/report")
+        return report
+
+    def get_plot(self, experiment_id: str, metric: str) -> bytes:
+        response = self.http.get(f"/api/v1/experiments/{experiment_id}/plot.png", params={"metric": metric})
+        if response.is_error:
+            raise ApiError(response.status_code, _detail(response))
+        return response.content
+
     # -- live progress
 
     def run_events(self, run_id: str) -> Iterator[Event]:
         """A run's events until it finishes: the SSE stream, reconnected with Last-Event-ID, or
         polling when the stream cannot be had."""
-        yield from self._follow(f"/api/v1/runs/{run_id}/events", lambda last: self._poll_run(run_id, last))
+        path = f"/api/v1/runs/{run_id}/events"
+        yield from self._follow(path, _run_ended, lambda last: self._poll_run(run_id, last))
 
-    def _follow(self, path: str, poll: Any) -> Iterator[Event]:
+    def experiment_events(self, experiment_id: str) -> Iterator[Event]:
+        """Every run's events until the experiment's `end` (the same fallback to polling)."""
+        path = f"/api/v1/experiments/{experiment_id}/events"
+        yield from self._follow(
+            path, lambda e: e.type == "end", lambda _: self._poll_experiment(experiment_id)
+        )
+
+    def _follow(
+        self, path: str, is_end: Callable[[Event], bool], poll: Callable[[str | None], Iterator[Event]]
+    ) -> Iterator[Event]:
         last_id: str | None = None
         failures = 0
         while failures < len(RECONNECT_DELAYS_S):
@@ -144,7 +182,7 @@ class Client:
                     for event in parse_sse(r.iter_lines()):
                         last_id = event.id or last_id
                         yield event
-                        if event.type == "status" and event.data.get("status") in FINISHED:
+                        if is_end(event):
                             return
             except httpx.TransportError:
                 time.sleep(RECONNECT_DELAYS_S[failures])
@@ -169,6 +207,38 @@ class Client:
                 yield Event("status", _status_data(run, epoch))
                 return
             time.sleep(POLL_INTERVAL_S)
+
+    def _poll_experiment(self, experiment_id: str) -> Iterator[Event]:
+        """The experiment stream's events from GET /experiments/{id} and each run's metrics (a
+        fallback: it restarts from the beginning, so a consumer sees events it may already have)."""
+        seen: dict[str, tuple[int, str]] = {}
+        while True:
+            experiment = self.get_experiment(experiment_id)
+            for run in experiment["runs"]:
+                yield from self._poll_experiment_run(run, seen)
+            if experiment["finished"]:
+                yield Event("end", {"status_counts": experiment["status_counts"]})
+                return
+            time.sleep(POLL_INTERVAL_S)
+
+    def _poll_experiment_run(self, run: dict[str, Any], seen: dict[str, tuple[int, str]]) -> Iterator[Event]:
+        epoch, status = seen.get(run["id"], (0, ""))
+        about = {"run_id": run["id"], "config": run["config"], "seed": run["seed"]}
+        total = run["epochs_total"]
+        if run["epochs_done"] > epoch:
+            for row in self.get_metrics(run["id"]):
+                if row["epoch"] > epoch:
+                    epoch = row["epoch"]
+                    yield Event("epoch", about | row | {"epochs_total": total})
+        if run["status"] != status:
+            status = run["status"]
+            data = {"status": status, "error": None, "epochs_done": epoch, "epochs_total": total}
+            yield Event("status", about | data)
+        seen[run["id"]] = (epoch, status)
+
+
+def _run_ended(event: Event) -> bool:
+    return event.type == "status" and event.data.get("status") in FINISHED
 
 
 def _status_data(run: dict[str, Any], epoch: int) -> dict[str, Any]:

@@ -1,15 +1,18 @@
-"""Live progress as Server-Sent Events: GET /api/v1/runs/{id}/events.
+"""Live progress as Server-Sent Events: GET /api/v1/runs/{id}/events and
+GET /api/v1/experiments/{id}/events.
 
-A run's events come from the database, polled every POLL_INTERVAL_S inside the stream, so they work
-the same on SQLite and Postgres with no broker or pub/sub: an `epoch` event per recorded epoch and a
-`status` event per change of status observed. The stream ends after a finished status.
+Events come from the database, polled every POLL_INTERVAL_S inside the stream, so they work the same
+on SQLite and Postgres with no broker or pub/sub: an `epoch` event per recorded epoch and a `status`
+event per change of a run's status. A run's stream ends after its finished status; an experiment's
+after an `end` event, once every run has finished.
 
-Event ids are a cursor, `<epochs seen>:<status seen>` (e.g. `3:running`): a client reconnecting with
-`Last-Event-ID: 3:running` gets exactly the epochs after 3 and the status if it is no longer
-`running`. Epoch rows are append-only (a resumed run re-trains only epochs that were never recorded),
-so nothing is sent twice or skipped.
+Event ids are cursors: a run's is `<epochs seen>:<status seen>` (e.g. `3:running`); an experiment's
+lists one `<epochs seen><status letter>` per run, in the experiment's run order (e.g. `3r.2r.0q`).
+A client reconnecting with `Last-Event-ID` gets exactly the epochs after the ones it has and the
+statuses that changed since. Epoch rows are append-only (a resumed run re-trains only epochs that
+were never recorded), so nothing is sent twice or skipped.
 
-Each poll is one short transaction in the thread pool; between polls the stream holds neither a
+Each poll is one short transaction in the thread pool; between polls a stream holds neither a
 database connection nor a thread (it sleeps on the event loop), and it stops as soon as the client
 disconnects. A stream also ends after MAX_STREAM_S; clients reconnect with their Last-Event-ID.
 """
@@ -17,63 +20,61 @@ disconnects. A stream also ends after MAX_STREAM_S; clients reconnect with their
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Request, status
+from fastapi import APIRouter, Header, HTTPException, Path, Request, status
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import crud, telemetry
+from service import crud, crud_experiments, experiments, telemetry
 from service.api.deps import RunIdPath
 from service.db import session_scope
-from service.models import RunStatus
-from service.schemas import EpochMetricPublic, RunCreate
+from service.models import Run, RunStatus
+from service.schemas import EpochMetricPublic
 
-router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
+router = APIRouter(tags=["events"])
 
 POLL_INTERVAL_S = 0.5
 KEEPALIVE_S = 15.0  # a comment line, so proxies keep the connection and a gone client is noticed
 MAX_STREAM_S = 600.0
 RETRY_MS = 2000  # how long an EventSource waits before reconnecting
 
-EVENT_ID_PATTERN = r"^\d{1,9}:(|queued|running|succeeded|failed|cancelled)$"
-EVENTS_DESCRIPTION = (
+RUN_EVENT_ID = r"^\d{1,9}:(|queued|running|succeeded|failed|cancelled)$"
+# One letter per status in experiment cursors, so 64 runs fit in a short header.
+LETTERS = {"": "-", "queued": "q", "running": "r", "succeeded": "s", "failed": "f", "cancelled": "c"}
+STATUSES = {letter: name for name, letter in LETTERS.items()}
+# `!` at the end: the `end` event, so that a client that has it is sent nothing more.
+EXPERIMENT_EVENT_ID = r"^\d{1,9}[-qrsfc](\.\d{1,9}[-qrsfc]){0,63}!?$"
+
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+}
+RUN_EVENTS_DESCRIPTION = (
     "`text/event-stream`. Events: `status` (data: `{status, error, epochs_done, epochs_total}`) on each "
     "change of status, `epoch` (data: the epoch's metrics and `epochs_total`) per recorded epoch. "
     "Event ids are `<epochs seen>:<status seen>`; send the last one as `Last-Event-ID` to resume "
     "exactly there. The stream ends after a finished status (succeeded, failed, cancelled)."
 )
-SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
-}
+EXPERIMENT_EVENTS_DESCRIPTION = (
+    "`text/event-stream`. The run events of every run of the experiment (as `/runs/{id}/events`, each "
+    "with `run_id`, `config` and `seed`), then `end` (data: `{status_counts}`) once all have finished, "
+    "and the stream ends. Event ids list each run's cursor in run order (`3r.2r.0q`; `!` ends the id "
+    "of `end`); send the last one as `Last-Event-ID` to resume exactly there."
+)
 
 
 @dataclass
 class Cursor:
-    """What the client has been sent: epochs up to `epoch`, and `status` ('' before any)."""
+    """What a client has been sent about one run: epochs up to `epoch`, and `status` ('' before any)."""
 
     epoch: int = 0
     status: str = ""
-
-    @classmethod
-    def parse(cls, last_event_id: str | None) -> Cursor:
-        """An id this stream sent (the route's header pattern has checked its form), or a fresh start."""
-        if not last_event_id:
-            return cls()
-        epoch, seen = last_event_id.split(":")
-        return cls(int(epoch), seen)
-
-    @property
-    def id(self) -> str:
-        return f"{self.epoch}:{self.status}"
-
-
-def sse(event: str, event_id: str, data: dict[str, Any]) -> str:
-    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 @dataclass
@@ -84,35 +85,28 @@ class Snapshot:
     new_epochs: list[dict[str, Any]]
 
 
-def read_snapshot(run_id: str, after_epoch: int) -> Snapshot | None:
-    """The run's status, then the epochs after `after_epoch`, in that order: a run seen finished has
-    all its epochs committed already, so the last epochs are never lost to a race with the worker."""
-    with session_scope() as session:
-        run = crud.get_run(session=session, run_id=run_id)
-        if run is None:
-            return None
-        epochs_total = RunCreate.model_validate(run.spec).train.epochs
-        rows = crud.list_epoch_metrics(session=session, run_id=run_id, after_epoch=after_epoch)
-        epochs = [EpochMetricPublic.model_validate(row).model_dump(mode="json") for row in rows]
-        return Snapshot(run.status, run.error, epochs_total, epochs)
+def sse(event: str, event_id: str, data: dict[str, Any]) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def events_for(snapshot: Snapshot, cursor: Cursor) -> list[str]:
-    """The events that bring a client at `cursor` up to `snapshot`, advancing the cursor.
+def events_for(
+    snapshot: Snapshot,
+    cursor: Cursor,
+    event_id: Callable[[], str],
+    extra: dict[str, Any] | None = None,
+) -> list[str]:
+    """The events that bring a client at `cursor` up to `snapshot`, advancing the cursor; each id is
+    `event_id()` taken after the cursor moved.
 
     A live status comes before the epochs recorded under it; a finished status comes after the last
     epochs, so a client reads the whole curve before it learns the run ended."""
+    extra = extra or {}
     events: list[str] = []
 
     def status_event() -> None:
         cursor.status = snapshot.status
-        data = {
-            "status": snapshot.status,
-            "error": snapshot.error,
-            "epochs_done": cursor.epoch,
-            "epochs_total": snapshot.epochs_total,
-        }
-        events.append(sse("status", cursor.id, data))
+        data = {"status": snapshot.status, "error": snapshot.error, "epochs_done": cursor.epoch}
+        events.append(sse("status", event_id(), extra | data | {"epochs_total": snapshot.epochs_total}))
 
     changed = snapshot.status != cursor.status
     finished = RunStatus(snapshot.status).is_finished
@@ -120,65 +114,181 @@ def events_for(snapshot: Snapshot, cursor: Cursor) -> list[str]:
         status_event()
     for epoch in snapshot.new_epochs:
         cursor.epoch = epoch["epoch"]
-        events.append(sse("epoch", cursor.id, epoch | {"epochs_total": snapshot.epochs_total}))
+        events.append(sse("epoch", event_id(), extra | epoch | {"epochs_total": snapshot.epochs_total}))
     if changed and finished:
         status_event()
     return events
 
 
-async def run_events(request: Request, run_id: str, cursor: Cursor, first: Snapshot) -> AsyncIterator[str]:
-    with telemetry.EVENT_STREAMS.track_inprogress():
-        async for event in _run_events(request, run_id, cursor, first):
-            yield event
+def snapshot_of(session: Session, run: Run, after_epoch: int) -> Snapshot:
+    """The run's status (already read), then the epochs after `after_epoch`, in that order: a run seen
+    finished has all its epochs committed already, so the last ones are never lost to a race."""
+    new = []
+    if run.epochs_done > after_epoch:
+        rows = crud.list_epoch_metrics(session=session, run_id=run.id, after_epoch=after_epoch)
+        new = [EpochMetricPublic.model_validate(row).model_dump(mode="json") for row in rows]
+    return Snapshot(run.status, run.error, int(run.spec["train"]["epochs"]), new)
 
 
-async def _run_events(request: Request, run_id: str, cursor: Cursor, first: Snapshot) -> AsyncIterator[str]:
-    yield f"retry: {RETRY_MS}\n\n"
-    started = last_sent = time.monotonic()
-    snapshot: Snapshot | None = first
-    while snapshot is not None:  # None: the run was deleted while streaming
-        for event in events_for(snapshot, cursor):
-            yield event
-            last_sent = time.monotonic()
-        if RunStatus(snapshot.status).is_finished or time.monotonic() - started >= MAX_STREAM_S:
-            return
-        if time.monotonic() - last_sent >= KEEPALIVE_S:
-            yield ": keepalive\n\n"
-            last_sent = time.monotonic()
-        await asyncio.sleep(POLL_INTERVAL_S)
-        if await request.is_disconnected():
-            return
-        snapshot = await run_in_threadpool(read_snapshot, run_id, cursor.epoch)
-
-
-@router.get(
-    "/{run_id}/events",
-    summary="Live progress of a run as Server-Sent Events (one per epoch and per status change)",
-    description=EVENTS_DESCRIPTION,
-    response_class=StreamingResponse,
-    responses=SSE_RESPONSE,
-)
-async def stream_run_events(
+async def poll_until_done(
     request: Request,
-    run_id: RunIdPath,
-    last_event_id: Annotated[
-        str | None,
-        Header(
-            alias="Last-Event-ID",
-            pattern=EVENT_ID_PATTERN,
-            description="Resume after this event id (sent by EventSource on reconnect).",
-        ),
-    ] = None,
-) -> StreamingResponse:
-    # No session dependency: a request-scoped session would hold its connection for the whole stream.
-    cursor = Cursor.parse(last_event_id)
-    first = await run_in_threadpool(read_snapshot, run_id, cursor.epoch)
-    if first is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {run_id} not found")
-    return event_stream(run_events(request, run_id, cursor, first))
+    poll: Callable[[], Awaitable[list[str] | None]],
+    first: list[str],
+    done: Callable[[], bool],
+) -> AsyncIterator[str]:
+    """The stream's loop: send, sleep on the event loop, poll again; ends when `done()`, when the
+    client has gone, or after MAX_STREAM_S."""
+    with telemetry.EVENT_STREAMS.track_inprogress():
+        yield f"retry: {RETRY_MS}\n\n"
+        started = last_sent = time.monotonic()
+        batch: list[str] | None = first
+        while batch is not None:  # None: the run or experiment was deleted while streaming
+            for event in batch:
+                yield event
+                last_sent = time.monotonic()
+            if done() or time.monotonic() - started >= MAX_STREAM_S:
+                return
+            if time.monotonic() - last_sent >= KEEPALIVE_S:
+                yield ": keepalive\n\n"
+                last_sent = time.monotonic()
+            await asyncio.sleep(POLL_INTERVAL_S)
+            if await request.is_disconnected():
+                return
+            batch = await poll()
 
 
 def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     # no-cache and no proxy buffering: each event must reach the client when it is written.
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+def last_event_id_header(pattern: str) -> Any:
+    return Header(
+        alias="Last-Event-ID",
+        pattern=pattern,
+        description="Resume after this event id (the last one received; EventSource sends it on reconnect).",
+    )
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+
+class RunStream:
+    def __init__(self, run_id: str, last_event_id: str | None) -> None:
+        self.run_id = run_id
+        epoch, _, seen = (last_event_id or "0:").partition(":")
+        self.cursor = Cursor(int(epoch), seen)
+        self.finished = False
+
+    def event_id(self) -> str:
+        return f"{self.cursor.epoch}:{self.cursor.status}"
+
+    def poll(self) -> list[str] | None:
+        with session_scope() as session:
+            run = crud.get_run(session=session, run_id=self.run_id)
+            if run is None:
+                return None
+            snapshot = snapshot_of(session, run, self.cursor.epoch)
+        self.finished = RunStatus(snapshot.status).is_finished
+        return events_for(snapshot, self.cursor, self.event_id)
+
+
+@router.get(
+    "/api/v1/runs/{run_id}/events",
+    summary="Live progress of a run as Server-Sent Events (one per epoch and per status change)",
+    description=RUN_EVENTS_DESCRIPTION,
+    response_class=StreamingResponse,
+    responses=SSE_RESPONSE,
+)
+async def stream_run_events(
+    request: Request,
+    run_id: RunIdPath,
+    last_event_id: Annotated[str | None, last_event_id_header(RUN_EVENT_ID)] = None,
+) -> StreamingResponse:
+    # No session dependency: a request-scoped session would hold its connection for the whole stream.
+    stream = RunStream(run_id, last_event_id)
+    first = await run_in_threadpool(stream.poll)
+    if first is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {run_id} not found")
+    poll = functools.partial(run_in_threadpool, stream.poll)
+    return event_stream(poll_until_done(request, poll, first, lambda: stream.finished))
+
+
+# ---------------------------------------------------------------------------------------- experiments
+
+
+class ExperimentStream:
+    def __init__(self, experiment_id: str, last_event_id: str | None) -> None:
+        self.experiment_id = experiment_id
+        self.last_event_id = (last_event_id or "").removesuffix("!")
+        self.end_sent = bool(last_event_id and last_event_id.endswith("!"))
+        self.cursors: list[Cursor] | None = None  # one per run, in the experiment's run order
+        self.finished = False
+
+    def event_id(self) -> str:
+        assert self.cursors is not None
+        return ".".join(f"{c.epoch}{LETTERS[c.status]}" for c in self.cursors)
+
+    def _start(self, runs: int) -> list[Cursor]:
+        if not self.last_event_id:
+            return [Cursor() for _ in range(runs)]
+        parts = self.last_event_id.split(".")
+        if len(parts) != runs:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail=f"Last-Event-ID has {len(parts)} run cursors; this experiment has {runs} runs",
+            )
+        return [Cursor(int(part[:-1]), STATUSES[part[-1]]) for part in parts]
+
+    def poll(self) -> list[str] | None:
+        with session_scope() as session:
+            if crud_experiments.get_experiment(session=session, experiment_id=self.experiment_id) is None:
+                return None
+            runs = crud_experiments.list_experiment_runs(session=session, experiment_id=self.experiment_id)
+            self.cursors = self.cursors or self._start(len(runs))
+            snapshots = [
+                snapshot_of(session, run, c.epoch) for run, c in zip(runs, self.cursors, strict=True)
+            ]
+        events: list[str] = []
+        for run, snapshot, cursor in zip(runs, snapshots, self.cursors, strict=True):
+            events += events_for(snapshot, cursor, self.event_id, self._about(run))
+        self.finished = all(RunStatus(s.status).is_finished for s in snapshots)
+        if self.finished and not self.end_sent:
+            counts = {s.value: sum(snap.status == s.value for snap in snapshots) for s in RunStatus}
+            events.append(sse("end", self.event_id() + "!", {"status_counts": counts}))
+            self.end_sent = True
+        return events
+
+    @staticmethod
+    def _about(run: Run) -> dict[str, Any]:
+        point = run.grid_point or {}
+        seed = int(run.spec["train"]["seed"])
+        return {
+            "run_id": run.id,
+            "config": experiments.config_label(point),
+            "seed": seed,
+            "grid_point": point,
+        }
+
+
+@router.get(
+    "/api/v1/experiments/{experiment_id}/events",
+    summary="Live progress of every run of an experiment as Server-Sent Events",
+    description=EXPERIMENT_EVENTS_DESCRIPTION,
+    response_class=StreamingResponse,
+    responses=SSE_RESPONSE,
+)
+async def stream_experiment_events(
+    request: Request,
+    experiment_id: Annotated[
+        str, Path(pattern=r"^[0-9a-f]{32}$", description="Server-generated experiment id.")
+    ],
+    last_event_id: Annotated[str | None, last_event_id_header(EXPERIMENT_EVENT_ID)] = None,
+) -> StreamingResponse:
+    stream = ExperimentStream(experiment_id, last_event_id)
+    first = await run_in_threadpool(stream.poll)
+    if first is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"experiment {experiment_id} not found")
+    poll = functools.partial(run_in_threadpool, stream.poll)
+    return event_stream(poll_until_done(request, poll, first, lambda: stream.finished))

@@ -168,12 +168,76 @@ def test_unknown_run_is_404_and_a_malformed_last_event_id_is_422(client: TestCli
 def test_live_status_comes_before_its_epochs_and_a_final_one_after_them() -> None:
     epochs = [{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.4}]
     cursor = Cursor()
-    running = events_for(Snapshot("running", None, 2, epochs[:1]), cursor)
+
+    def event_id() -> str:
+        return f"{cursor.epoch}:{cursor.status}"
+
+    running = events_for(Snapshot("running", None, 2, epochs[:1]), cursor, event_id)
     assert [line.split("\n")[1] for line in running] == ["event: status", "event: epoch"]
-    assert cursor.id == "1:running"
-    done = events_for(Snapshot("succeeded", None, 2, epochs[1:]), cursor)
+    assert event_id() == "1:running"
+    done = events_for(Snapshot("succeeded", None, 2, epochs[1:]), cursor, event_id)
     assert [line.split("\n")[:2] for line in done] == [
         ["id: 2:running", "event: epoch"],
         ["id: 2:succeeded", "event: status"],
     ]
-    assert events_for(Snapshot("succeeded", None, 2, []), cursor) == []
+    assert events_for(Snapshot("succeeded", None, 2, []), cursor, event_id) == []
+
+
+# ---------------------------------------------------------------------------------------- experiments
+
+EXPERIMENT = {
+    "name": "sse-grid",
+    "base": {"dataset": {"name": "synthetic", "limit": 200}, "train": {"epochs": 2}},
+    "grid": {"model.norm.kind": ["none", "batch"]},
+    "seeds": [0],
+}
+
+
+def new_experiment(client: TestClient) -> tuple[str, list[str]]:
+    created = client.post("/api/v1/experiments", json=EXPERIMENT)
+    assert created.status_code == 202, created.text
+    body = created.json()
+    return body["id"], [run["id"] for run in body["runs"]]
+
+
+def read_experiment_events(client: TestClient, experiment_id: str, last: str | None = None) -> list[Event]:
+    headers = {"Last-Event-ID": last} if last else {}
+    with client.stream("GET", f"/api/v1/experiments/{experiment_id}/events", headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        return list(parse_sse(response.iter_lines()))
+
+
+def test_an_experiment_streams_every_run_then_ends_and_resumes_exactly(client: TestClient) -> None:
+    experiment_id, (first, second) = new_experiment(client)
+    one, two = claim(first), claim(second)
+    record(one, 1)
+    record(two, 1)
+    record(one, 2)
+    finish(one)
+    finish(two, RunStatus.failed, "diverged")
+    events = read_experiment_events(client, experiment_id)
+    seen = [(e.id, e.type, e.data.get("run_id"), e.data.get("epoch", e.data.get("status"))) for e in events]
+    # Runs that have ended before the stream opened: their epochs, then their final status.
+    assert seen == [
+        ("1-.0-", "epoch", first, 1),
+        ("2-.0-", "epoch", first, 2),
+        ("2s.0-", "status", first, "succeeded"),
+        ("2s.1-", "epoch", second, 1),
+        ("2s.1f", "status", second, "failed"),
+        ("2s.1f!", "end", None, None),
+    ]
+    assert events[1].data["config"] == "norm=none"
+    assert events[-1].data["status_counts"]["succeeded"] == 1
+    assert events[-2].data["error"] == "diverged"
+    # Resuming from any event gives exactly the events after it.
+    for i, event in enumerate(events):
+        rest = read_experiment_events(client, experiment_id, event.id)
+        assert [e.id for e in rest] == [e.id for e in events[i + 1 :]], event.id
+
+
+def test_an_experiment_cursor_must_match_its_runs(client: TestClient) -> None:
+    experiment_id, _ = new_experiment(client)
+    response = client.get(f"/api/v1/experiments/{experiment_id}/events", headers={"Last-Event-ID": "1r"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "Last-Event-ID has 1 run cursors; this experiment has 2 runs"
+    assert client.get(f"/api/v1/experiments/{'0' * 32}/events").status_code == 404
