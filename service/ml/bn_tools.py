@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from service.ml.norms import uses_batch_statistics
+
 Estimator = Literal["population", "mean_of_batches"]
 ESTIMATORS: tuple[Estimator, ...] = ("population", "mean_of_batches")
 
@@ -152,7 +154,10 @@ def recalibrate(
     copy_ = copy.deepcopy(model)
     layers = batch_norm_layers(copy_)
     if not layers:
-        raise ValueError("the model has no BatchNorm layer to recalibrate")
+        raise ValueError(
+            "the model has no BatchNorm layer to recalibrate (only the norm kinds batch, batch_renorm "
+            "and ghost keep running statistics)"
+        )
     if any(bn.running_mean is None for _, bn in layers):
         raise ValueError(
             "the model's BatchNorm layers keep no running statistics (track_running_stats=false)"
@@ -193,13 +198,17 @@ def predict_proba_batch_stats(model: nn.Module, inputs: torch.Tensor) -> torch.T
 
     For teaching: the same inputs give other answers than in eval mode, and a sample's answer
     depends on the rest of its batch. Runs on a copy, so the stored running buffers never move.
+    Only the layers that use batch statistics switch to train mode: dropout stays off, so the
+    answer differs from eval mode by the normalisation alone.
     """
-    if inputs.shape[0] < 2 and batch_norm_layers(model):
+    if inputs.shape[0] < 2 and any(uses_batch_statistics(m) for m in model.modules()):
         raise ValueError(
             "batch statistics need at least 2 samples (one value per channel cannot be normalised)"
         )
-    copy_ = copy.deepcopy(model)
-    copy_.train()
+    copy_ = copy.deepcopy(model).eval()
+    for module in copy_.modules():
+        if uses_batch_statistics(module):
+            module.train()
     with torch.no_grad():
         logits: torch.Tensor = copy_(inputs.to(torch.float32))
     return logits.softmax(dim=1)

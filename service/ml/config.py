@@ -2,7 +2,9 @@
 
 The service validates the user's JSON spec (service/schemas.py) and converts it to these frozen
 dataclasses. `ModelConfig.to_dict()` is what a checkpoint stores next to its weights, so that
-`ModelConfig.from_dict()` + `make_net()` rebuild exactly the network that was trained.
+`ModelConfig.from_dict()` + `make_net()` rebuild exactly the network that was trained. Every field
+added since the first checkpoints has a default that builds the network those checkpoints hold, so
+old stored configs load unchanged.
 """
 
 from __future__ import annotations
@@ -10,12 +12,33 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-NormKind = Literal["none", "batch"]
+NormKind = Literal[
+    "none", "batch", "layer", "group", "instance", "batch_renorm", "ghost", "weight", "batch_layer"
+]
+NORM_KINDS: tuple[NormKind, ...] = (
+    "none",
+    "batch",
+    "layer",
+    "group",
+    "instance",
+    "batch_renorm",
+    "ghost",
+    "weight",
+    "batch_layer",
+)
+# Kinds that normalise with statistics over the batch in training: a batch of one cannot train.
+BATCH_STAT_KINDS: frozenset[str] = frozenset({"batch", "batch_renorm", "ghost", "batch_layer"})
 NormPosition = Literal["after_activation", "before_activation"]
-Activation = Literal["relu", "sigmoid", "tanh"]
+Activation = Literal["relu", "sigmoid", "tanh", "gelu"]
+Arch = Literal["mlp", "cnn"]
+DropoutPosition = Literal["before_norm", "after_norm"]
+# pytorch: Linear/Conv keep PyTorch's Kaiming-uniform(a=√5) init; glorot: Keras' Glorot-uniform kernels
+# with zero biases (bn-semantics.md §2).
+Init = Literal["pytorch", "glorot"]
 OptimizerName = Literal["adam", "sgd"]
 # pixels: uint8 images, trained as x / 255; features: float inputs used as they are.
 InputKind = Literal["pixels", "features"]
+ScheduleKind = Literal["none", "step", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -29,19 +52,47 @@ class NormConfig:
     momentum: float | None = 0.01
     affine: bool = True
     track_running_stats: bool = True
+    # Keras' center (β) and scale (γ) when they differ from `affine`; None = as `affine`.
+    center: bool | None = None
+    scale: bool | None = None
+    num_groups: int = 32  # group: the GroupNorm paper's default G
+    virtual_batch_size: int = 16  # ghost: samples per virtual batch
+    # batch_renorm (Ioffe 2017): final clipping limits and the warm-up schedule, in training steps:
+    # plain BN (rmax=1, dmax=0) for `renorm_warmup_steps`, then linear ramps that reach rmax at
+    # `renorm_rmax_steps` and dmax at `renorm_dmax_steps` (the paper: 5k, 40k, 25k).
+    rmax: float = 3.0
+    dmax: float = 5.0
+    renorm_warmup_steps: int = 5000
+    renorm_rmax_steps: int = 40000
+    renorm_dmax_steps: int = 25000
+    # batch_layer: the B of its formula, the training batch size (the authors' layer takes it too).
+    bln_batch_size: int | None = None
+
+    @property
+    def learns_beta(self) -> bool:
+        return self.affine if self.center is None else self.center
+
+    @property
+    def learns_gamma(self) -> bool:
+        return self.affine if self.scale is None else self.scale
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["mlp"] = "mlp"
+    arch: Arch = "mlp"
     input_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 10
     # How serving reads inputs as training did: pixels take values in [0, 1] (or UINT8 0..255),
     # features (MNIST-1D, float uploads) any finite numbers. Older configs lack it: pixels.
     input_kind: InputKind = "pixels"
-    hidden: tuple[int, ...] = (128,)
+    hidden: tuple[int, ...] = (128,)  # mlp: hidden Linear widths
     activation: Activation = "relu"
     norm: NormConfig = field(default_factory=NormConfig)
+    channels: tuple[int, ...] = (32, 64)  # cnn: conv widths, one Conv-Norm-Act block each
+    dropout: float = 0.0
+    dropout_position: DropoutPosition = "after_norm"
+    init: Init = "pytorch"
+    init_scale: float = 1.0  # multiplies every initial Linear/Conv weight (the init-scale experiment)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,8 +100,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         fields = dict(data)
-        fields["input_shape"] = tuple(fields["input_shape"])
-        fields["hidden"] = tuple(fields["hidden"])
+        for name in ("input_shape", "hidden", "channels"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
         fields["norm"] = NormConfig(**fields["norm"])
         return cls(**fields)
 
@@ -62,3 +114,11 @@ class TrainConfig:
     optimizer: OptimizerName = "adam"
     lr: float = 1e-3
     seed: int = 0
+    momentum: float = 0.9  # SGD's momentum
+    weight_decay: float = 0.0  # L2 added to the gradient (torch's Adam and SGD `weight_decay`)
+    adam_eps: float = 1e-8  # PyTorch's default; Keras' is 1e-7
+    # Learning rate per epoch: none = constant; step = lr·gamma^⌊(epoch−1)/step_size⌋;
+    # cosine = lr·(1 + cos(π·(epoch−1)/epochs))/2, from lr at epoch 1 down towards 0.
+    schedule: ScheduleKind = "none"
+    step_size: int = 10
+    gamma: float = 0.1

@@ -1,20 +1,40 @@
-"""Networks built from a ModelConfig: the article's MLP, with or without batch normalization.
+"""Networks built from a ModelConfig: the article's MLP and a small CNN, with any normaliser.
 
 The article's Keras model is Flatten -> Dense(128, relu) -> BatchNormalization -> Dense(10) (logits;
-the softmax lives in the loss). `make_net` generalises it to any list of hidden widths, three
-activations and the two places BN can sit, and nothing else: every switch is a config field.
+the softmax lives in the loss). `make_net` generalises it, every switch a config field:
+
+- `mlp`: Flatten → [Linear → act → norm] per hidden width (or Linear → norm → act) → Linear.
+- `cnn`: the input as (C, H, W) → [Conv 3×3 (pad 1) → norm → act (or act → norm), then 2×2
+  max-pooling while the map is at least 2×2] per entry of `channels` → global average pool →
+  Linear. It needs an image-like input (C, H, W): 1×28×28 and 3×32×32 alike.
+
+Dropout (p > 0) sits right before or right after each block's norm slot. Every block has a norm slot
+named `bn{i}` whatever the kind (an Identity for `none` and `weight`), so probes compare runs with
+and without normalisation layer by layer (`norm_slots`), and state_dict keys never shift.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
+from collections.abc import Iterator
 
+import torch
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
-from service.ml.config import Activation, ModelConfig, NormConfig
+from service.ml.config import ModelConfig
+from service.ml.norms import make_norm
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+}
+_SLOT = re.compile(r"bn\d+")
+Block = list[tuple[str, nn.Module]]
 
 
 def make_net(cfg: ModelConfig) -> nn.Sequential:
@@ -24,52 +44,140 @@ def make_net(cfg: ModelConfig) -> nn.Sequential:
     `fc1.weight` or `bn1.running_mean` do not shift when a layer is added or removed elsewhere:
     checkpoints stay readable across configurations.
     """
-    if cfg.arch != "mlp":
-        raise ValueError(f"unknown arch {cfg.arch!r}; only 'mlp' is supported")
-    if cfg.norm.kind not in ("none", "batch"):
-        raise ValueError(f"unknown norm kind {cfg.norm.kind!r}; expected 'none' or 'batch'")
-    if cfg.num_classes < 2 or any(width < 1 for width in cfg.hidden):
-        raise ValueError("num_classes must be >= 2 and every hidden width >= 1")
+    _check(cfg)
+    layers = _mlp(cfg) if cfg.arch == "mlp" else _cnn(cfg)
+    net = nn.Sequential(OrderedDict(layers))
+    _initialise(net, cfg)
+    if cfg.norm.kind == "weight":
+        # After init, so g = ‖v‖ starts the network at the weights just drawn (Salimans & Kingma).
+        for name, module in net.named_children():
+            if re.fullmatch(r"(fc|conv)\d+", name):
+                weight_norm(module, name="weight", dim=0)
+    return net
 
-    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.arch not in ("mlp", "cnn"):
+        raise ValueError(f"unknown arch {cfg.arch!r}; expected 'mlp' or 'cnn'")
+    if cfg.activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {cfg.activation!r}; expected one of {sorted(_ACTIVATIONS)}")
+    if cfg.norm.position not in ("after_activation", "before_activation"):
+        raise ValueError(f"unknown norm position {cfg.norm.position!r}")
+    if cfg.dropout_position not in ("before_norm", "after_norm"):
+        raise ValueError(f"unknown dropout position {cfg.dropout_position!r}")
+    if not 0 <= cfg.dropout < 1 or not cfg.init_scale > 0 or cfg.init not in ("pytorch", "glorot"):
+        raise ValueError("dropout must be in [0, 1), init_scale > 0, init 'pytorch' or 'glorot'")
+    widths = cfg.hidden if cfg.arch == "mlp" else cfg.channels
+    if cfg.num_classes < 2 or not widths or any(width < 1 for width in widths):
+        raise ValueError("num_classes must be >= 2 and every width >= 1")
+    if cfg.arch == "cnn" and len(cfg.input_shape) != 3:
+        raise ValueError(
+            f"arch 'cnn' needs an image input (channels, height, width); this data's samples are"
+            f" {tuple(cfg.input_shape)}"
+        )
+
+
+def _mlp(cfg: ModelConfig) -> Block:
+    layers: Block = [("flatten", nn.Flatten())]
     in_features = math.prod(cfg.input_shape)
     for i, width in enumerate(cfg.hidden, start=1):
-        layers.update(_hidden_block(i, in_features, width, cfg.activation, cfg.norm))
+        layers += _block(cfg, i, (f"fc{i}", nn.Linear(in_features, width)), width, positions=None)
         in_features = width
-    layers["out"] = nn.Linear(in_features, cfg.num_classes)
-    return nn.Sequential(layers)
+    return [*layers, ("out", nn.Linear(in_features, cfg.num_classes))]
 
 
-def _hidden_block(
-    i: int, in_features: int, width: int, activation: Activation, norm: NormConfig
-) -> OrderedDict[str, nn.Module]:
-    """Linear + activation, with BN after the activation (the Keras code) or before it (the paper)."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(_ACTIVATIONS)}")
-    fc: tuple[str, nn.Module] = (f"fc{i}", nn.Linear(in_features, width))
-    act: tuple[str, nn.Module] = (f"act{i}", _ACTIVATIONS[activation]())
-    if norm.kind == "none":
-        return OrderedDict([fc, act])
-    bn: tuple[str, nn.Module] = (f"bn{i}", _batch_norm(width, norm))
-    if norm.position == "before_activation":
-        return OrderedDict([fc, bn, act])
-    if norm.position == "after_activation":
-        return OrderedDict([fc, act, bn])
-    raise ValueError(f"unknown norm position {norm.position!r}")
+def _cnn(cfg: ModelConfig) -> Block:
+    c, h, w = cfg.input_shape
+    # Flatten then unflatten: any layout with C·H·W values per sample works, as for the mlp.
+    layers: Block = [("flatten", nn.Flatten()), ("image", nn.Unflatten(1, (c, h, w)))]
+    for i, width in enumerate(cfg.channels, start=1):
+        conv = nn.Conv2d(c, width, kernel_size=3, padding=1)
+        layers += _block(cfg, i, (f"conv{i}", conv), width, positions=h * w)
+        if h >= 2 and w >= 2:  # pooling stops at 1×1 maps (many blocks on a small input)
+            layers.append((f"pool{i}", nn.MaxPool2d(2)))
+            h, w = h // 2, w // 2
+        c = width
+    head = nn.Linear(c, cfg.num_classes)
+    return [*layers, ("gap", nn.AdaptiveAvgPool2d(1)), ("gap_flat", nn.Flatten()), ("out", head)]
 
 
-def _batch_norm(width: int, norm: NormConfig) -> nn.BatchNorm1d:
-    # momentum uses PyTorch's convention (weight of the new batch; Keras 0.99 == torch 0.01), and
-    # None means a cumulative average, which BatchNorm1d implements itself.
-    return nn.BatchNorm1d(
-        width,
-        eps=norm.eps,
-        momentum=norm.momentum,
-        affine=norm.affine,
-        track_running_stats=norm.track_running_stats,
-    )
+def _block(
+    cfg: ModelConfig, i: int, layer: tuple[str, nn.Module], width: int, *, positions: int | None
+) -> Block:
+    """Linear/Conv, then the activation and the norm slot in the configured order, with dropout
+    before or after the slot: BN after the activation (the Keras code) or before it (the paper).
+    `positions`: H·W of a conv block's feature map; None for a Linear block."""
+    spatial = positions is not None
+    norm = make_norm(cfg.norm, width, spatial=spatial, positions=positions or 1)
+    slot: Block = [(f"bn{i}", norm)]
+    if cfg.dropout > 0:
+        drop = (f"drop{i}", nn.Dropout(cfg.dropout))
+        slot = [drop, *slot] if cfg.dropout_position == "before_norm" else [*slot, drop]
+    act = (f"act{i}", _ACTIVATIONS[cfg.activation]())
+    if cfg.norm.position == "before_activation":
+        return [layer, *slot, act]
+    return [layer, act, *slot]
+
+
+def _initialise(net: nn.Module, cfg: ModelConfig) -> None:
+    """PyTorch's init as built, or Keras' (Glorot-uniform kernels, zero biases); then `init_scale`."""
+    if cfg.init == "pytorch" and cfg.init_scale == 1.0:
+        return  # draw nothing more: the RNG stream (and every seed's weights) stay as they were
+    with torch.no_grad():
+        for module in _weighted(net):
+            if cfg.init == "glorot":
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            module.weight.mul_(cfg.init_scale)
+
+
+def _weighted(net: nn.Module) -> Iterator[nn.Linear | nn.Conv2d]:
+    for module in net.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            yield module
+
+
+def norm_slots(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The normalisation slot of each block (`bn1`, `bn2`, …) in order, Identity ones included."""
+    return [(name, module) for name, module in model.named_children() if _SLOT.fullmatch(name)]
 
 
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (BN's running buffers are not parameters, as in Keras' 'trainable')."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Trainable parameters of `make_net(cfg)`, counted on the meta device: no memory, no RNG draw."""
+    with torch.device("meta"):
+        return count_parameters(make_net(cfg))
+
+
+def forward_flops(cfg: ModelConfig) -> int:
+    """Floating-point operations of one sample's forward pass: 2 per multiply-add of every Linear
+    and Conv, plus a few per value every other layer outputs (norms, activations, pooling).
+    Measured by a forward pass on the meta device, so every architecture is counted the same way."""
+    total = 0
+
+    def count(module: nn.Module, _args: object, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += 2 * module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            k = math.prod(module.kernel_size) * module.in_channels // module.groups
+            total += 2 * k * output.numel()
+        elif not isinstance(module, nn.Sequential):
+            total += ELEMENTWISE_FLOPS * output.numel()
+
+    with torch.device("meta"):
+        net = make_net(cfg).eval()
+        handles = [m.register_forward_hook(count) for m in net.children()]
+        net(torch.empty(1, *cfg.input_shape))
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+# Norms cost a handful of operations per value (subtract, scale, shift, statistics); so do the rest.
+ELEMENTWISE_FLOPS = 5

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.ml.config import ModelConfig, TrainConfig
+from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, to_inputs
 from service.ml.nets import make_net
+from service.ml.norms import end_epoch
 from service.ml.probes import SlotStatistics
 from service.ml.resume import TrainingState, restore, save_training_state
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
 STOP_CHECK_INTERVAL_S = 0.5
-SGD_MOMENTUM = 0.9
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,29 @@ def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
 
 
 def _make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    # weight_decay is torch's: an L2 term added to the gradient (coupled, also for Adam), on every
+    # parameter; adam_eps is 1e-8 in PyTorch and 1e-7 in Keras (the spec's compat picks).
     if tcfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+        return torch.optim.Adam(
+            model.parameters(), lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay
+        )
     if tcfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=SGD_MOMENTUM)
+        return torch.optim.SGD(
+            model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay
+        )
     raise ValueError(f"unknown optimizer {tcfg.optimizer!r}; expected 'adam' or 'sgd'")
+
+
+def lr_at(tcfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of 1-based `epoch`: a function of the config alone, so a resumed run sets
+    the same rates without any scheduler state to save."""
+    if tcfg.schedule == "none":
+        return tcfg.lr
+    if tcfg.schedule == "step":
+        return tcfg.lr * tcfg.gamma ** ((epoch - 1) // tcfg.step_size)
+    if tcfg.schedule == "cosine":
+        return tcfg.lr * (1 + math.cos(math.pi * (epoch - 1) / tcfg.epochs)) / 2
+    raise ValueError(f"unknown schedule {tcfg.schedule!r}; expected 'none', 'step' or 'cosine'")
 
 
 def _check_inputs(
@@ -124,8 +142,10 @@ def _check_inputs(
         raise ValueError("epochs and batch_size must be >= 1")
     if len(train_set) < 2 or len(val_set) < 1:
         raise ValueError("training needs at least 2 training samples and 1 validation sample")
-    if cfg.norm.kind == "batch" and tcfg.batch_size < 2:
-        raise ValueError("batch normalization cannot train with batch_size 1 (one value per channel)")
+    if cfg.norm.kind in BATCH_STAT_KINDS and tcfg.batch_size < 2:
+        raise ValueError(
+            f"norm kind {cfg.norm.kind!r} cannot train with batch_size 1 (one value per channel)"
+        )
     # Compared by size: the net flattens its input, so (1, 28, 28) and (784,) describe the same data.
     if (
         math.prod(train_set.sample_shape) != math.prod(cfg.input_shape)
@@ -170,6 +190,8 @@ def train(
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.monotonic()
         model.train()  # on purpose: evaluate() left the model in eval mode
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(tcfg, epoch)
         order = epoch_permutation(n, tcfg.seed, epoch)[:n_used]
         loss_sum = torch.zeros(())
         correct = torch.zeros((), dtype=torch.int64)
@@ -188,6 +210,7 @@ def train(
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(dim=1) == y).sum()
 
+        end_epoch(model)  # per-epoch population statistics (batch_layer) are final before validating
         val_loss, val_accuracy = evaluate(model, val_set)
         metrics = EpochMetrics(
             epoch=epoch,
@@ -238,7 +261,10 @@ def predict_proba(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def _input_features(model: nn.Module) -> int:
-    first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    # A cnn reshapes its flattened input to (C, H, W) first; an mlp's first Linear takes it all.
+    first = next((m for m in model.modules() if isinstance(m, nn.Unflatten | nn.Linear)), None)
+    if isinstance(first, nn.Unflatten):
+        return math.prod(first.unflattened_size)
     if first is None:
         raise ValueError("model has no Linear layer")
     return first.in_features

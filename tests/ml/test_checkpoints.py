@@ -126,7 +126,7 @@ def test_metadata_problems(model: nn.Module) -> None:
         load_checkpoint(safetensors.torch.save(state))
     with pytest.raises(CheckpointError, match="model_config"):
         load_checkpoint(raw(state, model_config="{"))
-    bad_cfg = json.dumps({**CFG.to_dict(), "activation": "gelu"})
+    bad_cfg = json.dumps({**CFG.to_dict(), "activation": "swish"})
     with pytest.raises(CheckpointError, match="cannot be built"):
         load_checkpoint(raw(state, model_config=bad_cfg))
 

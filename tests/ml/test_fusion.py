@@ -8,10 +8,11 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from service.ml.config import ModelConfig, NormConfig
 from service.ml.fusion import fuse_bn
-from service.ml.nets import make_net
+from service.ml.nets import make_net, norm_slots
 
 WIDTHS = (48, 32, 24)
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
@@ -40,6 +41,28 @@ NO_BN_COMBINATIONS = [
 ]
 
 
+# Every other arch × kind × position: BN-like kinds fold (cnn: only right after the conv), weight norm
+# folds its parametrisation, per-input norms stay unfused and say so.
+OTHER_COMBINATIONS = [
+    ModelConfig(
+        arch=arch,
+        hidden=(24, 16),
+        channels=(4, 8),
+        dropout=0.25,
+        dropout_position=dropout_position,
+        norm=NormConfig(kind=kind, position=position, num_groups=4, momentum=0.3, bln_batch_size=16),
+    )
+    for arch, kind, position, dropout_position in itertools.product(
+        ("mlp", "cnn"),
+        ("none", "batch", "layer", "group", "instance", "batch_renorm", "ghost", "weight", "batch_layer"),
+        ("after_activation", "before_activation"),
+        ("before_norm", "after_norm"),
+    )
+    if not (arch == "mlp" and kind in ("batch", "none", "instance"))
+]
+FOLDS = {"none", "batch", "batch_renorm", "ghost", "weight"}
+
+
 def trained_like(cfg: ModelConfig, seed: int = 0) -> nn.Sequential:
     """A net whose BN buffers and affine parameters are far from their initial values, in eval mode."""
     torch.manual_seed(seed)
@@ -48,10 +71,9 @@ def trained_like(cfg: ModelConfig, seed: int = 0) -> nn.Sequential:
     with torch.no_grad():
         for _ in range(5):
             net(torch.rand(16, 1, 28, 28))
-        for module in net.modules():
-            if isinstance(module, nn.BatchNorm1d) and module.affine:
-                module.weight.uniform_(0.5, 2.0)
-                module.bias.uniform_(-0.5, 0.5)
+        for _, module in norm_slots(net):
+            for name, parameter in module.named_parameters():
+                parameter.uniform_(0.5, 2.0) if name == "weight" else parameter.uniform_(-0.5, 0.5)
     return net.eval()
 
 
@@ -127,3 +149,29 @@ def test_fused_model_is_a_different_object_even_without_bn() -> None:
     assert fused is not net
     fused.get_submodule("out").bias.data.add_(1.0)  # type: ignore[union-attr]
     assert not torch.equal(fused.get_submodule("out").bias, net.get_submodule("out").bias)
+
+
+def other_id(cfg: ModelConfig) -> str:
+    return f"{cfg.arch}-{cfg.norm.kind}-{cfg.norm.position}-dropout_{cfg.dropout_position}"
+
+
+@pytest.mark.parametrize("cfg", OTHER_COMBINATIONS, ids=other_id)
+def test_every_arch_and_norm_fuses_within_1e_5_or_says_why_not(cfg: ModelConfig) -> None:
+    net = trained_like(cfg)
+    x = torch.rand(32, 1, 28, 28)
+    fused, report = fuse_bn(net)
+    cnn_bn_after_act = cfg.arch == "cnn" and cfg.norm.position == "after_activation"
+    can_fold = cfg.norm.kind in FOLDS and not (cnn_bn_after_act and cfg.norm.kind not in ("none", "weight"))
+    assert report.fused == can_fold, report.reason
+    if not can_fold:
+        assert fused is net
+        assert report.reason is not None
+        assert "bn1" in report.reason
+        return
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout) for m in fused.modules())
+    assert not any(parametrize.is_parametrized(m) for m in fused.modules())
+    expected_folds = 0 if cfg.norm.kind == "none" else 2
+    assert len(report.folded) == expected_folds
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), net(x), atol=1e-5, rtol=0)
+    assert net(x).shape == (32, 10)  # the original still works (weight norm's class is not shared)

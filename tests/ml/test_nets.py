@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from service.ml.config import ModelConfig, NormConfig
-from service.ml.nets import count_parameters, make_net
+from service.ml.nets import count_parameters, forward_flops, make_net, norm_slots, parameter_count
 
 BN_AFTER = ModelConfig()  # the article's model: Linear -> ReLU -> BN -> Linear
 NO_BN = ModelConfig(norm=NormConfig(kind="none"))
@@ -45,7 +48,9 @@ def test_bn_before_activation_and_no_bn() -> None:
     before = make_net(ModelConfig(norm=NormConfig(position="before_activation")))
     assert layer_types(before) == [nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     plain = make_net(NO_BN)
-    assert layer_types(plain) == [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
+    # The norm slot is there without a norm too (an Identity), so probes compare layer by layer.
+    assert layer_types(plain) == [nn.Flatten, nn.Linear, nn.ReLU, nn.Identity, nn.Linear]
+    assert list(plain.state_dict()) == ["fc1.weight", "fc1.bias", "out.weight", "out.bias"]
     assert count_parameters(plain) == 101_770
 
 
@@ -73,7 +78,7 @@ def test_bn_takes_its_settings_from_the_config() -> None:
 
 def test_unknown_activation_is_refused() -> None:
     with pytest.raises(ValueError, match="activation"):
-        make_net(ModelConfig(activation="gelu"))  # type: ignore[arg-type]
+        make_net(ModelConfig(activation="swish"))  # type: ignore[arg-type]
 
 
 def test_oracle1_train_output_is_the_formula_with_biased_variance() -> None:
@@ -157,3 +162,93 @@ def test_training_on_one_sample_raises_but_eval_works() -> None:
         net(torch.rand(1, 1, 28, 28))
     net.eval()
     assert net(torch.rand(1, 1, 28, 28)).shape == (1, 10)
+
+
+# ------------------------------------------------------------------ cnn, slots, dropout, old configs
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_cnn_blocks_for_grey_and_colour_images(shape: tuple[int, int, int]) -> None:
+    cfg = ModelConfig(
+        arch="cnn", input_shape=shape, channels=(8, 16), norm=NormConfig(position="before_activation")
+    )
+    net = make_net(cfg)
+    names = list(net._modules)
+    assert names == [
+        "flatten", "image",
+        "conv1", "bn1", "act1", "pool1",
+        "conv2", "bn2", "act2", "pool2",
+        "gap", "gap_flat", "out",
+    ]  # fmt: skip
+    assert isinstance(net.get_submodule("bn1"), nn.BatchNorm2d)
+    assert net(torch.rand(3, *shape)).shape == (3, 10)
+    assert net(torch.rand(3, math.prod(shape))).shape == (3, 10)  # flat input works, as for the mlp
+    assert parameter_count(cfg) == count_parameters(net)
+
+
+def test_pooling_stops_at_one_by_one_maps() -> None:
+    net = make_net(ModelConfig(arch="cnn", input_shape=(1, 4, 4), channels=(2, 2, 2, 2)))
+    assert [n for n in net._modules if n.startswith("pool")] == ["pool1", "pool2"]
+    assert net(torch.rand(2, 1, 4, 4)).shape == (2, 10)
+
+
+def test_cnn_on_a_vector_input_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"image input .*\(40,\)"):
+        make_net(ModelConfig(arch="cnn", input_shape=(40,)))
+
+
+@pytest.mark.parametrize("kind", ["none", "batch", "layer", "weight", "batch_layer"])
+def test_every_block_has_a_named_norm_slot(kind: str) -> None:
+    cfg = ModelConfig(hidden=(16, 8), norm=NormConfig(kind=kind, num_groups=4, bln_batch_size=4))  # type: ignore[arg-type]
+    slots = norm_slots(make_net(cfg))
+    assert [name for name, _ in slots] == ["bn1", "bn2"]
+    assert isinstance(slots[0][1], nn.Identity) == (kind in ("none", "weight"))
+
+
+def test_dropout_sits_before_or_after_the_norm_slot() -> None:
+    before = make_net(ModelConfig(dropout=0.5, dropout_position="before_norm"))
+    assert list(before._modules) == ["flatten", "fc1", "act1", "drop1", "bn1", "out"]
+    after = make_net(ModelConfig(dropout=0.5, norm=NormConfig(position="before_activation")))
+    assert list(after._modules) == ["flatten", "fc1", "bn1", "drop1", "act1", "out"]
+    assert list(make_net(ModelConfig())._modules) == ["flatten", "fc1", "act1", "bn1", "out"]  # p = 0: none
+
+
+def test_a_config_stored_before_the_new_fields_still_loads_and_round_trips() -> None:
+    old = {
+        "arch": "mlp",
+        "input_shape": [1, 28, 28],
+        "num_classes": 10,
+        "hidden": [128],
+        "activation": "relu",
+        "norm": {
+            "kind": "batch",
+            "position": "after_activation",
+            "eps": 0.001,
+            "momentum": 0.01,
+            "affine": True,
+            "track_running_stats": True,
+        },
+    }
+    cfg = ModelConfig.from_dict(old)
+    assert cfg == ModelConfig()
+    rich = ModelConfig(
+        arch="cnn",
+        channels=(4, 8),
+        dropout=0.2,
+        dropout_position="before_norm",
+        init="glorot",
+        init_scale=0.5,
+        norm=NormConfig(kind="batch_renorm", center=True, scale=False, rmax=2.0, renorm_warmup_steps=7),
+    )
+    assert ModelConfig.from_dict(json.loads(json.dumps(rich.to_dict()))) == rich
+
+
+def test_forward_flops_count_convolutions_by_their_feature_maps() -> None:
+    mlp = ModelConfig(norm=NormConfig(kind="none"))
+    # 2 per multiply-add of both Linears, plus a few per value of flatten, act and the identity slot.
+    assert forward_flops(mlp) == 2 * (784 * 128 + 128 * 10) + 5 * (784 + 128 + 128)
+    cnn = ModelConfig(arch="cnn", channels=(32,), norm=NormConfig(kind="none"))
+    conv_flops = 2 * 9 * 1 * 32 * 28 * 28
+    assert forward_flops(cnn) > conv_flops
+    assert count_parameters(make_net(cnn)) < 1000  # few parameters, yet far more flops than the mlp
+    assert forward_flops(cnn) > forward_flops(mlp)

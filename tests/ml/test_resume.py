@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -45,3 +47,32 @@ def test_a_state_for_another_architecture_is_refused() -> None:
 def test_garbage_is_a_resume_error() -> None:
     with pytest.raises(ResumeError):
         load_training_state(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+
+
+# Renorm's schedule runs on its step buffer and BLN keeps per-epoch sums: both must survive a resume,
+# as must a learning-rate schedule (a function of the epoch, no state of its own).
+RESUMABLE = [
+    (
+        NormConfig(kind="batch_renorm", renorm_warmup_steps=4, renorm_rmax_steps=14, renorm_dmax_steps=9),
+        "sgd",
+    ),
+    (NormConfig(kind="ghost", virtual_batch_size=8), "adam"),
+    (NormConfig(kind="batch_layer", bln_batch_size=32), "adam"),
+]
+
+
+@pytest.mark.parametrize(("norm", "optimizer"), RESUMABLE, ids=lambda v: getattr(v, "kind", v))
+def test_resume_with_stateful_norms_and_a_schedule_is_bit_identical(norm: NormConfig, optimizer: str) -> None:
+    for arch in ("mlp", "cnn"):
+        cfg = ModelConfig(arch=arch, hidden=(32,), channels=(4,), norm=norm)  # type: ignore[arg-type]
+        data = train_val_split(make_synthetic(400, seed=2), 0.25)
+        three = TrainConfig(epochs=3, seed=4, optimizer=optimizer, schedule="step", step_size=1, gamma=0.5)  # type: ignore[arg-type]
+        straight = Recorder()
+        whole = train(cfg, three, *data, callbacks=straight)
+        first = Recorder()
+        train(cfg, replace(three, epochs=1), *data, callbacks=first)
+        rest = Recorder()
+        resumed = train(cfg, three, *data, callbacks=rest, resume=load_training_state(first.snapshots[0]))
+        assert [without_time(m) for m in rest.epochs] == [without_time(m) for m in straight.epochs[1:]]
+        a, b = whole.model.state_dict(), resumed.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)

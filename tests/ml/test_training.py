@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -154,3 +157,100 @@ def test_predict_proba(small: tuple[ImageDataset, ImageDataset]) -> None:
     torch.testing.assert_close(predict_proba(model, inputs[3:4]), probs[3:4], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="784 values per sample"):
         predict_proba(model, torch.rand(2, 100))
+
+
+# ------------------------------------------------------------------ every normaliser, both architectures
+
+KINDS = ("none", "batch", "layer", "group", "instance", "batch_renorm", "ghost", "weight", "batch_layer")
+SMOKE = [
+    ModelConfig(
+        arch=arch,
+        hidden=(32,),
+        channels=(4, 8),
+        dropout=0.1,
+        norm=NormConfig(
+            kind=kind,
+            num_groups=4,
+            virtual_batch_size=8,
+            bln_batch_size=16,
+            renorm_warmup_steps=2,
+            renorm_rmax_steps=6,
+            renorm_dmax_steps=4,
+        ),
+    )
+    for arch in ("mlp", "cnn")
+    for kind in KINDS
+    if not (arch == "mlp" and kind == "instance")
+]
+
+
+@pytest.mark.parametrize("cfg", SMOKE, ids=lambda c: f"{c.arch}-{c.norm.kind}")
+def test_every_kind_trains_and_evaluates_each_sample_independently_of_its_batch(
+    cfg: ModelConfig, small: tuple[ImageDataset, ImageDataset]
+) -> None:
+    result = train(cfg, TrainConfig(epochs=1, batch_size=16, seed=1), *small)
+    (metrics,) = result.epochs
+    assert math.isfinite(metrics.train_loss)
+    assert math.isfinite(metrics.val_loss)
+    # Every kind's eval (with running statistics where it has them) sees one sample at a time.
+    inputs = to_inputs(small[1].x[:8])
+    probs = predict_proba(result.model, inputs)
+    for i in (0, 5):
+        torch.testing.assert_close(
+            predict_proba(result.model, inputs[i : i + 1]), probs[i : i + 1], atol=1e-5, rtol=0
+        )
+
+
+def test_cnn_on_a_non_image_input_is_a_clear_value_error() -> None:
+    with pytest.raises(ValueError, match="image input"):
+        training.build_model(ModelConfig(arch="cnn", input_shape=(40,)), seed=0)
+
+
+def test_learning_rate_schedules() -> None:
+    step = TrainConfig(lr=0.1, schedule="step", step_size=2, gamma=0.5, epochs=6)
+    assert [training.lr_at(step, e) for e in range(1, 7)] == pytest.approx(
+        [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    )
+    cosine = TrainConfig(lr=0.1, schedule="cosine", epochs=4)
+    expected = [0.1 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
+    assert [training.lr_at(cosine, e) for e in range(1, 5)] == pytest.approx(expected)
+    assert training.lr_at(TrainConfig(lr=0.3), 9) == 0.3
+
+
+def test_optimizer_settings_reach_torch(small: tuple[ImageDataset, ImageDataset]) -> None:
+    model = nn.Linear(2, 2)
+    sgd = training._make_optimizer(model, TrainConfig(optimizer="sgd", momentum=0.5, weight_decay=0.01))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert (sgd.param_groups[0]["momentum"], sgd.param_groups[0]["weight_decay"]) == (0.5, 0.01)
+    adam = training._make_optimizer(model, TrainConfig(adam_eps=1e-7, weight_decay=0.02))
+    assert isinstance(adam, torch.optim.Adam)
+    assert (adam.param_groups[0]["eps"], adam.param_groups[0]["weight_decay"]) == (1e-7, 0.02)
+    # The schedule is applied: a step decay to a tiny rate after epoch 1 all but freezes the weights.
+    frozen = TrainConfig(epochs=2, lr=0.01, schedule="step", step_size=1, gamma=1e-9)
+    one, two = (train(NO_BN, replace(frozen, epochs=e), *small).model.state_dict() for e in (1, 2))
+    assert all(torch.allclose(one[k], two[k], atol=1e-8) for k in one)
+    free = [train(NO_BN, replace(frozen, epochs=e, schedule="none"), *small).model for e in (1, 2)]
+    assert not torch.allclose(
+        free[0].state_dict()["fc1.weight"], free[1].state_dict()["fc1.weight"], atol=1e-6
+    )
+
+
+def test_keras_init_is_glorot_uniform_with_zero_biases_and_init_scale_multiplies() -> None:
+    cfg = ModelConfig(arch="cnn", channels=(8,), init="glorot")
+    net = training.build_model(cfg, seed=0)
+    conv, out = net.get_submodule("conv1"), net.get_submodule("out")
+    assert isinstance(conv, nn.Conv2d)
+    assert isinstance(out, nn.Linear)
+    bound = math.sqrt(6 / (1 * 9 + 8 * 9))  # Glorot: sqrt(6 / (fan_in + fan_out)), receptive field 3×3
+    assert conv.weight.abs().max() <= bound
+    assert conv.weight.abs().max() > 0.9 * bound
+    assert conv.bias is not None
+    assert out.bias is not None
+    assert torch.count_nonzero(conv.bias) == 0
+    assert torch.count_nonzero(out.bias) == 0
+    scaled = training.build_model(replace(cfg, init_scale=2.5), seed=0)
+    torch.testing.assert_close(scaled.get_submodule("conv1").weight, conv.weight * 2.5)
+    # The default (PyTorch init, scale 1) draws exactly what it always did.
+    plain = training.build_model(ModelConfig(), seed=0)
+    torch.manual_seed(0)
+    assert torch.equal(plain.state_dict()["fc1.weight"], nn.Linear(784, 128).weight)
