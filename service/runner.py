@@ -134,8 +134,8 @@ def run_time_limit_s(spec: RunCreate, *, session: Session) -> int:
         shape = data.data_shape(session=session, dataset=spec.dataset)
     except data.UnknownDataset:
         return cap_s  # an upload deleted since submission: the run fails as it loads its data
-    parameters = data.parameter_count(spec, shape)
-    return time_limit_s(spec, cap_s=cap_s, parameters=parameters, train_samples=shape.train_samples)
+    model = data.model_config(spec, shape)
+    return time_limit_s(spec, cap_s=cap_s, model=model, train_samples=shape.train_samples)
 
 
 def publish(run_id: str, spec: RunCreate) -> None:

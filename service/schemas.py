@@ -4,11 +4,13 @@ OpenAPI page at /docs documents the API by itself."""
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from service.ml.config import ModelConfig, NormConfig, TrainConfig
+from service.ml import nets
+from service.ml.config import ModelConfig, NormConfig, NormKind, TrainConfig
 
 # A job is a declarative spec, never code: unknown fields are refused and floats must be finite.
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -34,18 +36,25 @@ Width = Annotated[int, NotBool, Field(ge=1, le=4096)]
 
 
 class NormSpec(BaseModel):
+    """One normalisation layer per hidden block. Accepts PyTorch's names (eps, momentum, affine) or
+    Keras' (epsilon, keras_momentum, center, scale); the echo always shows PyTorch's, converted."""
+
     model_config = STRICT
 
-    kind: Literal["none", "batch"] = Field(
-        "batch", description="Normalization layer after each hidden Linear."
+    kind: NormKind = Field(
+        "batch",
+        description="none, batch (BatchNorm), layer (LayerNorm; GroupNorm(1, C) on conv maps), group "
+        "(GroupNorm, `num_groups`), instance (InstanceNorm2d, cnn only), batch_renorm (`rmax`, `dmax` and "
+        "the renorm_* warm-up), ghost (BN per `virtual_batch_size` samples), weight (weight normalisation "
+        "of each hidden Linear/Conv), batch_layer (Batch Layer Normalization, Ziaee & Çano 2022).",
     )
     position: Literal["after_activation", "before_activation"] = Field(
         "after_activation",
-        description="after_activation: Linear → act → BN (the article's Keras code); "
-        "before_activation: Linear → BN → act (the article's equation 6).",
+        description="after_activation: Linear → act → norm (the article's Keras code); "
+        "before_activation: Linear → norm → act (the article's equation 6).",
     )
     eps: Annotated[float, NotBool] = Field(
-        1e-3, gt=0, le=1, description="Added to the variance; Keras' default 1e-3."
+        1e-3, gt=0, le=1, description="Added to the variance; Keras' default 1e-3 (PyTorch's is 1e-5)."
     )
     momentum: Annotated[float | None, NotBool] = Field(
         0.01,
@@ -55,16 +64,143 @@ class NormSpec(BaseModel):
         "0.01 here). null = cumulative average.",
     )
     affine: bool = Field(True, strict=True, description="Learn γ and β.")
-    track_running_stats: bool = Field(True, strict=True, description="Keep running statistics for eval mode.")
+    track_running_stats: bool = Field(
+        True,
+        strict=True,
+        description="Keep running statistics for eval mode (batch, batch_renorm (required), ghost, instance, "
+        "batch_layer); without them eval normalises with the batch's own statistics.",
+    )
+    keras_momentum: Annotated[float | None, NotBool] = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Keras convention (0.99 style, the weight of the old value): momentum = "
+        "1 − keras_momentum, converted exactly in decimal; null in the echo, which shows `momentum`.",
+    )
+    epsilon: Annotated[float | None, NotBool] = Field(
+        None, gt=0, le=1, description="Keras' name of `eps`; null in the echo, which shows `eps`."
+    )
+    center: bool | None = Field(
+        None,
+        strict=True,
+        description="Keras: learn β. The echo shows center and scale only when they differ (then affine is "
+        "true); otherwise null, with `affine` saying both.",
+    )
+    scale: bool | None = Field(None, strict=True, description="Keras: learn γ (see `center`).")
+    num_groups: Annotated[int, NotBool] = Field(
+        32, ge=1, le=4096, description="group: groups of channels (must divide every width); GN paper's 32."
+    )
+    virtual_batch_size: Annotated[int, NotBool] = Field(
+        16, ge=2, le=8192, description="ghost: samples per virtual batch; must divide train.batch_size."
+    )
+    rmax: Annotated[float, NotBool] = Field(
+        3.0, ge=1, le=1000, description="batch_renorm: final clip of r = σ_B/σ to [1/rmax, rmax] (paper 3)."
+    )
+    dmax: Annotated[float, NotBool] = Field(
+        5.0, ge=0, le=1000, description="batch_renorm: final clip of d = (μ_B − μ)/σ to ±dmax (paper 5)."
+    )
+    renorm_warmup_steps: Annotated[int, NotBool] = Field(
+        5000, ge=0, le=10**8, description="batch_renorm: training steps of plain BN (rmax 1, dmax 0) first."
+    )
+    renorm_rmax_steps: Annotated[int, NotBool] = Field(
+        40000, ge=0, le=10**8, description="batch_renorm: step rmax is reached at (linear from the warm-up)."
+    )
+    renorm_dmax_steps: Annotated[int, NotBool] = Field(
+        25000, ge=0, le=10**8, description="batch_renorm: step dmax is reached at (linear from the warm-up)."
+    )
+
+    @model_validator(mode="after")
+    def _one_convention(self) -> Self:
+        # Keras' names are converted into PyTorch's; a value given under both names must agree.
+        given = self.model_fields_set
+        if self.epsilon is not None:
+            if "eps" in given and self.eps != self.epsilon:
+                raise ValueError(f"eps {self.eps} and epsilon {self.epsilon} conflict: give one of them")
+            self.eps, self.epsilon = self.epsilon, None
+        if self.keras_momentum is not None:
+            converted = float(Decimal(1) - Decimal(repr(self.keras_momentum)))
+            if "momentum" in given and self.momentum != converted:
+                raise ValueError(
+                    f"momentum {self.momentum} and keras_momentum {self.keras_momentum} conflict (PyTorch's "
+                    f"momentum is 1 − Keras' momentum = {converted}): give one of them"
+                )
+            self.momentum, self.keras_momentum = converted, None
+        self._resolve_center_scale("affine" in given)
+        return self
+
+    def _resolve_center_scale(self, affine_given: bool) -> None:
+        center = self.affine if self.center is None else self.center
+        scale = self.affine if self.scale is None else self.scale
+        if affine_given and self.affine != (center or scale):
+            raise ValueError(
+                f"affine {str(self.affine).lower()} conflicts with center {str(center).lower()} / scale "
+                f"{str(scale).lower()}: give affine, or center and scale"
+            )
+        if center == scale:
+            self.affine, self.center, self.scale = center, None, None
+        else:
+            self.affine, self.center, self.scale = True, center, scale
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> Self:
+        if self.kind == "batch_renorm":
+            if not self.track_running_stats:
+                raise ValueError("kind batch_renorm needs track_running_stats true (r and d use them)")
+            warmup = self.renorm_warmup_steps
+            if warmup > self.renorm_rmax_steps or warmup > self.renorm_dmax_steps:
+                raise ValueError(
+                    f"renorm_warmup_steps {warmup} must not exceed renorm_rmax_steps "
+                    f"{self.renorm_rmax_steps} or renorm_dmax_steps {self.renorm_dmax_steps}"
+                )
+        if self.kind == "instance" and self.track_running_stats and self.momentum is None:
+            raise ValueError("kind instance with track_running_stats needs a momentum (not null)")
+        return self
+
+
+Channels = Annotated[int, NotBool, Field(ge=1, le=512)]
 
 
 class ModelSpec(BaseModel):
     model_config = STRICT
 
-    arch: Literal["mlp"] = Field("mlp", description="Flatten → [Linear → act → norm] × len(hidden) → Linear.")
-    hidden: list[Width] = Field([128], min_length=1, max_length=16, description="Hidden layer widths.")
-    activation: Literal["relu", "sigmoid", "tanh"] = Field("relu", description="Hidden activation.")
+    arch: Literal["mlp", "cnn"] = Field(
+        "mlp",
+        description="mlp: Flatten → [Linear → act → norm] × len(hidden) → Linear. cnn: [Conv 3×3 → norm → "
+        "act, 2×2 max-pool while the map is ≥ 2×2] × len(channels) → global average pool → Linear; needs "
+        "image data (C, H, W). Each uses only its own widths (hidden or channels).",
+    )
+    hidden: list[Width] = Field([128], min_length=1, max_length=16, description="mlp: hidden layer widths.")
+    channels: list[Channels] = Field(
+        [32, 64], min_length=1, max_length=8, description="cnn: output channels of each conv block."
+    )
+    activation: Literal["relu", "sigmoid", "tanh", "gelu"] = Field("relu", description="Hidden activation.")
+    dropout: Annotated[float, NotBool] = Field(
+        0.0, ge=0, le=0.9, description="Dropout probability in every hidden block (0: no dropout layer)."
+    )
+    dropout_position: Literal["before_norm", "after_norm"] = Field(
+        "after_norm", description="Dropout right before or right after each block's norm slot."
+    )
+    init_scale: Annotated[float, NotBool] = Field(
+        1.0, gt=0, le=100, description="Multiplies every initial Linear/Conv weight (after the init)."
+    )
     norm: NormSpec = Field(default_factory=NormSpec, description="Normalization of the hidden layers.")
+
+    @model_validator(mode="after")
+    def _norm_fits_widths(self) -> Self:
+        widths = self.hidden if self.arch == "mlp" else self.channels
+        groups = self.norm.num_groups
+        if self.norm.kind == "group":
+            # On an mlp a group of one feature has no variance: GroupNorm refuses it.
+            bad = [w for w in widths if w % groups or (self.arch == "mlp" and w // groups < 2)]
+            if bad:
+                field = "hidden" if self.arch == "mlp" else "channels"
+                raise ValueError(
+                    f"model.norm.num_groups {groups} must divide every model.{field} width (an mlp needs "
+                    f"groups of at least 2 features); it does not for {bad}"
+                )
+        if self.norm.kind == "instance" and self.arch == "mlp":
+            raise ValueError("norm kind instance needs spatial dimensions: use it with arch 'cnn'")
+        return self
 
 
 class DatasetSpec(BaseModel):
@@ -150,11 +286,27 @@ class TrainSpec(BaseModel):
     batch_size: Annotated[int, NotBool] = Field(
         32, ge=2, le=8192, description="Samples per step; BN needs at least 2."
     )
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with momentum 0.9.")
-    lr: Annotated[float, NotBool] = Field(1e-3, gt=0, le=10, description="Learning rate.")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with `momentum`.")
+    lr: Annotated[float, NotBool] = Field(1e-3, gt=0, le=10, description="Learning rate (epoch 1).")
+    momentum: Annotated[float, NotBool] = Field(0.9, ge=0, lt=1, description="SGD's momentum.")
+    weight_decay: Annotated[float, NotBool] = Field(
+        0.0, ge=0, le=1, description="L2 coefficient added to every gradient (torch's coupled weight_decay)."
+    )
+    adam_eps: Annotated[float | None, NotBool] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Adam's epsilon; null: by `compat` (pytorch 1e-8, keras 1e-7). The echo shows the value "
+        "used.",
+    )
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
     seed: Annotated[int, NotBool] = Field(
         0, ge=0, le=2**31 - 1, description="Seeds initialisation and data order."
     )
+
+
+# Adam's epsilon per compat (bn-semantics.md §2).
+ADAM_EPS = {"pytorch": 1e-8, "keras": 1e-7}
 
 
 class RunCreate(BaseModel):
@@ -170,13 +322,20 @@ class RunCreate(BaseModel):
         pattern=r"^[\w .,:;()+=@#%&!?'-]*$",
         description="Optional label: letters, digits, spaces and .,:;()+=@#%&!?'- (no slashes).",
     )
+    compat: Literal["pytorch", "keras"] = Field(
+        "pytorch",
+        description="pytorch: PyTorch's Linear/Conv init, Adam eps 1e-8. keras: Glorot-uniform kernels with "
+        "zero biases and Adam eps 1e-7, as the article's Keras code. Either way BN's eps and momentum are "
+        "the fields' (defaults: Keras' 1e-3 and 0.99, i.e. 0.01 here).",
+    )
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
 
-    def parameter_count(self) -> int:
-        widths = [784, *self.model.hidden, 10]
-        return sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+    def parameter_count(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> int:
+        """Trainable parameters of the network on data of this shape (built on the meta device)."""
+        config = self.model_config_for_ml(input_shape=input_shape, num_classes=num_classes)
+        return nets.parameter_count(config)
 
     @model_validator(mode="after")
     def _check_budget(self) -> Self:
@@ -187,14 +346,51 @@ class RunCreate(BaseModel):
         # as in Keras (limit >= 10 with val_split <= 0.5 always leaves at least 5 samples).
         return self
 
-    def model_config_for_ml(self) -> ModelConfig:
-        norm = NormConfig(**self.model.norm.model_dump())
+    @model_validator(mode="after")
+    def _resolve_and_cross_check(self) -> Self:
+        if self.train.adam_eps is None:
+            self.train.adam_eps = ADAM_EPS[self.compat]  # the echo shows what ran
+        norm = self.model.norm
+        if norm.kind == "ghost" and self.train.batch_size % norm.virtual_batch_size:
+            raise ValueError(
+                f"model.norm.virtual_batch_size {norm.virtual_batch_size} must divide train.batch_size "
+                f"{self.train.batch_size}"
+            )
+        return self
+
+    def model_config_for_ml(
+        self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10
+    ) -> ModelConfig:
+        spec = self.model
+        fields = spec.norm.model_dump(exclude={"keras_momentum", "epsilon"})
+        # Batch Layer Normalization's formula uses the training batch size B.
+        bln_batch_size = self.train.batch_size if spec.norm.kind == "batch_layer" else None
         return ModelConfig(
-            arch=self.model.arch, hidden=tuple(self.model.hidden), activation=self.model.activation, norm=norm
+            arch=spec.arch,
+            input_shape=tuple(input_shape),
+            num_classes=num_classes,
+            hidden=tuple(spec.hidden),
+            activation=spec.activation,
+            norm=NormConfig(**fields, bln_batch_size=bln_batch_size),
+            channels=tuple(spec.channels),
+            dropout=spec.dropout,
+            dropout_position=spec.dropout_position,
+            init="glorot" if self.compat == "keras" else "pytorch",
+            init_scale=spec.init_scale,
         )
 
     def train_config_for_ml(self) -> TrainConfig:
-        return TrainConfig(**self.train.model_dump())
+        train = self.train
+        fields = train.model_dump(exclude={"schedule", "adam_eps"})
+        schedule = train.schedule
+        adam_eps = ADAM_EPS[self.compat] if train.adam_eps is None else train.adam_eps
+        return TrainConfig(
+            **fields,
+            adam_eps=adam_eps,
+            schedule=schedule.kind,
+            step_size=schedule.step_size,
+            gamma=schedule.gamma,
+        )
 
 
 RunStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]

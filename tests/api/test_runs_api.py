@@ -67,8 +67,30 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         "momentum": 0.01,
         "affine": True,
         "track_running_stats": True,
+        "keras_momentum": None,
+        "epsilon": None,
+        "center": None,
+        "scale": None,
+        "num_groups": 32,
+        "virtual_batch_size": 16,
+        "rmax": 3.0,
+        "dmax": 5.0,
+        "renorm_warmup_steps": 5000,
+        "renorm_rmax_steps": 40000,
+        "renorm_dmax_steps": 25000,
     }
-    assert spec["train"] == {"epochs": 10, "batch_size": 32, "optimizer": "adam", "lr": 0.001, "seed": 0}
+    assert spec["train"] == {
+        "epochs": 10,
+        "batch_size": 32,
+        "optimizer": "adam",
+        "lr": 0.001,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "adam_eps": 1e-8,
+        "schedule": {"kind": "none", "step_size": 10, "gamma": 0.1},
+        "seed": 0,
+    }
+    assert spec["compat"] == "pytorch"
 
 
 @pytest.mark.parametrize(
@@ -80,7 +102,7 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         ({"train": {"batch_size": 0}}, "batch_size"),
         ({"train": {"batch_size": 1}}, "batch_size"),
         ({"train": {"lr": -1}}, "lr"),
-        ({"model": {"norm": {"kind": "layer"}}}, "kind"),
+        ({"model": {"norm": {"kind": "whitening"}}}, "kind"),
         ({"model": {"hidden": [4096] * 16}}, "parameters"),
         ({"dataset": {"name": "../../etc/passwd"}}, "name"),
         ({"model": {"norm": {"momentum": 1.5}}}, "momentum"),
