@@ -71,7 +71,10 @@ def shape_problem(spec: RunCreate, shape: DataShape, *, max_parameters: int) -> 
             f"arch {spec.model.arch!r} needs image data [C, H, W]; dataset {spec.dataset.name!r} has "
             f"samples of shape {list(shape.input_shape)}: use arch 'mlp'"
         )
-    parameters = parameter_count(spec, shape)
+    try:
+        parameters = parameter_count(spec, shape)
+    except ValueError as exc:  # e.g. instance norm once the maps of a deep cnn are 1×1 on small images
+        return f"the model cannot be built for {spec.dataset.name} data {list(shape.input_shape)}: {exc}"
     if parameters > max_parameters:
         inputs = math.prod(shape.input_shape)
         return (

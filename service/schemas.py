@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from service.ml import nets
 from service.ml.config import ModelConfig, NormConfig, NormKind, TrainConfig
+from service.ml.datasets import BUILTIN_SHAPES
 
 # A job is a declarative spec, never code: unknown fields are refused and floats must be finite.
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -339,7 +340,11 @@ class RunCreate(BaseModel):
 
     @model_validator(mode="after")
     def _check_budget(self) -> Self:
-        parameters = self.parameter_count()
+        shape = BUILTIN_SHAPES.get(self.dataset.name)
+        if shape is None:
+            return self  # an upload: the API checks the spec against the upload's stored shape
+        # Built on the data's real shape: a cnn on vector data, or maps too small for a norm, is a 422.
+        parameters = self.parameter_count(shape.input_shape, shape.num_classes)
         if parameters > MAX_PARAMETERS:
             raise ValueError(f"model has {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}")
         # A batch larger than the training split is allowed: each epoch is then one smaller batch,

@@ -72,6 +72,7 @@ def test_defaults_echo_every_new_field(client: TestClient) -> None:
         ({"arch": "cnn", "channels": [24], "norm": {"kind": "group", "num_groups": 16}}, {}, ["num_groups"]),
         ({"norm": {"kind": "ghost", "virtual_batch_size": 12}}, {"batch_size": 32}, ["virtual_batch_size"]),
         ({"norm": {"kind": "instance"}}, {}, ["instance", "cnn"]),
+        ({"arch": "cnn", "channels": [8] * 5, "norm": {"kind": "instance"}}, {}, ["feature maps"]),
         (
             {"norm": {"kind": "batch_renorm", "renorm_warmup_steps": 50, "renorm_dmax_steps": 10}},
             {},
