@@ -155,3 +155,34 @@ def test_bn_stats_summaries() -> None:
     assert no_stats[0].running_mean is None
     assert no_stats[0].num_batches_tracked is None
     assert no_stats[0].weight is None
+
+
+def test_recalibration_of_batchnorm2d_is_per_channel_over_batch_and_positions() -> None:
+    cfg = ModelConfig(arch="cnn", channels=(4,), norm=NormConfig(position="before_activation"))
+    net = net_for(cfg)
+    batches = shifted_batches(4, 6)
+    result = recalibrate(net, batches, "population")
+    conv = net.get_submodule("conv1")
+    with torch.no_grad():
+        inputs = torch.cat([conv(x) for x in batches]).double()  # what bn1 saw: conv1's output
+    bn = result.model.get_submodule("bn1")
+    assert isinstance(bn, nn.BatchNorm2d)
+    torch.testing.assert_close(bn.running_mean.double(), inputs.mean((0, 2, 3)), atol=1e-5, rtol=0)  # type: ignore[union-attr]
+    torch.testing.assert_close(
+        bn.running_var.double(), inputs.var((0, 2, 3), unbiased=False), atol=1e-5, rtol=0
+    )  # type: ignore[union-attr]
+
+
+def test_norms_without_running_statistics_are_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="batch, batch_renorm and ghost"):
+        recalibrate(
+            net_for(ModelConfig(hidden=(8,), norm=NormConfig(kind="layer"))),
+            shifted_batches(2, 4),
+            "population",
+        )
+
+
+def test_batch_statistics_inference_leaves_dropout_off() -> None:
+    net = net_for(ModelConfig(hidden=(16,), dropout=0.5))
+    x = torch.rand(8, 1, 28, 28)
+    torch.testing.assert_close(predict_proba_batch_stats(net, x), predict_proba_batch_stats(net, x))
