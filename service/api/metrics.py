@@ -123,8 +123,8 @@ def _database_registry() -> CollectorRegistry:
 @router.get(
     "/metrics",
     summary="Prometheus metrics: runs, queue, epochs, training throughput, HTTP and inference",
-    response_class=PlainTextResponse,
-    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+    # Not response_class=PlainTextResponse: that would document the JSON error answers as text too.
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 def metrics() -> PlainTextResponse:
     body = generate_latest(REGISTRY) + generate_latest(_database_registry())

@@ -82,8 +82,8 @@ function progressBar(done, total) {
 // ------------------------------------------------------------------------------------ live events
 
 // Server-Sent Events over fetch (EventSource cannot send an Authorization header). Reconnects with
-// Last-Event-ID, so no event is lost or repeated; ends when the run (or experiment) has finished.
-async function followEvents(path, onEvent, signal) {
+// Last-Event-ID, so no event is lost or repeated; ends after the event isEnd recognises.
+async function followEvents(path, onEvent, signal, isEnd) {
   let lastId = null;
   let failures = 0;
   while (!signal.aborted) {
@@ -106,7 +106,7 @@ async function followEvents(path, onEvent, signal) {
           if (!event) continue;
           if (event.id) lastId = event.id;
           onEvent(event);
-          if (event.type === "status" && event.data.finished !== false && FINISHED.has(event.data.status)) finished = true;
+          if (isEnd(event)) finished = true;
         }
       }
     } catch (error) {
@@ -148,7 +148,7 @@ function drawChart(canvas, series, { title, xLabel = "epoch", yLabel = "" } = {}
   const ctx = canvas.getContext("2d");
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, width, height);
-  const pad = { left: 56, right: 12, top: 26, bottom: 38 };
+  const pad = { left: 56, right: 12, top: 40, bottom: 38 };
   const all = series.flatMap((s) => s.points);
   canvas.dataset.points = String(all.length);
   ctx.fillStyle = "#1d2433";
@@ -206,9 +206,9 @@ function drawChart(canvas, series, { title, xLabel = "epoch", yLabel = "" } = {}
     const w = ctx.measureText(s.label).width;
     lx -= w + 26;
     ctx.fillStyle = s.color;
-    ctx.fillRect(lx, 10, 14, 3);
+    ctx.fillRect(lx, 26, 14, 3);
     ctx.fillStyle = "#1d2433";
-    ctx.fillText(s.label, lx + 18, 15);
+    ctx.fillText(s.label, lx + 18, 31);
   }
 }
 
@@ -268,7 +268,7 @@ async function loadExperiments(signal) {
     const head = el("tr", {}, ...["name", "status", "runs", "created"].map((h) => el("th", { text: h })));
     const rows = items.map((e) => el("tr", { "data-experiment-id": e.id },
       el("td", {}, el("a", { href: `#/experiments/${e.id}`, text: e.name })),
-      el("td", {}, statusBadge(e.status || "")),
+      el("td", {}, statusBadge(e.finished ? "finished" : "running")),
       el("td", { class: "num", text: experimentProgress(e) }),
       el("td", { class: "muted", text: new Date(e.created_at).toLocaleString() })));
     box.replaceChildren(el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows)));
@@ -279,11 +279,9 @@ async function loadExperiments(signal) {
 }
 
 function experimentProgress(e) {
-  const counts = e.run_counts || e.runs || {};
-  if (typeof counts !== "object") return String(counts);
-  const total = Object.values(counts).reduce((a, b) => a + b, 0);
+  const counts = e.status_counts;
   const done = (counts.succeeded || 0) + (counts.failed || 0) + (counts.cancelled || 0);
-  return `${done}/${total}`;
+  return `${done}/${e.runs.length} runs`;
 }
 
 function submitForm() {
@@ -342,6 +340,7 @@ async function runPage(view, signal, runId) {
   };
   showStatus(run.status, run.error);
   redraw();
+  const ended = (event) => event.type === "status" && FINISHED.has(event.data.status);
   await followEvents(`/api/v1/runs/${runId}/events`, (event) => {
     if (event.type === "epoch") {
       epochs.set(event.data.epoch, event.data);
@@ -350,7 +349,7 @@ async function runPage(view, signal, runId) {
     } else if (event.type === "status") {
       showStatus(event.data.status, event.data.error);
     }
-  }, signal);
+  }, signal, ended);
 }
 
 function epochTable(rows) {
@@ -425,60 +424,96 @@ async function predict(runId, blob, output) {
 
 async function experimentPage(view, signal, experimentId) {
   const experiment = await api(`/api/v1/experiments/${experimentId}`, { signal });
+  const statusBox = el("span", { id: "experiment-status" });
   view.append(el("h1", {}, `Experiment ${experiment.name} `, el("span", { class: "muted", text: experiment.id })),
-    el("p", { id: "experiment-status" }, statusBadge(experiment.status || "")),
-    el("div", { class: "charts" }, chartCard("exp-loss-chart", "validation loss"), chartCard("exp-acc-chart", "validation accuracy")),
+    el("p", {}, statusBox, " ", el("span", { class: "muted", text: experiment.preset ? `preset ${experiment.preset}` : "" })),
+    el("div", { class: "charts" }, chartCard("exp-loss-chart", "loss"), chartCard("exp-acc-chart", "accuracy")),
+    el("p", { class: "muted", text: "Solid: validation; dashed: training. One line per run; colour by configuration." }),
     el("h2", { text: "Report" }), el("div", { id: "report" }),
     el("h2", { text: "Runs" }), el("div", { id: "experiment-runs" }));
-  const curves = new Map(); // run id → {label, epochs: Map}
-  const groupColor = new Map();
-  const colorOf = (label) => {
-    if (!groupColor.has(label)) groupColor.set(label, /none|no[- ]?bn/i.test(label) ? COLORS.nobn : /batch/i.test(label) && !groupColor.size ? COLORS.bn : PALETTE[groupColor.size % PALETTE.length]);
-    return groupColor.get(label);
-  };
+  const runs = new Map(experiment.runs.map((r) => [r.id, { ...r, epochs: new Map() }]));
+  const configs = [...new Set(experiment.runs.map((r) => r.config))];
+  const colorOf = (config) => configColor(config, configs);
+  const showStatus = (finished) => statusBox.replaceChildren(statusBadge(finished ? "finished" : "running"));
   const redraw = () => {
-    const series = (key) => [...curves.values()].map((c) => ({
-      label: c.label, color: colorOf(c.label), width: 1.5,
-      points: [...c.epochs.values()].sort((a, b) => a.epoch - b.epoch).map((r) => [r.epoch, r[key]]),
-    }));
-    drawChart(document.getElementById("exp-loss-chart"), series("val_loss"), { title: "Validation loss" });
-    drawChart(document.getElementById("exp-acc-chart"), series("val_accuracy"), { title: "Validation accuracy" });
+    const series = (metric) => [...runs.values()].flatMap((r) => {
+      const rows = [...r.epochs.values()].sort((a, b) => a.epoch - b.epoch);
+      return [
+        { label: `${r.config} val`, color: colorOf(r.config), width: 1.8, points: rows.map((e) => [e.epoch, e[`val_${metric}`]]) },
+        { label: "", color: colorOf(r.config), width: 1, dash: [4, 3], points: rows.map((e) => [e.epoch, e[`train_${metric}`]]) },
+      ];
+    });
+    drawChart(document.getElementById("exp-loss-chart"), series("loss"), { title: "Loss: BN vs no BN (the article's figure)" });
+    drawChart(document.getElementById("exp-acc-chart"), series("accuracy"), { title: "Accuracy" });
+    document.getElementById("experiment-runs").replaceChildren(experimentRunsTable([...runs.values()]));
   };
   const refreshReport = async () => {
     try {
       const report = await api(`/api/v1/experiments/${experimentId}/report`, { signal });
-      document.getElementById("report").replaceChildren(reportTable(report));
+      document.getElementById("report").replaceChildren(reportView(report));
     } catch (error) {
-      document.getElementById("report").replaceChildren(el("p", { class: "muted", text: error.message }));
+      if (!signal.aborted) document.getElementById("report").replaceChildren(el("p", { class: "error", text: error.message }));
     }
   };
-  const runs = await api(`/api/v1/runs?experiment_id=${experimentId}&limit=100`, { signal }).catch(() => ({ items: [] }));
-  for (const run of runs.items) curves.set(run.id, { label: pointLabel(run.grid_point), epochs: new Map() });
+  showStatus(experiment.finished);
   redraw();
   await refreshReport();
   await followEvents(`/api/v1/experiments/${experimentId}/events`, (event) => {
-    const runId = event.data.run_id;
-    if (runId && !curves.has(runId)) curves.set(runId, { label: pointLabel(event.data.grid_point), epochs: new Map() });
-    if (event.type === "epoch") { curves.get(runId).epochs.set(event.data.epoch, event.data); redraw(); }
-    if (event.type === "status") {
-      if (!runId) document.getElementById("experiment-status").replaceChildren(statusBadge(event.data.status));
+    const run = runs.get(event.data.run_id);
+    if (event.type === "epoch" && run) {
+      run.epochs.set(event.data.epoch, event.data);
+      run.epochs_done = event.data.epoch;
+      run.val_loss = event.data.val_loss;
+      run.val_accuracy = event.data.val_accuracy;
+      redraw();
+    } else if (event.type === "status" && run) {
+      run.status = event.data.status;
+      redraw();
+      if (FINISHED.has(run.status)) refreshReport();
+    } else if (event.type === "end") {
+      showStatus(true);
       refreshReport();
     }
-  }, signal);
+  }, signal, (event) => event.type === "end");
 }
 
-function pointLabel(point) {
-  if (!point || !Object.keys(point).length) return "base";
-  return Object.entries(point).map(([k, v]) => `${k.split(".").pop()}=${JSON.stringify(v)}`).join(" ");
+function configColor(config, configs) {
+  // The article's two curves keep fixed colours: no BN blue, BN orange.
+  if (/norm=none/.test(config)) return COLORS.nobn;
+  if (/norm=batch/.test(config)) return COLORS.bn;
+  return PALETTE[configs.indexOf(config) % PALETTE.length];
 }
 
-function reportTable(report) {
-  const rows = report.rows || report.configurations || report.groups || [];
-  if (!rows.length) return el("pre", { text: JSON.stringify(report, null, 2) });
-  const keys = Object.keys(rows[0]).filter((k) => typeof rows[0][k] !== "object" || rows[0][k] === null);
-  const head = el("tr", {}, ...keys.map((k) => el("th", { text: k })));
-  const body = rows.map((r) => el("tr", {}, ...keys.map((k) => el("td", { class: typeof r[k] === "number" ? "num" : "", text: typeof r[k] === "number" ? fmt(r[k]) : r[k] ?? "–" }))));
-  return el("table", { id: "report-table" }, el("thead", {}, head), el("tbody", {}, ...body));
+function experimentRunsTable(runs) {
+  const head = el("tr", {}, ...["run", "configuration", "seed", "status", "progress", "val loss", "val accuracy"].map((h) => el("th", { text: h })));
+  const rows = runs.map((r) => el("tr", { "data-run-id": r.id },
+    el("td", {}, el("a", { href: `#/runs/${r.id}`, text: r.id.slice(0, 8) })),
+    el("td", { text: r.config }), el("td", { class: "num", text: r.seed }),
+    el("td", {}, statusBadge(r.status)),
+    el("td", {}, progressBar(r.epochs_done, r.epochs_total), ` ${r.epochs_done}/${r.epochs_total}`),
+    el("td", { class: "num", text: fmt(r.val_loss) }), el("td", { class: "num", text: fmt(r.val_accuracy) })));
+  return el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows));
+}
+
+function stat(s) {
+  if (!s || s.mean === null || s.mean === undefined) return "–";
+  return s.std === null || s.std === undefined ? fmt(s.mean) : `${fmt(s.mean)} ± ${fmt(s.std)}`;
+}
+
+function reportView(report) {
+  const head = el("tr", {}, ...["configuration", "ok/runs", "final val loss", "final val accuracy", "best val loss", `epochs to ${report.target}`]
+    .map((h) => el("th", { text: h })));
+  const rows = report.configurations.map((c) => el("tr", {},
+    el("td", { text: c.config }), el("td", { class: "num", text: `${c.succeeded}/${c.runs}` }),
+    el("td", { class: "num", text: stat(c.final.val_loss) }), el("td", { class: "num", text: stat(c.final.val_accuracy) }),
+    el("td", { class: "num", text: stat(c.best.val_loss) }),
+    el("td", { class: "num", text: c.epochs_to_target.mean === null ? `– (${c.epochs_to_target.reached} reached)` : `${c.epochs_to_target.mean.toFixed(1)} (${c.epochs_to_target.reached} reached)` })));
+  const notes = [
+    el("p", { class: "muted", text: report.finished ? "All runs have ended." : "Runs are still training: these figures will change." }),
+    ...report.winners.map((w) => el("p", { text: `Best ${w.metric} (${w.better}): ${w.config}` })),
+    ...report.claims.map((c) => el("p", {}, el("strong", { text: `${c.verdict}: ` }), c.claim, el("span", { class: "muted", text: ` (${c.evidence})` }))),
+  ];
+  return el("div", {}, el("table", { id: "report-table" }, el("thead", {}, head), el("tbody", {}, ...rows)), ...notes);
 }
 
 // ------------------------------------------------------------------------------------ routing
