@@ -22,9 +22,9 @@ from torch import nn
 
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, to_inputs
-from service.ml.nets import make_net
+from service.ml.nets import make_net, norm_slots
 from service.ml.norms import end_epoch
-from service.ml.probes import SlotStatistics
+from service.ml.probes import PROBE_SAMPLES, SlotStatistics, probe_slot_inputs
 from service.ml.resume import TrainingState, restore, save_training_state
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
@@ -186,6 +186,9 @@ def train(
     n_used = n - 1 if n % bs == 1 else n
     result = TrainResult(model=model, dropped_last_batch=n_used < n)
     poller = _StopPoller(callbacks)
+    probe, slots = to_inputs(val_set.x[:PROBE_SAMPLES]), norm_slots(model)
+    # The initial network's statistics (epoch 0) travel with epoch 1; a resumed run has them stored.
+    pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 else ()
 
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.monotonic()
@@ -212,14 +215,17 @@ def train(
 
         end_epoch(model)  # per-epoch population statistics (batch_layer) are final before validating
         val_loss, val_accuracy = evaluate(model, val_set)
+        seconds = time.monotonic() - started
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=loss_sum.item() / n_used,
             train_accuracy=correct.item() / n_used,
             val_loss=val_loss,
             val_accuracy=val_accuracy,
-            seconds=time.monotonic() - started,
+            seconds=seconds,
+            layer_stats=(*pending, *probe_slot_inputs(model, slots, probe, epoch=epoch)),
         )
+        pending = ()
         result.epochs.append(metrics)
         callbacks.on_epoch_end(metrics, partial(save_training_state, model, optimizer, epoch))
         if epoch < tcfg.epochs and poller.now():

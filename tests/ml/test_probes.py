@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from service.ml.config import ModelConfig, NormConfig
-from service.ml.nets import make_net
-from service.ml.probes import probe_slot_inputs
+from service.ml.config import ModelConfig, NormConfig, TrainConfig
+from service.ml.datasets import make_synthetic, to_inputs, train_val_split
+from service.ml.nets import make_net, norm_slots
+from service.ml.probes import PROBE_SAMPLES, probe_slot_inputs
+from service.ml.resume import load_training_state
+from service.ml.training import train
+from tests.ml.test_training import Recorder
 
 
 def bn_net() -> torch.nn.Sequential:
@@ -56,3 +61,41 @@ def test_probing_leaves_mode_buffers_rng_and_gradients_alone() -> None:
 def test_no_slots_means_no_statistics() -> None:
     net = bn_net()
     assert probe_slot_inputs(net, [], probe_batch(), epoch=0) == ()
+
+
+@pytest.mark.parametrize("kind", ["batch", "none"])
+def test_training_reports_epoch_zero_with_epoch_one_and_each_epoch_after(kind: str) -> None:
+    cfg = ModelConfig(hidden=(16, 8), norm=NormConfig(kind=kind))  # type: ignore[arg-type]
+    data = train_val_split(make_synthetic(400, seed=2), 0.25)
+    recorder = Recorder()
+    result = train(cfg, TrainConfig(epochs=3, seed=1), *data, callbacks=recorder)
+
+    # Runs with and without BN are probed at the same slots.
+    assert [[(s.epoch, s.layer) for s in m.layer_stats] for m in recorder.epochs] == [
+        [(0, "bn1"), (0, "bn2"), (1, "bn1"), (1, "bn2")],
+        [(2, "bn1"), (2, "bn2")],
+        [(3, "bn1"), (3, "bn2")],
+    ]
+    # The last epoch's figures are those of the trained model on the first validation samples.
+    probe = to_inputs(data[1].x[:PROBE_SAMPLES])
+    again = probe_slot_inputs(result.model, norm_slots(result.model), probe, epoch=3)
+    assert recorder.epochs[-1].layer_stats == again
+    # Training moved the distributions: the input of the second slot is not what it was at epoch 0.
+    first, last = recorder.epochs[0].layer_stats[1], recorder.epochs[-1].layer_stats[1]
+    assert (first.input_mean, first.input_std) != (last.input_mean, last.input_std)
+
+
+def test_a_resumed_run_does_not_report_epoch_zero_again() -> None:
+    cfg = ModelConfig(hidden=(16,), norm=NormConfig(kind="batch"))
+    data = train_val_split(make_synthetic(400, seed=2), 0.25)
+    first = Recorder()
+    train(cfg, TrainConfig(epochs=1, seed=1), *data, callbacks=first)
+    rest = Recorder()
+    train(
+        cfg,
+        TrainConfig(epochs=2, seed=1),
+        *data,
+        callbacks=rest,
+        resume=load_training_state(first.snapshots[0]),
+    )
+    assert [(s.epoch, s.layer) for s in rest.epochs[0].layer_stats] == [(2, "bn1")]
