@@ -65,6 +65,14 @@ def test_bn_and_no_bn_runs_train_store_metrics_and_predict(stack: Stack) -> None
         assert epochs[-1]["val_accuracy"] > 0.5, epochs  # ten classes: chance is 0.1
         assert run["summary"]["epochs_done"] == 2
         assert run["summary"]["val_accuracy"] == epochs[-1]["val_accuracy"]
+        # Internal covariate shift, measured: the slot's input per epoch, from the initial network on.
+        probed = stack.client.get(f"/api/v1/runs/{run_id}/layer-stats").json()
+        assert [(e["epoch"], [s["layer"] for s in e["layers"]]) for e in probed["epochs"]] == [
+            (0, ["bn1"]),
+            (1, ["bn1"]),
+            (2, ["bn1"]),
+        ]
+        assert all(s["input_std"] > 0 for e in probed["epochs"] for s in e["layers"])
 
 
 def test_prediction_runs_in_eval_mode_batch_of_one_equals_inside_a_batch(stack: Stack) -> None:
