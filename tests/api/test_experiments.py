@@ -298,3 +298,37 @@ def test_run_plot_curves_and_activations(client: TestClient) -> None:
     png = client.get(f"/api/v1/runs/{run_id}/plot.png", params={"metric": "activations"})
     assert Image.open(io.BytesIO(png.content)).size == (800, 750)
     assert client.get(f"/api/v1/runs/{'0' * 32}/plot.png").status_code == 404
+
+
+def test_presets_list_and_start_with_overrides(client: TestClient) -> None:
+    listed = client.get("/api/v1/presets").json()["items"]
+    assert [p["name"] for p in listed] == [
+        "seed-keras",
+        "higher-lr",
+        "small-batch",
+        "deep-sigmoid",
+        "init-scale",
+    ]
+    for preset in listed:
+        assert preset["runs"] > 0
+        assert preset["estimated_seconds"] > 0
+        assert preset["claim"]
+    started = client.post("/api/v1/presets/deep-sigmoid", json={"seeds": [5], "dataset": "synthetic"})
+    assert started.status_code == 202, started.text
+    body = started.json()
+    assert (body["preset"], body["spec"]["seeds"], len(body["runs"])) == ("deep-sigmoid", [5], 2)
+    spec = client.get(f"/api/v1/runs/{body['runs'][1]['id']}").json()["spec"]
+    assert (spec["dataset"]["name"], spec["model"]["hidden"], spec["model"]["norm"]["kind"]) == (
+        "synthetic",
+        [100, 100, 100],
+        "batch",
+    )
+    claims = client.get(f"/api/v1/experiments/{body['id']}/report").json()["claims"]
+    assert len(claims) == 2
+    assert {c["verdict"] for c in claims} == {"inconclusive"}  # nothing has trained yet
+    assert client.post("/api/v1/presets/deep-sigmoid").status_code == 202  # no body: the defaults
+    unknown = client.post("/api/v1/presets/nope")
+    assert unknown.status_code == 404
+    assert "seed-keras" in unknown.json()["detail"]
+    assert client.post("/api/v1/presets/deep-sigmoid", json={"seeds": []}).status_code == 422
+    assert client.post("/api/v1/presets/deep-sigmoid", json={"grid": {}}).status_code == 422
