@@ -30,8 +30,10 @@ RunPlotMetric = Annotated[
 ]
 
 
-def _nothing_yet(run: Run, what: str) -> HTTPException:
-    return HTTPException(status.HTTP_409_CONFLICT, detail=f"run {run.id} ({run.status}) has no {what} yet")
+def _nothing_yet(run: Run, what: str, why: str = "") -> HTTPException:
+    return HTTPException(
+        status.HTTP_409_CONFLICT, detail=f"run {run.id} ({run.status}) has no {what} yet{why}"
+    )
 
 
 def _curves(session: Session, run: Run, metric: Literal["loss", "accuracy"]) -> Figure:
@@ -53,7 +55,7 @@ def _curves(session: Session, run: Run, metric: Literal["loss", "accuracy"]) -> 
 def _activations(session: Session, run: Run) -> Figure:
     rows = crud.list_layer_stats(session=session, run_id=run.id)
     if not rows:
-        raise _nothing_yet(run, "layer statistics (they are written as each epoch ends)")
+        raise _nothing_yet(run, "layer statistics", " (they are written as each epoch ends)")
     layers: dict[str, list[tuple[int, float, float]]] = {}
     for row in rows:
         layers.setdefault(row.layer, []).append((row.epoch, row.input_mean, row.input_std))
