@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint format migrate fuzz bench clean
+.PHONY: install run test lint format migrate fuzz bench bench-serve bench-train clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,17 @@ test: install lint
 fuzz: install
 	$(BIN)/python tests/fuzz/run_fuzz.py
 
-## Serving benchmark over HTTP on loopback (about three minutes); prints a table, asserts nothing.
-bench: install
+## Both benchmarks; each prints a table and asserts nothing (run them on a quiet machine).
+bench: bench-serve bench-train
+
+## Serving benchmark over HTTP on loopback (about three minutes).
+bench-serve: install
 	$(BIN)/python bench/serve.py
+
+## Training benchmark: the article's BN/no-BN pair as an idiomatic loop, through the API, and the
+## matmul floor; then inference throughput (about a minute on a quiet 2-core machine).
+bench-train: install
+	$(BIN)/python bench/train.py
 
 lint: install
 	$(BIN)/ruff check service workers migrations tests bench
