@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.experiments import Claim, Term, expand
-from service.schemas import DatasetName, ExperimentCreate, PresetCreate
+from service.schemas import BuiltinDatasetName, ExperimentCreate, PresetCreate
 
 # Seconds per optimiser step: a fixed cost plus a per-sample one, for the small MLPs used here
 # (measured with torch 2.13 on 2 cores: ≈0.8 ms at batch 4, ≈1.0 ms at 32, ≈1.7 ms at 256).
@@ -35,7 +35,7 @@ class Preset:
     claim: str
     # The experiment spec, without dataset name: `dataset` picks it (first installed of the list).
     spec: dict[str, Any]
-    datasets: tuple[DatasetName, ...]
+    datasets: tuple[BuiltinDatasetName, ...]
     claims: tuple[Claim, ...]
     notes: str = ""
     seeds: tuple[int, ...] = field(default=(0, 1, 2))

@@ -29,7 +29,8 @@ NotBool = BeforeValidator(_not_a_boolean)
 MAX_PARAMETERS = 20_000_000
 MAX_PREDICT_SAMPLES = 1024
 
-DatasetName = Literal["fashion-mnist", "mnist", "synthetic", "cifar10", "mnist1d", "uploaded"]
+BuiltinDatasetName = Literal["fashion-mnist", "mnist", "synthetic", "cifar10", "mnist1d"]
+DatasetName = Literal[BuiltinDatasetName, "uploaded"]
 DatasetId = Annotated[
     str, Field(pattern=r"^[0-9a-f]{32}$", description="Server-generated dataset id (32 hex).")
 ]
@@ -511,39 +512,33 @@ class ServedPredictResponse(PredictResponse):
     image: ImageInfoPublic | None = Field(None, description="The decoded upload, for image input.")
 
 
-class AliasPut(BaseModel):
-    """What an alias names: a run (optionally one version of its model), or the best run of an
-    experiment by a metric, resolved each time the alias is used (so it follows new results)."""
+class AliasToRun(BaseModel):
+    """An alias naming a run, optionally one version of its model."""
 
     model_config = STRICT
 
-    run_id: RunId | None = Field(None, description="The run to serve; or give experiment_id instead.")
-    version: Version | None = Field(
-        None, description="With run_id: pin one version; null follows the newest."
-    )
-    experiment_id: Annotated[str | None, Field(pattern=r"^[0-9a-f]{32}$")] = Field(
-        None,
-        description="Serve this experiment's best succeeded run with a model, by `metric` of its last epoch.",
-    )
-    metric: AliasMetric | None = Field(
-        None,
-        description="With experiment_id (default val_accuracy): accuracies pick the highest, "
-        "losses the lowest.",
-    )
+    run_id: RunId = Field(description="The run to serve.")
+    version: Version | None = Field(None, description="Pin one version; null follows the newest.")
 
-    @model_validator(mode="after")
-    def _one_target(self) -> Self:
-        if (self.run_id is None) == (self.experiment_id is None):
-            raise ValueError(
-                "give either run_id (and optionally version) or experiment_id (and optionally metric)"
-            )
-        if self.run_id is not None and self.metric is not None:
-            raise ValueError("metric goes with experiment_id, not run_id")
-        if self.experiment_id is not None and self.version is not None:
-            raise ValueError(
-                "version goes with run_id: an experiment alias serves its best run's newest version"
-            )
-        return self
+
+class AliasToExperiment(BaseModel):
+    """An alias naming the best succeeded run (with a model) of an experiment, resolved each time the
+    alias is used, so it follows new results; it serves that run's newest version."""
+
+    model_config = STRICT
+
+    experiment_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = Field(
+        description="The experiment whose best run to serve, by `metric` of the run's last epoch."
+    )
+    metric: AliasMetric = Field("val_accuracy", description="Accuracies pick the highest, losses the lowest.")
+
+
+# The body of PUT /api/v1/models/{alias}: exactly one of the two forms (both forbid extra fields,
+# so the JSON Schema's anyOf says what the server accepts).
+AliasPut = Annotated[
+    AliasToRun | AliasToExperiment,
+    Field(description="Either {run_id[, version]} or {experiment_id[, metric]}."),
+]
 
 
 class AliasPublic(BaseModel):
@@ -882,7 +877,9 @@ class PresetCreate(BaseModel):
     seeds: list[Annotated[int, NotBool, Field(ge=0, le=2**31 - 1)]] | None = Field(
         None, min_length=1, max_length=16, description="Seeds to run instead of the preset's."
     )
-    dataset: DatasetName | None = Field(None, description="Dataset to use instead of the preset's.")
+    dataset: BuiltinDatasetName | None = Field(
+        None, description="A built-in dataset instead of the preset's (uploads need their own experiment)."
+    )
     name: str | None = Field(
         None,
         min_length=1,

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from service import crud, crud_experiments, crud_models
 from service.api.deps import SessionDep
 from service.models import ModelAlias
-from service.schemas import AliasesPublic, AliasPublic, AliasPut, Message
+from service.schemas import AliasesPublic, AliasPublic, AliasPut, AliasToExperiment, Message
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
@@ -72,20 +72,22 @@ def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: R
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, detail="an alias cannot look like a run id (32 hex digits)"
         )
-    if body.experiment_id is not None:
+    if isinstance(body, AliasToExperiment):
         if crud_experiments.get_experiment(session=session, experiment_id=body.experiment_id) is None:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, detail=f"experiment {body.experiment_id} not found"
             )
-    elif body.run_id is not None:
+        run_id, version, experiment_id, metric = None, None, body.experiment_id, body.metric
+    else:
         _require_run_version(session, body.run_id, body.version)
+        run_id, version, experiment_id, metric = body.run_id, body.version, None, None
     row, created = crud_models.put_alias(
         session=session,
         name=alias,
-        run_id=body.run_id,
-        version=body.version,
-        experiment_id=body.experiment_id,
-        metric=body.metric or ("val_accuracy" if body.experiment_id else None),
+        run_id=run_id,
+        version=version,
+        experiment_id=experiment_id,
+        metric=metric,
     )
     if created:
         response.status_code = status.HTTP_201_CREATED

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Path, Response, status
+from pydantic import ValidationError
 
 from service import experiments, presets
 from service.api.deps import SessionDep, SettingsDep
@@ -74,7 +75,13 @@ def start_preset(
     overrides: Annotated[PresetCreate | None, Body()] = None,
 ) -> ExperimentPublic:
     preset = _preset_or_404(name)
-    spec = presets.experiment_spec(preset, overrides or PresetCreate(), _installed(settings))
+    try:
+        spec = presets.experiment_spec(preset, overrides or PresetCreate(), _installed(settings))
+    except ValidationError as exc:  # an override the preset's networks cannot take (e.g. its shape)
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"preset {preset.name} cannot run with these overrides: {exc.errors()[0]['msg']}",
+        ) from exc
     return create_experiment(
         session=session,
         settings=settings,
