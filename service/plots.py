@@ -51,9 +51,12 @@ def band(series: Sequence[Sequence[float]]) -> Band | None:
 
 def _new_figure(rows: int = 1) -> tuple[Figure, list[Axes]]:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(SIZE_INCHES[0], SIZE_INCHES[1] * (1 if rows == 1 else 0.75 * rows)), dpi=DPI)
     axes = [fig.add_subplot(rows, 1, i + 1) for i in range(rows)]
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     return fig, axes
 
 
