@@ -22,6 +22,7 @@ from torch import nn
 
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, to_inputs
+from service.ml.fastpath import MlpStep
 from service.ml.nets import make_net, norm_slots
 from service.ml.norms import end_epoch
 from service.ml.probes import PROBE_SAMPLES, SlotStatistics, probe_slot_inputs
@@ -29,6 +30,11 @@ from service.ml.resume import TrainingState, restore, save_training_state
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
 STOP_CHECK_INTERVAL_S = 0.5
+# MLPs that fastpath.MlpStep supports train with its hand-written backward (same gradients, about
+# twice as fast at the article's size); False trains every model through autograd (tests compare).
+USE_FAST_PATH = True
+
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -113,14 +119,32 @@ def _make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimize
     # weight_decay is torch's: an L2 term added to the gradient (coupled, also for Adam), on every
     # parameter; adam_eps is 1e-8 in PyTorch and 1e-7 in Keras (the spec's compat picks).
     if tcfg.optimizer == "adam":
+        # fused: one kernel per step for all parameters instead of a dozen foreach passes (a fifth
+        # of the article's step time); its state is the same, so checkpoints and resumption are too.
         return torch.optim.Adam(
-            model.parameters(), lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay
+            model.parameters(), lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, fused=True
         )
     if tcfg.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay
         )
     raise ValueError(f"unknown optimizer {tcfg.optimizer!r}; expected 'adam' or 'sgd'")
+
+
+def _autograd_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the mean cross-entropy by autograd; returns (loss, correct predictions)."""
+    logits: torch.Tensor = model(x)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+    return loss.detach(), (logits.detach().argmax(dim=1) == y).sum()
+
+
+def _make_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step:
+    fast = MlpStep.for_model(model) if USE_FAST_PATH else None
+    return fast.step if fast is not None else partial(_autograd_step, model, optimizer)
 
 
 def lr_at(tcfg: TrainConfig, epoch: int) -> float:
@@ -181,7 +205,9 @@ def train(
     if resume is not None:
         restore(resume, model, optimizer)
         first_epoch = resume.epoch + 1
-    x_all, y_all = to_inputs(train_set.x), train_set.y  # converted once, resident for all epochs
+    # Converted once and resident for all epochs; flat rows (every net flattens its input first), so
+    # a batch is one index_select (advanced indexing of the image-shaped tensor costs ten times more).
+    x_all, y_all = to_inputs(train_set.x).flatten(1), train_set.y
     n, bs = len(train_set), tcfg.batch_size
     n_used = n - 1 if n % bs == 1 else n
     result = TrainResult(model=model, dropped_last_batch=n_used < n)
@@ -189,6 +215,7 @@ def train(
     probe, slots = to_inputs(val_set.x[:PROBE_SAMPLES]), norm_slots(model)
     # The initial network's statistics (epoch 0) travel with epoch 1; a resumed run has them stored.
     pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 else ()
+    step = _make_step(model, optimizer)
 
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.monotonic()
@@ -203,15 +230,11 @@ def train(
                 result.cancelled = True
                 return result  # the epoch in progress is not reported
             idx = order[start : start + bs]
-            x, y = x_all[idx], y_all[idx]
-            logits: torch.Tensor = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+            loss, hits = step(x_all.index_select(0, idx), y_all.index_select(0, idx))  # fills .grad
             optimizer.step()
             # Accumulated on-tensor: an .item() per step would force a sync and cost Python time.
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(dim=1) == y).sum()
+            loss_sum += loss * len(idx)
+            correct += hits
 
         end_epoch(model)  # per-epoch population statistics (batch_layer) are final before validating
         val_loss, val_accuracy = evaluate(model, val_set)
