@@ -12,7 +12,6 @@ Claims (for presets) are linear contrasts of configuration means, judged by `VER
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import re
@@ -121,11 +120,10 @@ def expand(experiment: ExperimentCreate) -> list[PlannedRun]:
             f"the experiment would create {count} runs ({len(points)} grid points × "
             f"{len(experiment.seeds)} seeds); the limit is {MAX_EXPERIMENT_RUNS}"
         )
-    base = experiment.base.model_dump(mode="json", exclude_unset=False)
     planned = []
     for point in points:
         for seed in experiment.seeds:
-            raw = copy.deepcopy(base)
+            raw = experiment.submitted_base()
             for path, value in point.items():
                 set_path(raw, path, value)
             set_path(raw, "train.seed", seed)

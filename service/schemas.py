@@ -3,11 +3,20 @@ OpenAPI page at /docs documents the API by itself."""
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    model_validator,
+)
 
 from service.ml import nets
 from service.ml.config import ModelConfig, NormConfig, NormKind, TrainConfig
@@ -742,6 +751,26 @@ class ExperimentCreate(BaseModel):
     target: Annotated[float, NotBool] = Field(
         0.85, gt=0, le=1, description="Validation accuracy the report's epochs-to-target counts up to."
     )
+    # The base as the client wrote it. Grid points apply to this, not to the normalised `base`:
+    # normalising fills fields that depend on others (adam_eps on compat, momentum from
+    # keras_momentum), and a point changing `compat` or `keras_momentum` must re-derive them.
+    _submitted_base: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_submitted_base(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        experiment = handler(data)
+        submitted = data.get("base") if isinstance(data, dict) else None
+        experiment._submitted_base = (
+            copy.deepcopy(submitted)
+            if isinstance(submitted, dict)
+            else experiment.base.model_dump(mode="json", exclude_unset=True)
+        )
+        return experiment
+
+    def submitted_base(self) -> dict[str, Any]:
+        """A fresh copy of the base spec as submitted (only what the client set)."""
+        return copy.deepcopy(self._submitted_base)
 
     @model_validator(mode="after")
     def _distinct(self) -> Self:

@@ -121,7 +121,7 @@ def test_submit_creates_one_queued_run_per_grid_point_and_seed(client: TestClien
         ),
         ({"grid": {"train.batch_size": [32, 1]}}, "train.batch_size"),
         ({"grid": {"train.lr": [0.001 * i for i in range(1, 12)]}, "seeds": list(range(6))}, "66 runs"),
-        ({"grid": {"model.hidden.x": [1]}}, "model.hidden is not an object"),
+        ({"grid": {"model.hidden.x": [1]}}, "model.hidden"),
         ({"base": {"dataset": {"name": "mnist"}}}, "mnist"),
     ],
 )

@@ -184,6 +184,28 @@ def test_grid_expansion_one_run_per_point_and_seed_in_order() -> None:
     assert config_label({"model.hidden": [64, 32], "train.momentum": 0.0}) == "hidden=64x32 momentum=0"
 
 
+def test_grid_points_re_derive_what_depends_on_them() -> None:
+    """A point is applied to the base as submitted, so fields derived from others follow the point:
+    Adam's epsilon from `compat`, PyTorch's momentum from Keras' (both found in review)."""
+    spec = ExperimentCreate.model_validate(
+        {
+            "name": "compat",
+            "base": {"model": {"norm": {"keras_momentum": 0.99}}},
+            "grid": {"compat": ["pytorch", "keras"], "model.norm.keras_momentum": [0.99, 0.9]},
+            "seeds": [0],
+        }
+    )
+    ran = {(p.point["compat"], p.point["model.norm.keras_momentum"]): p.spec for p in expand(spec)}
+    assert {key: (s.train.adam_eps, s.model.norm.momentum) for key, s in ran.items()} == {
+        ("pytorch", 0.99): (1e-8, 0.01),
+        ("pytorch", 0.9): (1e-8, 0.1),
+        ("keras", 0.99): (1e-7, 0.01),
+        ("keras", 0.9): (1e-7, 0.1),
+    }
+    # The experiment itself still echoes its normalised base.
+    assert spec.base.model.norm.momentum == 0.01
+
+
 def test_a_bad_grid_point_names_the_point_and_the_field() -> None:
     spec = ExperimentCreate.model_validate({"name": "g", "grid": {"train.batch_size": [32, 1]}})
     with pytest.raises(GridError, match=r"batch_size=1 \(seed 0\).*train\.batch_size"):
