@@ -59,10 +59,12 @@ class NormSpec(BaseModel):
         "the renorm_* warm-up), ghost (BN per `virtual_batch_size` samples), weight (weight normalisation "
         "of each hidden Linear/Conv), batch_layer (Batch Layer Normalization, Ziaee & Çano 2022).",
     )
-    position: Literal["after_activation", "before_activation"] = Field(
-        "after_activation",
+    position: Literal["after_activation", "before_activation"] | None = Field(
+        None,
         description="after_activation: Linear → act → norm (the article's Keras code); "
-        "before_activation: Linear → norm → act (the article's equation 6).",
+        "before_activation: Linear/Conv → norm → act (the article's equation 6, and the usual "
+        "Conv–Norm–Act block). Default (null): after_activation for an mlp, before_activation for a "
+        "cnn; the echo shows the one used.",
     )
     eps: Annotated[float, NotBool] = Field(
         1e-3, gt=0, le=1, description="Added to the variance; Keras' default 1e-3 (PyTorch's is 1e-5)."
@@ -198,6 +200,8 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _norm_fits_widths(self) -> Self:
+        if self.norm.position is None:  # the article's Keras MLP; the standard Conv–Norm–Act block
+            self.norm.position = "after_activation" if self.arch == "mlp" else "before_activation"
         widths = self.hidden if self.arch == "mlp" else self.channels
         groups = self.norm.num_groups
         if self.norm.kind == "group":

@@ -131,3 +131,19 @@ def test_every_cnn_kind_is_accepted(client: TestClient, model: dict[str, Any]) -
     response = submit(client, model)
     assert response.status_code == 202, response.text
     assert response.json()["spec"]["model"]["norm"]["kind"] == model["norm"]["kind"]
+
+
+@pytest.mark.parametrize(
+    ("model", "position"),
+    [
+        ({"arch": "mlp"}, "after_activation"),  # the article's Keras code: Dense(relu), then BN
+        ({"arch": "cnn", "channels": [8]}, "before_activation"),  # the Conv–Norm–Act block
+        ({"arch": "cnn", "channels": [8], "norm": {"position": "after_activation"}}, "after_activation"),
+    ],
+)
+def test_the_norm_position_defaults_by_architecture_and_is_echoed(
+    client: TestClient, model: dict[str, Any], position: str
+) -> None:
+    response = submit(client, model)
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["model"]["norm"]["position"] == position
