@@ -175,7 +175,14 @@ def resume_point(*, session: Session, run_id: str) -> RunCheckpoint | None:
     return checkpoint
 
 
-def record_epoch(*, session: Session, lease: Lease, metrics: EpochMetrics, training_state: bytes) -> None:
+def record_epoch(
+    *,
+    session: Session,
+    lease: Lease,
+    metrics: EpochMetrics,
+    training_state: bytes,
+    train_samples: int | None = None,
+) -> None:
     """An epoch's metrics and the checkpoint taken after it, together; raises LeaseLost otherwise."""
     if not _update(session, _held(lease), epochs_done=metrics.epoch, heartbeat_at=utcnow()):
         raise LeaseLost(f"run {lease.run_id} is no longer held by {lease.worker} (attempt {lease.attempt})")
@@ -188,6 +195,7 @@ def record_epoch(*, session: Session, lease: Lease, metrics: EpochMetrics, train
             val_loss=metrics.val_loss,
             val_accuracy=metrics.val_accuracy,
             seconds=metrics.seconds,
+            train_samples=train_samples,
         )
     )
     # merge: a run resumed after a crash may probe an epoch again (epoch 0 comes with epoch 1).

@@ -123,6 +123,9 @@ class EpochMetric(Base):
     val_loss: Mapped[float] = mapped_column(Float)
     val_accuracy: Mapped[float] = mapped_column(Float)
     seconds: Mapped[float] = mapped_column(Float)
+    # Training samples the epoch went through (its throughput is train_samples / seconds); null in
+    # rows written before this column existed.
+    train_samples: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     run: Mapped[Run] = relationship(back_populates="metrics")

@@ -50,12 +50,18 @@ class DatabaseCallbacks:
     lease_lost: threading.Event = field(default_factory=threading.Event)
     stop_reason: StopReason | None = None
     started: float = field(default_factory=time.monotonic)
+    # Size of the training split, once loaded: stored with each epoch for its throughput.
+    train_samples: int | None = None
 
     def on_epoch_end(self, metrics: training.EpochMetrics, snapshot: training.Snapshot) -> None:
         try:
             with session_scope() as session:
                 crud.record_epoch(
-                    session=session, lease=self.lease, metrics=metrics, training_state=snapshot()
+                    session=session,
+                    lease=self.lease,
+                    metrics=metrics,
+                    training_state=snapshot(),
+                    train_samples=self.train_samples,
                 )
         except crud.LeaseLost:
             self.lease_lost.set()
@@ -187,6 +193,7 @@ def _train(
     spec: RunCreate, callbacks: DatabaseCallbacks, start_state: bytes | None
 ) -> tuple[training.TrainResult, ModelConfig]:
     train_set, val_set = load_training_data(spec)
+    callbacks.train_samples = len(train_set)
     state = resume.load_training_state(start_state) if start_state else None
     if state is not None:
         log.info("run %s resumes after epoch %d", callbacks.lease.run_id, state.epoch)

@@ -455,6 +455,9 @@ class EpochMetricPublic(BaseModel):
     val_loss: float = Field(description="Validation loss in eval mode (running statistics).")
     val_accuracy: float
     seconds: float = Field(description="Wall time of the epoch, validation included.")
+    train_samples: int | None = Field(
+        None, description="Training samples the epoch went through (samples/s = train_samples / seconds)."
+    )
 
 
 class RunMetricsPublic(BaseModel):

@@ -28,7 +28,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import telemetry
 from service.db import session_scope
 from service.models import EpochMetric, Run, RunStatus
-from service.schemas import RunCreate
 
 router = APIRouter(tags=["operations"])
 access_log = logging.getLogger("bnlab.access")
@@ -36,17 +35,6 @@ access_log = logging.getLogger("bnlab.access")
 # Epoch wall times (validation included) on the article's model run from ~0.1 s (small synthetic
 # sets) to ~2 s (Fashion-MNIST on 2 cores); CNNs and large grids go to minutes.
 EPOCH_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-
-def train_samples(spec: RunCreate) -> int | None:
-    """Training samples per epoch when the spec fixes the dataset's size (a `limit`, or the synthetic
-    set's default); None for a full file dataset, whose size only the worker sees."""
-    total = spec.dataset.limit
-    if total is None and spec.dataset.name == "synthetic":
-        total = 10_000
-    if total is None:
-        return None
-    return int(total * (1.0 - spec.dataset.val_split))  # as service.ml.datasets.train_val_split
 
 
 class DatabaseCollector(Collector):
@@ -98,17 +86,15 @@ def _epoch_durations(session: Session) -> Metric:
 def _samples_per_second(session: Session) -> Metric:
     gauge = GaugeMetricFamily(
         "bnlab_training_samples_per_second",
-        "Running runs: training samples of the last epoch / its wall time (validation included); "
-        "only runs whose spec fixes the dataset size.",
+        "Running runs: training samples of the last epoch / its wall time (validation included).",
         labels=["run_id"],
     )
     rows = session.execute(
-        select(Run.id, Run.spec, EpochMetric.seconds)
+        select(Run.id, EpochMetric.train_samples, EpochMetric.seconds)
         .join(EpochMetric, (EpochMetric.run_id == Run.id) & (EpochMetric.epoch == Run.epochs_done))
         .where(Run.status == RunStatus.running.value)
     ).all()
-    for run_id, spec, seconds in rows:
-        samples = train_samples(RunCreate.model_validate(spec))
+    for run_id, samples, seconds in rows:
         if samples is not None and seconds > 0:
             gauge.add_metric([run_id], samples / seconds)
     return gauge

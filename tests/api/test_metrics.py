@@ -51,7 +51,9 @@ def running_run_with_epochs(seconds: list[float]) -> str:
     for epoch, duration in enumerate(seconds, start=1):
         with session_scope() as session:
             metrics = EpochMetrics(epoch, 0.5, 0.8, 0.6, 0.7, duration)
-            crud.record_epoch(session=session, lease=lease, metrics=metrics, training_state=b"s")
+            crud.record_epoch(
+                session=session, lease=lease, metrics=metrics, training_state=b"s", train_samples=800
+            )
     return run_id
 
 
@@ -71,7 +73,7 @@ def test_runs_by_status_queue_depth_epoch_durations_and_samples_per_second(clien
     assert bucket == {"0.25": 1, "1.0": 2, "+Inf": 3}
     assert samples[("bnlab_epoch_duration_seconds_count", ())] == 3
     assert samples[("bnlab_epoch_duration_seconds_sum", ())] == pytest.approx(4.0)
-    # 1000 samples, 20 % held out: 800 training samples in the last epoch's 3.0 s.
+    # The worker recorded 800 training samples for the last epoch, which took 3.0 s.
     throughput = samples[("bnlab_training_samples_per_second", (("run_id", run_id),))]
     assert throughput == pytest.approx(800 / 3.0)
 
