@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     queue: str = Field("bnlab", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Celery queue name.")
     worker_concurrency: int = Field(1, ge=1, le=64, description="Training processes per worker.")
     torch_threads: int = Field(0, ge=0, le=256, description="Threads per training process; 0 = automatic.")
+    # cpu by default: bit-for-bit reproducible runs; auto picks a GPU when the worker process sees one.
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="Where workers train: cpu, cuda or auto."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # JSON lines carry the request id (API) and run id (worker) as fields for a log collector.
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text.")

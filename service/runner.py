@@ -198,7 +198,10 @@ def _train(
     if state is not None:
         log.info("run %s resumes after epoch %d", callbacks.lease.run_id, state.epoch)
     config = model_config_for_data(spec, train_set)
-    result = training.train(config, spec.train_config_for_ml(), train_set, val_set, callbacks, resume=state)
+    device = training.resolve_device(get_settings().device)
+    result = training.train(
+        config, spec.train_config_for_ml(), train_set, val_set, callbacks, resume=state, device=device
+    )
     return result, config
 
 

@@ -35,6 +35,8 @@ STOP_CHECK_INTERVAL_S = 0.5
 USE_FAST_PATH = True
 
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+DeviceName = str  # "cpu", "cuda" or "auto"
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,21 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     trained with the same seed sees the same batches in the same order."""
     (state,) = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(state)))
+
+
+def resolve_device(name: DeviceName) -> torch.device:
+    """The device to train on: cpu, cuda, or auto (cuda when this process sees a GPU, else cpu).
+    Called in the process that trains (a pool child), never in a parent that forks: CUDA does not
+    survive a fork (pytorch#40403)."""
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else CPU
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device 'cuda' asked for, but this process sees no CUDA device (torch {torch.__version__})"
+        )
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; expected 'cpu', 'cuda' or 'auto'")
+    return torch.device(name)
 
 
 def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
@@ -188,6 +205,7 @@ def train(
     val_set: ImageDataset,
     callbacks: TrainingCallbacks = _NULL_CALLBACKS,
     resume: TrainingState | None = None,
+    device: torch.device = CPU,
 ) -> TrainResult:
     """Train a fresh `make_net(cfg)` with softmax cross-entropy; validate after every epoch.
 
@@ -197,22 +215,25 @@ def train(
 
     With `resume`, training continues after `resume.epoch` from that state: each epoch's data order
     depends only on (seed, epoch), so the resumed epochs see the batches they would have seen.
+
+    The weights are drawn on the CPU whatever the `device`, so a seed starts from the same network
+    everywhere; the model comes back on `device`.
     """
     _check_inputs(cfg, tcfg, train_set, val_set)
-    model = build_model(cfg, tcfg.seed)
-    optimizer = _make_optimizer(model, tcfg)
+    model = build_model(cfg, tcfg.seed).to(device)
+    optimizer = _make_optimizer(model, tcfg)  # after .to(): the fused kernel runs where its parameters are
     first_epoch = 1
     if resume is not None:
         restore(resume, model, optimizer)
         first_epoch = resume.epoch + 1
     # Converted once and resident for all epochs; flat rows (every net flattens its input first), so
     # a batch is one index_select (advanced indexing of the image-shaped tensor costs ten times more).
-    x_all, y_all = to_inputs(train_set.x).flatten(1), train_set.y
+    x_all, y_all = to_inputs(train_set.x).flatten(1).to(device), train_set.y.to(device)
     n, bs = len(train_set), tcfg.batch_size
     n_used = n - 1 if n % bs == 1 else n
     result = TrainResult(model=model, dropped_last_batch=n_used < n)
     poller = _StopPoller(callbacks)
-    probe, slots = to_inputs(val_set.x[:PROBE_SAMPLES]), norm_slots(model)
+    probe, slots = to_inputs(val_set.x[:PROBE_SAMPLES]).to(device), norm_slots(model)
     # The initial network's statistics (epoch 0) travel with epoch 1; a resumed run has them stored.
     pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 else ()
     step = _make_step(model, optimizer)
@@ -222,9 +243,9 @@ def train(
         model.train()  # on purpose: evaluate() left the model in eval mode
         for group in optimizer.param_groups:
             group["lr"] = lr_at(tcfg, epoch)
-        order = epoch_permutation(n, tcfg.seed, epoch)[:n_used]
-        loss_sum = torch.zeros(())
-        correct = torch.zeros((), dtype=torch.int64)
+        order = epoch_permutation(n, tcfg.seed, epoch)[:n_used].to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
         for start in range(0, n_used, bs):
             if poller.due():
                 result.cancelled = True
@@ -263,14 +284,16 @@ def evaluate(model: nn.Module, ds: ImageDataset, batch_size: int = 1024) -> tupl
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     model.eval()  # on purpose: train mode would normalise with batch statistics and move the buffers
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
+    device = _device_of(model)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     # Balanced chunks (sizes differ by at most 1) never leave a batch of one, which a BN layer
     # without running stats (track_running_stats=False) could not normalise.
     chunks = math.ceil(n / batch_size)
     with torch.inference_mode():
         for x_u8, y in zip(ds.x.tensor_split(chunks), ds.y.tensor_split(chunks), strict=True):
-            logits: torch.Tensor = model(to_inputs(x_u8))
+            y = y.to(device)
+            logits: torch.Tensor = model(to_inputs(x_u8.to(device)))
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()
     return loss_sum.item() / n, correct.item() / n
@@ -285,8 +308,12 @@ def predict_proba(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         )
     model.eval()  # on purpose: inference must use running statistics, whatever mode the model was left in
     with torch.inference_mode():
-        logits: torch.Tensor = model(inputs.to(torch.float32))
-        return logits.softmax(dim=1)
+        logits: torch.Tensor = model(inputs.to(_device_of(model), torch.float32))
+        return logits.softmax(dim=1).cpu()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def _input_features(model: nn.Module) -> int:

@@ -136,3 +136,23 @@ def test_the_fast_path_is_deterministic_and_resumes_bit_identically(
     assert [without_time(m) for m in rest.epochs] == [without_time(m) for m in straight.epochs[1:]]
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_device_selection_works_on_a_machine_without_a_gpu(
+    data: tuple[training.ImageDataset, training.ImageDataset],
+) -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert training.resolve_device("auto").type == expected
+    assert training.resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            training.resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        training.resolve_device("tpu")
+    # The auto device trains the run the default does (on a CPU-only machine, the same bits).
+    cfg, tcfg = ModelConfig(hidden=(16,)), TrainConfig(epochs=1, seed=5)
+    on_auto = training.train(cfg, tcfg, *data, device=training.resolve_device("auto"))
+    default = training.train(cfg, tcfg, *data)
+    if expected == "cpu":
+        assert without_time(on_auto.epochs[0]) == without_time(default.epochs[0])
+    assert next(on_auto.model.parameters()).device.type == expected
