@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## API + one worker on the embedded SQLite database and embedded broker; Ctrl-C stops both.
+## One training process per core, one thread each (unless set): the runs of a pair train side by
+## side, and a small model's step does not wait on a second thread (bench/train.py measured the
+## pair ten times slower with one process of two threads on a busy 2-core machine).
 run: install
-	$(BIN)/bnlab run
+	BNLAB_WORKER_CONCURRENCY=$${BNLAB_WORKER_CONCURRENCY:-$$(nproc)} $(BIN)/bnlab run
 
 migrate: install
 	$(BIN)/bnlab migrate

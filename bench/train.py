@@ -122,6 +122,8 @@ def stack_env(data_dir: Path, port: int) -> dict[str, str]:
     # BNLAB_ variables do not, so a developer's settings cannot point the benchmark at their database.
     passed = ("BNLAB_WORKER_CONCURRENCY", "BNLAB_TORCH_THREADS", "BNLAB_DEVICE")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNLAB_") or k in passed}
+    # As `make run` starts it: one training process per core (one thread each) unless set.
+    env.setdefault("BNLAB_WORKER_CONCURRENCY", str(os.cpu_count() or 1))
     return env | {
         "BNLAB_DATA_DIR": str(data_dir),
         "BNLAB_PORT": str(port),
@@ -332,7 +334,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bnlab-bench-train-") as folder:
         data_dir = Path(folder)
         rounds = []
-        with Stack(data_dir) as client:
+        stack = Stack(data_dir)
+        say(f"worker: BNLAB_WORKER_CONCURRENCY={stack.env['BNLAB_WORKER_CONCURRENCY']}")
+        with stack as client:
             warm_up(client)
             for i in range(args.rounds):
                 say(f"load {load()}: (b) round {i + 1} through the API")
