@@ -144,20 +144,21 @@ SMALL_BATCH = Preset(
             "model": {"hidden": [128], "activation": "relu", "norm": {"num_groups": 16}},
             "train": {"epochs": 3, "optimizer": "adam", "lr": 0.001},
         },
-        "grid": {"model.norm.kind": ["batch", "group", "layer"], "train.batch_size": [2, 64]},
+        "grid": {"model.norm.kind": ["batch", "group", "layer"], "train.batch_size": [2, 4, 64]},
         "target": 0.75,
     },
     datasets=("fashion-mnist", "synthetic"),
     claims=tuple(
         Claim(
-            sentence=f"At batch 2, {name} reaches a higher validation accuracy than BN.",
+            sentence=f"At batch {batch}, {name} reaches a higher validation accuracy than BN.",
             metric="final.val_accuracy",
             terms=(
-                Term({"model.norm.kind": kind, "train.batch_size": 2}, 1.0),
-                Term({"model.norm.kind": "batch", "train.batch_size": 2}, -1.0),
+                Term({"model.norm.kind": kind, "train.batch_size": batch}, 1.0),
+                Term({"model.norm.kind": "batch", "train.batch_size": batch}, -1.0),
             ),
-            contrast=f"{kind} − batch at batch 2",
+            contrast=f"{kind} − batch at batch {batch}",
         )
+        for batch in (2, 4)
         for kind, name in (("group", "GroupNorm"), ("layer", "LayerNorm"))
     )
     + (

@@ -100,11 +100,21 @@ def test_a_run_submitted_through_the_api_appears_and_its_curves_grow_live(
 ) -> None:
     stack, key = keyed_stack
     open_with_key(browser, stack, key)
+    # The stack's one worker is kept busy until the page watches, so the page sees the run from
+    # before its first epoch however fast training is or however slowly the page loads.
+    blocker = stack.submit(RUN | {"name": "browser-blocker", "train": {"epochs": 500}})
+    stack.wait_for(blocker, {"running"})
     run_id = stack.submit(RUN | {"name": "browser-bn", "model": {"hidden": [32], "norm": {"kind": "batch"}}})
     wait_until(
         lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-run-id="{run_id}"]'), 15, "the run's row"
     )
     browser.get(f"{stack.base_url}/#/runs/{run_id}")
+    wait_until(
+        lambda: browser.find_elements(By.CSS_SELECTOR, '#run-status [data-status="queued"]'),
+        15,
+        "the run page showing the queued run",
+    )
+    assert stack.client.post(f"/api/v1/runs/{blocker}/cancel").status_code == 200
     samples: list[tuple[str, int]] = []
 
     def finished() -> bool:
