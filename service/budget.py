@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from service.ml.config import ModelConfig
+from service.ml.datasets import split_sizes
 from service.ml.nets import forward_flops
 from service.schemas import RunCreate
 
@@ -22,7 +23,7 @@ FORWARD_AND_BACKWARD = 3
 def time_limit_s(spec: RunCreate, *, cap_s: int, model: ModelConfig, train_samples: int) -> int:
     """`model`: the spec's network on its data (shape included); `train_samples` the size of that data."""
     samples = spec.dataset.limit or train_samples
-    steps_per_epoch = math.ceil(samples * (1 - spec.dataset.val_split) / spec.train.batch_size)
+    steps_per_epoch = math.ceil(split_sizes(samples, spec.dataset.val_split)[0] / spec.train.batch_size)
     step_flops = FORWARD_AND_BACKWARD * forward_flops(model) * spec.train.batch_size
     step_s = SECONDS_PER_STEP_OVERHEAD + step_flops / FLOPS_PER_SECOND
     budget = STARTUP_ALLOWANCE_S + spec.train.epochs * (steps_per_epoch * step_s + 5)

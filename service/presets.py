@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.experiments import Claim, Term, expand
+from service.ml.datasets import split_sizes
 from service.schemas import BuiltinDatasetName, ExperimentCreate, PresetCreate
 
 # Seconds per optimiser step: a fixed cost plus a per-sample one, for the small MLPs used here
@@ -268,8 +269,8 @@ def estimated_seconds(spec: ExperimentCreate) -> int:
     for planned in expand(spec):
         dataset, train = planned.spec.dataset, planned.spec.train
         n = dataset.limit or (SYNTHETIC_TRAIN_SIZE if dataset.name == "synthetic" else FULL_TRAIN_SIZE)
-        n_val = int(n * dataset.val_split)
-        steps = -(-(n - n_val) // train.batch_size)
+        n_train, n_val = split_sizes(n, dataset.val_split)
+        steps = -(-n_train // train.batch_size)
         step_s = STEP_FIXED_S + STEP_PER_SAMPLE_S * train.batch_size
         total += RUN_OVERHEAD_S + train.epochs * (steps * step_s + n_val * VAL_PER_SAMPLE_S)
     return round(total)

@@ -300,11 +300,18 @@ def _shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator) -
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def train_val_split(ds: ImageDataset, val_split: float) -> tuple[ImageDataset, ImageDataset]:
-    """Hold out the LAST `val_split` fraction, unshuffled, as Keras' `validation_split` does."""
+def split_sizes(n: int, val_split: float) -> tuple[int, int]:
+    """(training, validation) sample counts of `train_val_split` on `n` samples: the one place the
+    split's rounding is written (budgets and estimates use it too)."""
     if not 0.0 < val_split < 1.0:
         raise ValueError(f"val_split must be in (0, 1), got {val_split}")
-    split_at = int(len(ds) * (1.0 - val_split))
+    n_train = int(n * (1.0 - val_split))
+    return n_train, n - n_train
+
+
+def train_val_split(ds: ImageDataset, val_split: float) -> tuple[ImageDataset, ImageDataset]:
+    """Hold out the LAST `val_split` fraction, unshuffled, as Keras' `validation_split` does."""
+    split_at, _ = split_sizes(len(ds), val_split)
     return ds.take(slice(0, split_at)), ds.take(slice(split_at, None))
 
 
