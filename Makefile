@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint format migrate fuzz bench bench-serve bench-train clean
+.PHONY: install run test lint format migrate fuzz bench bench-serve bench-train bench-scale clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench-serve: install
 ## matmul floor; then inference throughput (about a minute on a quiet 2-core machine).
 bench-train: install
 	$(BIN)/python bench/train.py
+
+## Scale curve: training throughput over batch sizes 32-1024 and widths 128-2048 (BN and no-BN, one
+## thread), then a 16-run grid through the API vs one run alone (about three minutes).
+bench-scale: install
+	$(BIN)/python bench/train.py --scale
 
 lint: install
 	$(BIN)/ruff check service workers migrations tests bench

@@ -5,6 +5,7 @@ and on what else runs on it (the load average is printed next to each part).
 
     .venv/bin/python bench/train.py              # `make bench-train`; Fashion-MNIST from Debian
     .venv/bin/python bench/train.py --synthetic  # generated data, for a quick look
+    .venv/bin/python bench/train.py --scale      # `make bench-scale`: the scale curve instead
 
 The pair: Flatten → Dense(128, relu) → [BatchNorm(eps 1e-3, momentum 0.01)] → Dense(10), Adam 1e-3,
 batch 32, 10 epochs, the last 20 % of the training split held out for validation.
@@ -17,11 +18,17 @@ batch 32, 10 epochs, the last 20 % of the training split held out for validation
 (c) the floor: the five matrix products of a batch-32 training step (two forward, three backward)
     on one core, times the steps of one run;
 then the inference throughput of the model bnlab trained (eval mode, in-process, batch 1 and 256).
+
+`--scale` (issue 6, item 3) prints instead the training throughput of the article's MLP over batch
+sizes 32-1024 and widths 128-2048, BN and no-BN, through the step train() uses, in one process with
+make run's one thread; then the wall time of a 16-run grid experiment through the API and a worker,
+per run, against one such run submitted alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -277,6 +284,170 @@ def inference_throughput(data_dir: Path, run_id: str) -> dict[int, float]:
     return rates
 
 
+# ------------------------------------------------------------- the scale curve (issue 6, item 3)
+
+SCALE_BATCHES = (32, 64, 128, 256, 512, 1024)
+SCALE_WIDTHS = (128, 512, 2048)
+# Per cell: a warm-up that also sizes the windows, then the median of WINDOWS timed windows of about
+# WINDOW_S each; 36 cells keep the table near two minutes on the 2-core machine.
+WARM_UP_S, WINDOW_S, WINDOWS = 0.3, 0.5, 5
+# make run's training processes: one per core, one thread each (Settings.effective_torch_threads).
+SCALE_THREADS = 1
+# The grid: the article's model on the first 10k training samples (8k train, 2k validation), 2 epochs,
+# norm kind x lr x 4 seeds = 16 runs, against the same spec submitted alone.
+GRID_SAMPLES, GRID_EPOCHS, GRID_SEEDS = 10_000, 2, (0, 1, 2, 3)
+GRID: dict[str, list[Any]] = {"model.norm.kind": ["batch", "none"], "train.lr": [1e-3, 1e-2]}
+ALONE_ROUNDS = 5  # the median: the first run may meet a pool process not yet warm
+
+
+def resident_rows(synthetic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split (the last 20 % held out) as train() keeps it resident: flat float rows."""
+    from service.ml import datasets
+
+    name = "synthetic" if synthetic else "fashion-mnist"
+    full = datasets.load_dataset(name, search_dirs=[datasets.SYSTEM_DATASET_DIR], split="train", limit=None)
+    train_set, _ = datasets.train_val_split(full, 0.2)
+    return datasets.to_inputs(train_set.x).flatten(1), train_set.y
+
+
+def training_step(
+    width: int, batch_norm: bool, batch: int, rows: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[Callable[[], None], str]:
+    """One step of train()'s inner loop for the article's MLP at `width`, built by the same functions
+    (seeded model, Adam 1e-3 fused, the fast path or autograd as training picks it); returns the step
+    and the path's name. Batches walk one epoch's permutation, gathered by index from the rows."""
+    from service.ml import training
+    from service.ml.config import ModelConfig, NormConfig, TrainConfig
+    from service.ml.fastpath import MlpStep
+
+    cfg = ModelConfig(hidden=(width,), norm=NormConfig(kind="batch" if batch_norm else "none"))
+    tcfg = TrainConfig(batch_size=batch)
+    model = training.build_model(cfg, tcfg.seed)
+    model.train()
+    optimizer = training._make_optimizer(model, tcfg)
+    step = training._make_step(model, optimizer)
+    x_all, y_all = rows
+    order = training.epoch_permutation(len(y_all), tcfg.seed, 1)
+    batches = len(order) // batch
+    loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+    position = 0
+
+    def one_step() -> None:
+        nonlocal position
+        idx = order[position * batch : (position + 1) * batch]
+        position = (position + 1) % batches
+        loss, hits = step(x_all.index_select(0, idx), y_all.index_select(0, idx))
+        optimizer.step()
+        loss_sum.add_(loss * len(idx))  # accumulated on-tensor, as train() does
+        correct.add_(hits)
+
+    path = "fast" if isinstance(getattr(step, "__self__", None), MlpStep) else "autograd"
+    return one_step, path
+
+
+def samples_per_s(step: Callable[[], None], batch: int) -> float:
+    """Median throughput over WINDOWS windows of a fixed step count sized by the warm-up."""
+    started, steps = time.perf_counter(), 0
+    while steps < 3 or time.perf_counter() - started < WARM_UP_S:
+        step()
+        steps += 1
+    per_window = max(3, round(WINDOW_S * steps / (time.perf_counter() - started)))
+    rates = []
+    for _ in range(WINDOWS):
+        window_started = time.perf_counter()
+        for _ in range(per_window):
+            step()
+        rates.append(per_window * batch / (time.perf_counter() - window_started))
+    return statistics.median(rates)
+
+
+def scale_curve(synthetic: bool) -> None:
+    """The throughput table: widths x batch sizes, BN and no-BN, on SCALE_THREADS thread(s)."""
+    rows = resident_rows(synthetic)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SCALE_THREADS)
+    try:
+        say(f"{'width':>5} {'batch':>5} {'path':>8} {'BN samples/s':>13} {'no-BN samples/s':>16}"
+            f" {'BN / no-BN':>11} {'load':>5}")  # fmt: skip
+        say("-" * 70)
+        for width in SCALE_WIDTHS:
+            for batch in SCALE_BATCHES:
+                rates, paths = {}, set()
+                for batch_norm in (True, False):
+                    step, path = training_step(width, batch_norm, batch, rows)
+                    rates[batch_norm] = samples_per_s(step, batch)
+                    paths.add(path)
+                say(f"{width:>5} {batch:>5} {'/'.join(sorted(paths)):>8} {rates[True]:>13,.0f}"
+                    f" {rates[False]:>16,.0f} {rates[True] / rates[False]:>10.2f}x {load():>5}")  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def grid_base(dataset: str) -> dict[str, Any]:
+    return {
+        "dataset": {"name": dataset, "limit": GRID_SAMPLES},
+        "train": {"epochs": GRID_EPOCHS, "batch_size": 32, "optimizer": "adam", "lr": 1e-3, "seed": 0},
+    }
+
+
+def time_alone(client: httpx.Client, dataset: str) -> float:
+    """Seconds from the POST of one grid-sized run to its success, nothing else queued."""
+    started = time.perf_counter()
+    response = client.post("/api/v1/runs", json={"name": "scale-alone", **grid_base(dataset)})
+    response.raise_for_status()
+    wait_succeeded(client, [response.json()["id"]])
+    return time.perf_counter() - started
+
+
+def time_grid(client: httpx.Client, dataset: str) -> tuple[float, int]:
+    """Seconds from the POST of the experiment until every run has succeeded, and its run count.
+    Polls the experiment (one request) every 0.1 s: sixteen run polls would compete for the cores."""
+    spec = {"name": "scale-grid", "base": grid_base(dataset), "grid": GRID, "seeds": list(GRID_SEEDS)}
+    started = time.perf_counter()
+    response = client.post("/api/v1/experiments", json=spec)
+    response.raise_for_status()
+    path = f"/api/v1/experiments/{response.json()['id']}"
+    while not (experiment := _get(client, path))["finished"]:
+        time.sleep(2 * POLL_S)
+    seconds = time.perf_counter() - started
+    counts = experiment["status_counts"]
+    if counts["succeeded"] != len(experiment["runs"]):
+        raise RuntimeError(f"not every run of the grid succeeded: {counts}")
+    return seconds, len(experiment["runs"])
+
+
+def scale_grid(dataset: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="bnlab-bench-scale-") as folder:
+        stack = Stack(Path(folder))
+        say(f"worker: BNLAB_WORKER_CONCURRENCY={stack.env['BNLAB_WORKER_CONCURRENCY']}")
+        with stack as client:
+            warm_up(client)
+            say(f"load {load()}: one run alone, {ALONE_ROUNDS} times")
+            alone = [time_alone(client, dataset) for _ in range(ALONE_ROUNDS)]
+            say(f"load {load()}: the grid")
+            grid_s, runs = time_grid(client, dataset)
+    alone_s = statistics.median(alone)
+    say(f"one run alone (median of {', '.join(f'{s:.2f}' for s in alone)} s): {alone_s:>6.2f} s")
+    say(f"the {runs}-run grid: {grid_s:.2f} s wall, {grid_s / runs:.2f} s a run;"
+        f" {alone_s / (grid_s / runs):.2f}x the throughput of runs submitted alone")  # fmt: skip
+
+
+def scale(synthetic: bool) -> None:
+    dataset = "synthetic" if synthetic else "fashion-mnist"
+    runs = len(GRID_SEEDS) * math.prod([len(values) for values in GRID.values()])
+    say(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {dataset}; load {load()}")
+    say(f"1. training throughput: one process, {SCALE_THREADS} thread (as make run's training processes,")
+    say("   one per core, one thread each); the article's MLP, Flatten -> Linear(width) -> ReLU -> [BN] ->")
+    say(f"   Linear(10), Adam 1e-3, through train()'s step; median of {WINDOWS} windows of ~{WINDOW_S} s")
+    scale_curve(synthetic)
+    say()
+    say(f"2. a {runs}-run grid through the API and a real worker vs one such run alone: first")
+    say(f"   {GRID_SAMPLES:,} samples, {GRID_EPOCHS} epochs, batch 32; norm kind x lr x {len(GRID_SEEDS)}"
+        " seeds")  # fmt: skip
+    scale_grid(dataset)
+    say(f"load at the end: {load()}")
+
+
 # ----------------------------------------------------------------------------------------- report
 
 
@@ -319,7 +490,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run (the article: 10)")
     parser.add_argument("--rounds", type=int, default=3, help="pairs through the API; the table shows each")
     parser.add_argument("--skip-idiomatic", action="store_true", help="leave (a) out (quick checks)")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead: the scale curve (`make bench-scale`): throughput over batch sizes and widths, "
+        "then a 16-run grid through the API vs one run alone",
+    )
     args = parser.parse_args()
+    if args.scale:
+        scale(args.synthetic)
+        return
     dataset = "synthetic" if args.synthetic else "fashion-mnist"
     threads = torch.get_num_threads()
     say(f"machine: {os.cpu_count()} cores; torch {torch.__version__}, {threads} threads; {dataset}")
