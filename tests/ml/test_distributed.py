@@ -1,0 +1,186 @@
+"""SyncBatchNorm across 2 real processes (gloo, CPU) is BatchNorm over the global batch.
+
+Each test spawns two ranks, wraps Linear/Conv → SyncBatchNorm in DDP, and gives each rank half of
+every global batch; the ranks write what they saw (safetensors) and the test compares it, in
+float64, with ONE process running the same layers with plain nn.BatchNorm1d/2d over the whole batch:
+outputs, input gradients, DDP-averaged parameter gradients and the running statistics after 3 steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from service.ml.distributed import SyncBatchNorm, synchronising
+from service.ml.fastpath import MlpStep
+from tests.integration.stack import free_port
+
+WORLD = 2
+STEPS = 3
+ATOL = 1e-10
+SPAWN_TIMEOUT_S = 90.0
+
+
+@dataclass(frozen=True)
+class Case:
+    conv: bool = False
+    momentum: float | None = 0.1
+    affine: bool = True
+    batch: int = 8  # global: each rank gets batch / WORLD samples
+
+
+def build(case: Case, norm: type[nn.Module]) -> nn.Sequential:
+    """The same layers and weights in every process: a seeded Linear/Conv, then the norm with a
+    non-trivial γ, β (ones and zeros would hide a γ/β mix-up)."""
+    torch.manual_seed(0)
+    layer: nn.Module = nn.Conv2d(3, 4, 3) if case.conv else nn.Linear(5, 4)
+    bn = norm(4, momentum=case.momentum, affine=case.affine)
+    model = nn.Sequential(layer, bn).double()
+    if case.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.normal_()
+    return model
+
+
+def batches(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """STEPS global (input, upstream weight) pairs; the loss is mean(output · g) per sample."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (case.batch, 3, 6, 6) if case.conv else (case.batch, 5)
+    out_shape = (case.batch, 4, 4, 4) if case.conv else (case.batch, 4)
+    pairs = []
+    for step in range(STEPS):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * (step + 1) + step
+        pairs.append((x, torch.randn(out_shape, generator=gen, dtype=torch.float64)))
+    return pairs
+
+
+def loss_of(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return (y * g).flatten(1).sum(1).mean()  # a mean over the (local) batch, as training losses are
+
+
+def _rank_main(rank: int, port: int, case: Case, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=30),
+    )
+    try:
+        # broadcast_buffers=False: each rank keeps its own running statistics, so the test sees
+        # whether the synchronised updates agree instead of rank 0's copy.
+        model = DistributedDataParallel(build(case, SyncBatchNorm), broadcast_buffers=False)
+        saved: dict[str, torch.Tensor] = {}
+        for step, (x, g) in enumerate(batches(case)):
+            x_local, g_local = (t.chunk(WORLD)[rank] for t in (x, g))
+            x_local = x_local.clone().requires_grad_(True)
+            model.zero_grad()
+            y = model(x_local)
+            loss_of(y, g_local).backward()  # DDP averages the parameter gradients over the ranks
+            assert x_local.grad is not None
+            saved[f"{step}.y"], saved[f"{step}.x_grad"] = y.detach(), x_local.grad
+            for k, p in model.module.named_parameters():
+                assert p.grad is not None
+                saved[f"{step}.grad.{k}"] = p.grad
+        saved.update({f"buffer.{k}": b for k, b in model.module.named_buffers()})
+        safetensors.torch.save_file({k: v.contiguous() for k, v in saved.items()}, f"{out_dir}/{rank}.st")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(case: Case, out_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """Spawn WORLD ranks, wait (bounded), kill any left behind; each rank's saved tensors."""
+    ctx = mp.start_processes(
+        _rank_main, args=(free_port(), case, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):  # raises if a rank failed (and ends the other)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks still running after {SPAWN_TIMEOUT_S} s")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    return [safetensors.torch.load_file(out_dir / f"{rank}.st") for rank in range(WORLD)]
+
+
+def reference(case: Case) -> tuple[dict[str, torch.Tensor], nn.Sequential]:
+    """One process, plain BatchNorm over each global batch: the same quantities, unsplit."""
+    norm = nn.BatchNorm2d if case.conv else nn.BatchNorm1d
+    model = build(case, norm)
+    expected: dict[str, torch.Tensor] = {}
+    for step, (x, g) in enumerate(batches(case)):
+        x = x.clone().requires_grad_(True)
+        model.zero_grad()
+        y = model(x)
+        loss_of(y, g).backward()
+        assert x.grad is not None
+        expected[f"{step}.y"], expected[f"{step}.x_grad"] = y.detach(), x.grad
+        for k, p in model.named_parameters():
+            assert p.grad is not None
+            expected[f"{step}.grad.{k}"] = p.grad
+    return expected, model
+
+
+def assert_global_batch_semantics(case: Case, tmp_path: Path) -> None:
+    ranks = run_ranks(case, tmp_path)
+    expected, model = reference(case)
+    for rank, got in enumerate(ranks):
+        for step in range(STEPS):
+            y = expected[f"{step}.y"].chunk(WORLD)[rank]
+            torch.testing.assert_close(got[f"{step}.y"], y, atol=ATOL, rtol=0)
+            # Each rank's input gradient is that of the sum of the ranks' mean losses, i.e. WORLD
+            # times the global mean's (DDP rescales parameter gradients only).
+            x_grad = expected[f"{step}.x_grad"].chunk(WORLD)[rank] * WORLD
+            torch.testing.assert_close(got[f"{step}.x_grad"], x_grad, atol=ATOL, rtol=0)
+            for k, _ in model.named_parameters():
+                key = f"{step}.grad.{k}"
+                torch.testing.assert_close(got[key], expected[key], atol=ATOL, rtol=0)
+        for k, buffer in model.named_buffers():
+            torch.testing.assert_close(got[f"buffer.{k}"], buffer, atol=ATOL, rtol=0)
+    assert int(ranks[0]["buffer.1.num_batches_tracked"]) == STEPS
+
+
+def test_synced_bn1d_over_two_processes_equals_one_batchnorm_over_the_global_batch(tmp_path: Path) -> None:
+    assert_global_batch_semantics(Case(), tmp_path)
+
+
+def test_synced_bn2d_after_a_conv_equals_one_batchnorm2d_over_the_global_batch(tmp_path: Path) -> None:
+    assert_global_batch_semantics(Case(conv=True, batch=4), tmp_path)
+
+
+def test_cumulative_average_without_affine_matches_too(tmp_path: Path) -> None:
+    assert_global_batch_semantics(Case(momentum=None, affine=False, batch=6), tmp_path)
+
+
+def test_without_a_process_group_it_is_plain_batchnorm_in_train_and_eval() -> None:
+    assert not synchronising()
+    case = Case()
+    sync, plain = build(case, SyncBatchNorm), build(case, nn.BatchNorm1d)
+    for x, _ in batches(case):
+        torch.testing.assert_close(sync(x), plain(x), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sync.eval()(x), plain.eval()(x), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        sync.train()(x[:1])
+
+
+def test_the_fast_path_declines_a_synced_mlp() -> None:
+    # Its hand-written BN step uses local statistics: a synced model must go through autograd.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 4), nn.ReLU(), SyncBatchNorm(4), nn.Linear(4, 2))
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(5, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    assert MlpStep.for_model(plain) is not None
+    assert MlpStep.for_model(model) is None
