@@ -16,15 +16,40 @@ one `all_reduce` per direction, which gloo (CPU) and NCCL (GPU) both provide:
 
 Without an initialised process group of more than one process, and in eval mode, the layer is plain
 BatchNorm (running statistics in eval), so a model holding it trains and serves in one process too.
+
+`train_distributed` runs the training loop of `training.train` across `processes` CPU processes
+(gloo) under DistributedDataParallel: every process walks the same epoch permutation and takes its
+shard of every batch; with `sync_batch_norm` each BatchNorm becomes a SyncBatchNorm for the run, so the
+run is the single-process one over the global batch, up to rounding. Rank 0 validates, probes and
+snapshots; the calling process relays that to the callbacks and answers `should_stop()` for all.
 """
 
 from __future__ import annotations
 
+import queue
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.multiprocessing.spawn import start_processes
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+from service.ml import training
+from service.ml.config import ModelConfig, TrainConfig
+from service.ml.datasets import ImageDataset, to_inputs
+from service.ml.nets import norm_slots
+from service.ml.norms import end_epoch
+from service.ml.probes import PROBE_SAMPLES, probe_slot_inputs
+from service.ml.resume import TrainingState, load_training_state, restore, save_training_state
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; None = the default (world) group
 
@@ -168,3 +193,221 @@ def _input_grad(
     scale = invstd if weight is None else invstd * weight
     centred = grad_y - _per_channel(mean_dy, grad_y) - xmu * _per_channel(invstd * invstd * mean_dy_xmu, xmu)
     return centred * _per_channel(scale, grad_y)
+
+
+def to_sync_batch_norm(module: nn.Module, group: ProcessGroup = None) -> nn.Module:
+    """Swap every plain BatchNorm1d/2d in `module` (in place) for a SyncBatchNorm that holds the same
+    parameters and buffers, so the state dict, and the network it rebuilds, stay plain BN's."""
+    for name, child in module.named_children():
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            assert isinstance(child, _BatchNorm)
+            sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, process_group=group)
+            sync.affine, sync.track_running_stats = child.affine, child.track_running_stats
+            for pname in ("weight", "bias"):  # None too: make_norm may drop γ or β (center/scale)
+                sync.register_parameter(pname, getattr(child, pname))
+            for bname in ("running_mean", "running_var", "num_batches_tracked"):
+                sync.register_buffer(bname, getattr(child, bname))
+            setattr(module, name, sync)
+        else:
+            to_sync_batch_norm(child, group)
+    return module
+
+
+# Ranks agree on stopping every this many steps (one tiny all_reduce), and at every epoch's end.
+STOP_CHECK_STEPS = 16
+# How long a rank waits for its peers at a collective before failing the run.
+COLLECTIVE_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class _Job:
+    cfg: ModelConfig
+    tcfg: TrainConfig
+    train_set: ImageDataset
+    val_set: ImageDataset
+    resume: TrainingState | None
+    port: int
+    threads: int
+
+
+def check_processes(tcfg: TrainConfig, norm_kind: str) -> None:
+    """Refuse what data-parallel training cannot do, before any process starts."""
+    if not 1 <= tcfg.processes <= 64:
+        raise ValueError(f"processes must be 1..64, got {tcfg.processes}")
+    if tcfg.sync_batch_norm and tcfg.processes < 2:
+        raise ValueError("sync_batch_norm synchronises across processes: it needs processes >= 2")
+    if tcfg.sync_batch_norm and norm_kind != "batch":
+        raise ValueError(f"sync_batch_norm applies to norm kind 'batch', not {norm_kind!r}")
+    if tcfg.batch_size < 2 * tcfg.processes:
+        raise ValueError(
+            f"batch_size {tcfg.batch_size} leaves a shard of fewer than 2 samples per process "
+            f"({tcfg.processes} processes)"
+        )
+
+
+def train_distributed(
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    train_set: ImageDataset,
+    val_set: ImageDataset,
+    callbacks: training.TrainingCallbacks | None = None,
+    resume: TrainingState | None = None,
+) -> training.TrainResult:
+    """`training.train` across `tcfg.processes` CPU processes; the same result, model on the CPU.
+
+    The last batch is dropped when some shard of it would hold fewer than 2 samples (BN cannot
+    normalise one): a remainder of 1 as in `train`, or one smaller than 2 per process.
+    """
+    callbacks = callbacks or training.NullCallbacks()
+    training._check_inputs(cfg, tcfg, train_set, val_set)
+    check_processes(tcfg, cfg.norm.kind)
+    threads = max(1, torch.get_num_threads() // tcfg.processes)  # the processes share the cores
+    job = _Job(cfg, tcfg, train_set, val_set, resume, _free_port(), threads)
+    spawn = mp.get_context("spawn")
+    messages, stop = spawn.Queue(), spawn.Event()
+    ranks = start_processes(  # type: ignore[no-untyped-call]
+        _rank_main, args=(job, messages, stop), nprocs=tcfg.processes, join=False, start_method="spawn"
+    )
+    relay = _Relay(callbacks)
+    try:
+        while not ranks.join(timeout=training.STOP_CHECK_INTERVAL_S):
+            relay.drain(messages)
+            if callbacks.should_stop():
+                stop.set()
+        relay.drain(messages)
+    finally:
+        for process in ranks.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    return relay.result(cfg, tcfg)
+
+
+class _Relay:
+    """The calling process's side: rank 0's epoch reports go to the callbacks; its final state
+    rebuilds the model."""
+
+    def __init__(self, callbacks: training.TrainingCallbacks) -> None:
+        self.callbacks = callbacks
+        self.epochs: list[training.EpochMetrics] = []
+        self.final: tuple[bytes, bool, bool] | None = None
+
+    def drain(self, messages: Any) -> None:
+        while True:
+            try:
+                kind, *payload = messages.get(timeout=0.05)
+            except queue.Empty:
+                return
+            if kind == "epoch":
+                metrics, snapshot = payload
+                self.epochs.append(metrics)
+                self.callbacks.on_epoch_end(metrics, partial(bytes, snapshot))
+            else:
+                self.final = (payload[0], payload[1], payload[2])
+
+    def result(self, cfg: ModelConfig, tcfg: TrainConfig) -> training.TrainResult:
+        if self.final is None:
+            raise RuntimeError("the training processes ended without reporting a final state")
+        state_bytes, cancelled, dropped = self.final
+        model = training.build_model(cfg, tcfg.seed)
+        model.load_state_dict(load_training_state(state_bytes).model_state)
+        return training.TrainResult(model, self.epochs, cancelled=cancelled, dropped_last_batch=dropped)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _rank_main(rank: int, job: _Job, messages: Any, stop: Any) -> None:
+    torch.set_num_threads(job.threads)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{job.port}",
+        rank=rank,
+        world_size=job.tcfg.processes,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    try:
+        _train_rank(rank, job, messages, stop)
+    finally:
+        dist.destroy_process_group()
+
+
+def _agreed_stop(stop: Any) -> bool:
+    """True on every rank when any rank saw the stop request: they must leave at the same step."""
+    flag = torch.tensor([1.0 if stop.is_set() else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _kept_samples(n: int, tcfg: TrainConfig) -> int:
+    remainder = n % tcfg.batch_size
+    return n - remainder if remainder and remainder < 2 * tcfg.processes else n
+
+
+def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
+    """One process's share of `training.train`'s loop; rank 0 reports to the calling process."""
+    cfg, tcfg, processes = job.cfg, job.tcfg, job.tcfg.processes
+    model = training.build_model(cfg, tcfg.seed)
+    if tcfg.sync_batch_norm:
+        to_sync_batch_norm(model)
+    optimizer = training._make_optimizer(model, tcfg)
+    first_epoch = 1
+    if job.resume is not None:
+        restore(job.resume, model, optimizer)
+        first_epoch = job.resume.epoch + 1
+    # Synced BN keeps the ranks' buffers equal by itself; plain BN takes rank 0's, as DDP does.
+    ddp = DistributedDataParallel(model, forward_sync_buffers=not tcfg.sync_batch_norm)
+    x_all, y_all = to_inputs(job.train_set.x).flatten(1), job.train_set.y
+    n, bs = len(job.train_set), tcfg.batch_size
+    n_used = _kept_samples(n, tcfg)
+    probe, slots = to_inputs(job.val_set.x[:PROBE_SAMPLES]), norm_slots(model)
+    pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 and rank == 0 else ()
+    cancelled, epoch = False, first_epoch - 1
+    for epoch in range(first_epoch, tcfg.epochs + 1):
+        started = time.monotonic()
+        model.train()  # on purpose: evaluate() left rank 0's model in eval mode
+        for group in optimizer.param_groups:
+            group["lr"] = training.lr_at(tcfg, epoch)
+        order = training.epoch_permutation(n, tcfg.seed, epoch)[:n_used]
+        totals = torch.zeros(2, dtype=torch.float64)  # this shard's summed loss, correct predictions
+        for i, start in enumerate(range(0, n_used, bs)):
+            if i % STOP_CHECK_STEPS == 0 and _agreed_stop(stop):
+                cancelled = True
+                break
+            idx = order[start : start + bs]
+            mine = idx.tensor_split(processes)[rank]
+            logits = ddp(x_all.index_select(0, mine))
+            y = y_all.index_select(0, mine)
+            loss_sum = F.cross_entropy(logits, y, reduction="sum")
+            optimizer.zero_grad(set_to_none=True)
+            # DDP averages gradients over the ranks: scaled so, the average is the gradient of the
+            # mean loss over the global batch, whatever the shard sizes.
+            (loss_sum * (processes / len(idx))).backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            totals += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double()])
+        if cancelled:
+            break  # the epoch in progress is not reported, as in train
+        dist.all_reduce(totals)
+        end_epoch(model)
+        if rank == 0:
+            val_loss, val_accuracy = training.evaluate(model, job.val_set)
+            metrics = training.EpochMetrics(
+                epoch=epoch,
+                train_loss=totals[0].item() / n_used,
+                train_accuracy=totals[1].item() / n_used,
+                val_loss=val_loss,
+                val_accuracy=val_accuracy,
+                seconds=time.monotonic() - started,
+                layer_stats=(*pending, *probe_slot_inputs(model, slots, probe, epoch=epoch)),
+            )
+            pending = ()
+            messages.put(("epoch", metrics, save_training_state(model, optimizer, epoch)))
+        if epoch < tcfg.epochs and _agreed_stop(stop):
+            cancelled = True
+            break
+    if rank == 0:
+        messages.put(("done", save_training_state(model, optimizer, epoch), cancelled, n_used < n))

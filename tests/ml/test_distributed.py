@@ -1,4 +1,5 @@
-"""SyncBatchNorm across 2 real processes (gloo, CPU) is BatchNorm over the global batch.
+"""SyncBatchNorm across 2 real processes (gloo, CPU) is BatchNorm over the global batch, and
+train_distributed with it trains the run one process trains over the global batch.
 
 Each test spawns two ranks, wraps Linear/Conv → SyncBatchNorm in DDP, and gives each rank half of
 every global batch; the ranks write what they saw (safetensors) and the test compares it, in
@@ -9,7 +10,7 @@ outputs, input gradients, DDP-averaged parameter gradients and the running stati
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,14 +22,22 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from service.ml.distributed import SyncBatchNorm, synchronising
+from service.ml.config import ModelConfig, NormConfig, TrainConfig
+from service.ml.datasets import ImageDataset, make_synthetic, train_val_split
+from service.ml.distributed import SyncBatchNorm, synchronising, train_distributed
 from service.ml.fastpath import MlpStep
+from service.ml.resume import load_training_state
+from service.ml.training import train
 from tests.integration.stack import free_port
+from tests.ml.test_training import Recorder, without_time
 
 WORLD = 2
 STEPS = 3
 ATOL = 1e-10
 SPAWN_TIMEOUT_S = 90.0
+# Whole runs in float32: summation order differs across processes (SGD: Adam would blow rounding up
+# on the near-zero gradients of Linear biases before BN).
+ATOL_FLOAT32 = 1e-4
 
 
 @dataclass(frozen=True)
@@ -79,9 +88,9 @@ def _rank_main(rank: int, port: int, case: Case, out_dir: str) -> None:
         timeout=timedelta(seconds=30),
     )
     try:
-        # broadcast_buffers=False: each rank keeps its own running statistics, so the test sees
-        # whether the synchronised updates agree instead of rank 0's copy.
-        model = DistributedDataParallel(build(case, SyncBatchNorm), broadcast_buffers=False)
+        # No buffer sync after the start: each rank keeps its own running statistics, so the test
+        # sees whether the synchronised updates agree instead of rank 0's copy.
+        model = DistributedDataParallel(build(case, SyncBatchNorm), forward_sync_buffers=False)
         saved: dict[str, torch.Tensor] = {}
         for step, (x, g) in enumerate(batches(case)):
             x_local, g_local = (t.chunk(WORLD)[rank] for t in (x, g))
@@ -184,3 +193,73 @@ def test_the_fast_path_declines_a_synced_mlp() -> None:
     plain = nn.Sequential(nn.Flatten(), nn.Linear(5, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 2))
     assert MlpStep.for_model(plain) is not None
     assert MlpStep.for_model(model) is None
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[ImageDataset, ImageDataset]:
+    return train_val_split(make_synthetic(240, seed=5), 0.25)  # 180 samples: batches of 32, then 20
+
+
+def test_two_synced_processes_train_the_run_one_process_trains_over_the_global_batch(
+    small: tuple[ImageDataset, ImageDataset],
+) -> None:
+    cfg, tcfg = ModelConfig(hidden=(32,)), TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.1)
+    single = train(cfg, tcfg, *small)
+    recorder = Recorder()
+    synced = train_distributed(cfg, replace(tcfg, processes=2, sync_batch_norm=True), *small, recorder)
+    assert not synced.cancelled
+    assert [m.epoch for m in recorder.epochs] == [1, 2]
+    for got, want in zip(recorder.epochs, single.epochs, strict=True):
+        assert without_time(got) == pytest.approx(without_time(want), rel=1e-5)
+        assert [(s.epoch, s.layer) for s in got.layer_stats] == [(s.epoch, s.layer) for s in want.layer_stats]
+        for g, w in zip(got.layer_stats, want.layer_stats, strict=True):
+            assert (g.input_mean, g.input_std) == pytest.approx((w.input_mean, w.input_std), rel=1e-4)
+    expected = single.model.state_dict()
+    for key, value in synced.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=ATOL_FLOAT32, rtol=0, msg=key)
+    # The snapshot each epoch is a training state resume accepts: the last one holds the final weights.
+    last = load_training_state(recorder.snapshots[-1])
+    final = synced.model.state_dict()
+    assert last.epoch == 2
+    assert all(torch.equal(last.model_state[k], final[k]) for k in final)
+
+
+def test_unsynced_processes_normalise_per_shard_so_their_statistics_differ(
+    small: tuple[ImageDataset, ImageDataset],
+) -> None:
+    # The control for the test above: without sync, BN sees 16-sample shards, not the 32-sample
+    # batch, and the run departs from the single process's by far more than the rounding allowed there.
+    cfg, tcfg = ModelConfig(hidden=(32,)), TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.1)
+    single = train(cfg, tcfg, *small).model.state_dict()
+    sharded = train_distributed(cfg, replace(tcfg, processes=2), *small).model.state_dict()
+    for key in ("bn1.running_var", "fc1.weight"):
+        assert (sharded[key] - single[key]).abs().max() > 100 * ATOL_FLOAT32, key
+
+
+def test_a_stop_request_reaches_every_process(small: tuple[ImageDataset, ImageDataset]) -> None:
+    recorder = Recorder(stop_at=1)
+    tcfg = TrainConfig(epochs=200, batch_size=32, processes=2, sync_batch_norm=True)
+    result = train_distributed(ModelConfig(hidden=(8,)), tcfg, *small, recorder)
+    assert result.cancelled
+    assert len(recorder.epochs) < 200
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"sync_batch_norm": True}, "needs processes >= 2"),
+        ({"processes": 2, "batch_size": 3}, "fewer than 2 samples per process"),
+        ({"processes": 0}, "processes must be 1..64"),
+    ],
+)
+def test_impossible_settings_are_refused_before_any_process_starts(
+    small: tuple[ImageDataset, ImageDataset], changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        train_distributed(ModelConfig(), replace(TrainConfig(), **changes), *small)  # type: ignore[arg-type]
+
+
+def test_sync_is_for_plain_batch_norm(small: tuple[ImageDataset, ImageDataset]) -> None:
+    tcfg = TrainConfig(processes=2, sync_batch_norm=True)
+    with pytest.raises(ValueError, match="norm kind 'batch', not 'layer'"):
+        train_distributed(ModelConfig(norm=NormConfig(kind="layer")), tcfg, *small)
