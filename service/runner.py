@@ -22,7 +22,7 @@ from service import crud, data
 from service.budget import time_limit_s
 from service.config import get_settings
 from service.db import session_scope
-from service.ml import checkpoints, datasets, resume, training
+from service.ml import checkpoints, datasets, distributed, resume, training
 from service.ml.config import ModelConfig
 from service.models import RunStatus
 from service.queue import enqueue_training
@@ -198,10 +198,12 @@ def _train(
     if state is not None:
         log.info("run %s resumes after epoch %d", callbacks.lease.run_id, state.epoch)
     config = model_config_for_data(spec, train_set)
+    tcfg = spec.train_config_for_ml()
+    if tcfg.processes > 1:  # data-parallel processes on the CPU (gloo), whatever the device setting
+        result = distributed.train_distributed(config, tcfg, train_set, val_set, callbacks, resume=state)
+        return result, config
     device = training.resolve_device(get_settings().device)
-    result = training.train(
-        config, spec.train_config_for_ml(), train_set, val_set, callbacks, resume=state, device=device
-    )
+    result = training.train(config, tcfg, train_set, val_set, callbacks, resume=state, device=device)
     return result, config
 
 

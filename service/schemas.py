@@ -121,6 +121,13 @@ class NormSpec(BaseModel):
     renorm_dmax_steps: Annotated[int, NotBool] = Field(
         25000, ge=0, le=10**8, description="batch_renorm: step dmax is reached at (linear from the warm-up)."
     )
+    sync: bool = Field(
+        False,
+        strict=True,
+        description="batch only, with train.processes >= 2: normalise with the statistics of the global "
+        "batch, all-reduced across the processes (Keras' `synchronized`), instead of each process's shard. "
+        "Training only: the stored network is plain BatchNorm.",
+    )
 
     @model_validator(mode="after")
     def _one_convention(self) -> Self:
@@ -318,6 +325,13 @@ class TrainSpec(BaseModel):
     seed: Annotated[int, NotBool] = Field(
         0, ge=0, le=2**31 - 1, description="Seeds initialisation and data order."
     )
+    processes: Annotated[int, NotBool] = Field(
+        1,
+        ge=1,
+        le=4,
+        description="Data-parallel processes (DDP over gloo, on the CPU) that train one run: each takes a "
+        "shard of every batch, at least 2 samples (batch_size >= 2·processes); 1 = one process.",
+    )
 
 
 # Adam's epsilon per compat (bn-semantics.md §2).
@@ -370,6 +384,7 @@ class RunCreate(BaseModel):
         if self.train.adam_eps is None:
             self.train.adam_eps = ADAM_EPS[self.compat]  # the echo shows what ran
         norm = self.model.norm
+        self._check_processes()
         if norm.kind == "ghost" and self.train.batch_size % norm.virtual_batch_size:
             raise ValueError(
                 f"model.norm.virtual_batch_size {norm.virtual_batch_size} must divide train.batch_size "
@@ -377,11 +392,26 @@ class RunCreate(BaseModel):
             )
         return self
 
+    def _check_processes(self) -> None:
+        norm, train = self.model.norm, self.train
+        if norm.sync and norm.kind != "batch":
+            raise ValueError(f"model.norm.sync applies to norm kind 'batch', not {norm.kind!r}")
+        if norm.sync and train.processes < 2:
+            raise ValueError(
+                "model.norm.sync synchronises BN statistics across processes: it needs train.processes >= 2"
+            )
+        if train.batch_size < 2 * train.processes:
+            raise ValueError(
+                f"train.batch_size {train.batch_size} leaves fewer than 2 samples per process "
+                f"(train.processes {train.processes})"
+            )
+
     def model_config_for_ml(
         self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10
     ) -> ModelConfig:
         spec = self.model
-        fields = spec.norm.model_dump(exclude={"keras_momentum", "epsilon"})
+        # sync is a training switch (TrainConfig.sync_batch_norm): the network is the same.
+        fields = spec.norm.model_dump(exclude={"keras_momentum", "epsilon", "sync"})
         # Batch Layer Normalization's formula uses the training batch size B.
         bln_batch_size = self.train.batch_size if spec.norm.kind == "batch_layer" else None
         return ModelConfig(
@@ -406,6 +436,7 @@ class RunCreate(BaseModel):
         return TrainConfig(
             **fields,
             adam_eps=adam_eps,
+            sync_batch_norm=self.model.norm.sync,
             schedule=schedule.kind,
             step_size=schedule.step_size,
             gamma=schedule.gamma,

@@ -26,9 +26,13 @@ snapshots; the calling process relays that to the callbacks and answers `should_
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import queue
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -228,6 +232,7 @@ class _Job:
     resume: TrainingState | None
     port: int
     threads: int
+    parent_pid: int
 
 
 def check_processes(tcfg: TrainConfig, norm_kind: str) -> None:
@@ -262,12 +267,13 @@ def train_distributed(
     training._check_inputs(cfg, tcfg, train_set, val_set)
     check_processes(tcfg, cfg.norm.kind)
     threads = max(1, torch.get_num_threads() // tcfg.processes)  # the processes share the cores
-    job = _Job(cfg, tcfg, train_set, val_set, resume, _free_port(), threads)
+    job = _Job(cfg, tcfg, train_set, val_set, resume, _free_port(), threads, os.getpid())
     spawn = mp.get_context("spawn")
     messages, stop = spawn.Queue(), spawn.Event()
-    ranks = start_processes(  # type: ignore[no-untyped-call]
-        _rank_main, args=(job, messages, stop), nprocs=tcfg.processes, join=False, start_method="spawn"
-    )
+    with _children_allowed():
+        ranks = start_processes(  # type: ignore[no-untyped-call]
+            _rank_main, args=(job, messages, stop), nprocs=tcfg.processes, join=False, start_method="spawn"
+        )
     relay = _Relay(callbacks)
     try:
         while not ranks.join(timeout=training.STOP_CHECK_INTERVAL_S):
@@ -281,6 +287,30 @@ def train_distributed(
                 process.kill()
                 process.join()
     return relay.result(cfg, tcfg)
+
+
+@contextmanager
+def _children_allowed() -> Iterator[None]:
+    """Lift multiprocessing's ban on children of a daemonic process while the ranks start.
+
+    A Celery prefork pool process is daemonic, and multiprocessing refuses to start processes from
+    one lest they outlive it. Ours do not: train_distributed joins or kills them before it returns,
+    and a rank whose parent died (a pool process killed at its time limit) stops at its next
+    stop check (`_agreed_stop`) or, blocked in a collective, at the gloo timeout.
+    """
+    config: dict[str, Any] = getattr(multiprocessing.current_process(), "_config", {})
+    saved = dict(config)
+    config.pop("daemon", None)
+    # Celery's billiard keeps the key as its own AuthenticationString, which the spawn start method
+    # cannot send to the children: the same key as the standard library's type.
+    if "authkey" in config:
+        stdlib_key = getattr(multiprocessing.process, "AuthenticationString")  # noqa: B009  (untyped)
+        config["authkey"] = stdlib_key(bytes(config["authkey"]))
+    try:
+        yield
+    finally:
+        config.clear()
+        config.update(saved)
 
 
 class _Relay:
@@ -336,9 +366,11 @@ def _rank_main(rank: int, job: _Job, messages: Any, stop: Any) -> None:
         dist.destroy_process_group()
 
 
-def _agreed_stop(stop: Any) -> bool:
-    """True on every rank when any rank saw the stop request: they must leave at the same step."""
-    flag = torch.tensor([1.0 if stop.is_set() else 0.0])
+def _agreed_stop(stop: Any, parent_pid: int) -> bool:
+    """True on every rank when any rank saw the stop request, or lost its parent (nobody would take
+    its reports): they must leave at the same step."""
+    asked = stop.is_set() or os.getppid() != parent_pid
+    flag = torch.tensor([1.0 if asked else 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
 
@@ -375,7 +407,7 @@ def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
         order = training.epoch_permutation(n, tcfg.seed, epoch)[:n_used]
         totals = torch.zeros(2, dtype=torch.float64)  # this shard's summed loss, correct predictions
         for i, start in enumerate(range(0, n_used, bs)):
-            if i % STOP_CHECK_STEPS == 0 and _agreed_stop(stop):
+            if i % STOP_CHECK_STEPS == 0 and _agreed_stop(stop, job.parent_pid):
                 cancelled = True
                 break
             idx = order[start : start + bs]
@@ -406,7 +438,7 @@ def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
             )
             pending = ()
             messages.put(("epoch", metrics, save_training_state(model, optimizer, epoch)))
-        if epoch < tcfg.epochs and _agreed_stop(stop):
+        if epoch < tcfg.epochs and _agreed_stop(stop, job.parent_pid):
             cancelled = True
             break
     if rank == 0:

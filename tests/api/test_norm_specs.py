@@ -93,6 +93,11 @@ def test_defaults_echo_every_new_field(client: TestClient) -> None:
         ({}, {"momentum": 1.0}, ["momentum"]),
         ({}, {"weight_decay": -0.1}, ["weight_decay"]),
         ({"norm": {"keras_momentum": True}}, {}, ["keras_momentum"]),
+        ({"norm": {"sync": True}}, {}, ["model.norm.sync", "train.processes >= 2"]),
+        ({"norm": {"kind": "layer", "sync": True}}, {"processes": 2}, ["model.norm.sync", "'layer'"]),
+        ({"norm": {"sync": 1}}, {"processes": 2}, ["sync"]),
+        ({}, {"processes": 5}, ["processes"]),
+        ({}, {"processes": 2, "batch_size": 3}, ["batch_size 3", "fewer than 2 samples per process"]),
     ],
 )
 def test_bad_fields_are_422_naming_the_field_and_nothing_is_stored(
@@ -104,6 +109,13 @@ def test_bad_fields_are_422_naming_the_field_and_nothing_is_stored(
     for name in named:
         assert name in text, (name, text)
     assert client.get("/api/v1/runs").json()["total"] == 0
+
+
+def test_synced_batch_norm_over_two_processes_is_accepted_and_echoed(client: TestClient) -> None:
+    response = submit(client, {"norm": {"sync": True}}, train={"processes": 2, "batch_size": 4})
+    assert response.status_code == 202, response.text
+    spec = response.json()["spec"]
+    assert (spec["model"]["norm"]["sync"], spec["train"]["processes"]) == (True, 2)
 
 
 def test_unknown_compat_is_422(client: TestClient) -> None:

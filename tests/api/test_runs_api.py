@@ -78,6 +78,7 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         "renorm_warmup_steps": 5000,
         "renorm_rmax_steps": 40000,
         "renorm_dmax_steps": 25000,
+        "sync": False,
     }
     assert spec["train"] == {
         "epochs": 10,
@@ -89,6 +90,7 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         "adam_eps": 1e-8,
         "schedule": {"kind": "none", "step_size": 10, "gamma": 0.1},
         "seed": 0,
+        "processes": 1,
     }
     assert spec["compat"] == "pytorch"
 
