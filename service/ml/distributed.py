@@ -26,6 +26,7 @@ snapshots; the calling process relays that to the callbacks and answers `should_
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import queue
@@ -362,6 +363,9 @@ def _rank_main(rank: int, job: _Job, messages: Any, stop: Any) -> None:
     )
     try:
         _train_rank(rank, job, messages, stop)
+        # Leave together: a rank that tears its connections down while a peer is still finishing
+        # can make gloo abort that peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -389,7 +393,9 @@ def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
     optimizer = training._make_optimizer(model, tcfg)
     first_epoch = 1
     if job.resume is not None:
-        restore(job.resume, model, optimizer)
+        # A copy: the state came through shared memory, and the optimizer would adopt its tensors
+        # as they are, so every rank would update one shared momentum buffer.
+        restore(copy.deepcopy(job.resume), model, optimizer)
         first_epoch = job.resume.epoch + 1
     # Synced BN keeps the ranks' buffers equal by itself; plain BN takes rank 0's, as DDP does.
     ddp = DistributedDataParallel(model, forward_sync_buffers=not tcfg.sync_batch_norm)

@@ -105,6 +105,7 @@ def _rank_main(rank: int, port: int, case: Case, out_dir: str) -> None:
                 saved[f"{step}.grad.{k}"] = p.grad
         saved.update({f"buffer.{k}": b for k, b in model.module.named_buffers()})
         safetensors.torch.save_file({k: v.contiguous() for k, v in saved.items()}, f"{out_dir}/{rank}.st")
+        dist.barrier()  # leave together (see distributed._rank_main)
     finally:
         dist.destroy_process_group()
 
@@ -222,6 +223,21 @@ def test_two_synced_processes_train_the_run_one_process_trains_over_the_global_b
     final = synced.model.state_dict()
     assert last.epoch == 2
     assert all(torch.equal(last.model_state[k], final[k]) for k in final)
+
+
+def test_a_resumed_distributed_run_continues_where_the_snapshot_left_it(
+    small: tuple[ImageDataset, ImageDataset],
+) -> None:
+    cfg = ModelConfig(hidden=(16,))
+    tcfg = TrainConfig(epochs=2, batch_size=32, processes=2, sync_batch_norm=True)
+    recorder = Recorder()
+    whole = train_distributed(cfg, tcfg, *small, recorder).model.state_dict()
+    after_one = load_training_state(recorder.snapshots[0])
+    resumed_recorder = Recorder()
+    resumed = train_distributed(cfg, tcfg, *small, resumed_recorder, resume=after_one)
+    assert [m.epoch for m in resumed_recorder.epochs] == [2]
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, whole[key]), key  # the same processes, the same sums: exactly
 
 
 def test_unsynced_processes_normalise_per_shard_so_their_statistics_differ(
