@@ -52,14 +52,30 @@ def _to_model_input(array: np.ndarray, config: ModelConfig) -> torch.Tensor:
     return tensor.reshape(array.shape[0], *config.input_shape)
 
 
+def _contains_boolean(values: list[Any]) -> bool:
+    # numpy would read JSON true/false as 1.0/0.0; a tensor of numbers takes numbers only.
+    pending: list[Any] = [values]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, bool):
+            return True
+        if isinstance(value, list):
+            pending.extend(value)
+    return False
+
+
+def _numbers(values: list[Any], message: str) -> np.ndarray:
+    if _contains_boolean(values):
+        raise InputError(f"{message}; true/false are not numbers")
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise InputError(message) from exc
+
+
 def inputs_to_tensor(inputs: list[Any], config: ModelConfig) -> torch.Tensor:
     """The predict route's nested `inputs`: N samples of one accepted shape, values in [0, 1]."""
-    try:
-        array = np.asarray(inputs, dtype=np.float64)
-    except (ValueError, TypeError) as exc:
-        raise InputError(
-            f"inputs must be a rectangular array of numbers of shape {_expected(config)}"
-        ) from exc
+    array = _numbers(inputs, f"inputs must be a rectangular array of numbers of shape {_expected(config)}")
     if array.ndim < 2 or tuple(array.shape[1:]) not in accepted_sample_shapes(config):
         raise InputError(f"inputs must have shape {_expected(config)}; got {'×'.join(map(str, array.shape))}")
     return _to_model_input(array, config)
@@ -74,10 +90,7 @@ def v2_tensor_to_input(datatype: str, shape: list[int], data: list[Any], config:
         raise InputError(f"shape must be [N, ...] with a sample shape of {samples}; got {shape}")
     if not 1 <= shape[0] <= MAX_SAMPLES:
         raise InputError(f"the batch dimension must be between 1 and {MAX_SAMPLES}; got {shape[0]}")
-    try:
-        array = np.asarray(data, dtype=np.float64)
-    except (ValueError, TypeError) as exc:
-        raise InputError("data must be numbers, flat or nested in row-major order (not ragged)") from exc
+    array = _numbers(data, "data must be numbers, flat or nested in row-major order (not ragged)")
     if array.ndim != 1 and list(array.shape) != shape:
         raise InputError(
             f"nested data has shape {list(array.shape)}, which is not the declared shape {shape}"

@@ -177,6 +177,9 @@ def test_json_body_errors_stay_422_with_locations(client: TestClient, bn_run: st
         headers={"content-type": "application/json"},
     )
     assert nan.status_code == 422
+    boolean = client.post(f"/api/v1/runs/{bn_run}/predict", json={"inputs": [[0.5] * 783 + [True]]})
+    assert boolean.status_code == 422
+    assert "true/false are not numbers" in boolean.json()["detail"]
     assert client.post(f"/api/v1/runs/{'0' * 32}/predict", json={"inputs": [[0.5] * 784]}).status_code == 404
     assert (
         client.post(f"/api/v1/runs/{bn_run}/predict?version=2", json={"inputs": [[0.5] * 784]}).status_code

@@ -113,6 +113,8 @@ def test_requested_outputs_and_unfused(client: TestClient, bn_run: str) -> None:
         (infer_body([256] * 784, [1, 784], "UINT8"), "[0, 255]"),
         (infer_body([0.5] * 784, [1, 784], "UINT8"), "integers"),
         (infer_body(["a"] * 784, [1, 784]), "numbers"),
+        (infer_body([0.5] * 783 + [True], [1, 784]), "true/false are not numbers"),
+        (infer_body([[0.5] * 783 + [False]], [1, 784]), "true/false are not numbers"),
         (infer_body([0.5] * 784, [0, 784]), "batch dimension"),
         (infer_body([0.5] * 784, [1, 784], outputs=[{"name": "logits"}]), "unknown output"),
         (
