@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import crud_datasets
 from service.api.bodies import body_docs
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep
 from service.api.security import TRAIN, PrincipalDep
 from service.config import Settings
 from service.db import session_scope
@@ -143,8 +143,8 @@ async def upload_dataset(
 @router.get("", summary="List uploaded datasets, newest first")
 def list_datasets(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: LimitQuery = 20,
+    offset: OffsetQuery = 0,
 ) -> DatasetsPublic:
     rows, total = crud_datasets.list_datasets(session=session, limit=limit, offset=offset)
     items = [DatasetPublic.model_validate(row) for row in rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Path, status
+from fastapi import Depends, HTTPException, Path, Query, status
 from sqlalchemy.orm import Session
 
 from service import crud
@@ -30,6 +30,12 @@ def get_db() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RunIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Server-generated run id (32 hex).")]
+ExperimentIdPath = Annotated[
+    str, Path(pattern=r"^[0-9a-f]{32}$", description="Server-generated experiment id (32 hex).")
+]
+# Pagination of every list route (runs, experiments, datasets).
+LimitQuery = Annotated[int, Query(ge=1, le=100, description="Items per page.")]
+OffsetQuery = Annotated[int, Query(ge=0, le=1_000_000, description="Items to skip.")]
 
 
 def get_run_or_404(run_id: RunIdPath, session: SessionDep) -> Run:

@@ -25,15 +25,15 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Header, HTTPException, Path, Request, status
+from fastapi import APIRouter, Header, HTTPException, Request, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import crud, crud_experiments, experiments, telemetry
-from service.api.deps import RunIdPath
+from service.api.deps import ExperimentIdPath, RunIdPath
 from service.db import session_scope
 from service.models import Run, RunStatus
 from service.schemas import EpochMetricPublic
@@ -171,6 +171,22 @@ def last_event_id_header(pattern: str) -> Any:
     )
 
 
+class Stream(Protocol):
+    finished: bool
+
+    def poll(self) -> list[str] | None: ...
+
+
+async def _open(request: Request, stream: Stream, what: str) -> StreamingResponse:
+    """The first poll decides 404 before any byte is sent; later polls run in the thread pool.
+    No session dependency: a request-scoped session would hold its connection for the whole stream."""
+    first = await run_in_threadpool(stream.poll)
+    if first is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"{what} not found")
+    poll = functools.partial(run_in_threadpool, stream.poll)
+    return event_stream(poll_until_done(request, poll, first, lambda: stream.finished))
+
+
 # ---------------------------------------------------------------------------------------- runs
 
 
@@ -206,13 +222,7 @@ async def stream_run_events(
     run_id: RunIdPath,
     last_event_id: Annotated[str | None, last_event_id_header(RUN_EVENT_ID)] = None,
 ) -> StreamingResponse:
-    # No session dependency: a request-scoped session would hold its connection for the whole stream.
-    stream = RunStream(run_id, last_event_id)
-    first = await run_in_threadpool(stream.poll)
-    if first is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {run_id} not found")
-    poll = functools.partial(run_in_threadpool, stream.poll)
-    return event_stream(poll_until_done(request, poll, first, lambda: stream.finished))
+    return await _open(request, RunStream(run_id, last_event_id), f"run {run_id}")
 
 
 # ---------------------------------------------------------------------------------------- experiments
@@ -281,14 +291,7 @@ class ExperimentStream:
 )
 async def stream_experiment_events(
     request: Request,
-    experiment_id: Annotated[
-        str, Path(pattern=r"^[0-9a-f]{32}$", description="Server-generated experiment id.")
-    ],
+    experiment_id: ExperimentIdPath,
     last_event_id: Annotated[str | None, last_event_id_header(EXPERIMENT_EVENT_ID)] = None,
 ) -> StreamingResponse:
-    stream = ExperimentStream(experiment_id, last_event_id)
-    first = await run_in_threadpool(stream.poll)
-    if first is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"experiment {experiment_id} not found")
-    poll = functools.partial(run_in_threadpool, stream.poll)
-    return event_stream(poll_until_done(request, poll, first, lambda: stream.finished))
+    return await _open(request, ExperimentStream(experiment_id, last_event_id), f"experiment {experiment_id}")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy.orm import Session
 
 from service import crud, crud_experiments, experiments, plots, presets
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import ExperimentIdPath, LimitQuery, OffsetQuery, SessionDep, SettingsDep
 from service.api.runs import publish_run, require_capacity, require_dataset
 from service.api.security import PrincipalDep
 from service.config import Settings
@@ -31,9 +31,6 @@ from service.schemas import (
 
 router = APIRouter(prefix="/api/v1/experiments", tags=["experiments"])
 
-ExperimentIdPath = Annotated[
-    str, Path(pattern=r"^[0-9a-f]{32}$", description="Server-generated experiment id (32 hex).")
-]
 IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}, "image/svg+xml": {}}, "description": "The plot"},
     409: {"model": Message, "description": "Nothing to draw yet (no finished epoch)"},
@@ -166,8 +163,8 @@ def submit_experiment(
 @router.get("", summary="List experiments, newest first")
 def list_experiments(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: LimitQuery = 20,
+    offset: OffsetQuery = 0,
 ) -> ExperimentsPublic:
     page, total = crud_experiments.list_experiments(session=session, limit=limit, offset=offset)
     return ExperimentsPublic(

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from service import crud, data
 from service.api import served
 from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
-from service.api.deps import RunDep, RunIdPath, SessionDep, SettingsDep
+from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunIdPath, SessionDep, SettingsDep
 from service.api.predict_inputs import PredictBody, read_predict_body
 from service.api.security import READ, PrincipalDep
 from service.config import Settings
@@ -144,8 +144,8 @@ def list_runs(
     status_filter: Annotated[
         RunStatus | None, Query(alias="status", description="Only runs in this state.")
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: LimitQuery = 20,
+    offset: OffsetQuery = 0,
     experiment_id: Annotated[
         str | None, Query(pattern=r"^[0-9a-f]{32}$", description="Only the runs of this experiment.")
     ] = None,

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Backend, bnlab_free_environ
+from tests.conftest import Backend, bnlab_free_environ, postgres_backend_at, sqlite_backend_at
 
 STARTUP_TIMEOUT_S = 60
 
@@ -106,3 +106,15 @@ def start_stack(backend: Backend, logs: Path, extra_env: dict[str, str] | None =
     finally:
         for process in processes:
             _stop(process)
+
+
+@contextmanager
+def stack_on(database: str, folder: Path) -> Iterator[Stack]:
+    """A stack on "sqlite" (with the embedded folder broker, as `make run`) or on "postgres" (a fresh
+    database, with Redis, as docker-compose): the two backends every end-to-end test runs on."""
+    if database == "sqlite":
+        with start_stack(sqlite_backend_at(folder), folder / "logs") as running:
+            yield running
+    else:
+        with postgres_backend_at(folder) as backend, start_stack(backend, folder / "logs") as running:
+            yield running

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import postgres_backend_at, sqlite_backend_at
-from tests.integration.stack import Stack, start_stack
+from tests.integration.stack import Stack, stack_on
 
 pytestmark = pytest.mark.integration
 
@@ -21,12 +20,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp(f"datasets-{request.param}")
-    if request.param == "sqlite":
-        with start_stack(sqlite_backend_at(folder), folder / "logs") as running:
-            yield running
-    else:
-        with postgres_backend_at(folder) as backend, start_stack(backend, folder / "logs") as running:
-            yield running
+    with stack_on(request.param, folder) as running:
+        yield running
 
 
 def npz(**arrays: np.ndarray) -> bytes:

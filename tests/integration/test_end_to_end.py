@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import postgres_backend_at, sqlite_backend_at
-from tests.integration.stack import Stack, start_stack
+from tests.integration.stack import Stack, stack_on
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +35,8 @@ def spec(norm: str, **train: Any) -> dict[str, Any]:
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp(request.param)
     write_corrupt_mnist(folder / "data" / "mnist")
-    if request.param == "sqlite":
-        with start_stack(sqlite_backend_at(folder), folder / "logs") as running:
-            yield running
-    else:
-        with postgres_backend_at(folder) as backend, start_stack(backend, folder / "logs") as running:
-            yield running
+    with stack_on(request.param, folder) as running:
+        yield running
 
 
 def write_corrupt_mnist(folder: Path) -> None:

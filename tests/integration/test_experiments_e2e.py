@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.conftest import postgres_backend_at, sqlite_backend_at
-from tests.integration.stack import Stack, start_stack
+from tests.integration.stack import Stack, stack_on
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +34,8 @@ EXPERIMENT = {
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp(f"experiments-{request.param}")
-    if request.param == "sqlite":
-        with start_stack(sqlite_backend_at(folder), folder / "logs") as running:
-            yield running
-    else:
-        with postgres_backend_at(folder) as backend, start_stack(backend, folder / "logs") as running:
-            yield running
+    with stack_on(request.param, folder) as running:
+        yield running
 
 
 def wait_finished(stack: Stack, experiment_id: str, timeout: float = 240) -> dict[str, Any]:
