@@ -310,43 +310,42 @@ def resident_rows(synthetic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return datasets.to_inputs(train_set.x).flatten(1), train_set.y
 
 
-def training_step(
+def training_calls(
     width: int, batch_norm: bool, batch: int, rows: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[Callable[[], None], str]:
-    """One step of train()'s inner loop for the article's MLP at `width`, built by the same functions
-    (seeded model, Adam 1e-3 fused, the fast path or autograd as training picks it); returns the step
-    and the path's name. Batches walk one epoch's permutation, gathered by index from the rows."""
+) -> tuple[Callable[[], None], int, str]:
+    """train()'s inner loop for the article's MLP at `width`, built by the same functions (seeded
+    model, Adam 1e-3 fused, the runner training picks: the compiled fast path or autograd): returns
+    one of the loop's calls, the samples it trains on, and the path's name. Calls walk one epoch's
+    permutation, each as many steps as train() runs between two checks for cancellation."""
     from service.ml import training
     from service.ml.config import ModelConfig, NormConfig, TrainConfig
-    from service.ml.fastpath import MlpStep
+    from service.ml.fastpath import Batches
 
     cfg = ModelConfig(hidden=(width,), norm=NormConfig(kind="batch" if batch_norm else "none"))
     tcfg = TrainConfig(batch_size=batch)
     model = training.build_model(cfg, tcfg.seed)
     model.train()
     optimizer = training._make_optimizer(model, tcfg)
-    step = training._make_step(model, optimizer)
+    run_batches, steps_per_call = training.batch_runner(model, optimizer)
     x_all, y_all = rows
-    order = training.epoch_permutation(len(y_all), tcfg.seed, 1)
-    batches = len(order) // batch
-    loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+    samples = batch * steps_per_call
+    calls = len(y_all) // samples
+    order = training.epoch_permutation(len(y_all), tcfg.seed, 1)[: calls * samples]
+    batches = Batches.for_epoch(x_all, y_all, order, batch)
     position = 0
 
-    def one_step() -> None:
+    def one_call() -> None:
         nonlocal position
-        idx = order[position * batch : (position + 1) * batch]
-        position = (position + 1) % batches
-        loss, hits = step(x_all.index_select(0, idx), y_all.index_select(0, idx))
-        optimizer.step()
-        loss_sum.add_(loss * len(idx))  # accumulated on-tensor, as train() does
-        correct.add_(hits)
+        run_batches(batches, position * samples, (position + 1) * samples)
+        position = (position + 1) % calls
 
-    path = "fast" if isinstance(getattr(step, "__self__", None), MlpStep) else "autograd"
-    return one_step, path
+    path = "fast" if steps_per_call > 1 else "autograd"
+    return one_call, samples, path
 
 
 def samples_per_s(step: Callable[[], None], batch: int) -> float:
-    """Median throughput over WINDOWS windows of a fixed step count sized by the warm-up."""
+    """Median throughput over WINDOWS windows of a fixed call count sized by the warm-up; `batch` is
+    the samples one call of `step` trains on."""
     started, steps = time.perf_counter(), 0
     while steps < 3 or time.perf_counter() - started < WARM_UP_S:
         step()
@@ -374,8 +373,8 @@ def scale_curve(synthetic: bool) -> None:
             for batch in SCALE_BATCHES:
                 rates, paths = {}, set()
                 for batch_norm in (True, False):
-                    step, path = training_step(width, batch_norm, batch, rows)
-                    rates[batch_norm] = samples_per_s(step, batch)
+                    call, samples, path = training_calls(width, batch_norm, batch, rows)
+                    rates[batch_norm] = samples_per_s(call, samples)
                     paths.add(path)
                 say(f"{width:>5} {batch:>5} {'/'.join(sorted(paths)):>8} {rates[True]:>13,.0f}"
                     f" {rates[False]:>16,.0f} {rates[True] / rates[False]:>10.2f}x {load():>5}")  # fmt: skip
@@ -438,7 +437,7 @@ def scale(synthetic: bool) -> None:
     say(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {dataset}; load {load()}")
     say(f"1. training throughput: one process, {SCALE_THREADS} thread (as make run's training processes,")
     say("   one per core, one thread each); the article's MLP, Flatten -> Linear(width) -> ReLU -> [BN] ->")
-    say(f"   Linear(10), Adam 1e-3, through train()'s step; median of {WINDOWS} windows of ~{WINDOW_S} s")
+    say(f"   Linear(10), Adam 1e-3, through train()'s loop; median of {WINDOWS} windows of ~{WINDOW_S} s")
     scale_curve(synthetic)
     say()
     say(f"2. a {runs}-run grid through the API and a real worker vs one such run alone: first")

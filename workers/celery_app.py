@@ -13,6 +13,7 @@ from celery.signals import setup_logging, worker_process_init, worker_ready, wor
 from service import crud
 from service.config import get_settings
 from service.db import session_scope
+from service.ml import fastpath
 from service.queue import celery_config
 from service.reaper import reap_once
 from service.telemetry import configure_logging
@@ -48,6 +49,8 @@ def _configure_logging(**_: Any) -> None:
 def _configure_torch(**_: Any) -> None:
     # Each pool process trains on its share of the cores; oversubscription slows small models down.
     torch.set_num_threads(get_settings().effective_torch_threads())
+    # The fast training loop is TorchScript: compile it here, once per pool process, not in a run.
+    fastpath.compiled()
 
 
 def _reap_forever() -> None:

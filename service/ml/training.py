@@ -22,7 +22,7 @@ from torch import nn
 
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, to_inputs
-from service.ml.fastpath import MlpStep
+from service.ml.fastpath import STEPS_PER_CALL, Batches, MlpStep, supports_optimizer
 from service.ml.nets import make_net, norm_slots
 from service.ml.norms import end_epoch
 from service.ml.probes import PROBE_SAMPLES, SlotStatistics, probe_slot_inputs
@@ -30,11 +30,12 @@ from service.ml.resume import TrainingState, restore, save_training_state
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
 STOP_CHECK_INTERVAL_S = 0.5
-# MLPs that fastpath.MlpStep supports train with its hand-written backward (same gradients, about
-# twice as fast at the article's size); False trains every model through autograd (tests compare).
+# MLPs that fastpath.MlpStep supports train with its hand-written, compiled loop (same gradients,
+# about twice as fast at the article's size); False trains every model through autograd (tests compare).
 USE_FAST_PATH = True
 
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Trains on the batches of positions [start, stop) of an epoch's order (see fastpath.Batches).
+RunBatches = Callable[[Batches, int, int], None]
 DeviceName = str  # "cpu", "cuda" or "auto"
 CPU = torch.device("cpu")
 
@@ -148,20 +149,31 @@ def _make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimize
     raise ValueError(f"unknown optimizer {tcfg.optimizer!r}; expected 'adam' or 'sgd'")
 
 
-def _autograd_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the mean cross-entropy by autograd; returns (loss, correct predictions)."""
-    logits: torch.Tensor = model(x)
-    loss = F.cross_entropy(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
-    return loss.detach(), (logits.detach().argmax(dim=1) == y).sum()
+def _autograd_batches(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, start: int, stop: int
+) -> None:
+    """Gradients of the mean cross-entropy by autograd and an optimizer step, batch by batch."""
+    for s in range(start, stop, batches.size):
+        e = min(s + batches.size, stop)
+        idx = batches.order[s:e]
+        y = batches.y.index_select(0, idx)
+        logits: torch.Tensor = model(batches.x.index_select(0, idx))
+        log_probs = F.log_softmax(logits, dim=1)  # then nll_loss: what F.cross_entropy computes
+        loss = F.nll_loss(log_probs, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        optimizer.step()
+        batches.picked[s:e] = log_probs.detach().gather(1, y.unsqueeze(1))
+        batches.predicted[s:e] = logits.detach().argmax(dim=1)
 
 
-def _make_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step:
-    fast = MlpStep.for_model(model) if USE_FAST_PATH else None
-    return fast.step if fast is not None else partial(_autograd_step, model, optimizer)
+def batch_runner(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[RunBatches, int]:
+    """How `train` runs an epoch's batches for this model, and how many it runs between two checks
+    for cancellation: the compiled fast path for the MLPs it supports, else autograd one at a time."""
+    fast = MlpStep.for_model(model) if USE_FAST_PATH and supports_optimizer(optimizer) else None
+    if fast is not None:
+        return partial(fast.run, optimizer), STEPS_PER_CALL
+    return partial(_autograd_batches, model, optimizer), 1
 
 
 def lr_at(tcfg: TrainConfig, epoch: int) -> float:
@@ -236,7 +248,7 @@ def train(
     probe, slots = to_inputs(val_set.x[:PROBE_SAMPLES]).to(device), norm_slots(model)
     # The initial network's statistics (epoch 0) travel with epoch 1; a resumed run has them stored.
     pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 else ()
-    step = _make_step(model, optimizer)
+    run_batches, steps_per_call = batch_runner(model, optimizer)
 
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.monotonic()
@@ -244,26 +256,22 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(tcfg, epoch)
         order = epoch_permutation(n, tcfg.seed, epoch)[:n_used].to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        for start in range(0, n_used, bs):
+        batches = Batches.for_epoch(x_all, y_all, order, bs)
+        for start in range(0, n_used, bs * steps_per_call):
             if poller.due():
                 result.cancelled = True
                 return result  # the epoch in progress is not reported
-            idx = order[start : start + bs]
-            loss, hits = step(x_all.index_select(0, idx), y_all.index_select(0, idx))  # fills .grad
-            optimizer.step()
-            # Accumulated on-tensor: an .item() per step would force a sync and cost Python time.
-            loss_sum += loss * len(idx)
-            correct += hits
+            run_batches(batches, start, min(start + bs * steps_per_call, n_used))
+        # Summed once per epoch from per-sample values: no .item() (a host sync) per step.
+        loss_sum, correct = batches.totals()
 
         end_epoch(model)  # per-epoch population statistics (batch_layer) are final before validating
         val_loss, val_accuracy = evaluate(model, val_set)
         seconds = time.monotonic() - started
         metrics = EpochMetrics(
             epoch=epoch,
-            train_loss=loss_sum.item() / n_used,
-            train_accuracy=correct.item() / n_used,
+            train_loss=loss_sum / n_used,
+            train_accuracy=correct / n_used,
             val_loss=val_loss,
             val_accuracy=val_accuracy,
             seconds=seconds,
