@@ -134,7 +134,7 @@ def stack_env(data_dir: Path, port: int) -> dict[str, str]:
     return env | {
         "BNLAB_DATA_DIR": str(data_dir),
         "BNLAB_PORT": str(port),
-        "BNLAB_LOG_LEVEL": "warning",
+        "BNLAB_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
         # The benchmark polls the two runs every 50 ms: more than the default per-key rate allows.
         "BNLAB_RATE_LIMIT_PER_MINUTE": "1000000",
         "BNLAB_RATE_LIMIT_BURST": "100000",

@@ -29,10 +29,12 @@ from service.api.errors import COMMON_RESPONSES, http_error_handler, validation_
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize, mark_public_operations
 from service.config import get_settings
+from service.ml.nets import warm_up_meta_device
 
 
 def create_app() -> FastAPI:
     settings = get_settings()
+    warm_up_meta_device()  # or the first submitted run's response waits a second for it
     app = FastAPI(
         title="bnlab",
         version=__version__,

@@ -179,5 +179,12 @@ def forward_flops(cfg: ModelConfig) -> int:
     return total
 
 
+def warm_up_meta_device() -> None:
+    """The first pass on the meta device in a process costs about a second (torch loads its meta
+    kernels and torch._dynamo lazily); the processes that count flops and parameters per submitted
+    run call this at start-up, so no request or run waits for it."""
+    forward_flops(ModelConfig())
+
+
 # Norms cost a handful of operations per value (subtract, scale, shift, statistics); so do the rest.
 ELEMENTWISE_FLOPS = 5
