@@ -326,9 +326,9 @@ def training_calls(
     model = training.build_model(cfg, tcfg.seed)
     model.train()
     optimizer = training._make_optimizer(model, tcfg)
-    run_batches, steps_per_call = training.batch_runner(model, optimizer)
+    runner = training.batch_runner(model, optimizer, batch)
     x_all, y_all = rows
-    samples = batch * steps_per_call
+    samples = batch * runner.steps_per_call
     calls = len(y_all) // samples
     order = training.epoch_permutation(len(y_all), tcfg.seed, 1)[: calls * samples]
     batches = Batches.for_epoch(x_all, y_all, order, batch)
@@ -336,10 +336,10 @@ def training_calls(
 
     def one_call() -> None:
         nonlocal position
-        run_batches(batches, position * samples, (position + 1) * samples)
+        runner.run(batches, position * samples, (position + 1) * samples)
         position = (position + 1) % calls
 
-    path = "fast" if steps_per_call > 1 else "autograd"
+    path = "fast" if runner.fast_path else "autograd"
     return one_call, samples, path
 
 

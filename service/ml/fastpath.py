@@ -54,9 +54,11 @@ _ACTIVATIONS: dict[type[nn.Module], int] = {
 }
 # A block's norm slot: exactly BatchNorm1d (no subclass with other statistics) or the empty Identity.
 _SLOTS = (nn.BatchNorm1d, nn.Identity)
-# Steps per call of the compiled loop: about 10 ms of the article's model, so cancellation and the
-# time limit are still checked often, and the call's own cost (~20 µs) is a fraction of a percent.
+# Steps per call of the compiled loop: 32 of the article's model (about 10 ms here), fewer for larger
+# steps, so that cancellation and the time limit are checked as often at any size (a call costs ~20 µs
+# of its own: a fraction of a percent), and at least one.
 STEPS_PER_CALL = 32
+_CALL_WORK = STEPS_PER_CALL * 32 * 101_770  # samples x parameters: 32 article steps at batch 32
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,11 @@ class MlpStep:
         if not isinstance(head, nn.Linear) or not _plain_linear(head):
             return None
         return cls(blocks, head)
+
+    def steps_per_call(self, batch_size: int) -> int:
+        """How many steps `run` should be given at a time (see STEPS_PER_CALL)."""
+        work = batch_size * sum(p.numel() for p in self._params)
+        return max(1, min(STEPS_PER_CALL, _CALL_WORK // work))
 
     @torch.no_grad()
     def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

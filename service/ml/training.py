@@ -22,7 +22,7 @@ from torch import nn
 
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, to_inputs
-from service.ml.fastpath import STEPS_PER_CALL, Batches, MlpStep, supports_optimizer
+from service.ml.fastpath import Batches, MlpStep, supports_optimizer
 from service.ml.nets import make_net, norm_slots
 from service.ml.norms import end_epoch
 from service.ml.probes import PROBE_SAMPLES, SlotStatistics, probe_slot_inputs
@@ -167,13 +167,22 @@ def _autograd_batches(
         batches.predicted[s:e] = logits.detach().argmax(dim=1)
 
 
-def batch_runner(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[RunBatches, int]:
-    """How `train` runs an epoch's batches for this model, and how many it runs between two checks
-    for cancellation: the compiled fast path for the MLPs it supports, else autograd one at a time."""
+@dataclass(frozen=True)
+class BatchRunner:
+    """How `train` runs an epoch's batches: `run(batches, start, stop)`, given `steps_per_call`
+    batches at a time (it checks for cancellation between calls)."""
+
+    run: RunBatches
+    steps_per_call: int
+    fast_path: bool  # fastpath's compiled loop, rather than autograd
+
+
+def batch_runner(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int) -> BatchRunner:
+    """The compiled fast path for the MLPs and optimizers it supports, else autograd a step a call."""
     fast = MlpStep.for_model(model) if USE_FAST_PATH and supports_optimizer(optimizer) else None
     if fast is not None:
-        return partial(fast.run, optimizer), STEPS_PER_CALL
-    return partial(_autograd_batches, model, optimizer), 1
+        return BatchRunner(partial(fast.run, optimizer), fast.steps_per_call(batch_size), fast_path=True)
+    return BatchRunner(partial(_autograd_batches, model, optimizer), 1, fast_path=False)
 
 
 def lr_at(tcfg: TrainConfig, epoch: int) -> float:
@@ -248,7 +257,8 @@ def train(
     probe, slots = to_inputs(val_set.x[:PROBE_SAMPLES]).to(device), norm_slots(model)
     # The initial network's statistics (epoch 0) travel with epoch 1; a resumed run has them stored.
     pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 else ()
-    run_batches, steps_per_call = batch_runner(model, optimizer)
+    runner = batch_runner(model, optimizer, bs)
+    rows_per_call = bs * runner.steps_per_call
 
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.monotonic()
@@ -257,11 +267,11 @@ def train(
             group["lr"] = lr_at(tcfg, epoch)
         order = epoch_permutation(n, tcfg.seed, epoch)[:n_used].to(device)
         batches = Batches.for_epoch(x_all, y_all, order, bs)
-        for start in range(0, n_used, bs * steps_per_call):
+        for start in range(0, n_used, rows_per_call):
             if poller.due():
                 result.cancelled = True
                 return result  # the epoch in progress is not reported
-            run_batches(batches, start, min(start + bs * steps_per_call, n_used))
+            runner.run(batches, start, min(start + rows_per_call, n_used))
         # Summed once per epoch from per-sample values: no .item() (a host sync) per step.
         loss_sum, correct = batches.totals()
 

@@ -106,8 +106,8 @@ def test_stop_at_an_epoch_end(small: tuple[ImageDataset, ImageDataset]) -> None:
 def test_stop_mid_epoch_drops_that_epoch(
     small: tuple[ImageDataset, ImageDataset], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(training, "STOP_CHECK_INTERVAL_S", 0.0)  # ask before every call...
-    monkeypatch.setattr(training, "STEPS_PER_CALL", 1)  # ...of one step each
+    monkeypatch.setattr(training, "STOP_CHECK_INTERVAL_S", 0.0)  # ask before every step
+    monkeypatch.setattr(training, "USE_FAST_PATH", False)  # autograd: one step a call
     recorder = Recorder(stop_at=3)
     result = train(BN, TrainConfig(epochs=2), *small, callbacks=recorder)
     assert result.cancelled
