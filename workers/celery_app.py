@@ -13,7 +13,7 @@ from celery.signals import setup_logging, worker_process_init, worker_ready, wor
 from service import crud
 from service.config import get_settings
 from service.db import session_scope
-from service.ml import fastpath, nets
+from service.ml import nets, training
 from service.queue import celery_config
 from service.reaper import reap_once
 from service.telemetry import configure_logging
@@ -49,9 +49,9 @@ def _configure_logging(**_: Any) -> None:
 def _configure_torch(**_: Any) -> None:
     # Each pool process trains on its share of the cores; oversubscription slows small models down.
     torch.set_num_threads(get_settings().effective_torch_threads())
-    # Once per pool process, here rather than in its first run: compile the fast training loop
-    # (TorchScript), and load what the first meta-device pass loads (each run's time limit uses one).
-    fastpath.compiled()
+    # Once per pool process, here rather than in its first run (about two seconds): what training
+    # and the first meta-device pass (each run's time limit uses one) set up lazily.
+    training.warm_up()
     nets.warm_up_meta_device()
 
 

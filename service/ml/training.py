@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
-from service.ml.datasets import ImageDataset, to_inputs
+from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
 from service.ml.fastpath import Batches, MlpStep, supports_optimizer
 from service.ml.nets import make_net, norm_slots
 from service.ml.norms import end_epoch
@@ -294,6 +294,14 @@ def train(
             result.cancelled = True
             return result
     return result
+
+
+def warm_up() -> None:
+    """Train the article's network briefly on generated data, so that what torch and this module set
+    up lazily (torch.optim's import of torch._dynamo, about a second; the fast path's compilation)
+    happens now: workers call this as each training process starts, not in its first run."""
+    train_set, val_set = train_val_split(make_synthetic(64, seed=0), 0.5)
+    train(ModelConfig(), TrainConfig(epochs=1), train_set, val_set)
 
 
 def evaluate(model: nn.Module, ds: ImageDataset, batch_size: int = 1024) -> tuple[float, float]:
