@@ -25,6 +25,9 @@ app.conf.update(celery_config(get_settings()))
 # After a pool process dies, Celery waits this long for a result it might have sent before it
 # declares the job lost and starts a replacement; the default 10 s stalls the whole worker.
 app.conf.worker_lost_wait = 2.0
+# A new pool process reports up only after its init (_configure_torch below: about two seconds of
+# warm-up, more on a loaded machine); Celery's default 4 s wait would kill and respawn it in a loop.
+app.conf.worker_proc_alive_timeout = 60.0
 if get_settings().uses_embedded_broker:
     # Remote control needs fanout exchanges that the folder broker only emulates; nobody uses it here.
     app.conf.worker_enable_remote_control = False
