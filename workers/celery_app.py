@@ -7,6 +7,11 @@ import threading
 from typing import Any
 
 import torch
+
+# torch.optim and the meta device import torch._dynamo on first use: about a second. Imported here,
+# before the pool forks, every training process starts with it (a pool process that spent that second
+# in its start-up delayed Celery's handling of a killed predecessor's job: a drill caught it).
+import torch._dynamo  # noqa: F401
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutting_down
 
@@ -25,9 +30,6 @@ app.conf.update(celery_config(get_settings()))
 # After a pool process dies, Celery waits this long for a result it might have sent before it
 # declares the job lost and starts a replacement; the default 10 s stalls the whole worker.
 app.conf.worker_lost_wait = 2.0
-# A new pool process reports up only after its init (_configure_torch below: about two seconds of
-# warm-up, more on a loaded machine); Celery's default 4 s wait would kill and respawn it in a loop.
-app.conf.worker_proc_alive_timeout = 60.0
 if get_settings().uses_embedded_broker:
     # Remote control needs fanout exchanges that the folder broker only emulates; nobody uses it here.
     app.conf.worker_enable_remote_control = False
@@ -52,8 +54,8 @@ def _configure_logging(**_: Any) -> None:
 def _configure_torch(**_: Any) -> None:
     # Each pool process trains on its share of the cores; oversubscription slows small models down.
     torch.set_num_threads(get_settings().effective_torch_threads())
-    # Once per pool process, here rather than in its first run (about two seconds): what training
-    # and the first meta-device pass (each run's time limit uses one) set up lazily.
+    # Once per pool process, here rather than in its first run: what training and the meta device
+    # (each run's time limit uses it) set up lazily, the rest of it (torch._dynamo is imported above).
     training.warm_up()
     nets.warm_up_meta_device()
 

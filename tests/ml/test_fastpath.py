@@ -13,7 +13,7 @@ from torch import nn
 from service.ml import training
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import make_synthetic, train_val_split
-from service.ml.fastpath import MlpStep
+from service.ml.fastpath import MlpStep, supports_optimizer
 from service.ml.nets import make_net
 from service.ml.resume import load_training_state
 from tests.ml.test_training import Recorder, without_time
@@ -187,3 +187,19 @@ def test_device_selection_works_on_a_machine_without_a_gpu(
     if expected == "cpu":
         assert without_time(on_auto.epochs[0]) == without_time(default.epochs[0])
     assert next(on_auto.model.parameters()).device.type == expected
+
+
+def test_optimizers_the_loop_does_not_reproduce_go_through_autograd() -> None:
+    params = list(make_net(SUPPORTED["article"]).parameters())
+    assert supports_optimizer(torch.optim.Adam(params, fused=True))
+    assert supports_optimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4))
+    for other in (
+        torch.optim.Adam(params),  # not fused: another kernel, other rounding
+        torch.optim.Adam(params, fused=True, amsgrad=True),
+        torch.optim.AdamW(params, fused=True),
+        torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+        torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5),
+        torch.optim.RMSprop(params),
+        torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1),
+    ):
+        assert not supports_optimizer(other), other
