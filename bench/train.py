@@ -325,7 +325,7 @@ def training_calls(
     tcfg = TrainConfig(batch_size=batch)
     model = training.build_model(cfg, tcfg.seed)
     model.train()
-    optimizer = training._make_optimizer(model, tcfg)
+    optimizer = training.make_optimizer(model, tcfg)
     runner = training.batch_runner(model, optimizer, batch)
     x_all, y_all = rows
     samples = batch * runner.steps_per_call

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         16 << 20, ge=1024, le=1 << 30, description="Largest request body (413 above)."
     )
     max_concurrent_requests: int = Field(64, ge=1, le=10_000, description="Requests in flight before 503.")
+    max_event_streams: int = Field(
+        256, ge=1, le=10_000, description="Open event streams (SSE) before 503; not counted as requests."
+    )
     rate_limit_per_minute: int = Field(600, ge=1, le=1_000_000, description="Sustained requests per key.")
     rate_limit_burst: int = Field(60, ge=1, le=100_000, description="Requests a key may send at once.")
     max_active_runs_per_key: int = Field(50, ge=1, le=100_000, description="Queued + running runs per key.")

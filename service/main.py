@@ -45,7 +45,11 @@ def create_app() -> FastAPI:
     )
     app.state.rate_limiter = new_rate_limiter()
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
-    app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        max_in_flight=settings.max_concurrent_requests,
+        max_streams=settings.max_event_streams,
+    )
     # Outermost: a request id, a log line and metrics for every answer, 413 and 503 included.
     app.add_middleware(metrics.RequestTelemetryMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

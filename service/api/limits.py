@@ -1,6 +1,8 @@
 """Limits that keep one client or a burst from taking the service down.
 
-- a cap on requests in flight: past it the API answers 503 at once instead of queueing work;
+- a cap on requests in flight: past it the API answers 503 at once instead of queueing work; event
+  streams (SSE, open for as long as a run trains) have a cap of their own, so that open dashboards
+  never use up the slots of ordinary requests;
 - a token bucket per API key (per caller on a keyless loopback server): 429 with Retry-After.
 The body-size cap is Starlette's RequestBodyLimitMiddleware (413, chunked bodies included).
 """
@@ -19,34 +21,57 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.security import current_principal, required_scope
 from service.config import get_settings
 
+# The Server-Sent Events routes (api/events.py): /api/v1/runs/{id}/events, /api/v1/experiments/{id}/events.
+EVENT_STREAM_SUFFIX = "/events"
+
 
 class ConcurrencyLimitMiddleware:
-    """Answer 503 when `max_in_flight` HTTP requests are already being served."""
+    """Answer 503 when `max_in_flight` HTTP requests are already being served, or, for an event
+    stream, when `max_streams` streams are already open; streams do not count as requests."""
 
-    def __init__(self, app: ASGIApp, max_in_flight: int) -> None:
-        self.app, self.max_in_flight = app, max_in_flight
+    def __init__(self, app: ASGIApp, max_in_flight: int, max_streams: int) -> None:
+        self.app, self.max_in_flight, self.max_streams = app, max_in_flight, max_streams
         self.in_flight = 0  # the event loop is single-threaded: no lock needed
+        self.streams = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if str(scope.get("path", "")).endswith(EVENT_STREAM_SUFFIX):
+            await self._stream(scope, receive, send)
+            return
         if self.in_flight >= self.max_in_flight:
-            body = json.dumps({"detail": "the server is at its concurrency limit; retry shortly"}).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status.HTTP_503_SERVICE_UNAVAILABLE,
-                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await _unavailable(send, "the server is at its concurrency limit; retry shortly")
             return
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.streams >= self.max_streams:
+            await _unavailable(
+                send, f"{self.max_streams} event streams are open, the server's limit; close one or retry"
+            )
+            return
+        self.streams += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.streams -= 1
+
+
+async def _unavailable(send: Send, detail: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status.HTTP_503_SERVICE_UNAVAILABLE,
+            "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
 
 
 @dataclass

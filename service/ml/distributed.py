@@ -265,7 +265,7 @@ def train_distributed(
     normalise one): a remainder of 1 as in `train`, or one smaller than 2 per process.
     """
     callbacks = callbacks or training.NullCallbacks()
-    training._check_inputs(cfg, tcfg, train_set, val_set)
+    training.check_inputs(cfg, tcfg, train_set, val_set)
     check_processes(tcfg, cfg.norm.kind)
     threads = max(1, torch.get_num_threads() // tcfg.processes)  # the processes share the cores
     job = _Job(cfg, tcfg, train_set, val_set, resume, _free_port(), threads, os.getpid())
@@ -390,7 +390,7 @@ def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
     model = training.build_model(cfg, tcfg.seed)
     if tcfg.sync_batch_norm:
         to_sync_batch_norm(model)
-    optimizer = training._make_optimizer(model, tcfg)
+    optimizer = training.make_optimizer(model, tcfg)
     first_epoch = 1
     if job.resume is not None:
         # A copy: the state came through shared memory, and the optimizer would adopt its tensors

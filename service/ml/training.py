@@ -133,7 +133,9 @@ def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
         return make_net(cfg)
 
 
-def _make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer a run's config asks for, over all of `model`'s parameters (distributed ranks and
+    the benchmark build theirs here too)."""
     # weight_decay is torch's: an L2 term added to the gradient (coupled, also for Adam), on every
     # parameter; adam_eps is 1e-8 in PyTorch and 1e-7 in Keras (the spec's compat picks).
     if tcfg.optimizer == "adam":
@@ -197,9 +199,8 @@ def lr_at(tcfg: TrainConfig, epoch: int) -> float:
     raise ValueError(f"unknown schedule {tcfg.schedule!r}; expected 'none', 'step' or 'cosine'")
 
 
-def _check_inputs(
-    cfg: ModelConfig, tcfg: TrainConfig, train_set: ImageDataset, val_set: ImageDataset
-) -> None:
+def check_inputs(cfg: ModelConfig, tcfg: TrainConfig, train_set: ImageDataset, val_set: ImageDataset) -> None:
+    """ValueError with the reason if this config cannot train on these data."""
     if tcfg.epochs < 1 or tcfg.batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1")
     if len(train_set) < 2 or len(val_set) < 1:
@@ -240,9 +241,9 @@ def train(
     The weights are drawn on the CPU whatever the `device`, so a seed starts from the same network
     everywhere; the model comes back on `device`.
     """
-    _check_inputs(cfg, tcfg, train_set, val_set)
+    check_inputs(cfg, tcfg, train_set, val_set)
     model = build_model(cfg, tcfg.seed).to(device)
-    optimizer = _make_optimizer(model, tcfg)  # after .to(): the fused kernel runs where its parameters are
+    optimizer = make_optimizer(model, tcfg)  # after .to(): the fused kernel runs where its parameters are
     first_epoch = 1
     if resume is not None:
         restore(resume, model, optimizer)

@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.api.limits import ConcurrencyLimitMiddleware, RateLimiter
+from service.api import events
+from service.api.limits import EVENT_STREAM_SUFFIX, ConcurrencyLimitMiddleware, RateLimiter
 from service.api.security import SCOPE_KEY
 from service.auth import create_key
 from service.config import Settings
@@ -190,7 +191,7 @@ def test_concurrency_limit_answers_503_past_the_cap() -> None:
         await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[misc]
 
     async def scenario() -> list[int]:
-        limited = ConcurrencyLimitMiddleware(slow_app, max_in_flight=2)  # type: ignore[arg-type]
+        limited = ConcurrencyLimitMiddleware(slow_app, max_in_flight=2, max_streams=1)  # type: ignore[arg-type]
         statuses: list[int] = []
 
         async def call() -> None:
@@ -201,7 +202,7 @@ def test_concurrency_limit_answers_503_past_the_cap() -> None:
             async def receive() -> dict[str, object]:
                 return {"type": "http.request", "body": b""}
 
-            await limited({"type": "http"}, receive, send)
+            await limited({"type": "http", "path": "/api/v1/runs"}, receive, send)
 
         tasks = [asyncio.create_task(call()) for _ in range(3)]
         await asyncio.sleep(0.05)
@@ -212,3 +213,50 @@ def test_concurrency_limit_answers_503_past_the_cap() -> None:
         return statuses
 
     assert sorted(asyncio.run(scenario())) == [200, 200, 503]
+
+
+def test_event_streams_have_their_own_cap_and_leave_request_slots_free() -> None:
+    release = asyncio.Event()
+
+    async def held_open(scope: object, receive: object, send: Callable[[dict[str, object]], object]) -> None:
+        await release.wait()  # a stream, or a slow request: both stay in flight until released
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[misc]
+        await send({"type": "http.response.body", "body": b""})  # type: ignore[misc]
+
+    async def scenario() -> dict[str, list[int]]:
+        limited = ConcurrencyLimitMiddleware(held_open, max_in_flight=1, max_streams=2)  # type: ignore[arg-type]
+        statuses: dict[str, list[int]] = {}
+
+        async def call(path: str) -> None:
+            async def send(message: dict[str, object]) -> None:
+                if message["type"] == "http.response.start":
+                    statuses.setdefault(path, []).append(int(message["status"]))  # type: ignore[call-overload]
+
+            async def receive() -> dict[str, object]:
+                return {"type": "http.request", "body": b""}
+
+            await limited({"type": "http", "path": path}, receive, send)
+
+        streams = [f"/api/v1/runs/r{i}/events" for i in range(2)] + ["/api/v1/experiments/e/events"]
+        tasks = [asyncio.create_task(call(path)) for path in streams]
+        await asyncio.sleep(0.05)
+        # Two streams open: the third stream is refused, and the one request slot is still free.
+        assert (limited.streams, limited.in_flight) == (2, 0)
+        assert statuses == {"/api/v1/experiments/e/events": [503]}
+        tasks += [asyncio.create_task(call("/api/v1/runs")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert statuses["/api/v1/runs"] == [503]  # the second request found the first in its slot
+        release.set()
+        await asyncio.gather(*tasks)
+        assert (limited.streams, limited.in_flight) == (0, 0)
+        return statuses
+
+    statuses = asyncio.run(scenario())
+    assert sorted(statuses["/api/v1/runs"]) == [200, 503]
+    assert [statuses[f"/api/v1/runs/r{i}/events"] for i in range(2)] == [[200], [200]]
+
+
+def test_the_routes_counted_as_event_streams_are_exactly_the_event_streams() -> None:
+    ending = {t for t in create_app().openapi()["paths"] if t.endswith(EVENT_STREAM_SUFFIX)}
+    streams = {route.path for route in events.router.routes}  # type: ignore[attr-defined]
+    assert ending == streams == {"/api/v1/runs/{run_id}/events", "/api/v1/experiments/{experiment_id}/events"}

@@ -107,7 +107,7 @@ def trained(
 ) -> training.TrainResult:
     monkeypatch.setattr(training, "USE_FAST_PATH", fast)
     model = make_net(cfg)
-    optimizer = training._make_optimizer(model, tcfg)
+    optimizer = training.make_optimizer(model, tcfg)
     assert training.batch_runner(model, optimizer, tcfg.batch_size).fast_path == fast  # the path under test
     return training.train(cfg, tcfg, *data)
 

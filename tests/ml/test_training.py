@@ -220,10 +220,10 @@ def test_learning_rate_schedules() -> None:
 
 def test_optimizer_settings_reach_torch(small: tuple[ImageDataset, ImageDataset]) -> None:
     model = nn.Linear(2, 2)
-    sgd = training._make_optimizer(model, TrainConfig(optimizer="sgd", momentum=0.5, weight_decay=0.01))
+    sgd = training.make_optimizer(model, TrainConfig(optimizer="sgd", momentum=0.5, weight_decay=0.01))
     assert isinstance(sgd, torch.optim.SGD)
     assert (sgd.param_groups[0]["momentum"], sgd.param_groups[0]["weight_decay"]) == (0.5, 0.01)
-    adam = training._make_optimizer(model, TrainConfig(adam_eps=1e-7, weight_decay=0.02))
+    adam = training.make_optimizer(model, TrainConfig(adam_eps=1e-7, weight_decay=0.02))
     assert isinstance(adam, torch.optim.Adam)
     assert (adam.param_groups[0]["eps"], adam.param_groups[0]["weight_decay"]) == (1e-7, 0.02)
     # The schedule is applied: a step decay to a tiny rate after epoch 1 all but freezes the weights.
