@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     )
     queue: str = Field("bnlab", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Celery queue name.")
     worker_concurrency: int = Field(1, ge=1, le=64, description="Training processes per worker.")
+    stack_runs: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Most runs of one experiment a training process trains together as one stacked model"
+        " (runs equal but for their seed; see service/ml/stacked.py); 1 trains every run alone.",
+    )
     torch_threads: int = Field(0, ge=0, le=256, description="Threads per training process; 0 = automatic.")
     # cpu by default: bit-for-bit reproducible runs; auto picks a GPU when the worker process sees one.
     device: Literal["cpu", "cuda", "auto"] = Field(

@@ -10,8 +10,10 @@ Weights and the final status are written in one transaction: a run is never `suc
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -22,7 +24,7 @@ from service import crud, data
 from service.budget import time_limit_s
 from service.config import get_settings
 from service.db import session_scope
-from service.ml import checkpoints, datasets, distributed, resume, training
+from service.ml import checkpoints, datasets, distributed, resume, stacked, training
 from service.ml.config import ModelConfig
 from service.models import RunStatus
 from service.queue import enqueue_training
@@ -167,6 +169,9 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
             return None
         checkpoint = crud.resume_point(session=session, run_id=run_id)
         start_state = checkpoint.state if checkpoint else None
+        partners = [] if checkpoint else claim_stack(lease, spec, limit_s, session=session)
+    if partners:
+        return _execute_stack([(lease, spec), *partners], limit_s)
     log.info("run %s attempt %d started on %s", run_id, lease.attempt, worker)
     callbacks = DatabaseCallbacks(lease, limit_s)
     try:
@@ -179,6 +184,99 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
         log.exception("run %s failed", run_id)
         return _end(lease, RunStatus.failed, describe_error(exc))
     return _succeed(lease, config, weights)
+
+
+def claim_stack(lease: crud.Lease, spec: RunCreate, time_limit_s: int, *, session: Session) -> list[Member]:
+    """Claim, for the fresh run just claimed, queued runs of its experiment that are the same run but
+    for the seed, to train with it as one stacked model (service/ml/stacked.py; each result is what
+    the run would give alone). Their own messages find them taken and are skipped. At most
+    BNLAB_STACK_RUNS runs in all, and no more than this process's share of those queued, so that the
+    worker's other training processes get their own stacks."""
+    settings = get_settings()
+    run = crud.get_run(session=session, run_id=lease.run_id)
+    if settings.stack_runs < 2 or run is None or run.experiment_id is None:
+        return []
+    key = _stack_key(spec)
+    queued = crud.fresh_queued_runs(session=session, experiment_id=run.experiment_id, limit=1000)
+    alike = [(run_id, RunCreate.model_validate(raw)) for run_id, raw in queued]
+    alike = [(run_id, other) for run_id, other in alike if _stack_key(other) == key]
+    share = math.ceil((len(alike) + 1) / settings.worker_concurrency)
+    wanted = min(settings.stack_runs, share) - 1
+    if wanted < 1 or not _stackable(spec, session=session):
+        return []
+    partners: list[Member] = []
+    for run_id, other in alike:
+        if len(partners) == wanted:
+            break
+        partner = crud.claim_run(
+            session=session, run_id=run_id, worker=lease.worker, time_limit_s=time_limit_s
+        )
+        if partner is not None:
+            partners.append((partner, other))
+    return partners
+
+
+Member = tuple[crud.Lease, RunCreate]
+
+
+def _stack_key(spec: RunCreate) -> dict[str, object]:
+    """What the runs of one stack share: the whole spec but its name and seed."""
+    dumped = spec.model_dump(mode="json", exclude={"name"})
+    dumped["train"] = {k: v for k, v in dumped["train"].items() if k != "seed"}
+    return dumped
+
+
+def _stackable(spec: RunCreate, *, session: Session) -> bool:
+    if training.resolve_device(get_settings().device).type != "cpu":
+        return False  # stacked training is exact as tested on the CPU; elsewhere runs train alone
+    try:
+        shape = data.data_shape(session=session, dataset=spec.dataset)
+    except data.UnknownDataset:
+        return False
+    return stacked.can_stack(data.model_config(spec, shape), spec.train_config_for_ml())
+
+
+def _execute_stack(members: list[Member], limit_s: int) -> RunStatus | None:
+    """Train the claimed runs as one stack and record each outcome as execute_run would; returns the
+    first (the delivered run's) status."""
+    leases = [lease for lease, _ in members]
+    log.info(
+        "run %s trains stacked with %d runs of its experiment: %s",
+        leases[0].run_id, len(leases) - 1, ", ".join(lease.run_id for lease in leases[1:]),
+    )  # fmt: skip
+    callbacks = [DatabaseCallbacks(lease, limit_s) for lease in leases]
+    outcomes: dict[int, RunStatus | None] = {}
+
+    def record_leaving(k: int, result: training.TrainResult) -> None:
+        outcomes[k] = _stop(leases[k], callbacks[k].stop_reason or StopReason.cancelled)
+
+    spec = members[0][1]
+    try:
+        with ExitStack() as heartbeats:
+            for beat in callbacks:
+                heartbeats.enter_context(Heartbeat(beat.lease, beat.lease_lost))
+            train_set, val_set = load_training_data(spec)
+            for beat in callbacks:
+                beat.train_samples = len(train_set)
+            config = model_config_for_data(spec, train_set)
+            tcfgs = [other.train_config_for_ml() for _, other in members]
+            results = stacked.train_stacked(config, tcfgs, train_set, val_set, callbacks, record_leaving)
+            weights = {
+                k: checkpoints.save_checkpoint(r.model, config)
+                for k, r in enumerate(results)
+                if k not in outcomes
+            }
+    except Exception as exc:
+        log.exception("stacked runs %s failed", ", ".join(lease.run_id for lease in leases))
+        error = describe_error(exc)
+        for k, lease in enumerate(leases):
+            if k not in outcomes:
+                outcomes[k] = _end(lease, RunStatus.failed, error)
+        return outcomes[0]
+    for k, lease in enumerate(leases):
+        if k not in outcomes:
+            outcomes[k] = _succeed(lease, config, weights[k])
+    return outcomes[0]
 
 
 def model_config_for_data(spec: RunCreate, train_set: datasets.ImageDataset) -> ModelConfig:

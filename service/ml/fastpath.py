@@ -58,7 +58,7 @@ _SLOTS = (nn.BatchNorm1d, nn.Identity)
 # steps, so that cancellation and the time limit are checked as often at any size (a call costs ~20 µs
 # of its own: a fraction of a percent), and at least one.
 STEPS_PER_CALL = 32
-_CALL_WORK = STEPS_PER_CALL * 32 * 101_770  # samples x parameters: 32 article steps at batch 32
+CALL_WORK = STEPS_PER_CALL * 32 * 101_770  # samples x parameters: 32 article steps at batch 32
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class MlpStep:
     def steps_per_call(self, batch_size: int) -> int:
         """How many steps `run` should be given at a time (see STEPS_PER_CALL)."""
         work = batch_size * sum(p.numel() for p in self._params)
-        return max(1, min(STEPS_PER_CALL, _CALL_WORK // work))
+        return max(1, min(STEPS_PER_CALL, CALL_WORK // work))
 
     @torch.no_grad()
     def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,7 +150,7 @@ class MlpStep:
     ) -> None:
         """Train on the batches of `batches.order[start:stop]`, `batches.size` samples each, and write
         each sample's log-probability of its label and its prediction into `batches` at its position."""
-        update = _optimizer_update(optimizer)
+        update = optimizer_update(optimizer)
         if update is None:  # a fresh optimizer: its own first step creates its state as it always does
             end = min(start + batches.size, stop)
             idx = batches.order[start:end]
@@ -160,7 +160,7 @@ class MlpStep:
             )
             optimizer.step()
             start = end
-            update = _optimizer_update(optimizer)
+            update = optimizer_update(optimizer)
             assert update is not None  # the step above created the state
         if start < stop:
             compiled().train_steps(
@@ -194,7 +194,7 @@ class Batches:
         return loss_sum, correct
 
 
-def _optimizer_update(optimizer: torch.optim.Optimizer) -> tuple[Any, ...] | None:
+def optimizer_update(optimizer: torch.optim.Optimizer) -> tuple[Any, ...] | None:
     """The compiled loop's optimizer arguments for `optimizer`'s single group, from its own state
     tensors (updated in place, so checkpoints see them), or None while that state does not exist."""
     (group,) = optimizer.param_groups
@@ -232,17 +232,17 @@ def supports_optimizer(optimizer: torch.optim.Optimizer) -> bool:
 
 
 @cache
-def compiled() -> _Compiled:
+def compiled() -> Compiled:
     """The TorchScript versions of this module's loop (compiled once per process: about 0.15 s)."""
     with warnings.catch_warnings():
         # torch.jit.script is deprecated in favour of torch.compile, which on this 2-core CPU does not
         # pay for its compile time at this size; torch is pinned, and the functions run unscripted too.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _Compiled(torch.jit.script(forward_backward), torch.jit.script(train_steps))
+        return Compiled(torch.jit.script(forward_backward), torch.jit.script(train_steps))
 
 
 @dataclass(frozen=True)
-class _Compiled:
+class Compiled:
     """Calls the scripted functions without TorchScript's graph optimisations: they rewrite some
     operations (addmm into mm + add, for one), which rounds differently from autograd. Unoptimised,
     the gradients are autograd's bit for bit, and the loop measured as fast."""
@@ -326,7 +326,7 @@ def _net(blocks: list[_Block], head: nn.Linear) -> Net:
 # TorchScript-compatible functions: tensors, lists, ints and floats only; no Python objects.
 
 
-def _activate(z: Tensor, activation: int) -> Tensor:
+def activate(z: Tensor, activation: int) -> Tensor:
     if activation == Act.RELU.value:
         return torch.relu(z)
     if activation == Act.TANH.value:
@@ -334,7 +334,7 @@ def _activate(z: Tensor, activation: int) -> Tensor:
     return torch.sigmoid(z)
 
 
-def _activation_backward(d: Tensor, out: Tensor, activation: int) -> Tensor:
+def activation_backward(d: Tensor, out: Tensor, activation: int) -> Tensor:
     """dL/d(input) from dL/d(output) and the output: autograd's own kernels for each activation."""
     if activation == Act.RELU.value:
         d_in: Tensor = torch.ops.aten.threshold_backward(d, out, 0.0)
@@ -408,7 +408,7 @@ def forward_backward(
             )  # fmt: skip
             means.append(mean)
             inv_stds.append(inv_std)
-        h = _activate(h, activations[i])
+        h = activate(h, activations[i])
         outputs.append(h)
         if mode == Norm.AFTER_ACTIVATION.value:
             normalised.append(h)
@@ -439,7 +439,7 @@ def forward_backward(
         if mode == Norm.AFTER_ACTIVATION.value:
             d = _bn_backward(d, i, normalised, means, inv_stds, gammas, betas, gamma_grads, beta_grads,
                              running_means, running_vars, epsilons)  # fmt: skip
-        d = _activation_backward(d, outputs[i], activations[i])
+        d = activation_backward(d, outputs[i], activations[i])
         if mode == Norm.BEFORE_ACTIVATION.value:
             d = _bn_backward(d, i, normalised, means, inv_stds, gammas, betas, gamma_grads, beta_grads,
                              running_means, running_vars, epsilons)  # fmt: skip
@@ -524,12 +524,12 @@ def train_steps(
             running_vars, batches_tracked, momenta, epsilons, picked[s:e], predicted[s:e],
         )  # fmt: skip
         if optimizer == Opt.ADAM.value:
-            _adam(params, grads, state_a, state_b, steps, hyper)
+            adam(params, grads, state_a, state_b, steps, hyper)
         else:
-            _sgd(params, grads, state_a, hyper)
+            sgd(params, grads, state_a, hyper)
 
 
-def _adam(
+def adam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -546,7 +546,7 @@ def _adam(
     )  # fmt: skip
 
 
-def _sgd(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], hyper: list[float]) -> None:
+def sgd(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], hyper: list[float]) -> None:
     """torch.optim.SGD's single-tensor update (no dampening, not Nesterov), operation for operation."""
     lr, momentum, weight_decay = hyper[0], hyper[1], hyper[4]
     for i in range(len(params)):

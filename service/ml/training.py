@@ -87,7 +87,7 @@ class TrainResult:
     dropped_last_batch: bool = False
 
 
-class _StopPoller:
+class StopPoller:
     """Calls should_stop() at most every STOP_CHECK_INTERVAL_S between steps, and on demand."""
 
     def __init__(self, callbacks: TrainingCallbacks) -> None:
@@ -254,7 +254,7 @@ def train(
     n, bs = len(train_set), tcfg.batch_size
     n_used = n - 1 if n % bs == 1 else n
     result = TrainResult(model=model, dropped_last_batch=n_used < n)
-    poller = _StopPoller(callbacks)
+    poller = StopPoller(callbacks)
     probe, slots = to_inputs(val_set.x[:PROBE_SAMPLES]).to(device), norm_slots(model)
     # The initial network's statistics (epoch 0) travel with epoch 1; a resumed run has them stored.
     pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 else ()
