@@ -123,7 +123,8 @@ def test_a_member_that_stops_leaves_and_the_others_train_on_unchanged(
     results = stacked.train_stacked(cfg, seeded(tcfg), *data, recorders, lambda k, r: left.append((k, r)))
     assert recorders[1].stop_calls == 3
     assert [(k, r.cancelled) for k, r in left] == [(1, True)]
-    assert results[1].cancelled and results[1].epochs == [] and recorders[1].epochs == []
+    assert results[1].cancelled
+    assert (results[1].epochs, recorders[1].epochs) == ([], [])
     for k in (0, 2):
         assert not results[k].cancelled
         assert_same_run(results[k], training.train(cfg, seeded(tcfg)[k], *data))
