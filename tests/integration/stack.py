@@ -109,12 +109,15 @@ def start_stack(backend: Backend, logs: Path, extra_env: dict[str, str] | None =
 
 
 @contextmanager
-def stack_on(database: str, folder: Path) -> Iterator[Stack]:
+def stack_on(database: str, folder: Path, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
     """A stack on "sqlite" (with the embedded folder broker, as `make run`) or on "postgres" (a fresh
     database, with Redis, as docker-compose): the two backends every end-to-end test runs on."""
     if database == "sqlite":
-        with start_stack(sqlite_backend_at(folder), folder / "logs") as running:
+        with start_stack(sqlite_backend_at(folder), folder / "logs", extra_env) as running:
             yield running
     else:
-        with postgres_backend_at(folder) as backend, start_stack(backend, folder / "logs") as running:
+        with (
+            postgres_backend_at(folder) as backend,
+            start_stack(backend, folder / "logs", extra_env) as running,
+        ):
             yield running
