@@ -160,6 +160,16 @@ def fresh_queued_runs(
     return [(row.id, row.spec) for row in rows]
 
 
+def busy_processes(*, session: Session, worker: str) -> int:
+    """How many other training processes of `worker`'s node hold a running run."""
+    others = select(func.count(func.distinct(Run.worker))).where(
+        Run.status == RunStatus.running.value,
+        Run.worker.startswith(f"{node_of(worker)}/", autoescape=True),
+        Run.worker != worker,
+    )
+    return session.scalar(others) or 0
+
+
 def heartbeat(*, session: Session, lease: Lease) -> bool:
     return _update(session, _held(lease), heartbeat_at=utcnow())
 

@@ -9,6 +9,7 @@ Weights and the final status are written in one transaction: a run is never `suc
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -28,7 +29,7 @@ from service.ml import checkpoints, datasets, distributed, resume, stacked, trai
 from service.ml.config import ModelConfig
 from service.models import RunStatus
 from service.queue import enqueue_training
-from service.schemas import RunCreate
+from service.schemas import MAX_EXPERIMENT_RUNS, RunCreate
 
 log = logging.getLogger(__name__)
 
@@ -189,41 +190,48 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
 def claim_stack(lease: crud.Lease, spec: RunCreate, time_limit_s: int, *, session: Session) -> list[Member]:
     """Claim, for the fresh run just claimed, queued runs of its experiment that are the same run but
     for the seed, to train with it as one stacked model (service/ml/stacked.py; each result is what
-    the run would give alone). Their own messages find them taken and are skipped. At most
-    BNLAB_STACK_RUNS runs in all, and no more than this process's share of those queued, so that the
-    worker's other training processes get their own stacks."""
+    the run would give alone). Their own messages find them taken and are skipped.
+
+    How many: at most BNLAB_STACK_RUNS in all. While the experiment has at least as many such groups
+    of alike runs queued as the worker has idle training processes (this one included), a process
+    takes its run's whole group; with fewer, each group is split among the idle processes, so that no
+    core waits while one process trains all."""
     settings = get_settings()
     run = crud.get_run(session=session, run_id=lease.run_id)
     if settings.stack_runs < 2 or run is None or run.experiment_id is None:
         return []
-    key = _stack_key(spec)
-    queued = crud.fresh_queued_runs(session=session, experiment_id=run.experiment_id, limit=1000)
-    alike = [(run_id, RunCreate.model_validate(raw)) for run_id, raw in queued]
-    alike = [(run_id, other) for run_id, other in alike if _stack_key(other) == key]
-    share = math.ceil((len(alike) + 1) / settings.worker_concurrency)
-    wanted = min(settings.stack_runs, share) - 1
+    queued = crud.fresh_queued_runs(
+        session=session, experiment_id=run.experiment_id, limit=MAX_EXPERIMENT_RUNS
+    )
+    key = _stack_key(spec.model_dump(mode="json"))
+    keys = [_stack_key(raw) for _, raw in queued]
+    alike = [(run_id, raw) for (run_id, raw), other in zip(queued, keys, strict=True) if other == key]
+    groups = len(set(keys) | {key})
+    idle = settings.worker_concurrency - crud.busy_processes(session=session, worker=lease.worker)
+    parts = max(1, math.ceil(idle / groups))
+    wanted = min(settings.stack_runs, math.ceil((len(alike) + 1) / parts)) - 1
     if wanted < 1 or not _stackable(spec, session=session):
         return []
     partners: list[Member] = []
-    for run_id, other in alike:
+    for run_id, raw in alike:
         if len(partners) == wanted:
             break
         partner = crud.claim_run(
             session=session, run_id=run_id, worker=lease.worker, time_limit_s=time_limit_s
         )
         if partner is not None:
-            partners.append((partner, other))
+            partners.append((partner, RunCreate.model_validate(raw)))
     return partners
 
 
 Member = tuple[crud.Lease, RunCreate]
 
 
-def _stack_key(spec: RunCreate) -> dict[str, object]:
-    """What the runs of one stack share: the whole spec but its name and seed."""
-    dumped = spec.model_dump(mode="json", exclude={"name"})
-    dumped["train"] = {k: v for k, v in dumped["train"].items() if k != "seed"}
-    return dumped
+def _stack_key(spec: dict[str, object]) -> str:
+    """What the runs of one stack share, from a stored spec: all of it but its name and seed."""
+    train = spec.get("train")
+    shared = {**spec, "name": None, "train": {**train, "seed": None} if isinstance(train, dict) else train}
+    return json.dumps(shared, sort_keys=True)
 
 
 def _stackable(spec: RunCreate, *, session: Session) -> bool:
