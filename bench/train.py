@@ -21,8 +21,10 @@ then the inference throughput of the model bnlab trained (eval mode, in-process,
 
 `--scale` (issue 6, item 3) prints instead the training throughput of the article's MLP over batch
 sizes 32-1024 and widths 128-2048, BN and no-BN, through the step train() uses, in one process with
-make run's one thread; then the wall time of a 16-run grid experiment through the API and a worker,
-per run, against one such run submitted alone.
+make run's one thread; then the throughput of K seeds trained as one stacked model
+(service/ml/stacked.py) against one run alone; then the wall time of a 16-run grid experiment through
+the API and a worker, per run, with every run alone and with each configuration's seeds stacked,
+against one such run submitted alone.
 """
 
 from __future__ import annotations
@@ -109,10 +111,18 @@ def idiomatic_run(batch_norm: bool, train_ds: TensorDataset, val_ds: TensorDatas
     return accuracy
 
 
-def time_idiomatic(data: tuple[TensorDataset, TensorDataset], epochs: int) -> tuple[float, dict[str, float]]:
-    started = time.perf_counter()
-    accuracies = {name: idiomatic_run(name == "bn", *data, epochs) for name in ("bn", "no-bn")}
-    return time.perf_counter() - started, accuracies
+def time_idiomatic(
+    data: tuple[TensorDataset, TensorDataset], epochs: int, *, flush_denormal: bool = False
+) -> tuple[float, dict[str, float]]:
+    """(a), or with `flush_denormal` the same loop with subnormal floats flushed to zero: what that
+    one setting of bnlab's training processes is worth on its own."""
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        started = time.perf_counter()
+        accuracies = {name: idiomatic_run(name == "bn", *data, epochs) for name in ("bn", "no-bn")}
+        return time.perf_counter() - started, accuracies
+    finally:
+        torch.set_flush_denormal(False)
 
 
 # ------------------------------------------------------------------------- (b) through bnlab's API
@@ -125,9 +135,9 @@ def free_port() -> int:
 
 
 def stack_env(data_dir: Path, port: int) -> dict[str, str]:
-    # Only the worker's own knobs (concurrency, threads, device) pass through from the caller; other
-    # BNLAB_ variables do not, so a developer's settings cannot point the benchmark at their database.
-    passed = ("BNLAB_WORKER_CONCURRENCY", "BNLAB_TORCH_THREADS", "BNLAB_DEVICE")
+    # Only the worker's own knobs (concurrency, threads, device, stacking) pass through from the caller;
+    # other BNLAB_ variables do not, so a developer's settings cannot point the benchmark at their database.
+    passed = ("BNLAB_WORKER_CONCURRENCY", "BNLAB_TORCH_THREADS", "BNLAB_DEVICE", "BNLAB_STACK_RUNS")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNLAB_") or k in passed}
     # As `make run` starts it: one training process per core (one thread each) unless set.
     env.setdefault("BNLAB_WORKER_CONCURRENCY", str(os.cpu_count() or 1))
@@ -144,9 +154,9 @@ def stack_env(data_dir: Path, port: int) -> dict[str, str]:
 class Stack:
     """`bnlab migrate`, then a worker and the API as real processes, stopped by their own PIDs."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self.env = stack_env(data_dir, self.port)
+        self.env = stack_env(data_dir, self.port) | (extra_env or {})
         self.logs = data_dir / "logs"
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -298,6 +308,9 @@ SCALE_THREADS = 1
 GRID_SAMPLES, GRID_EPOCHS, GRID_SEEDS = 10_000, 2, (0, 1, 2, 3)
 GRID: dict[str, list[Any]] = {"model.norm.kind": ["batch", "none"], "train.lr": [1e-3, 1e-2]}
 ALONE_ROUNDS = 5  # the median: the first run may meet a pool process not yet warm
+# Stacked training (service/ml/stacked.py): K seeds of the article's BN MLP as one stacked model.
+STACK_SIZES, STACK_WIDTHS, STACK_BATCHES = (2, 4, 8, 16), (128, 512), (32, 128)
+STACK_RUNS = 8  # the worker's default BNLAB_STACK_RUNS
 
 
 def resident_rows(synthetic: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,23 +376,18 @@ def samples_per_s(step: Callable[[], None], batch: int) -> float:
 def scale_curve(synthetic: bool) -> None:
     """The throughput table: widths x batch sizes, BN and no-BN, on SCALE_THREADS thread(s)."""
     rows = resident_rows(synthetic)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(SCALE_THREADS)
-    try:
-        say(f"{'width':>5} {'batch':>5} {'path':>8} {'BN samples/s':>13} {'no-BN samples/s':>16}"
-            f" {'BN / no-BN':>11} {'load':>5}")  # fmt: skip
-        say("-" * 70)
-        for width in SCALE_WIDTHS:
-            for batch in SCALE_BATCHES:
-                rates, paths = {}, set()
-                for batch_norm in (True, False):
-                    call, samples, path = training_calls(width, batch_norm, batch, rows)
-                    rates[batch_norm] = samples_per_s(call, samples)
-                    paths.add(path)
-                say(f"{width:>5} {batch:>5} {'/'.join(sorted(paths)):>8} {rates[True]:>13,.0f}"
-                    f" {rates[False]:>16,.0f} {rates[True] / rates[False]:>10.2f}x {load():>5}")  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    say(f"{'width':>5} {'batch':>5} {'path':>8} {'BN samples/s':>13} {'no-BN samples/s':>16}"
+        f" {'BN / no-BN':>11} {'load':>5}")  # fmt: skip
+    say("-" * 70)
+    for width in SCALE_WIDTHS:
+        for batch in SCALE_BATCHES:
+            rates, paths = {}, set()
+            for batch_norm in (True, False):
+                call, samples, path = training_calls(width, batch_norm, batch, rows)
+                rates[batch_norm] = samples_per_s(call, samples)
+                paths.add(path)
+            say(f"{width:>5} {batch:>5} {'/'.join(sorted(paths)):>8} {rates[True]:>13,.0f}"
+                f" {rates[False]:>16,.0f} {rates[True] / rates[False]:>10.2f}x {load():>5}")  # fmt: skip
 
 
 def grid_base(dataset: str) -> dict[str, Any]:
@@ -416,31 +424,106 @@ def time_grid(client: httpx.Client, dataset: str) -> tuple[float, int]:
 
 
 def scale_grid(dataset: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="bnlab-bench-scale-") as folder:
-        stack = Stack(Path(folder))
-        say(f"worker: BNLAB_WORKER_CONCURRENCY={stack.env['BNLAB_WORKER_CONCURRENCY']}")
-        with stack as client:
-            warm_up(client)
-            say(f"load {load()}: one run alone, {ALONE_ROUNDS} times")
-            alone = [time_alone(client, dataset) for _ in range(ALONE_ROUNDS)]
-            say(f"load {load()}: the grid")
-            grid_s, runs = time_grid(client, dataset)
+    """The grid twice, on fresh stacks: every run alone (BNLAB_STACK_RUNS=1), then each configuration's
+    seeds stacked (the default); and one run submitted alone, for the throughput ratio."""
+    alone: list[float] = []
+    grids: dict[str, tuple[float, int]] = {}
+    for label, stack_runs in (("each run alone", "1"), ("seeds stacked", str(STACK_RUNS))):
+        with tempfile.TemporaryDirectory(prefix="bnlab-bench-scale-") as folder:
+            stack = Stack(Path(folder), {"BNLAB_STACK_RUNS": stack_runs})
+            concurrency = stack.env["BNLAB_WORKER_CONCURRENCY"]
+            say(f"worker: BNLAB_WORKER_CONCURRENCY={concurrency}, BNLAB_STACK_RUNS={stack_runs}")
+            with stack as client:
+                warm_up(client)
+                if not alone:
+                    say(f"load {load()}: one run alone, {ALONE_ROUNDS} times")
+                    alone = [time_alone(client, dataset) for _ in range(ALONE_ROUNDS)]
+                say(f"load {load()}: the grid, {label}")
+                grids[label] = time_grid(client, dataset)
     alone_s = statistics.median(alone)
     say(f"one run alone (median of {', '.join(f'{s:.2f}' for s in alone)} s): {alone_s:>6.2f} s")
-    say(f"the {runs}-run grid: {grid_s:.2f} s wall, {grid_s / runs:.2f} s a run;"
-        f" {alone_s / (grid_s / runs):.2f}x the throughput of runs submitted alone")  # fmt: skip
+    for label, (grid_s, runs) in grids.items():
+        say(f"the {runs}-run grid, {label}: {grid_s:.2f} s wall, {grid_s / runs:.3f} s a run;"
+            f" {alone_s / (grid_s / runs):.2f}x the throughput of runs submitted alone")  # fmt: skip
+    (unstacked_s, _), (stacked_s, _) = grids.values()
+    say(f"stacking the seeds: {unstacked_s / stacked_s:.2f}x the grid's throughput with every run alone")
+
+
+def stacked_calls(
+    width: int, members: int, batch: int, rows: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[Callable[[], None], int]:
+    """train_stacked's inner loop for `members` seeds of the article's BN MLP at `width`: one of its
+    calls, and the samples that call trains on summed over the members."""
+    from service.ml import stacked, training
+    from service.ml.config import ModelConfig, TrainConfig
+
+    cfg, tcfgs = ModelConfig(hidden=(width,)), [TrainConfig(batch_size=batch, seed=k) for k in range(members)]
+    models = [training.build_model(cfg, t.seed).train() for t in tcfgs]
+    optimizers = [training.make_optimizer(m, t) for m, t in zip(models, tcfgs, strict=True)]
+    stack = stacked.StackedMlp(list(zip(models, optimizers, strict=True)))
+    x_all, y_all = rows
+    samples = batch * stack.steps_per_call(batch)
+    calls = len(y_all) // samples
+    orders = torch.stack(
+        [training.epoch_permutation(len(y_all), t.seed, 1)[: calls * samples] for t in tcfgs]
+    )
+    batches = stacked.StackedBatches.for_epoch(x_all, y_all, orders, batch)
+    position = 0
+
+    def one_call() -> None:
+        nonlocal position
+        stack.run(batches, position * samples, (position + 1) * samples)
+        position = (position + 1) % calls
+
+    return one_call, samples * members
+
+
+def stacked_curve(synthetic: bool) -> None:
+    """Throughput of K seeds trained stacked, per run, against one run alone, on one thread."""
+    rows = resident_rows(synthetic)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SCALE_THREADS)
+    try:
+        say(f"{'width':>5} {'batch':>5} {'alone samples/s':>16} "
+            + " ".join(f"{f'K={k} per run':>14}" for k in STACK_SIZES) + f" {'load':>5}")  # fmt: skip
+        say("-" * (30 + 15 * len(STACK_SIZES)))
+        for width in STACK_WIDTHS:
+            for batch in STACK_BATCHES:
+                call, samples, _ = training_calls(width, True, batch, rows)
+                alone = samples_per_s(call, samples)
+                cells = []
+                for members in STACK_SIZES:
+                    call, samples = stacked_calls(width, members, batch, rows)
+                    per_run = samples_per_s(call, samples) / members
+                    cells.append(f"{per_run:>8,.0f} {per_run / alone:>4.2f}x")
+                say(
+                    f"{width:>5} {batch:>5} {alone:>16,.0f} "
+                    + " ".join(f"{c:>14}" for c in cells)
+                    + f" {load():>5}"
+                )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def scale(synthetic: bool) -> None:
     dataset = "synthetic" if synthetic else "fashion-mnist"
     runs = len(GRID_SEEDS) * math.prod([len(values) for values in GRID.values()])
     say(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {dataset}; load {load()}")
+    from service.ml import training
+
+    # Parts 1 and 2 measure in this process as a worker's training process trains: one thread,
+    # subnormals flushed to zero (training.configure_training_process).
+    training.configure_training_process(SCALE_THREADS)
     say(f"1. training throughput: one process, {SCALE_THREADS} thread (as make run's training processes,")
     say("   one per core, one thread each); the article's MLP, Flatten -> Linear(width) -> ReLU -> [BN] ->")
     say(f"   Linear(10), Adam 1e-3, through train()'s loop; median of {WINDOWS} windows of ~{WINDOW_S} s")
     scale_curve(synthetic)
     say()
-    say(f"2. a {runs}-run grid through the API and a real worker vs one such run alone: first")
+    say("2. stacked training: samples/s of K seeds of the BN model trained as one stacked model (summed")
+    say("   over the members) and the ratio to one run alone, on one thread, through train_stacked's loop")
+    stacked_curve(synthetic)
+    say()
+    say(f"3. a {runs}-run grid through the API and a real worker vs one such run alone: first")
     say(f"   {GRID_SAMPLES:,} samples, {GRID_EPOCHS} epochs, batch 32; norm kind x lr x {len(GRID_SEEDS)}"
         " seeds")  # fmt: skip
     scale_grid(dataset)
@@ -454,6 +537,7 @@ def report(
     epochs: int,
     steps: int,
     idiomatic: tuple[float, dict[str, float]],
+    flushed: tuple[float, dict[str, float]],
     api_rounds: list[tuple[float, dict[str, float]]],
     floor_step_s: float,
 ) -> None:
@@ -466,6 +550,7 @@ def report(
         f" {'val acc BN':>11} {'val acc no-BN':>14}")  # fmt: skip
     say("-" * 94)
     rows = [("(a) idiomatic PyTorch loop", idiomatic_s, idiomatic_acc)]
+    rows += [("(a') the same, subnormals flushed to zero", *flushed)]
     rows += [(f"(b) bnlab via the API, round {i}", s, acc) for i, (s, acc) in enumerate(api_rounds, 1)]
     for label, seconds, acc in rows:
         ratio = idiomatic_s / seconds
@@ -507,9 +592,12 @@ def main() -> None:
     say(f"load {load()}: (c) the matmul floor")
     floor_step_s = matmul_floor_step_s()
     idiomatic: tuple[float, dict[str, float]] = (float("nan"), {"bn": float("nan"), "no-bn": float("nan")})
+    flushed = idiomatic
     if not args.skip_idiomatic:
         say(f"load {load()}: (a) the idiomatic loop")
         idiomatic = time_idiomatic(data, args.epochs)
+        say(f"load {load()}: (a') the idiomatic loop, subnormals flushed to zero")
+        flushed = time_idiomatic(data, args.epochs, flush_denormal=True)
     with tempfile.TemporaryDirectory(prefix="bnlab-bench-train-") as folder:
         data_dir = Path(folder)
         rounds = []
@@ -521,7 +609,7 @@ def main() -> None:
                 say(f"load {load()}: (b) round {i + 1} through the API")
                 seconds, accuracies, bn_run = time_api(client, dataset, args.epochs)
                 rounds.append((seconds, accuracies))
-        report(args.epochs, steps, idiomatic, rounds, floor_step_s)
+        report(args.epochs, steps, idiomatic, flushed, rounds, floor_step_s)
         rates = inference_throughput(data_dir, bn_run)
     say()
     say(f"inference of the BN model bnlab trained (eval, BN folded, in-process, {threads} threads):")

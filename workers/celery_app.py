@@ -52,8 +52,9 @@ def _configure_logging(**_: Any) -> None:
 
 @worker_process_init.connect
 def _configure_torch(**_: Any) -> None:
-    # Each pool process trains on its share of the cores; oversubscription slows small models down.
-    torch.set_num_threads(get_settings().effective_torch_threads())
+    # Each pool process trains on its share of the cores (oversubscription slows small models down),
+    # with subnormal floats flushed to zero (see configure_training_process).
+    training.configure_training_process(get_settings().effective_torch_threads())
     # Once per pool process, here rather than in its first run: what training and the meta device
     # (each run's time limit uses it) set up lazily, the rest of it (torch._dynamo is imported above).
     training.warm_up()

@@ -353,7 +353,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, job: _Job, messages: Any, stop: Any) -> None:
-    torch.set_num_threads(job.threads)
+    training.configure_training_process(job.threads)  # as a worker's training process
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{job.port}",

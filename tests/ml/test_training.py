@@ -255,3 +255,20 @@ def test_keras_init_is_glorot_uniform_with_zero_biases_and_init_scale_multiplies
     plain = training.build_model(ModelConfig(), seed=0)
     torch.manual_seed(0)
     assert torch.equal(plain.state_dict()["fc1.weight"], nn.Linear(784, 128).weight)
+
+
+def test_a_training_process_flushes_subnormal_floats_to_zero() -> None:
+    # Adam's moments of zero-gradient weights decay through the subnormal range, where the CPU is
+    # slow; a training process treats those values as zero (see configure_training_process).
+    threads = torch.get_num_threads()
+    subnormal = torch.tensor([1e-39, 1.0])
+    assert subnormal[0].item() != 0.0
+    try:
+        training.configure_training_process(1)
+        assert torch.get_num_threads() == 1
+        assert (subnormal * 1.0).tolist() == [0.0, 1.0]  # the input is read as zero (DAZ)
+        assert (torch.tensor([1e-30]) * 1e-10).item() == 0.0  # a subnormal result is written as zero
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    assert (subnormal * 1.0)[0].item() != 0.0  # and the test leaves the process as it found it
