@@ -310,7 +310,7 @@ GRID: dict[str, list[Any]] = {"model.norm.kind": ["batch", "none"], "train.lr": 
 ALONE_ROUNDS = 5  # the median: the first run may meet a pool process not yet warm
 # Stacked training (service/ml/stacked.py): K seeds of the article's BN MLP as one stacked model.
 STACK_SIZES, STACK_WIDTHS, STACK_BATCHES = (2, 4, 8, 16), (128, 512), (32, 128)
-STACK_RUNS = 8  # the worker's default BNLAB_STACK_RUNS
+STACK_RUNS = 8  # BNLAB_STACK_RUNS for the stacked grid (the default, 1, trains every run alone)
 
 
 def resident_rows(synthetic: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,30 +479,26 @@ def stacked_calls(
 
 
 def stacked_curve(synthetic: bool) -> None:
-    """Throughput of K seeds trained stacked, per run, against one run alone, on one thread."""
+    """Samples/s of K seeds trained as one stacked model (summed over the K members), against one run
+    alone, both on one core: what stacking gains where runs queue for a core."""
     rows = resident_rows(synthetic)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(SCALE_THREADS)
-    try:
-        say(f"{'width':>5} {'batch':>5} {'alone samples/s':>16} "
-            + " ".join(f"{f'K={k} per run':>14}" for k in STACK_SIZES) + f" {'load':>5}")  # fmt: skip
-        say("-" * (30 + 15 * len(STACK_SIZES)))
-        for width in STACK_WIDTHS:
-            for batch in STACK_BATCHES:
-                call, samples, _ = training_calls(width, True, batch, rows)
-                alone = samples_per_s(call, samples)
-                cells = []
-                for members in STACK_SIZES:
-                    call, samples = stacked_calls(width, members, batch, rows)
-                    per_run = samples_per_s(call, samples) / members
-                    cells.append(f"{per_run:>8,.0f} {per_run / alone:>4.2f}x")
-                say(
-                    f"{width:>5} {batch:>5} {alone:>16,.0f} "
-                    + " ".join(f"{c:>14}" for c in cells)
-                    + f" {load():>5}"
-                )
-    finally:
-        torch.set_num_threads(threads)
+    say(f"{'width':>5} {'batch':>5} {'alone':>8} " + " ".join(f"{f'K={k} stacked':>16}" for k in STACK_SIZES)
+        + f" {'load':>5}")  # fmt: skip
+    say("-" * (27 + 17 * len(STACK_SIZES)))
+    for width in STACK_WIDTHS:
+        for batch in STACK_BATCHES:
+            call, samples, _ = training_calls(width, True, batch, rows)
+            alone = samples_per_s(call, samples)
+            cells = []
+            for members in STACK_SIZES:
+                call, samples = stacked_calls(width, members, batch, rows)
+                together = samples_per_s(call, samples)
+                cells.append(f"{together:>9,.0f} {together / alone:>5.2f}x")
+            say(
+                f"{width:>5} {batch:>5} {alone:>8,.0f} "
+                + " ".join(f"{c:>16}" for c in cells)
+                + f" {load():>5}"
+            )
 
 
 def scale(synthetic: bool) -> None:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from service.ml import fastpath, training
 from service.ml.config import ModelConfig, TrainConfig
-from service.ml.datasets import ImageDataset, to_inputs
+from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
 from service.ml.fastpath import MlpStep, Net, Norm, Opt
 from service.ml.nets import norm_slots
 from service.ml.norms import end_epoch
@@ -68,6 +68,18 @@ def can_stack(cfg: ModelConfig, tcfg: TrainConfig) -> bool:
     model = training.build_model(cfg, tcfg.seed)
     return MlpStep.for_model(model) is not None and fastpath.supports_optimizer(
         training.make_optimizer(model, tcfg)
+    )
+
+
+def warm_up() -> None:
+    """Compile the stacked loop and run it briefly (about 0.2 s), so that a training process's first
+    stack does not pay for it; nothing where this process cannot stack (more than one thread)."""
+    if not can_stack(ModelConfig(), TrainConfig()):
+        return
+    train_set, val_set = train_val_split(make_synthetic(64, seed=0), 0.5)
+    tcfgs = [TrainConfig(epochs=1, seed=seed) for seed in (0, 1)]
+    train_stacked(
+        ModelConfig(), tcfgs, train_set, val_set, [training.NullCallbacks(), training.NullCallbacks()]
     )
 
 

@@ -18,8 +18,8 @@ from tests.integration.test_experiments_e2e import wait_finished
 
 pytestmark = pytest.mark.integration
 
-# Two training processes of one thread each: what `make run` starts on this 2-core machine.
-ONE_THREAD_EACH = {"BNLAB_WORKER_CONCURRENCY": "2", "BNLAB_TORCH_THREADS": "1"}
+# Two training processes of one thread each (what `make run` starts on this 2-core machine), stacking on.
+ONE_THREAD_EACH = {"BNLAB_WORKER_CONCURRENCY": "2", "BNLAB_TORCH_THREADS": "1", "BNLAB_STACK_RUNS": "8"}
 EXPERIMENT = {
     "name": "stacked",
     "base": {

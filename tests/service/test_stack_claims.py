@@ -86,7 +86,7 @@ def status_of(run_id: str) -> str:
 
 
 def test_with_as_many_groups_as_processes_a_run_takes_its_whole_group(configure: Configure) -> None:
-    configure(worker_concurrency="2")
+    configure(worker_concurrency="2", stack_runs="8")
     other_lr = {**BASE, "train": {"lr": 0.01}}
     ids = experiment_runs(seeds(BASE, 4) + seeds(other_lr, 4))
     assert claim_with_partners(ids[0]) == ids[1:4]  # the same spec but the seed; not the other lr
@@ -97,7 +97,7 @@ def test_with_as_many_groups_as_processes_a_run_takes_its_whole_group(configure:
 
 
 def test_a_group_left_for_two_idle_processes_is_split_between_them(configure: Configure) -> None:
-    configure(worker_concurrency="2")
+    configure(worker_concurrency="2", stack_runs="8")
     other_lr = {**BASE, "train": {"lr": 0.01}}
     ids = experiment_runs(seeds(BASE, 4) + seeds(other_lr, 4))
     with session_scope() as session:  # the first group went elsewhere (another node)
@@ -107,7 +107,7 @@ def test_a_group_left_for_two_idle_processes_is_split_between_them(configure: Co
 
 
 def test_fewer_groups_than_processes_are_split_among_them(configure: Configure) -> None:
-    configure(worker_concurrency="2")
+    configure(worker_concurrency="2", stack_runs="8")
     ids = experiment_runs(seeds(BASE, 8))
     assert claim_with_partners(ids[0]) == ids[1:4]  # half of the 8 for this process
     assert claim_with_partners(ids[4], process=2) == ids[5:8]  # the rest for the other, now the only idle one
@@ -119,14 +119,14 @@ def test_a_stack_holds_at_most_bnlab_stack_runs(configure: Configure) -> None:
     assert claim_with_partners(ids[0]) == ids[1:3]
 
 
-def test_stack_runs_1_trains_every_run_alone(configure: Configure) -> None:
-    configure(worker_concurrency="1", stack_runs="1")
+def test_by_default_every_run_trains_alone(configure: Configure) -> None:
+    configure(worker_concurrency="1")  # BNLAB_STACK_RUNS=1: stacking measured no faster here
     ids = experiment_runs(seeds(BASE, 3))
     assert claim_with_partners(ids[0]) == []
 
 
 def test_runs_with_a_checkpoint_resume_alone_and_are_not_taken(configure: Configure) -> None:
-    configure(worker_concurrency="1")
+    configure(worker_concurrency="1", stack_runs="8")
     ids = experiment_runs(seeds(BASE, 3))
     with session_scope() as session:  # the second run trained an epoch, then went back to the queue
         lease = crud.claim_run(session=session, run_id=ids[1], worker="gone/1", time_limit_s=60)
@@ -143,7 +143,7 @@ def test_runs_with_a_checkpoint_resume_alone_and_are_not_taken(configure: Config
 
 
 def test_runs_that_cannot_train_stacked_or_have_no_experiment_train_alone(configure: Configure) -> None:
-    configure(worker_concurrency="1")
+    configure(worker_concurrency="1", stack_runs="8")
     tanh = experiment_runs(seeds({**BASE, "model": {"hidden": [32], "activation": "tanh"}}, 3))
     assert claim_with_partners(tanh[0]) == []
     with session_scope() as session:
