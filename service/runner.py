@@ -197,8 +197,10 @@ def claim_stack(lease: crud.Lease, spec: RunCreate, time_limit_s: int, *, sessio
     takes its run's whole group; with fewer, each group is split among the idle processes, so that no
     core waits while one process trains all."""
     settings = get_settings()
+    if settings.stack_runs < 2:  # the default: every run trains alone
+        return []
     run = crud.get_run(session=session, run_id=lease.run_id)
-    if settings.stack_runs < 2 or run is None or run.experiment_id is None:
+    if run is None or run.experiment_id is None:
         return []
     queued = crud.fresh_queued_runs(
         session=session, experiment_id=run.experiment_id, limit=MAX_EXPERIMENT_RUNS
