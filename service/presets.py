@@ -3,9 +3,10 @@
 Each preset is an experiment spec plus claims, written as contrasts of configuration means that
 `service.experiments.judge` rules on with one fixed rule (VERDICT_RULE): no preset tunes it.
 
-Sizes: each preset should train in a few minutes on a 2-core CPU with one worker. `seed-keras` is
-the article's exact experiment (full dataset, 10 epochs, batch 32) and takes longest. The time
-estimate is a cost model (per-step time + per-run start-up) measured on an idle 2-core machine.
+Sizes: each preset should train in well under a minute on a 2-core CPU with `make run`'s worker.
+`seed-keras` is the article's exact experiment (full dataset, 10 epochs, batch 32) and takes longest.
+The time estimate is a cost model (per-step time by training path + per-run overhead, spread over the
+training processes) measured through that worker.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.experiments import Claim, Term, expand
+from service.ml import training
 from service.ml.datasets import split_sizes
 from service.schemas import BuiltinDatasetName, ExperimentCreate, PresetCreate
 
-# Seconds per optimiser step: a fixed cost plus a per-sample one, for the small MLPs used here
-# (measured with torch 2.13 on 2 cores: ≈0.8 ms at batch 4, ≈1.0 ms at 32, ≈1.7 ms at 256).
-STEP_FIXED_S = 0.0008
-STEP_PER_SAMPLE_S = 0.000004
-# Process, dataset and database work per run and the validation pass per epoch.
-RUN_OVERHEAD_S = 3.0
-VAL_PER_SAMPLE_S = 0.00002
+# Seconds per optimiser step, measured through `make run`'s worker (one thread per training process,
+# both processes busy; torch 2.13, 2-core machine): the compiled fast path that MLPs with BN or no
+# norm train through (service/ml/fastpath.py) ≈ 0.25 ms + 5 µs a sample (0.41 ms at batch 32);
+# autograd, for the other norms, ≈ 0.75 ms + 6 µs a sample.
+FAST_STEP_FIXED_S, FAST_STEP_PER_SAMPLE_S = 0.00025, 0.000005
+STEP_FIXED_S, STEP_PER_SAMPLE_S = 0.00075, 0.000006
+# Queue pick-up, loading and recording per run; the validation pass per epoch, per sample.
+RUN_OVERHEAD_S = 0.25
+VAL_PER_SAMPLE_S = 0.000002
 FULL_TRAIN_SIZE = 60_000
 SYNTHETIC_TRAIN_SIZE = 10_000
 
@@ -263,14 +267,18 @@ def experiment_spec(
     return ExperimentCreate.model_validate(raw)
 
 
-def estimated_seconds(spec: ExperimentCreate) -> int:
-    """Training time from the cost model: steps × step cost + validation + per-run overhead."""
+def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
+    """Wall time from the cost model: per run, steps × step cost + validation + overhead, the runs
+    spread over the worker's `processes` training processes."""
     total = 0.0
     for planned in expand(spec):
         dataset, train = planned.spec.dataset, planned.spec.train
         n = dataset.limit or (SYNTHETIC_TRAIN_SIZE if dataset.name == "synthetic" else FULL_TRAIN_SIZE)
         n_train, n_val = split_sizes(n, dataset.val_split)
         steps = -(-n_train // train.batch_size)
-        step_s = STEP_FIXED_S + STEP_PER_SAMPLE_S * train.batch_size
+        if training.trains_fast(planned.spec.model_config_for_ml()):
+            step_s = FAST_STEP_FIXED_S + FAST_STEP_PER_SAMPLE_S * train.batch_size
+        else:
+            step_s = STEP_FIXED_S + STEP_PER_SAMPLE_S * train.batch_size
         total += RUN_OVERHEAD_S + train.epochs * (steps * step_s + n_val * VAL_PER_SAMPLE_S)
-    return round(total)
+    return max(1, round(total / processes))

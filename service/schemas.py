@@ -928,7 +928,8 @@ class PresetPublic(BaseModel):
     seeds: list[int] = Field(description="Default seeds.")
     runs: int = Field(description="Runs it creates with the default seeds.")
     estimated_seconds: int = Field(
-        description="Rough training time on a 2-core CPU with one worker, from a per-step cost model."
+        description="Rough wall time with the worker's training processes (BNLAB_WORKER_CONCURRENCY as the"
+        " API sees it), from a per-step cost model measured on a 2-core CPU."
     )
 
 

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Protocol
 
 import numpy as np
@@ -177,6 +177,18 @@ class BatchRunner:
     run: RunBatches
     steps_per_call: int
     fast_path: bool  # fastpath's compiled loop, rather than autograd
+
+
+def trains_fast(cfg: ModelConfig) -> bool:
+    """Whether `make_net(cfg)` trains through the compiled fast path (with either optimizer bnlab
+    makes)."""
+    return USE_FAST_PATH and _fast_path_supports(cfg)
+
+
+@cache
+def _fast_path_supports(cfg: ModelConfig) -> bool:
+    with torch.device("meta"):  # the layers alone matter: no memory, no random draws
+        return MlpStep.for_model(make_net(cfg)) is not None
 
 
 def batch_runner(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int) -> BatchRunner:

@@ -7,7 +7,9 @@ import pytest
 
 from service import presets
 from service.experiments import RunResult, expand, grid_points, report
-from service.schemas import PresetCreate
+from service.ml import training
+from service.ml.config import ModelConfig, NormConfig
+from service.schemas import ExperimentCreate, PresetCreate
 
 
 @pytest.mark.parametrize("preset", presets.PRESETS.values(), ids=lambda p: p.name)
@@ -56,3 +58,21 @@ def test_overrides_replace_seeds_dataset_and_name() -> None:
         presets.SMALL_BATCH, PresetCreate(seeds=[7], dataset="synthetic", name="mine"), lambda _name: True
     )
     assert (spec.seeds, spec.base.dataset.name, spec.name) == ([7], "synthetic", "mine")
+
+
+def test_the_time_estimate_follows_the_training_path_and_the_processes() -> None:
+    # Measured through make run's worker: the compiled fast path (MLPs with BN or no norm) costs about
+    # a third of autograd's step (other norms); the runs spread over the training processes.
+    base = {"dataset": {"name": "fashion-mnist"}, "train": {"epochs": 2}}
+
+    def estimate(kind: str, processes: int = 1) -> int:
+        spec = ExperimentCreate.model_validate(
+            {"name": "e", "base": base, "grid": {"model.norm.kind": [kind]}, "seeds": [0, 1, 2, 3]}
+        )
+        return presets.estimated_seconds(spec, processes)
+
+    assert training.trains_fast(ModelConfig(norm=NormConfig(kind="batch")))
+    assert not training.trains_fast(ModelConfig(norm=NormConfig(kind="group", num_groups=16)))
+    assert not training.trains_fast(ModelConfig(arch="cnn"))
+    assert estimate("group") > 1.8 * estimate("batch")
+    assert abs(estimate("batch", processes=2) - estimate("batch") / 2) <= 1
