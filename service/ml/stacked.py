@@ -155,25 +155,7 @@ def train_stacked(
                 )
             stack.run(batches, start, min(start + rows_per_call, n_used))
         for k, member in enumerate(members):
-            loss_sum, correct = batches.totals(k)
-            end_epoch(member.model)  # per-epoch population statistics (batch_layer) before validating
-            val_loss, val_accuracy = training.evaluate(member.model, val_set)
-            metrics = training.EpochMetrics(
-                epoch=epoch,
-                train_loss=loss_sum / n_used,
-                train_accuracy=correct / n_used,
-                val_loss=val_loss,
-                val_accuracy=val_accuracy,
-                seconds=time.monotonic() - started,
-                layer_stats=(
-                    *member.pending,
-                    *probe_slot_inputs(member.model, member.slots, probe, epoch=epoch),
-                ),
-            )
-            member.pending = ()
-            member.result.epochs.append(metrics)
-            snapshot = partial(save_training_state, member.model, member.optimizer, epoch)
-            member.callbacks.on_epoch_end(metrics, snapshot)
+            _end_epoch(member, epoch, batches.totals(k), n_used, val_set, probe, started)
         if epoch < tcfg.epochs:
             staying = [i for i, m in enumerate(members) if not m.poller.now()]
             if len(staying) < len(members):
@@ -182,6 +164,36 @@ def train_stacked(
                     break
                 stack = StackedMlp([(m.model, m.optimizer) for m in members])
     return [m.result for m in everyone]
+
+
+def _end_epoch(
+    member: _Member,
+    epoch: int,
+    totals: tuple[float, int],
+    n_used: int,
+    val_set: ImageDataset,
+    probe: Tensor,
+    started: float,
+) -> None:
+    """As train() ends an epoch: validate, probe, report with a snapshot. `seconds` is the stack's
+    epoch (its members train together)."""
+    loss_sum, correct = totals
+    end_epoch(member.model)  # per-epoch population statistics (batch_layer) before validating
+    val_loss, val_accuracy = training.evaluate(member.model, val_set)
+    metrics = training.EpochMetrics(
+        epoch=epoch,
+        train_loss=loss_sum / n_used,
+        train_accuracy=correct / n_used,
+        val_loss=val_loss,
+        val_accuracy=val_accuracy,
+        seconds=time.monotonic() - started,
+        layer_stats=(*member.pending, *probe_slot_inputs(member.model, member.slots, probe, epoch=epoch)),
+    )
+    member.pending = ()
+    member.result.epochs.append(metrics)
+    member.callbacks.on_epoch_end(
+        metrics, partial(save_training_state, member.model, member.optimizer, epoch)
+    )
 
 
 def _member(
