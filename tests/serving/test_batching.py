@@ -69,10 +69,19 @@ def test_max_wait_gathers_requests_that_arrive_a_little_later() -> None:
     second = batcher.submit("m", 2.0)
     assert (first.result(5), second.result(5)) == (2.0, 4.0)
     assert process.batches == [("m", [1.0, 2.0])]
+    batcher.close(5)
+
+
+def test_a_full_batch_does_not_wait_for_max_wait() -> None:
+    # max_wait is 10 s, so the 5 s bound separates "sent when full" from "sent at max_wait" with a
+    # margin that a busy 2-core machine's scheduling pauses (once ~1 s) cannot cross.
+    process = Doubling()
+    batcher = make_batcher(process, size=64, wait=10.0)
     started = time.monotonic()
-    full = [batcher.submit("m", 1.0) for _ in range(64)]  # a full batch does not wait for max_wait
-    assert all(f.result(5) == 2.0 for f in full)
-    assert time.monotonic() - started < 0.25
+    full = [batcher.submit("m", 1.0) for _ in range(64)]
+    assert all(f.result(9) == 2.0 for f in full)
+    assert time.monotonic() - started < 5.0
+    assert [len(items) for _, items in process.batches] == [64]
     batcher.close(5)
 
 
