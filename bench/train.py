@@ -352,15 +352,21 @@ def training_calls(
     calls = len(y_all) // samples
     order = training.epoch_permutation(len(y_all), tcfg.seed, 1)[: calls * samples]
     batches = Batches.for_epoch(x_all, y_all, order, batch)
+    path = "fast" if runner.fast_path else "autograd"
+    return cycling(partial(runner.run, batches), samples, calls), samples, path
+
+
+def cycling(run: Callable[[int, int], None], samples: int, calls: int) -> Callable[[], None]:
+    """One call of a training loop a time: `run(start, stop)` over the next `samples` positions of
+    the epoch's order, from the start again after `calls` calls."""
     position = 0
 
     def one_call() -> None:
         nonlocal position
-        runner.run(batches, position * samples, (position + 1) * samples)
+        run(position * samples, (position + 1) * samples)
         position = (position + 1) % calls
 
-    path = "fast" if runner.fast_path else "autograd"
-    return one_call, samples, path
+    return one_call
 
 
 def samples_per_s(step: Callable[[], None], batch: int) -> float:
@@ -475,14 +481,7 @@ def stacked_calls(
         [training.epoch_permutation(len(y_all), t.seed, 1)[: calls * samples] for t in tcfgs]
     )
     batches = stacked.StackedBatches.for_epoch(x_all, y_all, orders, batch)
-    position = 0
-
-    def one_call() -> None:
-        nonlocal position
-        stack.run(batches, position * samples, (position + 1) * samples)
-        position = (position + 1) % calls
-
-    return one_call, samples * members
+    return cycling(partial(stack.run, batches), samples, calls), samples * members
 
 
 def stacked_curve(synthetic: bool) -> None:

@@ -265,10 +265,7 @@ def _execute_stack(members: list[Member], limit_s: int) -> RunStatus | None:
         with ExitStack() as heartbeats:
             for beat in callbacks:
                 heartbeats.enter_context(Heartbeat(beat.lease, beat.lease_lost))
-            train_set, val_set = load_training_data(spec)
-            for beat in callbacks:
-                beat.train_samples = len(train_set)
-            config = model_config_for_data(spec, train_set)
+            train_set, val_set, config = _load_data(spec, callbacks)
             tcfgs = [other.train_config_for_ml() for _, other in members]
             results = stacked.train_stacked(config, tcfgs, train_set, val_set, callbacks, record_leaving)
             weights = {
@@ -289,6 +286,16 @@ def _execute_stack(members: list[Member], limit_s: int) -> RunStatus | None:
     return outcomes[0]
 
 
+def _load_data(
+    spec: RunCreate, callbacks: list[DatabaseCallbacks]
+) -> tuple[datasets.ImageDataset, datasets.ImageDataset, ModelConfig]:
+    """The spec's splits and its network for them; the callbacks learn the training split's size."""
+    train_set, val_set = load_training_data(spec)
+    for each in callbacks:
+        each.train_samples = len(train_set)
+    return train_set, val_set, model_config_for_data(spec, train_set)
+
+
 def model_config_for_data(spec: RunCreate, train_set: datasets.ImageDataset) -> ModelConfig:
     """The spec's network for the data as loaded: its sample shape, classes and input scaling."""
     shape = datasets.DataShape(
@@ -300,12 +307,10 @@ def model_config_for_data(spec: RunCreate, train_set: datasets.ImageDataset) -> 
 def _train(
     spec: RunCreate, callbacks: DatabaseCallbacks, start_state: bytes | None
 ) -> tuple[training.TrainResult, ModelConfig]:
-    train_set, val_set = load_training_data(spec)
-    callbacks.train_samples = len(train_set)
+    train_set, val_set, config = _load_data(spec, [callbacks])
     state = resume.load_training_state(start_state) if start_state else None
     if state is not None:
         log.info("run %s resumes after epoch %d", callbacks.lease.run_id, state.epoch)
-    config = model_config_for_data(spec, train_set)
     tcfg = spec.train_config_for_ml()
     if tcfg.processes > 1:  # data-parallel processes on the CPU (gloo), whatever the device setting
         result = distributed.train_distributed(config, tcfg, train_set, val_set, callbacks, resume=state)

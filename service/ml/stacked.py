@@ -33,7 +33,6 @@ from service.ml.config import ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
 from service.ml.fastpath import MlpStep, Net, Norm, Opt
 from service.ml.nets import norm_slots
-from service.ml.norms import end_epoch
 from service.ml.probes import PROBE_SAMPLES, SlotStatistics, probe_slot_inputs
 from service.ml.resume import save_training_state
 
@@ -65,10 +64,7 @@ def can_stack(cfg: ModelConfig, tcfg: TrainConfig) -> bool:
         return False
     if cfg.norm.kind == "batch" and any(width % BATCH_NORM_WIDTH_MULTIPLE for width in cfg.hidden):
         return False
-    model = training.build_model(cfg, tcfg.seed)
-    return MlpStep.for_model(model) is not None and fastpath.supports_optimizer(
-        training.make_optimizer(model, tcfg)
-    )
+    return training.trains_fast(cfg)  # with either optimizer make_optimizer builds
 
 
 def warm_up() -> None:
@@ -94,6 +90,10 @@ class _Member:
     result: training.TrainResult
     slots: list[tuple[str, nn.Module]] = field(default_factory=list)
     pending: tuple[SlotStatistics, ...] = ()  # the initial network's probe statistics, sent with epoch 1
+
+    def stopped(self, at_epoch_end: bool) -> bool:
+        """Its should_stop(): between steps at most every STOP_CHECK_INTERVAL_S, at an epoch's end always."""
+        return self.poller.now() if at_epoch_end else self.poller.due()
 
 
 def train_stacked(
@@ -121,7 +121,7 @@ def train_stacked(
     training.check_inputs(cfg, tcfg, train_set, val_set)
     x_all, y_all = to_inputs(train_set.x).flatten(1).to(device), train_set.y.to(device)
     n, bs = len(train_set), tcfg.batch_size
-    n_used = n - 1 if n % bs == 1 else n
+    n_used = training.used_samples(n, bs)
     probe = to_inputs(val_set.x[:PROBE_SAMPLES]).to(device)
     members = [
         _member(k, cfg, t, c, device, dropped=n_used < n)
@@ -143,9 +143,9 @@ def train_stacked(
         batches = StackedBatches.for_epoch(x_all, y_all, orders.to(device), bs)
         rows_per_call = bs * stack.steps_per_call(bs)
         for start in range(0, n_used, rows_per_call):
-            staying = [i for i, m in enumerate(members) if not m.poller.due()]
+            staying = _leave_if_stopped(members, on_leave, at_epoch_end=False)
             if len(staying) < len(members):
-                members = _leave(members, staying, on_leave)
+                members = [members[i] for i in staying]
                 if not members:
                     return [m.result for m in everyone]
                 # The others' current values, optimizer state included, are copied into smaller stacks.
@@ -155,45 +155,22 @@ def train_stacked(
                 )
             stack.run(batches, start, min(start + rows_per_call, n_used))
         for k, member in enumerate(members):
-            _end_epoch(member, epoch, batches.totals(k), n_used, val_set, probe, started)
+            probes = (probe, member.slots, member.pending)
+            metrics = training.epoch_metrics(
+                member.model, epoch, batches.totals(k), n_used, started, val_set, probes
+            )
+            member.pending = ()
+            member.result.epochs.append(metrics)  # `seconds` is the stack's epoch: its members train together
+            snapshot = partial(save_training_state, member.model, member.optimizer, epoch)
+            member.callbacks.on_epoch_end(metrics, snapshot)
         if epoch < tcfg.epochs:
-            staying = [i for i, m in enumerate(members) if not m.poller.now()]
+            staying = _leave_if_stopped(members, on_leave, at_epoch_end=True)
             if len(staying) < len(members):
-                members = _leave(members, staying, on_leave)
+                members = [members[i] for i in staying]
                 if not members:
                     break
                 stack = StackedMlp([(m.model, m.optimizer) for m in members])
     return [m.result for m in everyone]
-
-
-def _end_epoch(
-    member: _Member,
-    epoch: int,
-    totals: tuple[float, int],
-    n_used: int,
-    val_set: ImageDataset,
-    probe: Tensor,
-    started: float,
-) -> None:
-    """As train() ends an epoch: validate, probe, report with a snapshot. `seconds` is the stack's
-    epoch (its members train together)."""
-    loss_sum, correct = totals
-    end_epoch(member.model)  # per-epoch population statistics (batch_layer) before validating
-    val_loss, val_accuracy = training.evaluate(member.model, val_set)
-    metrics = training.EpochMetrics(
-        epoch=epoch,
-        train_loss=loss_sum / n_used,
-        train_accuracy=correct / n_used,
-        val_loss=val_loss,
-        val_accuracy=val_accuracy,
-        seconds=time.monotonic() - started,
-        layer_stats=(*member.pending, *probe_slot_inputs(member.model, member.slots, probe, epoch=epoch)),
-    )
-    member.pending = ()
-    member.result.epochs.append(metrics)
-    member.callbacks.on_epoch_end(
-        metrics, partial(save_training_state, member.model, member.optimizer, epoch)
-    )
 
 
 def _member(
@@ -211,15 +188,18 @@ def _member(
     return _Member(index, tcfg, callbacks, model, optimizer, training.StopPoller(callbacks), result)
 
 
-def _leave(members: list[_Member], staying: list[int], on_leave: OnLeave | None) -> list[_Member]:
-    """The members in `staying`; the others' results are marked cancelled (the epoch in progress is
-    not reported, as in train()) and passed to `on_leave`."""
+def _leave_if_stopped(members: list[_Member], on_leave: OnLeave | None, *, at_epoch_end: bool) -> list[int]:
+    """The positions of the members that go on; each that asks to stop leaves: its result marked
+    cancelled (the epoch in progress is not reported, as in train()) and passed to `on_leave`."""
+    staying = []
     for i, member in enumerate(members):
-        if i not in staying:
-            member.result.cancelled = True
-            if on_leave is not None:
-                on_leave(member.index, member.result)
-    return [members[i] for i in staying]
+        if not member.stopped(at_epoch_end):
+            staying.append(i)
+            continue
+        member.result.cancelled = True
+        if on_leave is not None:
+            on_leave(member.index, member.result)
+    return staying
 
 
 class StackedMlp:
@@ -237,7 +217,6 @@ class StackedMlp:
         if len(nets) < len(members) or not all(fastpath.supports_optimizer(o) for _, o in members):
             raise ValueError("every member must be an MLP and optimizer that fastpath supports")
         _check_same_structure(nets)
-        self.size = len(members)
         self._optimizers = [optimizer for _, optimizer in members]
         self.net = _stack_net(nets)
 

@@ -264,7 +264,7 @@ def train(
     # a batch is one index_select (advanced indexing of the image-shaped tensor costs ten times more).
     x_all, y_all = to_inputs(train_set.x).flatten(1).to(device), train_set.y.to(device)
     n, bs = len(train_set), tcfg.batch_size
-    n_used = n - 1 if n % bs == 1 else n
+    n_used = used_samples(n, bs)
     result = TrainResult(model=model, dropped_last_batch=n_used < n)
     poller = StopPoller(callbacks)
     probe, slots = to_inputs(val_set.x[:PROBE_SAMPLES]).to(device), norm_slots(model)
@@ -286,19 +286,8 @@ def train(
                 return result  # the epoch in progress is not reported
             runner.run(batches, start, min(start + rows_per_call, n_used))
         # Summed once per epoch from per-sample values: no .item() (a host sync) per step.
-        loss_sum, correct = batches.totals()
-
-        end_epoch(model)  # per-epoch population statistics (batch_layer) are final before validating
-        val_loss, val_accuracy = evaluate(model, val_set)
-        seconds = time.monotonic() - started
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=loss_sum / n_used,
-            train_accuracy=correct / n_used,
-            val_loss=val_loss,
-            val_accuracy=val_accuracy,
-            seconds=seconds,
-            layer_stats=(*pending, *probe_slot_inputs(model, slots, probe, epoch=epoch)),
+        metrics = epoch_metrics(
+            model, epoch, batches.totals(), n_used, started, val_set, (probe, slots, pending)
         )
         pending = ()
         result.epochs.append(metrics)
@@ -307,6 +296,43 @@ def train(
             result.cancelled = True
             return result
     return result
+
+
+def used_samples(n: int, batch_size: int) -> int:
+    """The samples an epoch trains on: all but a final batch of one, which BN could not normalise
+    (dropped for every configuration, so that the data stay identical across those compared)."""
+    return n - 1 if n % batch_size == 1 else n
+
+
+# What an epoch's end probes: the probe batch, the model's norm slots, and the statistics still to
+# report with this epoch (the initial network's, with epoch 1).
+Probes = tuple[torch.Tensor, list[tuple[str, nn.Module]], tuple[SlotStatistics, ...]]
+
+
+def epoch_metrics(
+    model: nn.Module,
+    epoch: int,
+    totals: tuple[float, int],
+    n_used: int,
+    started: float,
+    val_set: ImageDataset,
+    probes: Probes,
+) -> EpochMetrics:
+    """An epoch's end: population statistics made final, validation in eval mode, the slot probes;
+    `totals` is the epoch's (summed cross-entropy, correct predictions) over its `n_used` samples."""
+    loss_sum, correct = totals
+    end_epoch(model)  # per-epoch population statistics (batch_layer) are final before validating
+    val_loss, val_accuracy = evaluate(model, val_set)
+    probe, slots, pending = probes
+    return EpochMetrics(
+        epoch=epoch,
+        train_loss=loss_sum / n_used,
+        train_accuracy=correct / n_used,
+        val_loss=val_loss,
+        val_accuracy=val_accuracy,
+        seconds=time.monotonic() - started,
+        layer_stats=(*pending, *probe_slot_inputs(model, slots, probe, epoch=epoch)),
+    )
 
 
 def configure_training_process(threads: int) -> None:
