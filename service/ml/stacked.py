@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from service.ml import fastpath, training
 from service.ml.config import ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
-from service.ml.fastpath import MlpStep, Net, Norm, Opt
+from service.ml.fastpath import MlpStep, Net, Norm
 from service.ml.nets import norm_slots
 from service.ml.probes import PROBE_SAMPLES, SlotStatistics, probe_slot_inputs
 from service.ml.resume import save_training_state
@@ -122,7 +122,8 @@ def train_stacked(
     x_all, y_all = to_inputs(train_set.x).flatten(1).to(device), train_set.y.to(device)
     n, bs = len(train_set), tcfg.batch_size
     n_used = training.used_samples(n, bs)
-    probe = to_inputs(val_set.x[:PROBE_SAMPLES]).to(device)
+    val_inputs = training.resident(val_set, device)
+    probe = val_inputs.x[:PROBE_SAMPLES]
     members = [
         _member(k, cfg, t, c, device, dropped=n_used < n)
         for k, (t, c) in enumerate(zip(tcfgs, callbacks, strict=True))
@@ -157,7 +158,7 @@ def train_stacked(
         for k, member in enumerate(members):
             probes = (probe, member.slots, member.pending)
             metrics = training.epoch_metrics(
-                member.model, epoch, batches.totals(k), n_used, started, val_set, probes
+                member.model, epoch, batches.totals(k), n_used, started, val_inputs, probes
             )
             member.pending = ()
             member.result.epochs.append(metrics)  # `seconds` is the stack's epoch: its members train together
@@ -550,6 +551,7 @@ def train_steps(
     """The batches of orders[:, start:stop]: a stacked forward-backward, then the members' updates
     (fastpath.train_steps' optimizer arguments, each list holding every member's tensors)."""
     k = orders.shape[0]
+    counter = fastpath.shared_step(steps)
     for s in range(start, stop, batch_size):
         e = min(s + batch_size, stop)
         idx = orders[:, s:e].reshape(-1)
@@ -559,7 +561,5 @@ def train_steps(
             beta_grads, running_means, running_vars, batches_tracked, momenta, epsilons, picked[:, s:e],
             predicted[:, s:e],
         )  # fmt: skip
-        if optimizer == Opt.ADAM.value:
-            fastpath.adam(params, grads, state_a, state_b, steps, hyper)
-        else:
-            fastpath.sgd(params, grads, state_a, hyper)
+        fastpath.update(optimizer, params, grads, state_a, state_b, steps, counter, hyper)
+    fastpath.store_step(steps, counter)

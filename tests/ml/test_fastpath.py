@@ -13,7 +13,7 @@ from torch import nn
 from service.ml import training
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import make_synthetic, train_val_split
-from service.ml.fastpath import MlpStep, supports_optimizer
+from service.ml.fastpath import Batches, MlpStep, supports_optimizer
 from service.ml.nets import make_net
 from service.ml.resume import load_training_state
 from tests.ml.test_training import Recorder, without_time
@@ -203,3 +203,34 @@ def test_optimizers_the_loop_does_not_reproduce_go_through_autograd() -> None:
         torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1),
     ):
         assert not supports_optimizer(other), other
+
+
+@pytest.mark.parametrize("uneven", [False, True], ids=["one-counter", "per-parameter-counters"])
+def test_the_compiled_loop_counts_adam_steps_as_torch_does(uneven: bool) -> None:
+    # The loop increments one shared counter while every parameter's step count is equal, and each
+    # parameter's own counter otherwise; either way the optimizer's state ends as optimizer.step()'s.
+    torch.manual_seed(5)
+    fast_net = make_net(ModelConfig(hidden=(16,)))
+    slow_net = copy.deepcopy(fast_net)
+    tcfg = TrainConfig()
+    nets = {"fast": fast_net, "slow": slow_net}
+    optimizers = {name: training.make_optimizer(net, tcfg) for name, net in nets.items()}
+    x, y = batch(n=96, seed=7)
+    x, order = x.float().flatten(1), torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    batches = {name: Batches.for_epoch(x, y, order, 16) for name in nets}
+    for name, net in nets.items():  # a first step through torch creates the state
+        training._autograd_batches(net, optimizers[name], batches[name], 0, 16)
+        if uneven:
+            optimizers[name].state[net.fc1.bias]["step"].fill_(7.0)
+    fast = MlpStep.for_model(fast_net)
+    assert fast is not None
+    fast.run(optimizers["fast"], batches["fast"], 16, 96)
+    training._autograd_batches(slow_net, optimizers["slow"], batches["slow"], 16, 96)
+    for p, q in zip(fast_net.parameters(), slow_net.parameters(), strict=True):
+        assert torch.equal(p, q)
+        fast_state, slow_state = optimizers["fast"].state[p], optimizers["slow"].state[q]
+        assert fast_state.keys() == slow_state.keys()
+        for key, value in fast_state.items():
+            assert torch.equal(value, slow_state[key]), key
+    steps = {float(state["step"]) for state in optimizers["fast"].state.values()}
+    assert steps == ({6.0, 12.0} if uneven else {6.0})
