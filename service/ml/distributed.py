@@ -402,7 +402,9 @@ def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
     x_all, y_all = to_inputs(job.train_set.x).flatten(1), job.train_set.y
     n, bs = len(job.train_set), tcfg.batch_size
     n_used = _kept_samples(n, tcfg)
-    probe, slots = to_inputs(job.val_set.x[:PROBE_SAMPLES]), norm_slots(model)
+    # Only rank 0 validates and probes: the other ranks leave the validation split as it came.
+    val_inputs = training.resident(job.val_set, training.CPU) if rank == 0 else job.val_set
+    probe, slots = val_inputs.x[:PROBE_SAMPLES], norm_slots(model)
     pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 and rank == 0 else ()
     cancelled, epoch = False, first_epoch - 1
     for epoch in range(first_epoch, tcfg.epochs + 1):
@@ -432,7 +434,7 @@ def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
         dist.all_reduce(totals)
         end_epoch(model)
         if rank == 0:
-            val_loss, val_accuracy = training.evaluate(model, job.val_set)
+            val_loss, val_accuracy = training.evaluate(model, val_inputs)
             metrics = training.EpochMetrics(
                 epoch=epoch,
                 train_loss=totals[0].item() / n_used,
