@@ -17,9 +17,11 @@ install: $(STAMP)
 ## API + one worker on the embedded SQLite database and embedded broker; Ctrl-C stops both.
 ## One training process per core, one thread each (unless set): the runs of a pair train side by
 ## side, and a small model's step does not wait on a second thread (bench/train.py measured the
-## pair ten times slower with one process of two threads on a busy 2-core machine).
+## pair ten times slower with one process of two threads on a busy 2-core machine). Each training
+## process decodes Fashion-MNIST as it starts (BNLAB_PRELOAD_DATASETS; set it empty to skip).
 run: install
-	BNLAB_WORKER_CONCURRENCY=$${BNLAB_WORKER_CONCURRENCY:-$$(nproc)} $(BIN)/bnlab run
+	BNLAB_WORKER_CONCURRENCY=$${BNLAB_WORKER_CONCURRENCY:-$$(nproc)} \
+	BNLAB_PRELOAD_DATASETS=$${BNLAB_PRELOAD_DATASETS-fashion-mnist} $(BIN)/bnlab run
 
 migrate: install
 	$(BIN)/bnlab migrate

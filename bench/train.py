@@ -142,10 +142,15 @@ def free_port() -> int:
 def stack_env(data_dir: Path, port: int) -> dict[str, str]:
     # Only the worker's own knobs (concurrency, threads, device, stacking) pass through from the caller;
     # other BNLAB_ variables do not, so a developer's settings cannot point the benchmark at their database.
-    passed = ("BNLAB_WORKER_CONCURRENCY", "BNLAB_TORCH_THREADS", "BNLAB_DEVICE", "BNLAB_STACK_RUNS")
+    passed = (
+        "BNLAB_WORKER_CONCURRENCY", "BNLAB_TORCH_THREADS", "BNLAB_DEVICE", "BNLAB_STACK_RUNS",
+        "BNLAB_PRELOAD_DATASETS",
+    )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNLAB_") or k in passed}
-    # As `make run` starts it: one training process per core (one thread each) unless set.
+    # As `make run` starts it: one training process per core (one thread each), Fashion-MNIST decoded
+    # as each starts, unless set.
     env.setdefault("BNLAB_WORKER_CONCURRENCY", str(os.cpu_count() or 1))
+    env.setdefault("BNLAB_PRELOAD_DATASETS", "fashion-mnist")
     return env | {
         "BNLAB_DATA_DIR": str(data_dir),
         "BNLAB_PORT": str(port),
@@ -604,7 +609,10 @@ def main() -> None:
         data_dir = Path(folder)
         rounds = []
         stack = Stack(data_dir)
-        say(f"worker: BNLAB_WORKER_CONCURRENCY={stack.env['BNLAB_WORKER_CONCURRENCY']}")
+        say(
+            f"worker: BNLAB_WORKER_CONCURRENCY={stack.env['BNLAB_WORKER_CONCURRENCY']},"
+            f" BNLAB_PRELOAD_DATASETS={stack.env['BNLAB_PRELOAD_DATASETS']}"
+        )
         with stack as client:
             warm_up(client)
             for i in range(args.rounds):

@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # server, survives restarts of either process (messages are files) and proved reliable with one
 # API and one worker process on one machine.
 EMBEDDED_BROKER = "filesystem://"
+# The built-in datasets a training process keeps once loaded (all but synthetic, which is generated
+# per run); named here, not imported, so that reading settings does not import torch.
+PRELOADABLE = ("fashion-mnist", "mnist", "cifar10", "mnist1d")
 
 
 class Settings(BaseSettings):
@@ -42,6 +45,14 @@ class Settings(BaseSettings):
         " (runs equal but for their seed; see service/ml/stacked.py); 1 trains every run alone.",
     )
     torch_threads: int = Field(0, ge=0, le=256, description="Threads per training process; 0 = automatic.")
+    # Empty by default (tests and small deployments start no sooner for it); make run and the compose
+    # file name fashion-mnist, the article's dataset.
+    preload_datasets: str = Field(
+        "",
+        description="Built-in datasets (comma-separated, e.g. fashion-mnist) each training process"
+        " decodes as it starts, so that its first run on one does not wait for the files (about a"
+        " second for Fashion-MNIST); those not on disk are skipped.",
+    )
     # cpu by default: bit-for-bit reproducible runs; auto picks a GPU when the worker process sees one.
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="Where workers train: cpu, cuda or auto."
@@ -115,6 +126,16 @@ class Settings(BaseSettings):
         # Resolve once so the API and a worker started from the same folder agree on every path.
         return value.expanduser().resolve()
 
+    @field_validator("preload_datasets")
+    @classmethod
+    def _known_preloads(cls, value: str) -> str:
+        unknown = [name for name in _names(value) if name not in PRELOADABLE]
+        if unknown:
+            raise ValueError(
+                f"unknown dataset(s) {', '.join(unknown)}; expected some of {', '.join(PRELOADABLE)}"
+            )
+        return value
+
     @field_validator("mnist_mirror", "fashion_mnist_mirror", "cifar10_mirror")
     @classmethod
     def _http_base_url(cls, value: str) -> str:
@@ -153,6 +174,10 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'bnlab.db'}"
 
     @property
+    def preload_dataset_names(self) -> list[str]:
+        return _names(self.preload_datasets)
+
+    @property
     def broker_folder(self) -> Path:
         return self.data_dir / "broker"
 
@@ -172,6 +197,10 @@ class Settings(BaseSettings):
             return self.torch_threads
         # Small models train fastest on one thread per process; share the cores between processes.
         return max(1, (os.cpu_count() or 1) // self.worker_concurrency)
+
+
+def _names(listed: str) -> list[str]:
+    return [name.strip() for name in listed.split(",") if name.strip()]
 
 
 @lru_cache

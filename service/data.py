@@ -9,6 +9,7 @@ cached by their SHA-256, so a worker that trains many runs on one upload decodes
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,8 @@ from service.ml.nets import count_parameters, make_net
 from service.schemas import DatasetSpec, RunCreate
 
 UPLOADED = "uploaded"
+
+log = logging.getLogger(__name__)
 
 
 class UnknownDataset(LookupError):
@@ -100,6 +103,19 @@ def load_training_data(spec: RunCreate) -> tuple[ImageDataset, ImageDataset]:
     if spec.dataset.limit is not None and spec.dataset.name != datasets.SYNTHETIC:
         full = full.take(slice(0, spec.dataset.limit))
     return datasets.train_val_split(full, spec.dataset.val_split)
+
+
+def preload(settings: Settings) -> list[str]:
+    """Load the datasets settings.preload_datasets names into this process's cache of built-ins (see
+    datasets.load_dataset), skipping those not on disk (never downloading); returns those loaded."""
+    dirs, loaded = search_dirs(settings), []
+    for name in settings.preload_dataset_names:
+        if datasets.needs_files(name) and datasets.find_dataset_dir(name, dirs) is None:
+            log.warning("preload: dataset %s is not on disk; its first run will load it", name)
+            continue
+        datasets.load_dataset(name, search_dirs=dirs, split="train")
+        loaded.append(name)
+    return loaded
 
 
 def _load_builtin(spec: RunCreate) -> ImageDataset:

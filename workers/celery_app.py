@@ -15,7 +15,7 @@ import torch._dynamo  # noqa: F401
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutting_down
 
-from service import crud
+from service import crud, data
 from service.config import get_settings
 from service.db import session_scope
 from service.ml import nets, stacked, training
@@ -61,6 +61,7 @@ def _configure_torch(**_: Any) -> None:
     if get_settings().stack_runs > 1:
         stacked.warm_up()
     nets.warm_up_meta_device()
+    data.preload(get_settings())
 
 
 def _reap_forever() -> None:
