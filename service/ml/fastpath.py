@@ -562,37 +562,15 @@ def update(
     shared_step's)."""
     if optimizer == Opt.SGD.value:
         sgd(params, grads, state_a, hyper)
-    elif counter is None:
-        adam(params, grads, state_a, state_b, steps, hyper)
+        return
+    # What torch.optim.Adam(fused=True).step() does for one group: the step counts, then its kernel.
+    if counter is None:
+        torch._foreach_add_(steps, 1)
     else:
         counter.add_(1)
-        fused_adam(params, grads, state_a, state_b, [counter for _ in steps], hyper)
-
-
-def adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    hyper: list[float],
-) -> None:
-    """What torch.optim.Adam(fused=True).step() does for one group: the step counters, then its kernel."""
-    torch._foreach_add_(steps, 1)
-    fused_adam(params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
-
-
-def fused_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    hyper: list[float],
-) -> None:
-    """torch's fused Adam kernel, with the step counts already incremented."""
+        steps = [counter for _ in steps]
     torch._fused_adam_(
-        params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=hyper[0], beta1=hyper[1],
+        params, grads, state_a, state_b, [], steps, amsgrad=False, lr=hyper[0], beta1=hyper[1],
         beta2=hyper[2], weight_decay=hyper[4], eps=hyper[3], maximize=False, grad_scale=None,
         found_inf=None,
     )  # fmt: skip
