@@ -27,7 +27,7 @@ def worker_command() -> list[str]:
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
         "--loglevel", settings.log_level.upper(),
         "--queues", settings.queue,
-        "--concurrency", str(settings.worker_concurrency),
+        "--concurrency", str(settings.training_processes),
         # Unique per worker process, so that runs held by one node can be told from another's.
         "--hostname", f"bnlab-{os.getpid()}@%h",
         # Gossip, mingle and broker heartbeats are cluster chatter bnlab does not use.

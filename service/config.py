@@ -34,7 +34,10 @@ class Settings(BaseSettings):
         EMBEDDED_BROKER, description="Celery broker URL; filesystem:// is the embedded one."
     )
     queue: str = Field("bnlab", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Celery queue name.")
-    worker_concurrency: int = Field(1, ge=1, le=64, description="Training processes per worker.")
+    # 1 by default (the tests' workers rely on it); make run and the compose file ask for one per core.
+    worker_concurrency: int = Field(
+        1, ge=0, le=64, description="Training processes per worker; 0 = one per core."
+    )
     # 1 by default: stacking is exact but measured no faster end to end on the 2-core machine (README,
     # "Training speed"); a larger value lets a training process take up to that many runs at once.
     stack_runs: int = Field(
@@ -196,7 +199,12 @@ class Settings(BaseSettings):
         if self.torch_threads:
             return self.torch_threads
         # Small models train fastest on one thread per process; share the cores between processes.
-        return max(1, (os.cpu_count() or 1) // self.worker_concurrency)
+        return max(1, (os.cpu_count() or 1) // self.training_processes)
+
+    @property
+    def training_processes(self) -> int:
+        """BNLAB_WORKER_CONCURRENCY, with 0 read as the number of cores this process sees."""
+        return self.worker_concurrency or os.cpu_count() or 1
 
 
 def _names(listed: str) -> list[str]:

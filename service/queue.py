@@ -66,7 +66,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Ack after the task body ran, one message at a time: a crashed worker does not swallow a job.
         "task_acks_late": True,
         "worker_prefetch_multiplier": 1,
-        "worker_concurrency": settings.worker_concurrency,
+        "worker_concurrency": settings.training_processes,
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }

@@ -209,7 +209,7 @@ def claim_stack(lease: crud.Lease, spec: RunCreate, time_limit_s: int, *, sessio
     keys = [_stack_key(raw) for _, raw in queued]
     alike = [(run_id, raw) for (run_id, raw), other in zip(queued, keys, strict=True) if other == key]
     groups = len(set(keys) | {key})
-    idle = settings.worker_concurrency - crud.busy_processes(session=session, worker=lease.worker)
+    idle = settings.training_processes - crud.busy_processes(session=session, worker=lease.worker)
     parts = max(1, math.ceil(idle / groups))
     wanted = min(settings.stack_runs, math.ceil((len(alike) + 1) / parts)) - 1
     if wanted < 1 or not _stackable(spec, session=session):

@@ -54,7 +54,7 @@ def list_presets(settings: SettingsDep) -> PresetsPublic:
                 grid=spec.grid,
                 seeds=spec.seeds,
                 runs=runs,
-                estimated_seconds=presets.estimated_seconds(spec, settings.worker_concurrency),
+                estimated_seconds=presets.estimated_seconds(spec, settings.training_processes),
             )
         )
     return PresetsPublic(items=items)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from service.cli import COMMANDS
+from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,6 +49,17 @@ def test_api_and_worker_share_their_settings(compose: dict[str, Any]) -> None:
     assert worker["BNLAB_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert worker["BNLAB_BROKER_URL"].startswith("redis://")
     assert compose["services"]["api"]["image"] == compose["services"]["worker"]["image"]
+
+
+def test_the_worker_trains_like_make_run(compose: dict[str, Any]) -> None:
+    # One training process per core (0), each decoding Fashion-MNIST as it starts; values Settings takes.
+    worker = compose["services"]["worker"]["environment"]
+    settings = Settings(
+        worker_concurrency=int(worker["BNLAB_WORKER_CONCURRENCY"]),
+        preload_datasets=worker["BNLAB_PRELOAD_DATASETS"],
+    )
+    assert settings.training_processes == (os.cpu_count() or 1)
+    assert settings.preload_dataset_names == ["fashion-mnist"]
 
 
 def test_one_image_whose_command_picks_the_role(compose: dict[str, Any]) -> None:

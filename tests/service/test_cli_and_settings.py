@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from service.cli import worker_command
 from service.config import Settings
+from tests.conftest import clear_setting_caches
 
 
 def test_bnlab_help_lists_every_role() -> None:
@@ -60,3 +62,19 @@ def test_worker_command_runs_celery_on_the_workers_package_and_queue() -> None:
     command = worker_command()
     assert command[1:5] == ["-m", "celery", "-A", "workers.celery_app"]
     assert "--queues" in command
+
+
+def test_worker_concurrency_0_starts_one_training_process_per_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BNLAB_WORKER_CONCURRENCY", "0")
+    cores = os.cpu_count() or 1
+    settings = Settings()
+    assert settings.training_processes == cores
+    assert settings.effective_torch_threads() == 1  # the cores shared out: one thread each
+    clear_setting_caches()
+    try:
+        command = worker_command()
+    finally:
+        clear_setting_caches()
+    assert command[command.index("--concurrency") + 1] == str(cores)
+    monkeypatch.setenv("BNLAB_WORKER_CONCURRENCY", "3")
+    assert Settings().training_processes == 3
