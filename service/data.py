@@ -107,13 +107,19 @@ def load_training_data(spec: RunCreate) -> tuple[ImageDataset, ImageDataset]:
 
 def preload(settings: Settings) -> list[str]:
     """Load the datasets settings.preload_datasets names into this process's cache of built-ins (see
-    datasets.load_dataset), skipping those not on disk (never downloading); returns those loaded."""
+    datasets.load_dataset), skipping those not on disk (never downloading) and those that fail to
+    load (a training process that raised here would be restarted, and fail again, for ever; a run
+    on such a dataset fails with the reason instead); returns those loaded."""
     dirs, loaded = search_dirs(settings), []
     for name in settings.preload_dataset_names:
         if datasets.needs_files(name) and datasets.find_dataset_dir(name, dirs) is None:
             log.warning("preload: dataset %s is not on disk; its first run will load it", name)
             continue
-        datasets.load_dataset(name, search_dirs=dirs, split="train")
+        try:
+            datasets.load_dataset(name, search_dirs=dirs, split="train")
+        except DatasetError as exc:
+            log.error("preload: dataset %s did not load: %s", name, exc)
+            continue
         loaded.append(name)
     return loaded
 

@@ -51,3 +51,13 @@ def test_a_dataset_not_on_disk_is_skipped(tmp_path: Path, caplog: pytest.LogCapt
     settings = Settings(data_dir=tmp_path, preload_datasets="mnist")
     assert data.preload(settings) == []  # mnist is nowhere here (Debian packages Fashion-MNIST only)
     assert "dataset mnist is not on disk" in caplog.text
+
+
+def test_a_dataset_that_fails_to_load_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A training process that raised as it starts would be restarted and raise again, for ever.
+    (tmp_path / "fashion-mnist").mkdir()
+    for name in datasets.IDX_FILES["train"]:
+        (tmp_path / "fashion-mnist" / name).write_bytes(b"not gzip")
+    settings = Settings(data_dir=tmp_path, preload_datasets="fashion-mnist")
+    assert data.preload(settings) == []
+    assert "dataset fashion-mnist did not load" in caplog.text
