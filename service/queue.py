@@ -50,9 +50,14 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+# kombu's filesystem transport, with atomic message writes (see service/embedded_broker.py).
+EMBEDDED_TRANSPORT = "service.embedded_broker:Transport"
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
+        "broker_transport": EMBEDDED_TRANSPORT if settings.uses_embedded_broker else None,
         "broker_transport_options": broker_transport_options(settings),
         "broker_connection_retry_on_startup": True,
         # JSON only: a pickled message pushed into the queue is refused, never executed.

@@ -1,0 +1,57 @@
+"""The embedded broker: kombu's filesystem transport, each message written atomically.
+
+kombu's own `_put` creates the message file and then writes it; its lock is advisory and the reader
+does not take it. So a worker polling the folder can take a file the API has created but not yet
+written: it moves the file away, fails to decode the empty payload (JSONDecodeError in the consumer
+loop) and the message is gone. The run then waits for the reaper to publish it again
+(BNLAB_REQUEUE_AFTER_S, two minutes by default). The integration suite caught it once, with the
+worker polling every 0.05 s.
+
+Here the message is written under a name the reader skips (it takes only `*.<queue>.msg`), then
+renamed to kombu's own name. A rename within one folder is atomic, so a reader sees the whole
+message or nothing. Celery picks this class through `broker_transport` (see service/queue.py).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from time import monotonic
+from typing import Any
+
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.encoding import str_to_bytes
+from kombu.utils.json import dumps
+
+
+def message_name(queue: str) -> str:
+    """The name kombu's filesystem transport gives a message: the reader takes them in sorted order,
+    so the leading milliseconds keep the queue first in, first out."""
+    return f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+
+
+def write_atomically(folder: str, name: str, data: bytes) -> None:
+    """`data` into `folder/name`, seen by a reader of the folder whole or not at all."""
+    partial = os.path.join(folder, f".{uuid.uuid4().hex}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, os.path.join(folder, name))
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+
+
+class Channel(filesystem.Channel):
+    # As kombu's filesystem channel declares it: publishing passes keyword arguments through.
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        try:
+            write_atomically(self.data_folder_out, message_name(queue), str_to_bytes(dumps(payload)))
+        except OSError as exc:
+            raise ChannelError(f"Cannot add a message to {self.data_folder_out!r}") from exc
+
+
+class Transport(filesystem.Transport):
+    Channel = Channel
