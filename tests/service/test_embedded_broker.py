@@ -49,6 +49,30 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytes
     assert os.listdir(tmp_path) == []
 
 
+def test_an_exchange_table_is_created_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # kombu created the binding table empty and then wrote it; a publisher reading it in between
+    # failed with a JSONDecodeError. Here the table appears, by a link, only once written.
+    options = broker_transport_options(Settings(data_dir=tmp_path))
+    control = Path(options["control_folder"])
+    linked: list[str] = []
+    real_link = os.link
+
+    def link(source: str, target: str) -> None:
+        assert not Path(target).exists()
+        linked.append(Path(source).read_text())
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", link)
+    with Connection("filesystem://", transport=EMBEDDED_TRANSPORT, transport_options=options) as conn:
+        channel = conn.default_channel
+        channel._queue_bind("bnlab-exchange", "key", None, QUEUE)  # the first binding creates the table
+        channel._queue_bind("bnlab-exchange", "other", None, "other-queue")  # kombu's locked update
+        table = channel.get_table("bnlab-exchange")
+    assert linked == ['[["key", "", "bnlab-test"]]']
+    assert [(q.routing_key, q.queue) for q in table] == [("other", "other-queue"), ("key", QUEUE)]
+    assert sorted(p.name for p in control.iterdir()) == ["bnlab-exchange.exchange"]  # no partial left
+
+
 def test_the_api_and_the_workers_use_it_for_the_embedded_broker_only(tmp_path: Path) -> None:
     assert celery_config(Settings(data_dir=tmp_path))["broker_transport"] == EMBEDDED_TRANSPORT
     redis = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0")
@@ -77,6 +101,11 @@ def test_messages_published_while_a_consumer_polls_all_arrive_whole(tmp_path: Pa
             finally:
                 queue.close()
 
+    # Bound once before the threads start: two connections in one process share kombu's in-memory
+    # record of bindings, so the second would skip writing the table and could publish before the
+    # first has (an artefact of the test; the API and the workers are separate processes).
+    with connection() as conn:
+        conn.SimpleQueue(QUEUE).close()
     consumer = threading.Thread(target=consume)
     consumer.start()
     with connection() as conn:
