@@ -7,6 +7,7 @@ The end-to-end tests in tests/integration run real worker processes.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -244,3 +245,16 @@ def test_a_body_that_is_not_json_is_a_documented_400(client: TestClient) -> None
     assert response.status_code in (400, 422)
     paths = client.get("/openapi.json").json()["paths"]
     assert str(response.status_code) in paths["/api/v1/runs"]["post"]["responses"]
+
+
+def test_an_unwritable_embedded_broker_answers_503_and_keeps_the_run_queued(client: TestClient) -> None:
+    # The broker's folder replaced by a file once the API has published to it: writing a message
+    # fails (a kombu ChannelError, not a connection error).
+    assert client.post("/api/v1/runs", json=SMALL_SPEC).status_code == 202
+    queue = get_settings().broker_folder / "queue"
+    shutil.rmtree(queue)
+    queue.write_text("not a folder")
+    response = client.post("/api/v1/runs", json=SMALL_SPEC)
+    assert response.status_code == 503, response.text
+    assert "broker" in response.json()["detail"].lower(), response.json()
+    assert client.get(response.headers["location"]).json()["status"] == "queued"
