@@ -20,7 +20,7 @@ install: $(STAMP)
 ## pair ten times slower with one process of two threads on a busy 2-core machine). Each training
 ## process decodes Fashion-MNIST as it starts (BNLAB_PRELOAD_DATASETS; set it empty to skip).
 run: install
-	BNLAB_WORKER_CONCURRENCY=$${BNLAB_WORKER_CONCURRENCY:-$$(nproc)} \
+	BNLAB_WORKER_CONCURRENCY=$${BNLAB_WORKER_CONCURRENCY:-0} \
 	BNLAB_PRELOAD_DATASETS=$${BNLAB_PRELOAD_DATASETS-fashion-mnist} $(BIN)/bnlab run
 
 migrate: install

@@ -35,27 +35,21 @@ def message_name(queue: str) -> str:
     return f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
 
 
-def write_atomically(folder: str, name: str, data: bytes) -> None:
-    """`data` into `folder/name`, seen by a reader of the folder whole or not at all."""
-    partial = os.path.join(folder, f".{uuid.uuid4().hex}.partial")
-    try:
-        with open(partial, "wb") as f:
-            f.write(data)
-        os.replace(partial, os.path.join(folder, name))
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
-
-
-def create_atomically(path: str, data: bytes) -> bool:
-    """Create `path` holding `data`, seen by a reader whole or not at all; False if it exists."""
+def write_whole(path: str, data: bytes, *, exclusive: bool = False) -> bool:
+    """`data` into `path`, seen by a reader of its folder whole or not at all: written aside under a
+    name readers skip, then moved into place. With `exclusive`, only if `path` does not exist yet
+    (False if another process created it first). Nothing is left aside, whatever happens."""
     partial = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex}.partial")
     try:
         with open(partial, "wb") as f:
             f.write(data)
-        os.link(partial, path)  # unlike a rename, fails if another process created it meanwhile
+        if exclusive:
+            os.link(partial, path)  # unlike a rename, fails if the target exists
+        else:
+            os.replace(partial, path)
     except FileExistsError:
+        if not exclusive:
+            raise
         return False
     finally:
         if os.path.exists(partial):
@@ -67,7 +61,8 @@ class Channel(filesystem.Channel):
     # As kombu's filesystem channel declares it: publishing passes keyword arguments through.
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         try:
-            write_atomically(self.data_folder_out, message_name(queue), str_to_bytes(dumps(payload)))
+            path = os.path.join(self.data_folder_out, message_name(queue))
+            write_whole(path, str_to_bytes(dumps(payload)))
         except OSError as exc:
             raise ChannelError(f"Cannot add a message to {self.data_folder_out!r}") from exc
 
@@ -78,7 +73,7 @@ class Channel(filesystem.Channel):
             self.control_folder.mkdir(exist_ok=True)
             entry = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
             try:
-                if create_atomically(str(table), str_to_bytes(dumps([entry]))):
+                if write_whole(str(table), str_to_bytes(dumps([entry])), exclusive=True):
                     return
             except OSError as exc:
                 raise ChannelError(f"Cannot create {table}") from exc

@@ -31,7 +31,7 @@ def test_a_message_gets_its_name_only_once_it_is_whole(
         real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", replace)
-    embedded_broker.write_atomically(str(tmp_path), f"1_x.{QUEUE}.msg", b'{"whole": true}')
+    embedded_broker.write_whole(str(tmp_path / f"1_x.{QUEUE}.msg"), b'{"whole": true}')
     (listing,) = seen
     assert len(listing) == 1
     assert listing[0].endswith(".partial")
@@ -45,7 +45,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        embedded_broker.write_atomically(str(tmp_path), f"1_x.{QUEUE}.msg", b"{}")
+        embedded_broker.write_whole(str(tmp_path / f"1_x.{QUEUE}.msg"), b"{}")
     assert os.listdir(tmp_path) == []
 
 
@@ -117,3 +117,11 @@ def test_messages_published_while_a_consumer_polls_all_arrive_whole(tmp_path: Pa
     consumer.join(timeout=60)
     assert not errors, errors
     assert sorted(received) == list(range(count))
+
+
+def test_an_exclusive_write_never_replaces_a_file_that_exists(tmp_path: Path) -> None:
+    table = tmp_path / "bnlab.exchange"
+    assert embedded_broker.write_whole(str(table), b"[1]", exclusive=True)
+    assert not embedded_broker.write_whole(str(table), b"[2]", exclusive=True)
+    assert table.read_bytes() == b"[1]"
+    assert os.listdir(tmp_path) == ["bnlab.exchange"]  # no partial file left behind
