@@ -312,10 +312,12 @@ def _train(
     if state is not None:
         log.info("run %s resumes after epoch %d", callbacks.lease.run_id, state.epoch)
     tcfg = spec.train_config_for_ml()
-    if tcfg.processes > 1:  # data-parallel processes on the CPU (gloo), whatever the device setting
-        result = distributed.train_distributed(config, tcfg, train_set, val_set, callbacks, resume=state)
-        return result, config
     device = training.resolve_device(get_settings().device)
+    if tcfg.processes > 1:  # data-parallel processes: gloo on the CPU, NCCL across GPUs
+        result = distributed.train_distributed(
+            config, tcfg, train_set, val_set, callbacks, resume=state, device=device
+        )
+        return result, config
     result = training.train(config, tcfg, train_set, val_set, callbacks, resume=state, device=device)
     return result, config
 

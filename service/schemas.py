@@ -329,8 +329,9 @@ class TrainSpec(BaseModel):
         1,
         ge=1,
         le=4,
-        description="Data-parallel processes (DDP over gloo, on the CPU) that train one run: each takes a "
-        "shard of every batch, at least 2 samples (batch_size >= 2·processes); 1 = one process.",
+        description="Data-parallel processes (DDP: over gloo on the CPU, over NCCL with one GPU each on "
+        "CUDA) that train one run: each takes a shard of every batch, at least 2 samples "
+        "(batch_size >= 2·processes); 1 = one process.",
     )
 
 

@@ -122,8 +122,8 @@ class TrainConfig:
     schedule: ScheduleKind = "none"
     step_size: int = 10
     gamma: float = 0.1
-    # Data-parallel training (distributed.train_distributed): each of `processes` CPU processes takes
-    # a shard of every batch; 1 = the ordinary single-process loop.
+    # Data-parallel training (distributed.train_distributed): each of `processes` processes (on the
+    # CPU, or one GPU each) takes a shard of every batch; 1 = the ordinary single-process loop.
     processes: int = 1
     # With processes > 1: BatchNorm normalises with the statistics of the global batch (SyncBatchNorm)
     # rather than of each shard, as one process over the whole batch would.

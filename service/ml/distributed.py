@@ -17,11 +17,12 @@ one `all_reduce` per direction, which gloo (CPU) and NCCL (GPU) both provide:
 Without an initialised process group of more than one process, and in eval mode, the layer is plain
 BatchNorm (running statistics in eval), so a model holding it trains and serves in one process too.
 
-`train_distributed` runs the training loop of `training.train` across `processes` CPU processes
-(gloo) under DistributedDataParallel: every process walks the same epoch permutation and takes its
-shard of every batch; with `sync_batch_norm` each BatchNorm becomes a SyncBatchNorm for the run, so the
-run is the single-process one over the global batch, up to rounding. Rank 0 validates, probes and
-snapshots; the calling process relays that to the callbacks and answers `should_stop()` for all.
+`train_distributed` runs the training loop of `training.train` across `processes` processes under
+DistributedDataParallel, over gloo on the CPU and NCCL on CUDA (one GPU per process): every process
+walks the same epoch permutation and takes its shard of every batch; with `sync_batch_norm` each
+BatchNorm becomes a SyncBatchNorm for the run, so the run is the single-process one over the global
+batch, up to rounding. Rank 0 validates, probes and snapshots; the calling process relays that to
+the callbacks and answers `should_stop()` for all. Only the CPU path has run here (no GPU was lent).
 """
 
 from __future__ import annotations
@@ -234,12 +235,30 @@ class _Job:
     port: int
     threads: int
     parent_pid: int
+    device: torch.device  # the run's device type; rank r trains on cuda:r where it is CUDA
 
 
-def check_processes(tcfg: TrainConfig, norm_kind: str) -> None:
+def backend_for(device: torch.device) -> str:
+    """The collectives' backend: NCCL between GPUs (gloo's CUDA collectives go through the host),
+    gloo on the CPU (NCCL has no CPU tensors)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Where rank `rank` trains: its own GPU (NCCL refuses two ranks on one device), or the CPU."""
+    return torch.device("cuda", rank) if device.type == "cuda" else training.CPU
+
+
+def check_processes(tcfg: TrainConfig, norm_kind: str, device: torch.device = training.CPU) -> None:
     """Refuse what data-parallel training cannot do, before any process starts."""
     if not 1 <= tcfg.processes <= 64:
         raise ValueError(f"processes must be 1..64, got {tcfg.processes}")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and tcfg.processes > gpus:
+        raise ValueError(
+            f"{tcfg.processes} data-parallel processes on CUDA need {tcfg.processes} GPUs (NCCL runs "
+            f"one process per GPU); this worker sees {gpus}"
+        )
     if tcfg.sync_batch_norm and tcfg.processes < 2:
         raise ValueError("sync_batch_norm synchronises across processes: it needs processes >= 2")
     if tcfg.sync_batch_norm and norm_kind != "batch":
@@ -258,17 +277,19 @@ def train_distributed(
     val_set: ImageDataset,
     callbacks: training.TrainingCallbacks | None = None,
     resume: TrainingState | None = None,
+    device: torch.device = training.CPU,
 ) -> training.TrainResult:
-    """`training.train` across `tcfg.processes` CPU processes; the same result, model on the CPU.
+    """`training.train` across `tcfg.processes` processes on `device` (CPU: gloo; CUDA: NCCL, rank r
+    on cuda:r); the same result, the model returned on the CPU.
 
     The last batch is dropped when some shard of it would hold fewer than 2 samples (BN cannot
     normalise one): a remainder of 1 as in `train`, or one smaller than 2 per process.
     """
     callbacks = callbacks or training.NullCallbacks()
     training.check_inputs(cfg, tcfg, train_set, val_set)
-    check_processes(tcfg, cfg.norm.kind)
+    check_processes(tcfg, cfg.norm.kind, device)
     threads = max(1, torch.get_num_threads() // tcfg.processes)  # the processes share the cores
-    job = _Job(cfg, tcfg, train_set, val_set, resume, _free_port(), threads, os.getpid())
+    job = _Job(cfg, tcfg, train_set, val_set, resume, _free_port(), threads, os.getpid(), device)
     spawn = mp.get_context("spawn")
     messages, stop = spawn.Queue(), spawn.Event()
     with _children_allowed():
@@ -354,15 +375,18 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, job: _Job, messages: Any, stop: Any) -> None:
     training.configure_training_process(job.threads)  # as a worker's training process
+    device = rank_device(job.device, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's communicator binds to the current device
     dist.init_process_group(
-        "gloo",
+        backend_for(device),
         init_method=f"tcp://127.0.0.1:{job.port}",
         rank=rank,
         world_size=job.tcfg.processes,
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
     try:
-        _train_rank(rank, job, messages, stop)
+        _train_rank(rank, device, job, messages, stop)
         # Leave together: a rank that tears its connections down while a peer is still finishing
         # can make gloo abort that peer ("terminate called without an active exception").
         dist.barrier()
@@ -370,11 +394,11 @@ def _rank_main(rank: int, job: _Job, messages: Any, stop: Any) -> None:
         dist.destroy_process_group()
 
 
-def _agreed_stop(stop: Any, parent_pid: int) -> bool:
+def _agreed_stop(stop: Any, parent_pid: int, device: torch.device) -> bool:
     """True on every rank when any rank saw the stop request, or lost its parent (nobody would take
     its reports): they must leave at the same step."""
     asked = stop.is_set() or os.getppid() != parent_pid
-    flag = torch.tensor([1.0 if asked else 0.0])
+    flag = torch.tensor([1.0 if asked else 0.0], device=device)  # NCCL reduces device tensors only
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
 
@@ -384,10 +408,10 @@ def _kept_samples(n: int, tcfg: TrainConfig) -> int:
     return n - remainder if remainder and remainder < 2 * tcfg.processes else n
 
 
-def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
+def _train_rank(rank: int, device: torch.device, job: _Job, messages: Any, stop: Any) -> None:
     """One process's share of `training.train`'s loop; rank 0 reports to the calling process."""
     cfg, tcfg, processes = job.cfg, job.tcfg, job.tcfg.processes
-    model = training.build_model(cfg, tcfg.seed)
+    model = training.build_model(cfg, tcfg.seed).to(device)  # drawn on the CPU, as in train
     if tcfg.sync_batch_norm:
         to_sync_batch_norm(model)
     optimizer = training.make_optimizer(model, tcfg)
@@ -398,12 +422,16 @@ def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
         restore(copy.deepcopy(job.resume), model, optimizer)
         first_epoch = job.resume.epoch + 1
     # Synced BN keeps the ranks' buffers equal by itself; plain BN takes rank 0's, as DDP does.
-    ddp = DistributedDataParallel(model, forward_sync_buffers=not tcfg.sync_batch_norm)
-    x_all, y_all = to_inputs(job.train_set.x).flatten(1), job.train_set.y
+    ddp = DistributedDataParallel(
+        model,
+        device_ids=[device] if device.type == "cuda" else None,
+        forward_sync_buffers=not tcfg.sync_batch_norm,
+    )
+    x_all, y_all = to_inputs(job.train_set.x).flatten(1).to(device), job.train_set.y.to(device)
     n, bs = len(job.train_set), tcfg.batch_size
     n_used = _kept_samples(n, tcfg)
     # Only rank 0 validates and probes: the other ranks leave the validation split as it came.
-    val_inputs = training.resident(job.val_set, training.CPU) if rank == 0 else job.val_set
+    val_inputs = training.resident(job.val_set, device) if rank == 0 else job.val_set
     probe, slots = val_inputs.x[:PROBE_SAMPLES], norm_slots(model)
     pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 and rank == 0 else ()
     cancelled, epoch = False, first_epoch - 1
@@ -412,10 +440,12 @@ def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
         model.train()  # on purpose: evaluate() left rank 0's model in eval mode
         for group in optimizer.param_groups:
             group["lr"] = training.lr_at(tcfg, epoch)
-        order = training.epoch_permutation(n, tcfg.seed, epoch)[:n_used]
-        totals = torch.zeros(2, dtype=torch.float64)  # this shard's summed loss, correct predictions
+        order = training.epoch_permutation(n, tcfg.seed, epoch)[:n_used].to(device)
+        totals = torch.zeros(
+            2, dtype=torch.float64, device=device
+        )  # this shard's summed loss, correct predictions
         for i, start in enumerate(range(0, n_used, bs)):
-            if i % STOP_CHECK_STEPS == 0 and _agreed_stop(stop, job.parent_pid):
+            if i % STOP_CHECK_STEPS == 0 and _agreed_stop(stop, job.parent_pid, device):
                 cancelled = True
                 break
             idx = order[start : start + bs]
@@ -446,7 +476,7 @@ def _train_rank(rank: int, job: _Job, messages: Any, stop: Any) -> None:
             )
             pending = ()
             messages.put(("epoch", metrics, save_training_state(model, optimizer, epoch)))
-        if epoch < tcfg.epochs and _agreed_stop(stop, job.parent_pid):
+        if epoch < tcfg.epochs and _agreed_stop(stop, job.parent_pid, device):
             cancelled = True
             break
     if rank == 0:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, train_val_split
-from service.ml.distributed import SyncBatchNorm, synchronising, train_distributed
+from service.ml.distributed import SyncBatchNorm, backend_for, rank_device, synchronising, train_distributed
 from service.ml.fastpath import MlpStep
 from service.ml.resume import load_training_state
 from service.ml.training import train
@@ -279,3 +279,19 @@ def test_sync_is_for_plain_batch_norm(small: tuple[ImageDataset, ImageDataset]) 
     tcfg = TrainConfig(processes=2, sync_batch_norm=True)
     with pytest.raises(ValueError, match="norm kind 'batch', not 'layer'"):
         train_distributed(ModelConfig(norm=NormConfig(kind="layer")), tcfg, *small)
+
+
+def test_collectives_run_over_gloo_on_the_cpu_and_nccl_with_one_gpu_per_rank() -> None:
+    assert backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for(torch.device("cuda")) == "nccl"
+    assert rank_device(torch.device("cpu"), 1) == torch.device("cpu")
+    assert rank_device(torch.device("cuda"), 1) == torch.device("cuda", 1)
+
+
+def test_more_cuda_processes_than_gpus_are_refused_before_any_process_starts(
+    small: tuple[ImageDataset, ImageDataset],
+) -> None:
+    gpus = torch.cuda.device_count()
+    tcfg = TrainConfig(processes=gpus + 1, batch_size=64)
+    with pytest.raises(ValueError, match=f"need {gpus + 1} GPUs .* sees {gpus}"):
+        train_distributed(ModelConfig(), tcfg, *small, device=torch.device("cuda"))
