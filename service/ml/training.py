@@ -350,8 +350,9 @@ def configure_training_process(threads: int) -> None:
 
     Why the flush: under Adam, the moments of parameters whose gradient is exactly zero (the weights of
     Fashion-MNIST's always-black border pixels, dead ReLU units) decay geometrically through the
-    subnormal range, where this machine's CPU computes at a fraction of its speed: the article's BN
-    network measured 1.1 s an epoch on one thread without the flush, 0.55 s with it, with the same
+    subnormal range, where some CPUs compute at a fraction of their speed: on an earlier build machine
+    the article's BN network took 1.1 s an epoch on one thread without the flush, 0.55 s with it
+    (on an AMD EPYC, Zen 4, 0.99-1.08x: that CPU barely slows down), with the same
     validation accuracies (numbers below 1.2e-38 do not move a network's outputs). TensorFlow flushes
     on CPU by default for the same reason. The flag belongs to the calling thread: it covers all of
     training with one thread per process, as `make run` starts them; other intra-op threads keep
