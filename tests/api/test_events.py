@@ -15,7 +15,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import crud
-from service.api.events import Cursor, Snapshot, events_for
+from service.api.events import (
+    MIN_POLL_S,
+    POLL_BUDGET_PER_S,
+    Cursor,
+    OpenStreams,
+    Snapshot,
+    events_for,
+    poll_interval,
+)
 from service.client import Event, parse_sse
 from service.db import get_engine, session_scope
 from service.main import create_app
@@ -120,9 +128,9 @@ def test_a_live_run_streams_each_change_as_it_is_written_without_holding_a_conne
     def worker() -> None:
         # Each step waits until the stream has shown the previous one, so the stream sees every state.
         wait_for(lambda: len(seen) >= 1)
-        for _ in range(10):  # a poll takes milliseconds of each 0.5 s: it may be caught once or twice
+        for _ in range(20):  # a poll takes a millisecond or so of each 0.1 s: it may be caught a few times
             pool_checked_out.append(get_engine().pool.checkedout())  # type: ignore[attr-defined]
-            time.sleep(0.1)
+            time.sleep(0.05)
         lease = claim(run_id)
         wait_for(lambda: len(seen) >= 2)
         record(lease, 1)
@@ -144,7 +152,16 @@ def test_a_live_run_streams_each_change_as_it_is_written_without_holding_a_conne
         ("2:cancelled", "status", "cancelled"),
     ]
     # While the stream waited between polls, no database connection was checked out for it.
-    assert pool_checked_out.count(0) >= 8, pool_checked_out
+    assert pool_checked_out.count(0) >= 14, pool_checked_out
+    assert OpenStreams.count == 0  # the closed stream no longer slows the others' polls
+
+
+def test_streams_poll_every_tenth_of_a_second_until_their_polls_would_pass_the_budget() -> None:
+    assert poll_interval(1) == poll_interval(25) == MIN_POLL_S == 0.1
+    assert poll_interval(128) == 0.5
+    assert poll_interval(256) == 1.0  # the default cap on open streams
+    for streams in (1, 25, 26, 100, 256, 1000):
+        assert streams / poll_interval(streams) <= POLL_BUDGET_PER_S  # polls a second, all streams
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
