@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import queue
 import sys
 import threading
@@ -31,8 +32,20 @@ EXIT_UNREACHABLE = 4
 P = ParamSpec("P")
 R = TypeVar("R")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Width when the output is a pipe or a file and COLUMNS is unset: rich would assume 80 columns and
+# wrap a table's rows over several lines; scripts and logs read one line per row.
+PIPE_WIDTH = 200
+
+
+def _console(*, stderr: bool = False) -> Console:
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 def _client() -> Client:

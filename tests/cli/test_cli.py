@@ -32,9 +32,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def bnlab(
-    stack: Stack, *args: str, url: str | None = None, timeout: float = 120
+    stack: Stack, *args: str, url: str | None = None, timeout: float = 120, columns: str | None = "160"
 ) -> subprocess.CompletedProcess[str]:
-    env = bnlab_free_environ() | {"BNLAB_URL": url or stack.base_url, "COLUMNS": "160"}
+    env = bnlab_free_environ() | {"BNLAB_URL": url or stack.base_url}
+    env.pop("COLUMNS", None)
+    if columns is not None:
+        env["COLUMNS"] = columns
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -78,6 +81,10 @@ def test_runs_show_and_predict_agree_with_the_api(stack: Stack, tmp_path: Path) 
         == stack.client.get(f"/api/v1/runs/{run_id}/metrics").json()["epochs"]
     )
     assert "cli-predict" in bnlab(stack, "runs").stdout
+    # Piped, with no COLUMNS: one line per run, not rich's 80-column wrap (this row is ~100 wide).
+    (row,) = [line for line in bnlab(stack, "runs", columns=None).stdout.splitlines() if run_id in line]
+    assert all(cell in row for cell in ("cli-predict", "succeeded", "2/2")), row
+    assert len(row.rstrip()) > 80, row
 
     image = tmp_path / "digit.png"
     Image.new("L", (28, 28), 0).save(image)
