@@ -37,7 +37,7 @@ fuzz: install
 ## Both benchmarks; each prints a table and asserts nothing (run them on a quiet machine).
 bench: bench-serve bench-train
 
-## Serving benchmark over HTTP on loopback (about three minutes).
+## Serving benchmark over HTTP on loopback (about two minutes).
 bench-serve: install
 	$(BIN)/python bench/serve.py
 
