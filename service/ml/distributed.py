@@ -253,8 +253,7 @@ def check_processes(tcfg: TrainConfig, norm_kind: str, device: torch.device = tr
     """Refuse what data-parallel training cannot do, before any process starts."""
     if not 1 <= tcfg.processes <= 64:
         raise ValueError(f"processes must be 1..64, got {tcfg.processes}")
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.type == "cuda" and tcfg.processes > gpus:
+    if device.type == "cuda" and tcfg.processes > (gpus := torch.cuda.device_count()):
         raise ValueError(
             f"{tcfg.processes} data-parallel processes on CUDA need {tcfg.processes} GPUs (NCCL runs "
             f"one process per GPU); this worker sees {gpus}"
