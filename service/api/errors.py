@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.schemas import Message
+from service.runs.schemas import Message
 
 # What any route can answer besides its own codes: auth, limits, an unknown id, overload.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -9,19 +9,20 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service import crud
 from service.db import session_scope
 from service.main import create_app
 from service.ml.checkpoints import save_checkpoint, sha256_hex
 from service.ml.nets import make_net
 from service.models import Run, RunStatus
-from service.schemas import RunCreate
+from service.runs import repository as run_repo
+from service.runs.schemas import RunCreate
+from service.runs.spec import model_config
 from tests.conftest import Backend
 
 
 def good_weights() -> bytes:
     spec = RunCreate()
-    return save_checkpoint(make_net(spec.model_config_for_ml()), spec.model_config_for_ml())
+    return save_checkpoint(make_net(model_config(spec)), model_config(spec))
 
 
 def forge_nan(data: bytes) -> bytes:
@@ -46,12 +47,12 @@ def test_a_corrupt_stored_model_is_409_and_the_api_stays_up(
     spec = RunCreate.model_validate({"dataset": {"name": "synthetic"}})
     weights = mangle(good_weights())
     with session_scope() as session:
-        run = crud.create_run(session=session, spec=spec)
+        run = run_repo.create_run(session=session, spec=spec)
         session.flush()
         session.get(Run, run.id).status = RunStatus.succeeded.value  # type: ignore[union-attr]
-        crud.save_artifact(
+        run_repo.save_artifact(
             session=session, run_id=run.id, weights=weights,
-            model_config=spec.model_config_for_ml().to_dict(), sha256=sha256_hex(weights),
+            model_config=model_config(spec).to_dict(), sha256=sha256_hex(weights),
         )  # fmt: skip
         run_id = run.id
     with TestClient(create_app()) as client:

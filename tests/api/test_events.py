@@ -14,8 +14,13 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from service import crud
-from service.api.events import (
+from service.client.http import Event, parse_sse
+from service.db import get_engine, session_scope
+from service.main import create_app
+from service.ml.training import EpochMetrics
+from service.models import RunStatus
+from service.runs import repository as run_repo
+from service.runs.events import (
     MIN_POLL_S,
     POLL_BUDGET_PER_S,
     Cursor,
@@ -24,12 +29,7 @@ from service.api.events import (
     events_for,
     poll_interval,
 )
-from service.client import Event, parse_sse
-from service.db import get_engine, session_scope
-from service.main import create_app
-from service.ml.training import EpochMetrics
-from service.models import RunStatus
-from service.schemas import RunCreate
+from service.runs.schemas import RunCreate
 from tests.conftest import Backend
 
 SPEC = {"name": "sse", "dataset": {"name": "synthetic", "limit": 200}, "train": {"epochs": 3}}
@@ -44,25 +44,25 @@ def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> I
 
 def new_run() -> str:
     with session_scope() as session:
-        return crud.create_run(session=session, spec=RunCreate.model_validate(SPEC)).id
+        return run_repo.create_run(session=session, spec=RunCreate.model_validate(SPEC)).id
 
 
-def claim(run_id: str) -> crud.Lease:
+def claim(run_id: str) -> run_repo.Lease:
     with session_scope() as session:
-        lease = crud.claim_run(session=session, run_id=run_id, worker="test/1", time_limit_s=60)
+        lease = run_repo.claim_run(session=session, run_id=run_id, worker="test/1", time_limit_s=60)
     assert lease is not None
     return lease
 
 
-def record(lease: crud.Lease, epoch: int) -> None:
+def record(lease: run_repo.Lease, epoch: int) -> None:
     metrics = EpochMetrics(epoch, 1.0 / epoch, 0.5 + epoch / 10, 1.1 / epoch, 0.4 + epoch / 10, 0.25)
     with session_scope() as session:
-        crud.record_epoch(session=session, lease=lease, metrics=metrics, training_state=b"state")
+        run_repo.record_epoch(session=session, lease=lease, metrics=metrics, training_state=b"state")
 
 
-def finish(lease: crud.Lease, status: RunStatus = RunStatus.succeeded, error: str | None = None) -> None:
+def finish(lease: run_repo.Lease, status: RunStatus = RunStatus.succeeded, error: str | None = None) -> None:
     with session_scope() as session:
-        assert crud.finish_held_run(session=session, lease=lease, status=status, error=error)
+        assert run_repo.finish_held_run(session=session, lease=lease, status=status, error=error)
 
 
 def read_events(client: TestClient, run_id: str, last_event_id: str | None = None) -> list[Event]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from service.client import Client
+from service.client.http import Client
 from tests.conftest import bnlab_free_environ, sqlite_backend_at
 from tests.integration.stack import Stack, free_port, start_stack
 

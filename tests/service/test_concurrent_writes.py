@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import pytest
 
-from service import crud
 from service.db import session_scope
 from service.ml.training import EpochMetrics
-from service.reaper import reap_once
-from service.schemas import RunCreate
+from service.runs import repository as run_repo
+from service.runs.reaper import reap_once
+from service.runs.schemas import RunCreate
 from tests.conftest import Backend
 
 SECONDS = 3.0
@@ -28,34 +28,36 @@ SPEC = RunCreate.model_validate({"dataset": {"name": "synthetic", "limit": 100}}
 def api_writer(errors: list[BaseException], stop: threading.Event) -> None:
     while not stop.is_set():
         with session_scope() as session:
-            run = crud.create_run(session=session, spec=SPEC)
+            run = run_repo.create_run(session=session, spec=SPEC)
             session.flush()
             if run.id[-1] in "01234567":
-                crud.request_cancel(session=session, run=run)
+                run_repo.request_cancel(session=session, run=run)
 
 
 def worker_writer(name: str) -> Callable[[list[BaseException], threading.Event], None]:
     def work(errors: list[BaseException], stop: threading.Event) -> None:
         while not stop.is_set():
             with session_scope() as session:
-                queued = crud.list_runs(session=session, status=None, limit=5, offset=0)[0]
+                queued = run_repo.list_runs(session=session, status=None, limit=5, offset=0)[0]
                 ids = [run.id for run in queued if run.status == "queued"]
             for run_id in ids:
                 with session_scope() as session:
-                    lease = crud.claim_run(
+                    lease = run_repo.claim_run(
                         session=session, run_id=run_id, worker=f"{name}/1", time_limit_s=60
                     )
                 if lease is None:
                     continue
                 for epoch in (1, 2):
                     with session_scope() as session:
-                        crud.heartbeat(session=session, lease=lease)
+                        run_repo.heartbeat(session=session, lease=lease)
                         metrics = EpochMetrics(epoch, 1.0, 0.5, 1.0, 0.5, 0.1)
-                        crud.record_epoch(
+                        run_repo.record_epoch(
                             session=session, lease=lease, metrics=metrics, training_state=b"x" * 1000
                         )
                 with session_scope() as session:
-                    crud.finish_held_run(session=session, lease=lease, status=crud.RunStatus.succeeded)
+                    run_repo.finish_held_run(
+                        session=session, lease=lease, status=run_repo.RunStatus.succeeded
+                    )
 
     return work
 
@@ -93,9 +95,9 @@ def test_api_workers_and_reaper_write_at_once_without_lock_errors(
         thread.join(timeout=60)
     assert errors == []
     with session_scope() as session:
-        runs, total = crud.list_runs(session=session, status=None, limit=10_000, offset=0)
+        runs, total = run_repo.list_runs(session=session, status=None, limit=10_000, offset=0)
         finished = [run for run in runs if run.status == "succeeded"]
         assert total > 20, "the threads really did contend"
         assert finished
         for run in finished:
-            assert [m.epoch for m in crud.list_epoch_metrics(session=session, run_id=run.id)] == [1, 2]
+            assert [m.epoch for m in run_repo.list_epoch_metrics(session=session, run_id=run.id)] == [1, 2]

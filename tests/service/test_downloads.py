@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import data, downloads
 from service.config import Settings, get_settings
-from service.schemas import RunCreate
+from service.datasets import downloads, loading
+from service.runs.schemas import RunCreate
 from tests.conftest import Backend
 from tests.ml.test_datasets import idx_bytes
 
@@ -175,7 +175,7 @@ def test_a_run_downloads_its_missing_dataset_when_allowed(
         (folder / name).write_bytes(content)
     spec = RunCreate.model_validate({"dataset": {"name": "mnist"}})
     use_backend(sqlite_backend)
-    assert data.missing_dataset(spec, get_settings()) is not None  # downloads off: a 422 at submit
+    assert loading.missing_dataset(spec, get_settings()) is not None  # downloads off: a 422 at submit
     digests = {f"mnist/{n}": sha(c) for n, c in files.items()}
     sqlite_backend.env |= {
         "BNLAB_ALLOW_DOWNLOAD": "1",
@@ -183,8 +183,8 @@ def test_a_run_downloads_its_missing_dataset_when_allowed(
         "BNLAB_DOWNLOAD_SHA256": json.dumps(digests),
     }
     use_backend(sqlite_backend)
-    assert data.missing_dataset(spec, get_settings()) is None
-    train, val = data.load_training_data(spec)
+    assert loading.missing_dataset(spec, get_settings()) is None
+    train, val = loading.load_training_data(spec)
     assert (len(train), len(val), train.sample_shape) == (40, 10, (1, 28, 28))
     assert (get_settings().data_dir / "mnist" / "train-labels-idx1-ubyte.gz").read_bytes() == files[
         "train-labels-idx1-ubyte.gz"

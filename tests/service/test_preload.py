@@ -9,10 +9,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from service import config, data
+from service import config
 from service.config import Settings
+from service.datasets import loading
 from service.ml import datasets
-from service.schemas import RunCreate
+from service.runs.schemas import RunCreate
 from tests.ml.test_datasets import sample_arrays, write_dataset
 
 
@@ -34,12 +35,12 @@ def test_a_preloaded_dataset_is_read_once_at_start(tmp_path: Path, monkeypatch: 
     try:
         settings = config.get_settings()
         settings.preload_datasets = "fashion-mnist"
-        assert data.preload(settings) == ["fashion-mnist"]
+        assert loading.preload(settings) == ["fashion-mnist"]
         # The files now hold 9 other samples, and a run on the dataset still gets the 7 decoded at
         # start: from the cache (a process would see new files only once restarted).
         write_dataset(tmp_path / "fashion-mnist", n=9)
         spec = RunCreate.model_validate({"dataset": {"name": "fashion-mnist", "val_split": 0.2}})
-        train_set, val_set = data.load_training_data(spec)
+        train_set, val_set = loading.load_training_data(spec)
     finally:
         config.get_settings.cache_clear()
     images, labels = sample_arrays(7)
@@ -49,7 +50,7 @@ def test_a_preloaded_dataset_is_read_once_at_start(tmp_path: Path, monkeypatch: 
 
 def test_a_dataset_not_on_disk_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings(data_dir=tmp_path, preload_datasets="mnist")
-    assert data.preload(settings) == []  # mnist is nowhere here (Debian packages Fashion-MNIST only)
+    assert loading.preload(settings) == []  # mnist is nowhere here (Debian packages Fashion-MNIST only)
     assert "dataset mnist is not on disk" in caplog.text
 
 
@@ -59,5 +60,5 @@ def test_a_dataset_that_fails_to_load_is_skipped(tmp_path: Path, caplog: pytest.
     for name in datasets.IDX_FILES["train"]:
         (tmp_path / "fashion-mnist" / name).write_bytes(b"not gzip")
     settings = Settings(data_dir=tmp_path, preload_datasets="fashion-mnist")
-    assert data.preload(settings) == []
+    assert loading.preload(settings) == []
     assert "dataset fashion-mnist did not load" in caplog.text

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from service import presets
-from service.experiments import RunResult, expand, grid_points, report
+from service.experiments import presets
+from service.experiments.grid import RunResult, expand, grid_points, report
 from service.ml import training
 from service.ml.config import ModelConfig, NormConfig
-from service.schemas import ExperimentCreate, PresetCreate
+from service.runs.schemas import ExperimentCreate, PresetCreate
 
 
 @pytest.mark.parametrize("preset", presets.PRESETS.values(), ids=lambda p: p.name)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.experiments import (
+from service.experiments.grid import (
     Claim,
     EpochRow,
     GridError,
@@ -20,7 +20,7 @@ from service.experiments import (
     judge,
     report,
 )
-from service.schemas import ExperimentCreate
+from service.runs.schemas import ExperimentCreate
 
 NONE = {"model.norm.kind": "none"}
 BATCH = {"model.norm.kind": "batch"}

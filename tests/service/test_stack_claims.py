@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from service import crud, crud_experiments, runner
 from service.db import session_scope
+from service.experiments import repository as experiment_repo
 from service.ml.training import EpochMetrics
+from service.runs import repository as run_repo
+from service.runs import runner
 from tests.conftest import Backend
 
 BASE: dict[str, Any] = {"dataset": {"name": "synthetic", "limit": 200}, "model": {"hidden": [32]}}
@@ -47,12 +49,12 @@ def configure(backend: Backend, use_backend: Callable[[Backend], None]) -> Confi
 def experiment_runs(specs: list[dict[str, Any]]) -> list[str]:
     """One experiment holding a queued run per spec, created in this order."""
     with session_scope() as session:
-        experiment = crud_experiments.create_experiment(
+        experiment = experiment_repo.create_experiment(
             session=session, name="e", spec={}, preset=None, owner=None
         )
         ids = []
         for spec in specs:
-            run = crud_experiments.add_run(
+            run = experiment_repo.add_run(
                 session=session,
                 experiment_id=experiment.id,
                 spec=runner.RunCreate.model_validate(spec),
@@ -71,8 +73,8 @@ def seeds(spec: dict[str, Any], count: int) -> list[dict[str, Any]]:
 def claim_with_partners(run_id: str, process: int = 1) -> list[str]:
     """Claim `run_id` as training process `process` of a worker would, then its stack partners; their ids."""
     with session_scope() as session:
-        spec = runner.RunCreate.model_validate(crud.get_run_spec(session=session, run_id=run_id))
-        lease = crud.claim_run(session=session, run_id=run_id, worker=f"node/{process}", time_limit_s=60)
+        spec = runner.RunCreate.model_validate(run_repo.get_run_spec(session=session, run_id=run_id))
+        lease = run_repo.claim_run(session=session, run_id=run_id, worker=f"node/{process}", time_limit_s=60)
         assert lease is not None
         partners = runner.claim_stack(lease, spec, 60, session=session)
     return [partner.run_id for partner, _ in partners]
@@ -80,7 +82,7 @@ def claim_with_partners(run_id: str, process: int = 1) -> list[str]:
 
 def status_of(run_id: str) -> str:
     with session_scope() as session:
-        run = crud.get_run(session=session, run_id=run_id)
+        run = run_repo.get_run(session=session, run_id=run_id)
         assert run is not None
         return run.status
 
@@ -102,7 +104,7 @@ def test_a_group_left_for_two_idle_processes_is_split_between_them(configure: Co
     ids = experiment_runs(seeds(BASE, 4) + seeds(other_lr, 4))
     with session_scope() as session:  # the first group went elsewhere (another node)
         for run_id in ids[:4]:
-            assert crud.claim_run(session=session, run_id=run_id, worker="other/1", time_limit_s=60)
+            assert run_repo.claim_run(session=session, run_id=run_id, worker="other/1", time_limit_s=60)
     assert claim_with_partners(ids[4]) == ids[5:6]
 
 
@@ -129,15 +131,15 @@ def test_runs_with_a_checkpoint_resume_alone_and_are_not_taken(configure: Config
     configure(worker_concurrency="1", stack_runs="8")
     ids = experiment_runs(seeds(BASE, 3))
     with session_scope() as session:  # the second run trained an epoch, then went back to the queue
-        lease = crud.claim_run(session=session, run_id=ids[1], worker="gone/1", time_limit_s=60)
+        lease = run_repo.claim_run(session=session, run_id=ids[1], worker="gone/1", time_limit_s=60)
         assert lease is not None
-        crud.record_epoch(
+        run_repo.record_epoch(
             session=session,
             lease=lease,
             metrics=EpochMetrics(1, 1.0, 0.5, 1.0, 0.5, 0.1),
             training_state=b"x",
         )
-        assert crud.release_held_run(session=session, lease=lease)
+        assert run_repo.release_held_run(session=session, lease=lease)
     assert status_of(ids[1]) == "queued"
     assert claim_with_partners(ids[0]) == [ids[2]]
 
@@ -147,6 +149,6 @@ def test_runs_that_cannot_train_stacked_or_have_no_experiment_train_alone(config
     tanh = experiment_runs(seeds({**BASE, "model": {"hidden": [32], "activation": "tanh"}}, 3))
     assert claim_with_partners(tanh[0]) == []
     with session_scope() as session:
-        lone = crud.create_run(session=session, spec=runner.RunCreate.model_validate(BASE)).id
+        lone = run_repo.create_run(session=session, spec=runner.RunCreate.model_validate(BASE)).id
     experiment_runs(seeds(BASE, 3))
     assert claim_with_partners(lone) == []

@@ -14,11 +14,11 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service import serving
 from service.main import create_app
 from service.ml import datasets
-from service.schemas import RunCreate
-from service.serving import Batcher, ModelServer, ServingSettings
+from service.runs.schemas import RunCreate
+from service.serving import server
+from service.serving.server import Batcher, ModelServer, ServingSettings
 from tests.conftest import Backend
 from tests.serving.conftest import BN_SPEC, _trained_weights, oracle_probabilities, store_trained_run
 
@@ -177,8 +177,8 @@ def test_concurrent_http_requests_are_batched_and_each_gets_its_answer(
 ) -> None:
     monkeypatch.setenv("BNLAB_SERVE_MAX_WAIT_MS", "30")
     use_backend(sqlite_backend)
-    serving.get_serving_settings.cache_clear()
-    serving.get_model_server.cache_clear()
+    server.get_serving_settings.cache_clear()
+    server.get_model_server.cache_clear()
     run_id = store_trained_run(BN_SPEC)
     pixels = datasets.make_synthetic(24, seed=11).x.numpy() / 255.0
     expected = oracle_probabilities(run_id, pixels)
@@ -201,14 +201,14 @@ def test_concurrent_http_requests_are_batched_and_each_gets_its_answer(
             assert response.status_code == 200, response.text
             probabilities = response.json()["outputs"][0]["data"]
             np.testing.assert_allclose(probabilities, expected[i], atol=1e-5)
-        batcher = serving.get_model_server().batcher
+        batcher = server.get_model_server().batcher
         assert batcher is not None
         assert batcher.requests == 24
         assert batcher.batches < 24
         assert batcher.largest_batch > 1
     finally:
-        serving.get_serving_settings.cache_clear()
-        serving.get_model_server.cache_clear()
+        server.get_serving_settings.cache_clear()
+        server.get_model_server.cache_clear()
 
 
 def test_unbatched_server_answers_each_request_alone(bn_run_id: str) -> None:
@@ -265,11 +265,11 @@ def test_invalid_serving_settings_stop_the_api_at_start_up(
 ) -> None:
     use_backend(sqlite_backend)
     monkeypatch.setenv("BNLAB_SERVE_MAX_BATCH_SIZE", "0")
-    serving.get_serving_settings.cache_clear()
-    serving.get_model_server.cache_clear()
+    server.get_serving_settings.cache_clear()
+    server.get_model_server.cache_clear()
     try:
         with pytest.raises(ValidationError, match="max_batch_size"), TestClient(create_app()):
             pass
     finally:
-        serving.get_serving_settings.cache_clear()
-        serving.get_model_server.cache_clear()
+        server.get_serving_settings.cache_clear()
+        server.get_model_server.cache_clear()
