@@ -11,7 +11,7 @@ from service.api.deps import SessionDep, SettingsDep
 from service.api.security import PrincipalDep
 from service.config import Settings
 from service.experiments import grid, presets
-from service.experiments.routes import create_experiment
+from service.experiments.service import create_experiment
 from service.ml import datasets
 from service.runs.schemas import ExperimentPublic, Message, PresetCreate, PresetPublic, PresetsPublic
 

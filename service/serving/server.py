@@ -19,14 +19,13 @@
   machine's cores), never on the event loop: routes await `asyncio.wrap_future`. Without
   micro-batching each request runs the same steps alone in that pool.
 
-Settings come from BNLAB_SERVE_* environment variables (ServingSettings below).
+Settings come from BNLAB_SERVE_* environment variables (config.Settings' serve_* fields).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -38,11 +37,10 @@ from itertools import chain
 from typing import Generic, TypeVar
 
 import torch
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from torch import nn
 
 from service import telemetry
+from service.config import Settings, get_settings
 from service.db import session_scope
 from service.ml import checkpoints
 from service.ml.config import ModelConfig
@@ -53,29 +51,6 @@ log = logging.getLogger(__name__)
 
 # Rows per forward pass, at most: a batch of large requests runs in chunks of this many samples.
 MAX_FORWARD_ROWS = 1024
-
-
-class ServingSettings(BaseSettings):
-    """Serving knobs (BNLAB_SERVE_ prefix). Invalid values stop the API at start-up."""
-
-    model_config = SettingsConfigDict(env_prefix="BNLAB_SERVE_", extra="ignore")
-
-    micro_batching: bool = Field(True, description="Gather concurrent requests for a model into one batch.")
-    max_batch_size: int = Field(64, ge=1, le=1024, description="Requests per batch, at most.")
-    # 0: a batch is formed as soon as a thread is free. Under load batches fill by themselves while
-    # the threads are busy; waiting for stragglers only delays a lone request (0.5 ms of wait cost
-    # 0.6 ms of p50 latency at one client and gained nothing at 64, on the article's model: README).
-    max_wait_ms: float = Field(0.0, ge=0, le=100, description="How long a batch may wait for more requests.")
-    cache_mb: int = Field(256, ge=1, le=65536, description="Memory for cached models (both variants).")
-    inference_threads: int = Field(0, ge=0, le=256, description="Threads running batches; 0 = the cores.")
-
-    def effective_inference_threads(self) -> int:
-        return self.inference_threads or os.cpu_count() or 1
-
-
-@lru_cache
-def get_serving_settings() -> ServingSettings:
-    return ServingSettings()
 
 
 def forward_proba(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -255,7 +230,7 @@ class Answer:
 class ModelServer:
     """The process's loaded models, and the threads and batcher that run them."""
 
-    def __init__(self, settings: ServingSettings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._models: OrderedDict[tuple[str, int, str], LoadedModel] = OrderedDict()
         self._bytes = 0
@@ -264,14 +239,14 @@ class ModelServer:
         threads = settings.effective_inference_threads()
         self.batcher: Batcher[InferKey, Prepare, Answer] | None = None
         self._pool: ThreadPoolExecutor | None = None
-        if not settings.micro_batching:
+        if not settings.serve_micro_batching:
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="infer")
         else:
             self.batcher = Batcher(
                 self._process,
                 workers=threads,
-                max_batch_size=settings.max_batch_size,
-                max_wait_s=settings.max_wait_ms / 1000,
+                max_batch_size=settings.serve_max_batch_size,
+                max_wait_s=settings.serve_max_wait_ms / 1000,
             )
         self.loads = 0
 
@@ -309,7 +284,7 @@ class ModelServer:
             with self._lock:
                 self._models[key] = loaded
                 self._bytes += loaded.nbytes
-                cap = self.settings.cache_mb * 1024 * 1024
+                cap = self.settings.serve_cache_mb * 1024 * 1024
                 while self._bytes > cap and len(self._models) > 1:
                     _, evicted = self._models.popitem(last=False)
                     self._bytes -= evicted.nbytes
@@ -396,7 +371,7 @@ class ModelServer:
 
 @lru_cache
 def get_model_server() -> ModelServer:
-    return ModelServer(get_serving_settings())
+    return ModelServer(get_settings())
 
 
 def open_model(name: str, version: int | None) -> tuple[model_repo.ResolvedModel, LoadedModel]:

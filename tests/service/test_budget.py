@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.runs.spec import model_config
 from service.ml.datasets import BUILTIN_SHAPES
 from service.runs.budget import STARTUP_ALLOWANCE_S, time_limit_s
 from service.runs.schemas import RunCreate
+from service.runs.spec import model_config
 
 CAP = 7 * 86400
 
