@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Path
 
-from service.runs.schemas import Message
+from service.api.errors import Message
 
 PlotFormat = Annotated[Literal["png", "svg"], Path(description="png or svg.")]
 

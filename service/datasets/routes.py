@@ -16,13 +16,14 @@ from starlette.datastructures import UploadFile
 
 from service.api.bodies import body_docs
 from service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep
+from service.api.errors import Message
 from service.api.security import TRAIN, PrincipalDep
 from service.config import Settings
 from service.datasets import repository as dataset_repo
+from service.datasets.schemas import DatasetPublic, DatasetsPublic
 from service.db import session_scope
 from service.ml import uploads
 from service.models import Dataset
-from service.runs.schemas import DatasetPublic, DatasetsPublic, Message
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 

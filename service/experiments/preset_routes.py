@@ -8,12 +8,13 @@ from fastapi import APIRouter, Body, HTTPException, Path, Response, status
 from pydantic import ValidationError
 
 from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import Message
 from service.api.security import PrincipalDep
 from service.config import Settings
 from service.experiments import grid, presets
+from service.experiments.schemas import ExperimentPublic, PresetCreate, PresetPublic, PresetsPublic
 from service.experiments.service import create_experiment
 from service.ml import datasets
-from service.runs.schemas import ExperimentPublic, Message, PresetCreate, PresetPublic, PresetsPublic
 
 router = APIRouter(prefix="/api/v1/presets", tags=["experiments"])
 

@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.experiments.grid import Claim, Term, expand
+from service.experiments.grid import expand
+from service.experiments.report import Claim, Term
+from service.experiments.schemas import ExperimentCreate, PresetCreate
 from service.ml import training
 from service.ml.datasets import split_sizes
-from service.runs.schemas import BuiltinDatasetName, ExperimentCreate, PresetCreate
+from service.runs.schemas import BuiltinDatasetName
 from service.runs.spec import model_config
 
 # Seconds per optimiser step, measured through `make run`'s worker (one thread per training process,

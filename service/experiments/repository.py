@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 
 from service.models import EpochMetric, Experiment, ModelArtifact, Run, RunStatus
 from service.runs import repository as run_repo
-from service.runs.schemas import AliasMetric, RunCreate
+from service.runs.schemas import RunCreate
+from service.serving.schemas import AliasMetric
 
 
 def create_experiment(

@@ -12,20 +12,20 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from service.api.deps import ExperimentIdPath, LimitQuery, OffsetQuery, SessionDep, SettingsDep
+from service.api.errors import Message
 from service.api.images import IMAGE_RESPONSES, PlotFormat
 from service.api.security import PrincipalDep
-from service.experiments import grid, plots, presets
+from service.experiments import grid, plots, presets, report
 from service.experiments import repository as experiment_repo
-from service.experiments.service import create_experiment, experiment_or_404, experiment_public, results
-from service.models import RunStatus
-from service.runs import repository as run_repo
-from service.runs.schemas import (
+from service.experiments.schemas import (
     ExperimentCreate,
     ExperimentPublic,
     ExperimentReportPublic,
     ExperimentsPublic,
-    Message,
 )
+from service.experiments.service import create_experiment, experiment_or_404, experiment_public, results
+from service.models import RunStatus
+from service.runs import repository as run_repo
 
 router = APIRouter(prefix="/api/v1/experiments", tags=["experiments"])
 
@@ -100,7 +100,7 @@ def get_report(
 ) -> ExperimentReportPublic:
     experiment = experiment_or_404(session, experiment_id)
     spec = ExperimentCreate.model_validate(experiment.spec)
-    return grid.report(
+    return report.report(
         experiment_id=experiment.id,
         spec=spec,
         preset=experiment.preset,
@@ -128,7 +128,7 @@ def get_plot(
     experiment = experiment_or_404(session, experiment_id)
     spec = ExperimentCreate.model_validate(experiment.spec)
     points = grid.grid_points(spec.grid)
-    grouped = grid.group_by_config(points, results(session, experiment))
+    grouped = report.group_by_config(points, results(session, experiment))
     curves = []
     for point, runs in zip(points, grouped, strict=True):
         bands = {

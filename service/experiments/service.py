@@ -8,11 +8,12 @@ from fastapi import HTTPException, Response, status
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.experiments import grid
+from service.experiments import grid, report
 from service.experiments import repository as experiment_repo
+from service.experiments.schemas import ExperimentCreate, ExperimentPublic, ExperimentRunPublic
 from service.models import EpochMetric, Experiment, Run, RunStatus
 from service.queue import BrokerUnavailable
-from service.runs.schemas import ExperimentCreate, ExperimentPublic, ExperimentRunPublic, RunCreate
+from service.runs.schemas import RunCreate
 from service.runs.service import publish_run, require_capacity, require_dataset
 
 
@@ -114,15 +115,15 @@ def _publish_all(session: Session, runs: list[tuple[Run, RunCreate]], location: 
             ) from exc
 
 
-def results(session: Session, experiment: Experiment) -> list[grid.RunResult]:
+def results(session: Session, experiment: Experiment) -> list[report.RunResult]:
     metrics = experiment_repo.metrics_by_run(session=session, experiment_id=experiment.id)
     return [
-        grid.RunResult(
+        report.RunResult(
             point=run.grid_point or {},
             seed=int(run.spec["train"]["seed"]),
             status=run.status,
             epochs=[
-                grid.EpochRow(
+                report.EpochRow(
                     epoch=m.epoch,
                     val_accuracy=m.val_accuracy,
                     val_loss=m.val_loss,

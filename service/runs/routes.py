@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
 from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunIdPath, SessionDep, SettingsDep
+from service.api.errors import Message
 from service.api.security import READ, PrincipalDep
 from service.ml import bn_tools
 from service.ml.probes import PROBE_SAMPLES
@@ -19,20 +20,18 @@ from service.runs import repository as run_repo
 from service.runs.schemas import (
     EpochMetricPublic,
     EpochSlotStatisticsPublic,
-    Message,
-    PredictRequest,
     RunCreate,
     RunLayerStatsPublic,
     RunMetricsPublic,
     RunPublic,
     RunsPublic,
-    ServedPredictResponse,
     SlotStatisticPublic,
 )
 from service.runs.service import publish_run, require_capacity, require_dataset, run_public
 from service.serving import served
 from service.serving.images import Invert
 from service.serving.inputs import PredictBody, read_predict_body
+from service.serving.schemas import PredictRequest, ServedPredictResponse
 from service.serving.server import LoadedModel
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])

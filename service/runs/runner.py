@@ -23,12 +23,13 @@ from sqlalchemy.orm import Session
 from service.config import get_settings
 from service.datasets import loading
 from service.db import session_scope
+from service.experiments.schemas import MAX_EXPERIMENT_RUNS
 from service.ml import checkpoints, datasets, distributed, resume, stacked, training
 from service.ml.config import ModelConfig
 from service.models import RunStatus
 from service.runs import repository as run_repo
 from service.runs.budget import run_time_limit_s
-from service.runs.schemas import MAX_EXPERIMENT_RUNS, RunCreate
+from service.runs.schemas import RunCreate
 from service.runs.spec import model_config, train_config
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,12 @@ from fastapi import APIRouter, HTTPException, Path, Response, status
 from sqlalchemy.orm import Session
 
 from service.api.deps import SessionDep
+from service.api.errors import Message
 from service.experiments import repository as experiment_repo
 from service.models import ModelAlias
 from service.runs import repository as run_repo
-from service.runs.schemas import AliasesPublic, AliasPublic, AliasPut, AliasToExperiment, Message
 from service.serving import repository as model_repo
+from service.serving.schemas import AliasesPublic, AliasPublic, AliasPut, AliasToExperiment
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
 

@@ -8,16 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from service.api.deps import RunIdPath
+from service.api.errors import Message
 from service.ml import bn_tools
 from service.ml.datasets import DatasetError
-from service.runs.schemas import (
-    BNLayerPublic,
-    BNStatsPublic,
-    Message,
-    RecalibrateRequest,
-    RecalibrationPublic,
-)
 from service.serving import recalibration
+from service.serving.schemas import BNLayerPublic, BNStatsPublic, RecalibrateRequest, RecalibrationPublic
 from service.serving.served import require_succeeded_run, served_model, served_run_model
 
 router = APIRouter(prefix="/api/v1/runs", tags=["bn tools"])

@@ -15,8 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from service.runs.schemas import ImageInfoPublic, PredictRequest
 from service.serving import images, inference
+from service.serving.schemas import ImageInfoPublic, PredictRequest
 from service.serving.server import LoadedModel
 
 # Room for the multipart envelope around the file (boundaries, part headers, a few small fields).

@@ -12,10 +12,11 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy.orm import Session
 
 from service.api.deps import RunDep, RunIdPath, SessionDep
+from service.api.errors import Message
 from service.models import ModelArtifact, Run, RunStatus
-from service.runs.schemas import Message, ModelVersionPublic, ModelVersionsPublic, RecalibrationPublic
 from service.serving import repository as model_repo
 from service.serving.export import cached_export
+from service.serving.schemas import ModelVersionPublic, ModelVersionsPublic, RecalibrationPublic
 from service.serving.served import served_run_model
 
 router = APIRouter(prefix="/api/v1/runs", tags=["models"])

@@ -22,8 +22,9 @@ from service.ml import bn_tools, checkpoints, training
 from service.ml.datasets import ImageDataset, to_inputs
 from service.models import Recalibration
 from service.runs import repository as run_repo
-from service.runs.schemas import RecalibrateRequest, RunCreate
+from service.runs.schemas import RunCreate
 from service.serving import repository as model_repo
+from service.serving.schemas import RecalibrateRequest
 from service.serving.server import LoadedModel
 
 _LOCK = threading.Lock()

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, defer
 
 from service.experiments import repository as experiment_repo
 from service.models import ModelAlias, ModelArtifact, Recalibration, Run
-from service.runs.schemas import AliasMetric
+from service.serving.schemas import AliasMetric
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ALIAS_METRICS: tuple[str, ...] = get_args(AliasMetric)

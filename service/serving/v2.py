@@ -29,9 +29,15 @@ from service.api.bodies import body_docs, inline_schema
 from service.api.health import database_reachable
 from service.api.security import PUBLIC, READ
 from service.db import session_scope
-from service.runs.schemas import V2Error, V2InferRequest, V2InferResponse, V2ModelMetadata, V2TensorMetadata
 from service.serving import inference, served
 from service.serving import repository as model_repo
+from service.serving.schemas import (
+    V2Error,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2TensorMetadata,
+)
 from service.serving.served import served_model
 from service.serving.server import Answer, LoadedModel, get_model_server
 

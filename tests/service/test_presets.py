@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 
 from service.experiments import presets
-from service.experiments.grid import RunResult, expand, grid_points, report
+from service.experiments.grid import expand, grid_points
+from service.experiments.report import RunResult, report
+from service.experiments.schemas import ExperimentCreate, PresetCreate
 from service.ml import training
 from service.ml.config import ModelConfig, NormConfig
-from service.runs.schemas import ExperimentCreate, PresetCreate
 
 
 @pytest.mark.parametrize("preset", presets.PRESETS.values(), ids=lambda p: p.name)

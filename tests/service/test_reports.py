@@ -9,18 +9,9 @@ from typing import Any
 
 import pytest
 
-from service.experiments.grid import (
-    Claim,
-    EpochRow,
-    GridError,
-    RunResult,
-    Term,
-    config_label,
-    expand,
-    judge,
-    report,
-)
-from service.runs.schemas import ExperimentCreate
+from service.experiments.grid import GridError, config_label, expand
+from service.experiments.report import Claim, EpochRow, RunResult, Term, judge, report
+from service.experiments.schemas import ExperimentCreate
 
 NONE = {"model.norm.kind": "none"}
 BATCH = {"model.norm.kind": "batch"}
