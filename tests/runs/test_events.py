@@ -1,7 +1,7 @@
 """GET /api/v1/runs/{id}/events: Server-Sent Events from the database, resumable with Last-Event-ID.
 
 The in-process tests move a run through its states with the worker's own data functions (claim,
-record an epoch, finish), on a real SQLite database; tests/cli and tests/browser follow runs that a
+record an epoch, finish), on a real SQLite database; tests/client and tests/browser follow runs that a
 real worker trains through the real API process.
 """
 
