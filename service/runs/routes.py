@@ -148,7 +148,7 @@ PREDICT_DOCS = READ | body_docs(
     summary="Predict with the trained model: JSON inputs, or an uploaded PNG/JPEG image",
     description="Eval mode (BN running statistics), BN folded into the Linear layers unless `fused=false`; "
     "`mode=train` answers with this request's batch statistics instead, stored buffers untouched. "
-    "An image is converted by the rule in the README (grayscale, light-on-dark, letterboxed to 28×28).",
+    "An image is converted as docs/serving.md describes (grayscale, light-on-dark, letterboxed to 28×28).",
     responses={
         409: {"model": Message},
         413: {"model": Message},
