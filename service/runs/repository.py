@@ -27,6 +27,13 @@ def get_run(*, session: Session, run_id: str) -> Run | None:
     return session.get(Run, run_id)
 
 
+def run_ids_with_prefix(*, session: Session, prefix: str, limit: int) -> list[str]:
+    """Ids starting with `prefix` (hex digits only, so LIKE sees no wildcard), at most `limit`."""
+    return list(
+        session.scalars(select(Run.id).where(Run.id.startswith(prefix)).order_by(Run.id).limit(limit))
+    )
+
+
 def get_run_spec(*, session: Session, run_id: str) -> dict[str, object] | None:
     spec: dict[str, object] | None = session.scalars(select(Run.spec).where(Run.id == run_id)).one_or_none()
     return spec
