@@ -333,7 +333,7 @@ def training_calls(
     width: int, batch_norm: bool, batch: int, rows: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[Callable[[], None], int, str]:
     """train()'s inner loop for the article's MLP at `width`, built by the same functions (seeded
-    model, Adam 1e-3 fused, the runner training picks: the compiled fast path or autograd): returns
+    model, Adam 1e-3 fused, the step training picks: the compiled fast path or autograd): returns
     one of the loop's calls, the samples it trains on, and the path's name. Calls walk one epoch's
     permutation, each as many steps as train() runs between two checks for cancellation."""
     from service.ml import training
@@ -345,14 +345,14 @@ def training_calls(
     model = training.build_model(cfg, tcfg.seed)
     model.train()
     optimizer = training.make_optimizer(model, tcfg)
-    runner = training.batch_runner(model, optimizer, batch)
+    step = training.make_step(model, optimizer, batch)
     x_all, y_all = rows
-    samples = batch * runner.steps_per_call
+    samples = batch * step.steps_per_call
     calls = len(y_all) // samples
     order = training.epoch_permutation(len(y_all), tcfg.seed, 1)[: calls * samples]
     batches = Batches.for_epoch(x_all, y_all, order, batch)
-    path = "fast" if runner.fast_path else "autograd"
-    return cycling(partial(runner.run, batches), samples, calls), samples, path
+    path = "fast" if step.fast_path else "autograd"
+    return cycling(partial(step.run, batches), samples, calls), samples, path
 
 
 def cycling(run: Callable[[int, int], None], samples: int, calls: int) -> Callable[[], None]:

@@ -105,7 +105,7 @@ def _rank_main(rank: int, port: int, case: Case, out_dir: str) -> None:
                 saved[f"{step}.grad.{k}"] = p.grad
         saved.update({f"buffer.{k}": b for k, b in model.module.named_buffers()})
         safetensors.torch.save_file({k: v.contiguous() for k, v in saved.items()}, f"{out_dir}/{rank}.st")
-        dist.barrier()  # leave together (see distributed._rank_main)
+        dist.barrier()  # leave together, as the ranks of distributed.train_distributed do
     finally:
         dist.destroy_process_group()
 
