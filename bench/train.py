@@ -291,7 +291,7 @@ def matmul_floor_step_s(batch: int = 32) -> float:
 def inference_throughput(data_dir: Path, run_id: str) -> dict[int, float]:
     """Samples/s of the stored model (as the server loads it: eval mode, BN folded) in this process."""
     os.environ["BNLAB_DATA_DIR"] = str(data_dir)
-    from service.serving import forward_proba, open_model
+    from service.serving.server import forward_proba, open_model
 
     _, loaded = open_model(run_id, None)
     module = loaded.module(True)

@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path, Query, status
 from sqlalchemy.orm import Session
 
-from service import crud
 from service.config import Settings, get_settings
 from service.db import new_session
 from service.models import Run
+from service.runs import repository as run_repo
 
 
 def get_db() -> Iterator[Session]:
@@ -39,7 +39,7 @@ OffsetQuery = Annotated[int, Query(ge=0, le=1_000_000, description="Items to ski
 
 
 def get_run_or_404(run_id: RunIdPath, session: SessionDep) -> Run:
-    run = crud.get_run(session=session, run_id=run_id)
+    run = run_repo.get_run(session=session, run_id=run_id)
     if run is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {run_id} not found")
     return run

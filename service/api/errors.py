@@ -11,11 +11,18 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.schemas import Message
 
 # What any route can answer besides its own codes: auth, limits, an unknown id, overload.
+class Message(BaseModel):
+    """Every error body: a sentence saying what was wrong, or, for a malformed request, the list of
+    field errors (location, message, type) that request validation found."""
+
+    detail: str | list[dict[str, Any]]
+
+
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": Message, "description": "The body could not be parsed (not JSON, or bad multipart)"},
     401: {"model": Message, "description": "Missing or invalid API key"},
