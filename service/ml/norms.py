@@ -77,7 +77,7 @@ def _build(cfg: NormConfig, channels: int, spatial: bool, positions: int) -> nn.
     if kind in ("none", "weight"):
         return nn.Identity()  # a named slot all the same, so probes see every block's input
     if kind == "batch" and cfg.example_weight > 0:  # BN whose eval weighs the example in
-        return WeighedBatchNorm(channels, cfg.eps, cfg.momentum, affine, cfg.track_running_stats, cfg)
+        return WeighedBatchNorm(channels, cfg)
     if kind == "batch":
         bn_type = nn.BatchNorm2d if spatial else nn.BatchNorm1d
         return bn_type(channels, cfg.eps, cfg.momentum, affine, cfg.track_running_stats)
@@ -177,16 +177,9 @@ class _BatchNormAnyDim(_BatchNorm):
 class WeighedBatchNorm(_BatchNormAnyDim):
     """Batch normalisation: PyTorch's in training, `_eval` (example weighing when α > 0) at eval."""
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float,
-        momentum: float | None,
-        affine: bool,
-        track_running_stats: bool,
-        cfg: NormConfig,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+    def __init__(self, num_features: int, cfg: NormConfig) -> None:
+        affine = cfg.learns_gamma or cfg.learns_beta
+        super().__init__(num_features, cfg.eps, cfg.momentum, affine, cfg.track_running_stats)
         self.example_weight = cfg.example_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,8 +206,7 @@ class NoisyBatchNorm(WeighedBatchNorm):
     noise_step: torch.Tensor
 
     def __init__(self, num_features: int, cfg: NormConfig) -> None:
-        affine = cfg.learns_gamma or cfg.learns_beta
-        super().__init__(num_features, cfg.eps, cfg.momentum, affine, cfg.track_running_stats, cfg)
+        super().__init__(num_features, cfg)
         self.noise_mean, self.noise_std = cfg.noise_mean, cfg.noise_std
         # The seed make_net runs under (training.build_model seeds it with the run's); `seed_noise`
         # numbers the layers.
