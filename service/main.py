@@ -25,7 +25,13 @@ from service.api import (
     web,
 )
 from service.api.datasets import upload_router_limits
-from service.api.errors import COMMON_RESPONSES, http_error_handler, validation_error_handler
+from service.api.errors import (
+    COMMON_RESPONSES,
+    document_json_bodies,
+    http_error_handler,
+    require_json_content_type,
+    validation_error_handler,
+)
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize, mark_public_operations
 from service.config import get_settings
@@ -39,8 +45,8 @@ def create_app() -> FastAPI:
         title="bnlab",
         version=__version__,
         description="Train and serve neural networks with and without batch normalization.",
-        # Every route: authenticate, check its scope, then the per-key rate limit.
-        dependencies=[Depends(authorize), Depends(rate_limit)],
+        # Every route: authenticate, check its scope, the per-key rate limit, then the content type.
+        dependencies=[Depends(authorize), Depends(rate_limit), Depends(require_json_content_type)],
         responses=COMMON_RESPONSES,
     )
     app.state.rate_limiter = new_rate_limiter()
@@ -76,7 +82,7 @@ def _document_public_operations(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = mark_public_operations(generate())
+            app.openapi_schema = document_json_bodies(mark_public_operations(generate()))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it

@@ -529,11 +529,25 @@ class PredictResponse(BaseModel):
     probabilities: list[list[float]] = Field(description="Softmax probabilities per sample and class.")
 
 
-class Message(BaseModel):
-    """Every error body: a sentence saying what was wrong, or, for a malformed request, the list of
-    field errors (location, message, type) that request validation found."""
+class FieldError(BaseModel):
+    """One field error of a malformed request, as request validation found it."""
 
-    detail: str | list[dict[str, Any]]
+    loc: list[str | int] = Field(description="Where: 'body', 'query' or 'path', then the field's path.")
+    msg: str = Field(description="What is wrong with it.")
+    type: str = Field(description="pydantic's error type, e.g. missing, extra_forbidden, greater_than.")
+    suggestion: str | None = Field(
+        None, description="For an unknown field (extra_forbidden): the known field it may have meant."
+    )
+
+
+class Message(BaseModel):
+    """Every /api/v1 error body: a sentence saying what was wrong, and beside it the machine-readable
+    list of field errors (empty when the error is not about fields of the request)."""
+
+    detail: str = Field(description="What went wrong, as a sentence for people.")
+    errors: list[FieldError] = Field(
+        default_factory=list, description="The field errors request validation found; [] for other errors."
+    )
 
 
 # ---------------------------------------------------------------------------------------- serving
