@@ -3,7 +3,7 @@ the caller (the request dependency or a task's session_scope) owns the transacti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
@@ -11,7 +11,17 @@ from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.ml.training import EpochMetrics
-from service.models import EpochMetric, LayerStat, ModelArtifact, Run, RunCheckpoint, RunStatus, utcnow
+from service.models import (
+    EpochMetric,
+    Experiment,
+    LayerStat,
+    ModelArtifact,
+    Recalibration,
+    Run,
+    RunCheckpoint,
+    RunStatus,
+    utcnow,
+)
 from service.schemas import RunCreate
 
 
@@ -73,6 +83,34 @@ def request_cancel(*, session: Session, run: Run) -> None:
     if run.status == RunStatus.queued:
         run.status = RunStatus.cancelled.value
         run.finished_at = utcnow()
+
+
+# What PATCH may change on a run or an experiment.
+LABEL_FIELDS = ("name", "tags", "notes")
+
+
+def update_labels(*, target: Run | Experiment, changes: Mapping[str, object]) -> None:
+    """Set the name, tags or notes given in `changes`; the others stay."""
+    for field in LABEL_FIELDS:
+        if field in changes:
+            setattr(target, field, changes[field])
+
+
+def delete_runs(*, session: Session, run_ids: Sequence[str]) -> None:
+    """Delete runs and everything stored for them: metrics, probe statistics, checkpoints, models
+    and their recalibrations. Aliases that name the runs are the caller's to refuse or remove.
+
+    The runs' rows are locked first (Postgres; SQLite's BEGIN IMMEDIATE already serialises
+    writers): a worker's epoch transaction that got in before commits, and its rows are deleted
+    here with the rest; one that comes after finds no run to hold and writes nothing
+    (record_epoch, finish_held_run and heartbeat are all conditional on the run's row)."""
+    if not run_ids:
+        return
+    session.execute(select(Run.id).where(Run.id.in_(run_ids)).with_for_update())
+    session.execute(delete(Recalibration).where(Recalibration.run_id.in_(run_ids)))
+    for table in (ModelArtifact, RunCheckpoint, LayerStat, EpochMetric):
+        session.execute(delete(table).where(table.run_id.in_(run_ids)))
+    session.execute(delete(Run).where(Run.id.in_(run_ids)))
 
 
 @dataclass(frozen=True)

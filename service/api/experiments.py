@@ -7,6 +7,7 @@ then publishes each run by task name exactly as POST /api/v1/runs does.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
@@ -14,13 +15,14 @@ from sqlalchemy.orm import Session
 
 from service import crud, crud_experiments, experiments, plots, presets
 from service.api.deps import ExperimentIdPath, LimitQuery, OffsetQuery, SessionDep, SettingsDep
-from service.api.runs import publish_run, require_capacity, require_dataset
+from service.api.runs import publish_run, refuse_if_aliased, require_capacity, require_dataset
 from service.api.security import PrincipalDep
 from service.config import Settings
 from service.models import EpochMetric, Experiment, Run, RunStatus
 from service.queue import BrokerUnavailable
 from service.schemas import (
     ExperimentCreate,
+    ExperimentPatch,
     ExperimentPublic,
     ExperimentReportPublic,
     ExperimentRunPublic,
@@ -54,6 +56,8 @@ def experiment_public(*, session: Session, experiment: Experiment) -> Experiment
         {
             "id": experiment.id,
             "name": experiment.name,
+            "tags": experiment.tags or [],
+            "notes": experiment.notes,
             "preset": experiment.preset,
             "spec": experiment.spec,
             "status_counts": counts,
@@ -190,6 +194,31 @@ def cancel_experiment(experiment_id: ExperimentIdPath, session: SessionDep) -> E
     return experiment_public(session=session, experiment=experiment)
 
 
+@router.delete(
+    "/{experiment_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an experiment with its runs and all they stored; running ones stop at their next step",
+    responses={409: {"model": Message, "description": "An alias serves the experiment or one of its runs"}},
+)
+def delete_experiment(experiment_id: ExperimentIdPath, session: SessionDep) -> None:
+    experiment = experiment_or_404(session, experiment_id)
+    runs = crud_experiments.list_experiment_runs(session=session, experiment_id=experiment.id)
+    refuse_if_aliased(session, f"experiment {experiment.id}", [run.id for run in runs], experiment.id)
+    crud_experiments.delete_experiment(session=session, experiment=experiment)
+
+
+@router.patch(
+    "/{experiment_id}", summary="Rename an experiment, or set its tags or notes (fields left out stay)"
+)
+def patch_experiment(
+    experiment_id: ExperimentIdPath, changes: ExperimentPatch, session: SessionDep
+) -> ExperimentPublic:
+    experiment = experiment_or_404(session, experiment_id)
+    crud.update_labels(target=experiment, changes=changes.model_dump(exclude_unset=True))
+    session.flush()
+    return experiment_public(session=session, experiment=experiment)
+
+
 def results(session: Session, experiment: Experiment) -> list[experiments.RunResult]:
     metrics = crud_experiments.metrics_by_run(session=session, experiment_id=experiment.id)
     return [
@@ -237,6 +266,19 @@ def get_report(
     )
 
 
+def _nothing_to_plot(experiment: Experiment, runs: list[experiments.RunResult]) -> HTTPException:
+    # "yet" only while some run may still finish an epoch.
+    if all(RunStatus(run.status).is_finished for run in runs):
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(Counter(run.status for run in runs).items()))
+        detail = (
+            f"every run of experiment {experiment.id} ended ({counts}) before finishing an epoch: "
+            "nothing to plot"
+        )
+    else:
+        detail = f"experiment {experiment.id} has no finished epoch to plot yet"
+    return HTTPException(status.HTTP_409_CONFLICT, detail=detail)
+
+
 PlotMetric = Annotated[
     Literal["loss", "accuracy"],
     Query(description="loss: training and validation loss; accuracy: training and validation accuracy."),
@@ -269,9 +311,7 @@ def get_plot(
         if present:
             curves.append((experiments.config_label(point), present))
     if not curves:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, detail=f"experiment {experiment.id} has no finished epoch to plot yet"
-        )
+        raise _nothing_to_plot(experiment, [run for runs in grouped for run in runs])
     what = "Loss" if metric == "loss" else "Accuracy"
     title = f"Training and Validation {what}: {spec.name}"
     image = plots.render(plots.curves_figure(curves, metric=metric, title=title), fmt)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import crud, data
+from service import crud, crud_models, data
 from service.api import served
 from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
 from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunIdPath, SessionDep, SettingsDep
@@ -32,6 +32,7 @@ from service.schemas import (
     RunCreate,
     RunLayerStatsPublic,
     RunMetricsPublic,
+    RunPatch,
     RunPublic,
     RunsPublic,
     RunSummary,
@@ -58,6 +59,8 @@ def run_public(*, session: Session, run: Run) -> RunPublic:
         {
             "id": run.id,
             "name": run.name,
+            "tags": run.tags or [],
+            "notes": run.notes,
             "status": run.status,
             "spec": spec,
             "error": run.error,
@@ -203,6 +206,42 @@ def cancel_run(run: RunDep, session: SessionDep) -> RunPublic:
     if RunStatus(run.status).is_finished:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"run {run.id} has already ended ({run.status})")
     crud.request_cancel(session=session, run=run)
+    session.flush()
+    return run_public(session=session, run=run)
+
+
+def refuse_if_aliased(
+    session: Session, what: str, run_ids: list[str], experiment_id: str | None = None
+) -> None:
+    """409 naming the aliases that serve these runs (or the experiment): deleting would silently
+    break every client that calls the alias, so the user re-points or deletes it first."""
+    names = crud_models.aliases_naming(session=session, run_ids=run_ids, experiment_id=experiment_id)
+    if names:
+        listed = ", ".join(names)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"{what} is served by the alias{'es' if len(names) > 1 else ''} {listed}: point "
+            f"{'them' if len(names) > 1 else 'it'} at another run (PUT /api/v1/models/{names[0]}) or delete "
+            f"{'them' if len(names) > 1 else 'it'} (DELETE /api/v1/models/{names[0]}) first",
+        )
+
+
+@router.delete(
+    "/{run_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a run with its metrics, checkpoints and models; a running one stops at its next step",
+    responses={409: {"model": Message, "description": "An alias serves the run"}},
+)
+def delete_run(run: RunDep, session: SessionDep) -> None:
+    refuse_if_aliased(session, f"run {run.id}", [run.id])
+    # No cancel flag to set: the worker checks, between steps, that it still holds the run (the same
+    # read that sees a cancel); a deleted run is held by no one, so it stops there and writes nothing.
+    crud.delete_runs(session=session, run_ids=[run.id])
+
+
+@router.patch("/{run_id}", summary="Rename a run, or set its tags or notes (fields left out stay)")
+def patch_run(run: RunDep, changes: RunPatch, session: SessionDep) -> RunPublic:
+    crud.update_labels(target=run, changes=changes.model_dump(exclude_unset=True))
     session.flush()
     return run_public(session=session, run=run)
 

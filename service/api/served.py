@@ -25,7 +25,7 @@ def require_succeeded_run(run_id: str) -> None:
         if run.status != RunStatus.succeeded:
             raise HTTPException(
                 status.HTTP_409_CONFLICT,
-                detail=f"run {run_id} is {run.status}; only a succeeded run has a model",
+                detail=f"only a succeeded run has a model, and {crud_models.no_model_reason(run)}",
             )
 
 
