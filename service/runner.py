@@ -348,6 +348,11 @@ def _stop(lease: crud.Lease, reason: StopReason) -> RunStatus | None:
             if crud.release_held_run(session=session, lease=lease):
                 log.info("run %s handed back to the queue at shutdown", lease.run_id)
         return None
+    with session_scope() as session:
+        deleted = crud.get_run(session=session, run_id=lease.run_id) is None
+    if deleted:  # DELETE /api/v1/runs/{id} while it trained: nothing of it is written any more
+        log.info("run %s was deleted while it trained; this attempt stops", lease.run_id)
+        return None
     log.warning("run %s: lease lost (reaped or re-delivered); this attempt stops", lease.run_id)
     return None
 
