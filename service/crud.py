@@ -83,6 +83,12 @@ def request_cancel(*, session: Session, run: Run) -> None:
     if run.status == RunStatus.queued:
         run.status = RunStatus.cancelled.value
         run.finished_at = utcnow()
+        drop_checkpoint(session=session, run_id=run.id)  # one handed back at shutdown: never resumed
+
+
+def drop_checkpoint(*, session: Session, run_id: str) -> None:
+    """An ended run resumes nowhere: its training state goes (the model, if any, is the artifact)."""
+    session.execute(delete(RunCheckpoint).where(RunCheckpoint.run_id == run_id))
 
 
 # What PATCH may change on a run or an experiment.
@@ -243,10 +249,11 @@ def record_epoch(
     session: Session,
     lease: Lease,
     metrics: EpochMetrics,
-    training_state: bytes,
+    training_state: bytes | None,
     train_samples: int | None = None,
 ) -> None:
-    """An epoch's metrics and the checkpoint taken after it, together; raises LeaseLost otherwise."""
+    """An epoch's metrics and the checkpoint taken after it (None: keep none, BNLAB_KEEP_CHECKPOINTS
+    =final), together; raises LeaseLost otherwise."""
     if not _update(session, _held(lease), epochs_done=metrics.epoch, heartbeat_at=utcnow()):
         raise LeaseLost(f"run {lease.run_id} is no longer held by {lease.worker} (attempt {lease.attempt})")
     session.add(
@@ -264,16 +271,17 @@ def record_epoch(
     # merge: a run resumed after a crash may probe an epoch again (epoch 0 comes with epoch 1).
     for stat in metrics.layer_stats:
         session.merge(LayerStat(run_id=lease.run_id, **asdict(stat)))  # the dataclass fields are the columns
-    session.merge(
-        RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())
-    )
+    if training_state is not None:
+        session.merge(
+            RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())
+        )
 
 
 def finish_held_run(*, session: Session, lease: Lease, status: RunStatus, error: str | None = None) -> bool:
     """End a run this lease holds; False (and nothing written) if the lease was lost."""
     finished = _update(session, _held(lease), status=status.value, error=error, finished_at=utcnow())
     if finished:
-        session.execute(delete(RunCheckpoint).where(RunCheckpoint.run_id == lease.run_id))
+        drop_checkpoint(session=session, run_id=lease.run_id)
     return finished
 
 
@@ -317,9 +325,12 @@ def requeue_orphan(*, session: Session, run: Run) -> bool:
 
 
 def fail_orphan(*, session: Session, run: Run, error: str) -> bool:
-    return _update(
+    failed = _update(
         session, _unchanged_orphan(run), status=RunStatus.failed.value, error=error, finished_at=utcnow()
     )
+    if failed:
+        drop_checkpoint(session=session, run_id=run.id)
+    return failed
 
 
 def stale_queued_runs(*, session: Session, enqueued_before: datetime) -> Sequence[Run]:

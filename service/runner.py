@@ -63,7 +63,8 @@ class DatabaseCallbacks:
                     session=session,
                     lease=self.lease,
                     metrics=metrics,
-                    training_state=snapshot(),
+                    # Not even serialised when not kept (BNLAB_KEEP_CHECKPOINTS=final).
+                    training_state=snapshot() if get_settings().keep_checkpoints == "epoch" else None,
                     train_samples=self.train_samples,
                 )
         except crud.LeaseLost:

@@ -15,7 +15,13 @@ from sqlalchemy.orm import Session
 
 from service import crud, crud_experiments, experiments, plots, presets
 from service.api.deps import ExperimentIdPath, LimitQuery, OffsetQuery, SessionDep, SettingsDep
-from service.api.runs import publish_run, refuse_if_aliased, require_capacity, require_dataset
+from service.api.runs import (
+    commit_before_answering,
+    publish_run,
+    refuse_if_aliased,
+    require_capacity,
+    require_dataset,
+)
 from service.api.security import PrincipalDep
 from service.config import Settings
 from service.models import EpochMetric, Experiment, Run, RunStatus
@@ -205,6 +211,7 @@ def delete_experiment(experiment_id: ExperimentIdPath, session: SessionDep) -> N
     runs = crud_experiments.list_experiment_runs(session=session, experiment_id=experiment.id)
     refuse_if_aliased(session, f"experiment {experiment.id}", [run.id for run in runs], experiment.id)
     crud_experiments.delete_experiment(session=session, experiment=experiment)
+    commit_before_answering(session)
 
 
 @router.patch(
@@ -215,7 +222,7 @@ def patch_experiment(
 ) -> ExperimentPublic:
     experiment = experiment_or_404(session, experiment_id)
     crud.update_labels(target=experiment, changes=changes.model_dump(exclude_unset=True))
-    session.flush()
+    commit_before_answering(session)
     return experiment_public(session=session, experiment=experiment)
 
 

@@ -237,13 +237,20 @@ def delete_run(run: RunDep, session: SessionDep) -> None:
     # No cancel flag to set: the worker checks, between steps, that it still holds the run (the same
     # read that sees a cancel); a deleted run is held by no one, so it stops there and writes nothing.
     crud.delete_runs(session=session, run_ids=[run.id])
+    commit_before_answering(session)
 
 
 @router.patch("/{run_id}", summary="Rename a run, or set its tags or notes (fields left out stay)")
 def patch_run(run: RunDep, changes: RunPatch, session: SessionDep) -> RunPublic:
     crud.update_labels(target=run, changes=changes.model_dump(exclude_unset=True))
-    session.flush()
+    commit_before_answering(session)
     return run_public(session=session, run=run)
+
+
+def commit_before_answering(session: Session) -> None:
+    """Commit now: get_db commits only after the response has been sent (FastAPI closes a yield
+    dependency after the response), so a client could read the old state right after a 2xx."""
+    session.commit()
 
 
 PREDICT_DOCS = READ | body_docs(
