@@ -102,15 +102,12 @@ def measure(keep: str) -> None:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
                 wait_ready(client)
                 ids = [client.post("/api/v1/runs", json=spec).json()["id"] for spec in PAIR]
-                largest = 0
+                largest = 0  # bytes of checkpoints stored at once
                 while {client.get(f"/api/v1/runs/{i}").json()["status"] for i in ids} != {"succeeded"}:
-                    largest = max(
-                        largest, scalar(db, "SELECT coalesce(sum(length(state)), 0) FROM run_checkpoints")
-                    )
+                    stored = scalar(db, "SELECT coalesce(sum(length(state)), 0) FROM run_checkpoints")
+                    largest = max(largest, stored)
                     time.sleep(0.1)
-                say(
-                    f"\nBNLAB_KEEP_CHECKPOINTS={keep}: checkpoints while training, at most {largest / MB:.3f} MB"
-                )
+                say(f"\nBNLAB_KEEP_CHECKPOINTS={keep}: checkpoints in training, up to {largest / MB:.3f} MB")
                 report("both runs succeeded:", db)
                 client.delete(f"/api/v1/runs/{ids[0]}")
                 report("after DELETE /api/v1/runs/<fashion-bn>:", db)
