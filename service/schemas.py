@@ -15,7 +15,6 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
-    field_validator,
     model_validator,
 )
 
@@ -886,19 +885,12 @@ class ExperimentPatch(BaseModel):
 
     model_config = STRICT
 
-    name: str | None = Field(
-        None, min_length=1, max_length=120, pattern=LABEL_PATTERN, description="New label (not null)."
-    )
+    # `str` with no value by default: an experiment always has a name, so null is refused (422) and
+    # the schema says so; leaving the field out keeps the current one (the default is never stored:
+    # the route applies only the fields sent). Hence the ignore: None is no `str`.
+    name: str = Field(None, min_length=1, max_length=120, pattern=LABEL_PATTERN, description="New label.")  # type: ignore[assignment]
     tags: Tags | None = None
     notes: Notes | None = Field(None, description="Free text; null removes it.")
-
-    @field_validator("name")
-    @classmethod
-    def _name_stays(cls, value: str | None) -> str | None:
-        # Runs in only when the field is sent: an experiment always has a name.
-        if value is None:
-            raise ValueError("an experiment keeps a name: leave the field out to keep the current one")
-        return value
 
 
 class ExperimentPublic(BaseModel):
