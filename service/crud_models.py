@@ -98,13 +98,12 @@ def resolve_model(*, session: Session, name: str, version: int | None) -> Resolv
     run = None if shas else session.get(Run, run_id)
     if not shas and run is None:
         raise NameNotFound(f"no model named {name}")
+    if run is not None:  # a run without a stored model: say why, whatever version was asked for
+        raise VersionNotFound(f"model {name} has no stored version: {no_model_reason(run)}")
     if version is None:
-        version = pinned if pinned is not None else max(shas, default=0)
+        version = pinned if pinned is not None else max(shas)
     if version not in shas:
-        detail = (
-            f"versions {', '.join(map(str, shas))}" if run is None else f"no model: {no_model_reason(run)}"
-        )
-        raise VersionNotFound(f"model {name} has no version {version} ({detail})")
+        raise VersionNotFound(f"model {name} has no version {version} (versions {', '.join(map(str, shas))})")
     return ResolvedModel(name=name, run_id=run_id, version=version, sha256=shas[version], versions=list(shas))
 
 
