@@ -72,12 +72,13 @@ def server_env(data_dir: Path, port: int, micro_batching: bool) -> dict[str, str
 def store_model(data_dir: Path, synthetic: bool) -> tuple[str, list[float]]:
     """Train the article's BN model briefly, store it as a succeeded run; return its id and one image."""
     os.environ["BNLAB_DATA_DIR"] = str(data_dir)
-    from service import crud
     from service.db import session_scope
     from service.migrate import upgrade_to_head
     from service.ml import checkpoints, datasets, training
     from service.models import RunStatus
-    from service.schemas import RunCreate
+    from service.runs import repository as run_repo
+    from service.runs.schemas import RunCreate
+    from service.runs.spec import model_config, train_config
 
     upgrade_to_head()
     name = "synthetic" if synthetic else "fashion-mnist"
@@ -85,13 +86,13 @@ def store_model(data_dir: Path, synthetic: bool) -> tuple[str, list[float]]:
     search = [datasets.SYSTEM_DATASET_DIR]
     full = datasets.load_dataset(name, search_dirs=search, split="train", limit=spec.dataset.limit)
     train_set, val_set = datasets.train_val_split(full, spec.dataset.val_split)
-    config = spec.model_config_for_ml()
-    result = training.train(config, spec.train_config_for_ml(), train_set, val_set)
+    config = model_config(spec)
+    result = training.train(config, train_config(spec), train_set, val_set)
     weights = checkpoints.save_checkpoint(result.model, config)
     with session_scope() as session:
-        run = crud.create_run(session=session, spec=spec)
+        run = run_repo.create_run(session=session, spec=spec)
         run.status = RunStatus.succeeded.value
-        crud.save_artifact(
+        run_repo.save_artifact(
             session=session,
             run_id=run.id,
             weights=weights,
@@ -249,7 +250,7 @@ def measure_server(
 
 def forward_times(run_id: str) -> dict[tuple[bool, int], float]:
     """Microseconds per forward pass in-process, fused vs unfused, batch 1 and 64."""
-    from service.serving import forward_proba, open_model
+    from service.serving.server import forward_proba, open_model
 
     _, loaded = open_model(run_id, None)
     times = {}

@@ -1,5 +1,5 @@
 """The `bnlab` command: the server roles (api, worker, run, migrate, keys) and the user's commands
-(submit, runs, show, cancel, predict, experiment, report; in service.cli_client), which talk to a
+(submit, runs, show, cancel, predict, experiment, report; in service.client.commands), which talk to a
 bnlab API over HTTP.
 
 `bnlab worker` execs Celery on the `workers` package by module name, so the service never imports it.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import click
 
-from service.cli_client import register_client_commands
+from service.client.commands import register_client_commands
 from service.config import get_settings
 
 SHUTDOWN_GRACE_S = 30

@@ -10,21 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import __version__
-from service.api import (
-    aliases,
-    bn_tools,
-    events,
-    experiments,
-    health,
-    metrics,
-    presets,
-    run_models,
-    run_plots,
-    runs,
-    v2,
-    web,
-)
-from service.api.datasets import upload_router_limits
+from service.api import health, metrics, web
 from service.api.errors import (
     COMMON_RESPONSES,
     document_json_bodies,
@@ -35,7 +21,14 @@ from service.api.errors import (
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize, mark_public_operations
 from service.config import get_settings
+from service.datasets.routes import upload_router_limits
+from service.experiments import preset_routes
+from service.experiments import routes as experiment_routes
 from service.ml.nets import warm_up_meta_device
+from service.runs import events
+from service.runs import plot_routes as run_plot_routes
+from service.runs import routes as run_routes
+from service.serving import alias_routes, bn_routes, model_routes, v2
 
 
 def create_app() -> FastAPI:
@@ -48,6 +41,8 @@ def create_app() -> FastAPI:
         # Every route: authenticate, check its scope, the per-key rate limit, then the content type.
         dependencies=[Depends(authorize), Depends(rate_limit), Depends(require_json_content_type)],
         responses=COMMON_RESPONSES,
+        docs_url=None,  # web.install serves /docs from vendored files; ReDoc would load from a CDN
+        redoc_url=None,
     )
     app.state.rate_limiter = new_rate_limiter()
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
@@ -61,13 +56,13 @@ def create_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.include_router(health.router)
-    app.include_router(runs.router)
-    app.include_router(run_models.router)
-    app.include_router(run_plots.router)
-    app.include_router(experiments.router)
-    app.include_router(presets.router)
-    app.include_router(bn_tools.router)
-    app.include_router(aliases.router)
+    app.include_router(run_routes.router)
+    app.include_router(model_routes.router)
+    app.include_router(run_plot_routes.router)
+    app.include_router(experiment_routes.router)
+    app.include_router(preset_routes.router)
+    app.include_router(bn_routes.router)
+    app.include_router(alias_routes.router)
     app.include_router(**upload_router_limits(settings))  # /api/v1/datasets: its own body limit
     app.include_router(v2.router)
     app.include_router(events.router)

@@ -15,12 +15,13 @@ import torch._dynamo  # noqa: F401
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutting_down
 
-from service import crud, data
 from service.config import get_settings
+from service.datasets import loading
 from service.db import session_scope
-from service.ml import nets, stacked, training
+from service.ml import nets, training
 from service.queue import celery_config
-from service.reaper import reap_once
+from service.runs import repository as run_repo
+from service.runs.reaper import reap_once
 from service.telemetry import configure_logging
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,8 @@ def _configure_torch(**_: Any) -> None:
     # Once per pool process, here rather than in its first run: what training and the meta device
     # (each run's time limit uses it) set up lazily, the rest of it (torch._dynamo is imported above).
     training.warm_up()
-    if get_settings().stack_runs > 1:
-        stacked.warm_up()
     nets.warm_up_meta_device()
-    data.preload(get_settings())
+    loading.preload(get_settings())
 
 
 def _reap_forever() -> None:
@@ -86,6 +85,6 @@ def _hand_back_runs(sender: str, **_: Any) -> None:
     # instead of holding the shutdown for the rest of a long training run.
     _reaper_stop.set()
     with session_scope() as session:
-        count = crud.request_release(session=session, node=sender)
+        count = run_repo.request_release(session=session, node=sender)
     if count:
         log.info("asked %d running run(s) to hand back before shutdown", count)

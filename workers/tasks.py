@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from service.queue import TRAIN_RUN_TASK
-from service.runner import execute_run
+from service.runs.runner import execute_run
 from service.telemetry import run_context
 from workers.celery_app import app, worker_id
 

@@ -21,10 +21,30 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.schemas import Message
+
+class FieldError(BaseModel):
+    """One field error of a malformed request, as request validation found it."""
+
+    loc: list[str | int] = Field(description="Where: 'body', 'query' or 'path', then the field's path.")
+    msg: str = Field(description="What is wrong with it.")
+    type: str = Field(description="pydantic's error type, e.g. missing, extra_forbidden, greater_than.")
+    suggestion: str | None = Field(
+        None, description="For an unknown field (extra_forbidden): the known field it may have meant."
+    )
+
+
+class Message(BaseModel):
+    """Every /api/v1 error body: a sentence saying what was wrong, and beside it the machine-readable
+    list of field errors (empty when the error is not about fields of the request)."""
+
+    detail: str = Field(description="What went wrong, as a sentence for people.")
+    errors: list[FieldError] = Field(
+        default_factory=list, description="The field errors request validation found; [] for other errors."
+    )
+
 
 # What any route can answer besides its own codes: auth, limits, an unknown id, overload.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -12,12 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import crud
 from service.auth import create_key
 from service.db import session_scope
 from service.main import create_app
 from service.ml.training import EpochMetrics
-from service.schemas import RunCreate
+from service.runs import repository as run_repo
+from service.runs.schemas import RunCreate
 from service.telemetry import JsonFormatter, run_context
 from tests.conftest import Backend
 from tests.serving.conftest import BN_SPEC, store_trained_run
@@ -45,13 +45,13 @@ def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
 def running_run_with_epochs(seconds: list[float]) -> str:
     with session_scope() as session:
-        run_id = crud.create_run(session=session, spec=RunCreate.model_validate(SPEC)).id
-        lease = crud.claim_run(session=session, run_id=run_id, worker="test/1", time_limit_s=60)
+        run_id = run_repo.create_run(session=session, spec=RunCreate.model_validate(SPEC)).id
+        lease = run_repo.claim_run(session=session, run_id=run_id, worker="test/1", time_limit_s=60)
         assert lease is not None
     for epoch, duration in enumerate(seconds, start=1):
         with session_scope() as session:
             metrics = EpochMetrics(epoch, 0.5, 0.8, 0.6, 0.7, duration)
-            crud.record_epoch(
+            run_repo.record_epoch(
                 session=session, lease=lease, metrics=metrics, training_state=b"s", train_samples=800
             )
     return run_id
@@ -60,7 +60,7 @@ def running_run_with_epochs(seconds: list[float]) -> str:
 def test_runs_by_status_queue_depth_epoch_durations_and_samples_per_second(client: TestClient) -> None:
     with session_scope() as session:
         for _ in range(2):
-            crud.create_run(session=session, spec=RunCreate.model_validate(SPEC))
+            run_repo.create_run(session=session, spec=RunCreate.model_validate(SPEC))
     run_id = running_run_with_epochs([0.2, 0.8, 3.0])
     samples = scrape(client)
     assert samples[("bnlab_runs", (("status", "queued"),))] == 2
@@ -142,7 +142,7 @@ def test_request_ids_are_echoed_or_made_and_logged_as_json(client: TestClient) -
 
 
 def test_a_log_line_written_inside_a_run_context_carries_the_run_id() -> None:
-    record = logging.LogRecord("service.runner", logging.INFO, __file__, 1, "epoch %d done", (3,), None)
+    record = logging.LogRecord("service.runs.runner", logging.INFO, __file__, 1, "epoch %d done", (3,), None)
     with run_context("f" * 32):
         line = json.loads(JsonFormatter().format(record))
     assert line["run_id"] == "f" * 32

@@ -11,12 +11,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.api import events
 from service.api.limits import EVENT_STREAM_SUFFIX, ConcurrencyLimitMiddleware, RateLimiter
 from service.api.security import SCOPE_KEY
 from service.auth import create_key
 from service.config import Settings
 from service.main import create_app
+from service.runs import events
 from tests.conftest import Backend
 
 SPEC = {"dataset": {"name": "synthetic", "limit": 200}, "train": {"epochs": 1}}

@@ -172,7 +172,7 @@ def _publish_again(lab: Cluster, run_id: str) -> None:
     import sys
 
     code = (
-        "from service.runner import publish; from service.schemas import RunCreate; "
+        "from service.runs.service import publish; from service.runs.schemas import RunCreate; "
         f"publish('{run_id}', RunCreate())"
     )
     subprocess.run([sys.executable, "-c", code], env=lab.env, check=True, timeout=60)

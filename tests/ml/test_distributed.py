@@ -24,7 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, train_val_split
-from service.ml.distributed import SyncBatchNorm, backend_for, rank_device, synchronising, train_distributed
+from service.ml.distributed import (
+    RankFailed,
+    SyncBatchNorm,
+    backend_for,
+    rank_device,
+    synchronising,
+    train_distributed,
+)
 from service.ml.fastpath import MlpStep
 from service.ml.resume import load_training_state
 from service.ml.training import train
@@ -105,7 +112,7 @@ def _rank_main(rank: int, port: int, case: Case, out_dir: str) -> None:
                 saved[f"{step}.grad.{k}"] = p.grad
         saved.update({f"buffer.{k}": b for k, b in model.module.named_buffers()})
         safetensors.torch.save_file({k: v.contiguous() for k, v in saved.items()}, f"{out_dir}/{rank}.st")
-        dist.barrier()  # leave together (see distributed._rank_main)
+        dist.barrier()  # leave together, as the ranks of distributed.train_distributed do
     finally:
         dist.destroy_process_group()
 
@@ -250,6 +257,16 @@ def test_unsynced_processes_normalise_per_shard_so_their_statistics_differ(
     sharded = train_distributed(cfg, replace(tcfg, processes=2), *small).model.state_dict()
     for key in ("bn1.running_var", "fc1.weight"):
         assert (sharded[key] - single[key]).abs().max() > 100 * ATOL_FLOAT32, key
+
+
+def test_a_failing_rank_fails_the_run_with_its_reason(small: tuple[ImageDataset, ImageDataset]) -> None:
+    other = Recorder()  # the training state of another network: every rank's restore refuses it
+    train(ModelConfig(hidden=(8,)), TrainConfig(epochs=1), *small, other)
+    tcfg = TrainConfig(epochs=1, batch_size=32, processes=2)
+    with pytest.raises(RankFailed, match="ResumeError: training state does not fit"):
+        train_distributed(
+            ModelConfig(hidden=(16,)), tcfg, *small, resume=load_training_state(other.snapshots[0])
+        )
 
 
 def test_a_stop_request_reaches_every_process(small: tuple[ImageDataset, ImageDataset]) -> None:

@@ -15,12 +15,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service import crud
 from service.db import session_scope
 from service.main import create_app
 from service.ml import checkpoints, datasets, training
 from service.models import RunStatus
-from service.schemas import RunCreate
+from service.runs import repository as run_repo
+from service.runs.schemas import RunCreate
+from service.runs.spec import model_config, train_config
 from tests.conftest import Backend
 
 BN_SPEC: dict[str, Any] = {
@@ -39,19 +40,19 @@ def _trained_weights(spec_json: str) -> tuple[bytes, dict[str, Any]]:
     spec = RunCreate.model_validate_json(spec_json)
     full = datasets.load_dataset(spec.dataset.name, search_dirs=[], split="train", limit=spec.dataset.limit)
     train_set, val_set = datasets.train_val_split(full, spec.dataset.val_split)
-    config = spec.model_config_for_ml()
-    result = training.train(config, spec.train_config_for_ml(), train_set, val_set)
+    config = model_config(spec)
+    result = training.train(config, train_config(spec), train_set, val_set)
     return checkpoints.save_checkpoint(result.model, config), config.to_dict()
 
 
 def store_trained_run(spec_fields: dict[str, Any], *, status: RunStatus = RunStatus.succeeded) -> str:
     spec = RunCreate.model_validate(spec_fields)
     with session_scope() as session:
-        run = crud.create_run(session=session, spec=spec)
+        run = run_repo.create_run(session=session, spec=spec)
         run.status = status.value
         if status == RunStatus.succeeded:
             weights, config = _trained_weights(spec.model_dump_json())
-            crud.save_artifact(
+            run_repo.save_artifact(
                 session=session,
                 run_id=run.id,
                 weights=weights,
@@ -81,7 +82,7 @@ def no_bn_run(client: TestClient) -> str:
 def stored_model(run_id: str, version: int = 1) -> torch.nn.Module:
     """The run's stored weights, rebuilt straight from the database: the oracle for served answers."""
     with session_scope() as session:
-        artifact = crud.get_artifact(session=session, run_id=run_id, version=version)
+        artifact = run_repo.get_artifact(session=session, run_id=run_id, version=version)
         assert artifact is not None
         model, _ = checkpoints.load_checkpoint(artifact.weights)
     return model

@@ -6,11 +6,11 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from service import crud
 from service.db import session_scope
 from service.ml import checkpoints
 from service.models import EpochMetric, Run
-from service.schemas import RunCreate
+from service.runs import repository as run_repo
+from service.runs.schemas import RunCreate
 from tests.serving.conftest import BN_SPEC, _trained_weights
 
 INFER = {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]}
@@ -101,7 +101,7 @@ def finish_run(run_id: str, *, val_accuracy: float, val_loss: float, model: bool
         run.epochs_done, run.status = spec.train.epochs, "succeeded"
         if model:
             weights, config = _trained_weights(spec.model_dump_json())
-            crud.save_artifact(
+            run_repo.save_artifact(
                 session=session,
                 run_id=run_id,
                 weights=weights,

@@ -14,11 +14,12 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service import serving
+from service.config import Settings, get_settings
 from service.main import create_app
 from service.ml import datasets
-from service.schemas import RunCreate
-from service.serving import Batcher, ModelServer, ServingSettings
+from service.runs.schemas import RunCreate
+from service.serving import server
+from service.serving.server import Batcher, ModelServer
 from tests.conftest import Backend
 from tests.serving.conftest import BN_SPEC, _trained_weights, oracle_probabilities, store_trained_run
 
@@ -144,7 +145,7 @@ def test_close_answers_what_was_submitted_then_refuses() -> None:
 
 def test_cache_is_lru_under_its_memory_cap_and_keyed_by_sha() -> None:
     weights, config = _trained_weights(BN_SPEC_JSON)
-    server = ModelServer(ServingSettings(cache_mb=1))
+    server = ModelServer(Settings(serve_cache_mb=1))
     loads: list[str] = []
 
     def fetch_for(name: str) -> Callable[[], tuple[bytes, dict[str, object]]]:
@@ -177,8 +178,8 @@ def test_concurrent_http_requests_are_batched_and_each_gets_its_answer(
 ) -> None:
     monkeypatch.setenv("BNLAB_SERVE_MAX_WAIT_MS", "30")
     use_backend(sqlite_backend)
-    serving.get_serving_settings.cache_clear()
-    serving.get_model_server.cache_clear()
+    get_settings.cache_clear()
+    server.get_model_server.cache_clear()
     run_id = store_trained_run(BN_SPEC)
     pixels = datasets.make_synthetic(24, seed=11).x.numpy() / 255.0
     expected = oracle_probabilities(run_id, pixels)
@@ -201,18 +202,18 @@ def test_concurrent_http_requests_are_batched_and_each_gets_its_answer(
             assert response.status_code == 200, response.text
             probabilities = response.json()["outputs"][0]["data"]
             np.testing.assert_allclose(probabilities, expected[i], atol=1e-5)
-        batcher = serving.get_model_server().batcher
+        batcher = server.get_model_server().batcher
         assert batcher is not None
         assert batcher.requests == 24
         assert batcher.batches < 24
         assert batcher.largest_batch > 1
     finally:
-        serving.get_serving_settings.cache_clear()
-        serving.get_model_server.cache_clear()
+        get_settings.cache_clear()
+        server.get_model_server.cache_clear()
 
 
 def test_unbatched_server_answers_each_request_alone(bn_run_id: str) -> None:
-    server = ModelServer(ServingSettings(micro_batching=False, inference_threads=2))
+    server = ModelServer(Settings(serve_micro_batching=False, serve_inference_threads=2))
     pixels = datasets.to_inputs(datasets.make_synthetic(3, seed=2).x)
     futures = [server.submit(bn_run_id, None, fused=True, prepare=lambda _loaded: pixels) for _ in range(8)]
     answers = [f.result(10) for f in futures]
@@ -231,7 +232,7 @@ def bn_run_id(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -
 
 def test_inference_never_blocks_the_event_loop(bn_run_id: str) -> None:
     """A request whose preparation takes 300 ms: meanwhile the loop keeps serving other coroutines."""
-    server = ModelServer(ServingSettings())
+    server = ModelServer(Settings())
     pixels = datasets.to_inputs(datasets.make_synthetic(2, seed=4).x)
 
     def slow(_loaded: object) -> torch.Tensor:
@@ -265,11 +266,11 @@ def test_invalid_serving_settings_stop_the_api_at_start_up(
 ) -> None:
     use_backend(sqlite_backend)
     monkeypatch.setenv("BNLAB_SERVE_MAX_BATCH_SIZE", "0")
-    serving.get_serving_settings.cache_clear()
-    serving.get_model_server.cache_clear()
+    get_settings.cache_clear()
+    server.get_model_server.cache_clear()
     try:
         with pytest.raises(ValidationError, match="max_batch_size"), TestClient(create_app()):
             pass
     finally:
-        serving.get_serving_settings.cache_clear()
-        serving.get_model_server.cache_clear()
+        get_settings.cache_clear()
+        server.get_model_server.cache_clear()

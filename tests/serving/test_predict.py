@@ -13,8 +13,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service import images
 from service.ml import datasets
+from service.serving import images
 from tests.serving.conftest import oracle_probabilities, stored_model
 
 # Three Fashion-MNIST test images (Debian's dataset-fashion-mnist; .ci/run installs it): light-on-dark.

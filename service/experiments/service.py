@@ -1,0 +1,139 @@
+"""The experiments domain's logic: submitting a grid (validate every run, store all in one
+transaction, commit, then publish each run by task name exactly as POST /api/v1/runs does), an
+experiment's public view, and its runs' results for the report."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException, Response, status
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.experiments import grid, report
+from service.experiments import repository as experiment_repo
+from service.experiments.schemas import ExperimentCreate, ExperimentPublic, ExperimentRunPublic
+from service.models import EpochMetric, Experiment, Run, RunStatus
+from service.queue import BrokerUnavailable
+from service.runs.schemas import RunCreate
+from service.runs.service import publish_run, require_capacity, require_dataset
+
+
+def experiment_or_404(session: Session, experiment_id: str) -> Experiment:
+    experiment = experiment_repo.get_experiment(session=session, experiment_id=experiment_id)
+    if experiment is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"experiment {experiment_id} not found")
+    return experiment
+
+
+def experiment_public(*, session: Session, experiment: Experiment) -> ExperimentPublic:
+    runs = experiment_repo.list_experiment_runs(session=session, experiment_id=experiment.id)
+    last = experiment_repo.last_metrics(session=session, experiment_id=experiment.id)
+    counts = {s.value: 0 for s in RunStatus}
+    for run in runs:
+        counts[run.status] += 1
+    return ExperimentPublic.model_validate(
+        {
+            "id": experiment.id,
+            "name": experiment.name,
+            "tags": experiment.tags or [],
+            "notes": experiment.notes,
+            "preset": experiment.preset,
+            "spec": experiment.spec,
+            "status_counts": counts,
+            "finished": all(RunStatus(r.status).is_finished for r in runs),
+            "created_at": experiment.created_at,
+            "runs": [_run_public(run, last.get(run.id)) for run in runs],
+        }
+    )
+
+
+def _run_public(run: Run, last: EpochMetric | None) -> ExperimentRunPublic:
+    point = run.grid_point or {}
+    return ExperimentRunPublic(
+        id=run.id,
+        name=run.name,
+        status=run.status,
+        grid_point=point,
+        config=grid.config_label(point),
+        seed=int(run.spec["train"]["seed"]),
+        epochs_done=run.epochs_done,
+        epochs_total=int(run.spec["train"]["epochs"]),
+        val_loss=last.val_loss if last else None,
+        val_accuracy=last.val_accuracy if last else None,
+    )
+
+
+def create_experiment(
+    *,
+    session: Session,
+    settings: Settings,
+    owner: str,
+    spec: ExperimentCreate,
+    preset: str | None,
+    response: Response,
+) -> ExperimentPublic:
+    """Validate, store all runs in one transaction, commit, then publish each (shared with presets)."""
+    try:
+        planned = grid.expand(spec)
+    except grid.GridError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    for name in {p.spec.dataset.name for p in planned}:
+        require_dataset(next(p.spec for p in planned if p.spec.dataset.name == name), settings)
+    require_capacity(
+        session=session, owner=owner, limit=settings.max_active_runs_per_key, adding=len(planned)
+    )
+    experiment = experiment_repo.create_experiment(
+        session=session, name=spec.name, spec=spec.model_dump(mode="json"), preset=preset, owner=owner
+    )
+    runs = [
+        (
+            experiment_repo.add_run(
+                session=session, experiment_id=experiment.id, spec=p.spec, grid_point=p.point, owner=owner
+            ),
+            p.spec,
+        )
+        for p in planned
+    ]
+    # Commit, then enqueue: otherwise a worker could receive an id before its row exists.
+    session.commit()
+    location = f"/api/v1/experiments/{experiment.id}"
+    _publish_all(session, runs, location)
+    response.headers["Location"] = location
+    return experiment_public(session=session, experiment=experiment)
+
+
+def _publish_all(session: Session, runs: list[tuple[Run, RunCreate]], location: str) -> None:
+    for i, (run, spec) in enumerate(runs):
+        try:
+            publish_run(session=session, run_id=run.id, spec=spec)
+        except BrokerUnavailable as exc:
+            # Keep what was published on record; the rest stay queued and the reaper publishes them.
+            # No further tries: each would wait out the broker timeout again.
+            session.commit()
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail=f"the broker is unreachable ({exc}); the experiment and its {len(runs)} runs are "
+                f"saved as queued ({i} published) and the rest are published again once the broker is back",
+                headers={"Location": location, "Retry-After": "10"},
+            ) from exc
+
+
+def results(session: Session, experiment: Experiment) -> list[report.RunResult]:
+    metrics = experiment_repo.metrics_by_run(session=session, experiment_id=experiment.id)
+    return [
+        report.RunResult(
+            point=run.grid_point or {},
+            seed=int(run.spec["train"]["seed"]),
+            status=run.status,
+            epochs=[
+                report.EpochRow(
+                    epoch=m.epoch,
+                    val_accuracy=m.val_accuracy,
+                    val_loss=m.val_loss,
+                    train_accuracy=m.train_accuracy,
+                    train_loss=m.train_loss,
+                )
+                for m in metrics.get(run.id, [])
+            ],
+        )
+        for run in experiment_repo.list_experiment_runs(session=session, experiment_id=experiment.id)
+    ]

@@ -1,0 +1,235 @@
+"""/api/v1/runs: submit training jobs, follow them, cancel them, and query the trained models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from starlette.concurrency import run_in_threadpool
+
+from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
+from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunId, SessionDep, SettingsDep
+from service.api.errors import Message
+from service.api.security import READ, PrincipalDep
+from service.ml import bn_tools
+from service.ml.probes import PROBE_SAMPLES
+from service.models import RunStatus
+from service.queue import BrokerUnavailable
+from service.runs import repository as run_repo
+from service.runs.schemas import (
+    EpochMetricPublic,
+    EpochSlotStatisticsPublic,
+    RunCreate,
+    RunLayerStatsPublic,
+    RunMetricsPublic,
+    RunPatch,
+    RunPublic,
+    RunsPublic,
+    SlotStatisticPublic,
+)
+from service.runs.service import (
+    commit_before_answering,
+    publish_run,
+    refuse_if_aliased,
+    require_capacity,
+    require_dataset,
+    run_public,
+)
+from service.serving import served
+from service.serving.images import Invert
+from service.serving.inputs import PredictBody, read_predict_body
+from service.serving.schemas import PredictRequest, ServedPredictResponse
+from service.serving.server import LoadedModel
+
+router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Submit a training run",
+    responses={
+        422: {"description": "Invalid spec or missing dataset"},
+        429: {"model": Message},
+        503: {"model": Message},
+    },
+)
+def submit_run(
+    spec: RunCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep, response: Response
+) -> RunPublic:
+    require_dataset(spec, settings)
+    require_capacity(session=session, owner=principal.name, limit=settings.max_active_runs_per_key)
+    run = run_repo.create_run(session=session, spec=spec, owner=principal.name)
+    # Commit, then enqueue: otherwise a worker could receive the id before the row exists.
+    session.commit()
+    location = f"/api/v1/runs/{run.id}"
+    try:
+        publish_run(session=session, run_id=run.id, spec=spec)
+    except BrokerUnavailable as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"the broker is unreachable ({exc}); run {run.id} is saved as queued and is published "
+            "again once the broker is back",
+            headers={"Location": location, "Retry-After": "10"},
+        ) from exc
+    response.headers["Location"] = location
+    return run_public(session=session, run=run)
+
+
+@router.get("", summary="List runs, newest first")
+def list_runs(
+    session: SessionDep,
+    status_filter: Annotated[
+        RunStatus | None, Query(alias="status", description="Only runs in this state.")
+    ] = None,
+    limit: LimitQuery = 20,
+    offset: OffsetQuery = 0,
+    experiment_id: Annotated[
+        str | None, Query(pattern=r"^[0-9a-f]{32}$", description="Only the runs of this experiment.")
+    ] = None,
+) -> RunsPublic:
+    runs, total = run_repo.list_runs(
+        session=session, status=status_filter, limit=limit, offset=offset, experiment_id=experiment_id
+    )
+    return RunsPublic(
+        items=[run_public(session=session, run=run) for run in runs], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/{run_id}", summary="One run: status, spec, timestamps, error and summary")
+def get_run(run: RunDep, session: SessionDep) -> RunPublic:
+    return run_public(session=session, run=run)
+
+
+@router.get("/{run_id}/metrics", summary="Per-epoch metrics, written as each epoch ends")
+def get_metrics(run: RunDep, session: SessionDep) -> RunMetricsPublic:
+    rows = run_repo.list_epoch_metrics(session=session, run_id=run.id)
+    return RunMetricsPublic(epochs=[EpochMetricPublic.model_validate(row) for row in rows])
+
+
+@router.get(
+    "/{run_id}/layer-stats",
+    summary="Internal covariate shift: mean and std of each normalisation slot's input, per epoch",
+)
+def get_layer_stats(run: RunDep, session: SessionDep) -> RunLayerStatsPublic:
+    by_epoch: dict[int, list[SlotStatisticPublic]] = {}
+    for row in run_repo.list_layer_stats(session=session, run_id=run.id):
+        by_epoch.setdefault(row.epoch, []).append(
+            SlotStatisticPublic(layer=row.layer, input_mean=row.input_mean, input_std=row.input_std)
+        )
+    return RunLayerStatsPublic(
+        probe_samples=PROBE_SAMPLES,
+        epochs=[
+            EpochSlotStatisticsPublic(epoch=epoch, layers=sorted(layers, key=lambda s: _natural(s.layer)))
+            for epoch, layers in sorted(by_epoch.items())
+        ],
+    )
+
+
+def _natural(name: str) -> tuple[str, int]:
+    # bn2 before bn10: slot names are a prefix and the block number.
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem) :] or 0)
+
+
+@router.post(
+    "/{run_id}/cancel",
+    summary="Cancel a run: a queued run never starts, a running one stops at its next step",
+    responses={409: {"model": Message}},
+)
+def cancel_run(run: RunDep, session: SessionDep) -> RunPublic:
+    if RunStatus(run.status).is_finished:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"run {run.id} has already ended ({run.status})")
+    run_repo.request_cancel(session=session, run=run)
+    session.flush()
+    return run_public(session=session, run=run)
+
+
+@router.delete(
+    "/{run_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a run with its metrics, checkpoints and models; a running one stops at its next step",
+    responses={409: {"model": Message, "description": "An alias serves the run"}},
+)
+def delete_run(run: RunDep, session: SessionDep) -> None:
+    refuse_if_aliased(session, f"run {run.id}", [run.id])
+    # No cancel flag to set: the worker checks, between steps, that it still holds the run (the same
+    # read that sees a cancel); a deleted run is held by no one, so it stops there and writes nothing.
+    run_repo.delete_runs(session=session, run_ids=[run.id])
+    commit_before_answering(session)
+
+
+@router.patch("/{run_id}", summary="Rename a run, or set its tags or notes (fields left out stay)")
+def patch_run(run: RunDep, changes: RunPatch, session: SessionDep) -> RunPublic:
+    run_repo.update_labels(target=run, changes=changes.model_dump(exclude_unset=True))
+    commit_before_answering(session)
+    return run_public(session=session, run=run)
+
+
+PREDICT_DOCS = READ | body_docs(
+    {"application/json": inline_schema(PredictRequest), "multipart/form-data": IMAGE_UPLOAD_SCHEMA}
+)
+
+
+@router.post(
+    "/{run_id}/predict",
+    summary="Predict with the trained model: JSON inputs, or an uploaded PNG/JPEG image",
+    description="Eval mode (BN running statistics), BN folded into the Linear layers unless `fused=false`; "
+    "`mode=train` answers with this request's batch statistics instead, stored buffers untouched. "
+    "An image is converted as docs/serving.md describes (grayscale, light-on-dark, letterboxed to 28×28).",
+    responses={
+        409: {"model": Message},
+        413: {"model": Message},
+        415: {"model": Message},
+        422: {"model": Message},
+    },
+    openapi_extra=PREDICT_DOCS,
+)
+async def predict(
+    request: Request,
+    run_id: RunId,
+    fused: Annotated[bool, Query(description="Serve with BN folded into the Linear layers.")] = True,
+    mode: Annotated[
+        Literal["eval", "train"],
+        Query(description="eval: running statistics; train: this batch's statistics."),
+    ] = "eval",
+    version: Annotated[
+        int | None, Query(ge=1, le=1_000_000, description="Model version; default newest.")
+    ] = None,
+    invert: Annotated[
+        Invert,
+        Query(description="Images: auto inverts dark-on-light images (light border) to light-on-dark."),
+    ] = "auto",
+) -> ServedPredictResponse:
+    body = await read_predict_body(request, invert=invert)
+    if mode == "train":
+        probabilities, loaded = await run_in_threadpool(_predict_batch_stats, run_id, version, body)
+        served_fused = False
+    else:
+        answer = await served.infer(run_id, version, fused=fused, prepare=body, is_run_id=True)
+        probabilities, loaded, served_fused = answer.probabilities, answer.loaded, answer.fused
+    predictions = probabilities.argmax(dim=1).tolist()
+    names = await served.class_names_of(run_id)
+    return ServedPredictResponse(
+        predictions=predictions,
+        probabilities=probabilities.tolist(),
+        model_version=loaded.version,
+        fused=served_fused,
+        mode=mode,
+        image=body.image_info,
+        labels=[names[c] for c in predictions] if names else None,
+        class_names=names,
+    )
+
+
+def _predict_batch_stats(
+    run_id: str, version: int | None, body: PredictBody
+) -> tuple[torch.Tensor, LoadedModel]:
+    """mode=train: this request's batch statistics. Never batched with other requests (their samples
+    would change this one's statistics), on a copy of the model (the stored buffers never move)."""
+    loaded = served.served_run_model(run_id, version)
+    try:
+        return bn_tools.predict_proba_batch_stats(loaded.unfused, body(loaded)), loaded
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc

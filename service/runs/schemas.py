@@ -1,0 +1,469 @@
+"""Request and response models. One schema family per resource; every field is described so the
+OpenAPI page at /docs documents the API by itself."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+from service.ml.config import NormKind
+from service.ml.datasets import BUILTIN_SHAPES
+from service.runs.spec import ADAM_EPS, shape_problem
+
+# A job is a declarative spec, never code: unknown fields are refused and floats must be finite.
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _not_a_boolean(value: Any) -> Any:
+    # Lax parsing would read `true` as 1; a number field takes numbers only (299.0 stays an int).
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+NotBool = BeforeValidator(_not_a_boolean)
+
+MAX_PARAMETERS = 20_000_000
+MAX_PREDICT_SAMPLES = 1024
+
+BuiltinDatasetName = Literal["fashion-mnist", "mnist", "synthetic", "cifar10", "mnist1d"]
+DatasetName = Literal[BuiltinDatasetName, "uploaded"]
+DatasetId = Annotated[
+    str, Field(pattern=r"^[0-9a-f]{32}$", description="Server-generated dataset id (32 hex).")
+]
+Width = Annotated[int, NotBool, Field(ge=1, le=4096)]
+
+
+class NormSpec(BaseModel):
+    """One normalisation layer per hidden block. Accepts PyTorch's names (eps, momentum, affine) or
+    Keras' (epsilon, keras_momentum, center, scale); the echo always shows PyTorch's, converted."""
+
+    model_config = STRICT
+
+    kind: NormKind = Field(
+        "batch",
+        description="none, batch (BatchNorm), layer (LayerNorm; GroupNorm(1, C) on conv maps), group "
+        "(GroupNorm, `num_groups`), instance (InstanceNorm2d, cnn only), batch_renorm (`rmax`, `dmax` and "
+        "the renorm_* warm-up), ghost (BN per `virtual_batch_size` samples), weight (weight normalisation "
+        "of each hidden Linear/Conv), batch_layer (Batch Layer Normalization, Ziaee & Çano 2022).",
+    )
+    position: Literal["after_activation", "before_activation"] | None = Field(
+        None,
+        description="after_activation: Linear → act → norm (the article's Keras code); "
+        "before_activation: Linear/Conv → norm → act (the article's equation 6, and the usual "
+        "Conv–Norm–Act block). Default (null): after_activation for an mlp, before_activation for a "
+        "cnn; the echo shows the one used.",
+    )
+    eps: Annotated[float, NotBool] = Field(
+        1e-3, gt=0, le=1, description="Added to the variance; Keras' default 1e-3 (PyTorch's is 1e-5)."
+    )
+    momentum: Annotated[float | None, NotBool] = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="PyTorch convention: weight of the new batch in the running statistics (Keras' 0.99 is "
+        "0.01 here). null = cumulative average.",
+    )
+    affine: bool = Field(True, strict=True, description="Learn γ and β.")
+    track_running_stats: bool = Field(
+        True,
+        strict=True,
+        description="Keep running statistics for eval mode (batch, batch_renorm (required), ghost, instance, "
+        "batch_layer); without them eval normalises with the batch's own statistics.",
+    )
+    keras_momentum: Annotated[float | None, NotBool] = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Keras convention (0.99 style, the weight of the old value): momentum = "
+        "1 − keras_momentum, converted exactly in decimal; null in the echo, which shows `momentum`.",
+    )
+    epsilon: Annotated[float | None, NotBool] = Field(
+        None, gt=0, le=1, description="Keras' name of `eps`; null in the echo, which shows `eps`."
+    )
+    center: bool | None = Field(
+        None,
+        strict=True,
+        description="Keras: learn β. The echo shows center and scale only when they differ (then affine is "
+        "true); otherwise null, with `affine` saying both.",
+    )
+    scale: bool | None = Field(None, strict=True, description="Keras: learn γ (see `center`).")
+    num_groups: Annotated[int, NotBool] = Field(
+        32, ge=1, le=4096, description="group: groups of channels (must divide every width); GN paper's 32."
+    )
+    virtual_batch_size: Annotated[int, NotBool] = Field(
+        16, ge=2, le=8192, description="ghost: samples per virtual batch; must divide train.batch_size."
+    )
+    rmax: Annotated[float, NotBool] = Field(
+        3.0, ge=1, le=1000, description="batch_renorm: final clip of r = σ_B/σ to [1/rmax, rmax] (paper 3)."
+    )
+    dmax: Annotated[float, NotBool] = Field(
+        5.0, ge=0, le=1000, description="batch_renorm: final clip of d = (μ_B − μ)/σ to ±dmax (paper 5)."
+    )
+    renorm_warmup_steps: Annotated[int, NotBool] = Field(
+        5000, ge=0, le=10**8, description="batch_renorm: training steps of plain BN (rmax 1, dmax 0) first."
+    )
+    renorm_rmax_steps: Annotated[int, NotBool] = Field(
+        40000, ge=0, le=10**8, description="batch_renorm: step rmax is reached at (linear from the warm-up)."
+    )
+    renorm_dmax_steps: Annotated[int, NotBool] = Field(
+        25000, ge=0, le=10**8, description="batch_renorm: step dmax is reached at (linear from the warm-up)."
+    )
+    sync: bool = Field(
+        False,
+        strict=True,
+        description="batch only, with train.processes >= 2: normalise with the statistics of the global "
+        "batch, all-reduced across the processes (Keras' `synchronized`), instead of each process's shard. "
+        "Training only: the stored network is plain BatchNorm.",
+    )
+
+    @model_validator(mode="after")
+    def _one_convention(self) -> Self:
+        # Keras' names are converted into PyTorch's; a value given under both names must agree.
+        given = self.model_fields_set
+        if self.epsilon is not None:
+            if "eps" in given and self.eps != self.epsilon:
+                raise ValueError(f"eps {self.eps} and epsilon {self.epsilon} conflict: give one of them")
+            self.eps, self.epsilon = self.epsilon, None
+        if self.keras_momentum is not None:
+            converted = float(Decimal(1) - Decimal(repr(self.keras_momentum)))
+            if "momentum" in given and self.momentum != converted:
+                raise ValueError(
+                    f"momentum {self.momentum} and keras_momentum {self.keras_momentum} conflict (PyTorch's "
+                    f"momentum is 1 − Keras' momentum = {converted}): give one of them"
+                )
+            self.momentum, self.keras_momentum = converted, None
+        self._resolve_center_scale("affine" in given)
+        return self
+
+    def _resolve_center_scale(self, affine_given: bool) -> None:
+        center = self.affine if self.center is None else self.center
+        scale = self.affine if self.scale is None else self.scale
+        if affine_given and self.affine != (center or scale):
+            raise ValueError(
+                f"affine {str(self.affine).lower()} conflicts with center {str(center).lower()} / scale "
+                f"{str(scale).lower()}: give affine, or center and scale"
+            )
+        if center == scale:
+            self.affine, self.center, self.scale = center, None, None
+        else:
+            self.affine, self.center, self.scale = True, center, scale
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> Self:
+        if self.kind == "batch_renorm":
+            if not self.track_running_stats:
+                raise ValueError("kind batch_renorm needs track_running_stats true (r and d use them)")
+            warmup = self.renorm_warmup_steps
+            if warmup > self.renorm_rmax_steps or warmup > self.renorm_dmax_steps:
+                raise ValueError(
+                    f"renorm_warmup_steps {warmup} must not exceed renorm_rmax_steps "
+                    f"{self.renorm_rmax_steps} or renorm_dmax_steps {self.renorm_dmax_steps}"
+                )
+        if self.kind == "instance" and self.track_running_stats and self.momentum is None:
+            raise ValueError("kind instance with track_running_stats needs a momentum (not null)")
+        return self
+
+
+Channels = Annotated[int, NotBool, Field(ge=1, le=512)]
+
+
+class ModelSpec(BaseModel):
+    model_config = STRICT
+
+    arch: Literal["mlp", "cnn"] = Field(
+        "mlp",
+        description="mlp: Flatten → [Linear → act → norm] × len(hidden) → Linear. cnn: [Conv 3×3 → norm → "
+        "act, 2×2 max-pool while the map is ≥ 2×2] × len(channels) → global average pool → Linear; needs "
+        "image data (C, H, W). Each uses only its own widths (hidden or channels).",
+    )
+    hidden: list[Width] = Field([128], min_length=1, max_length=16, description="mlp: hidden layer widths.")
+    channels: list[Channels] = Field(
+        [32, 64], min_length=1, max_length=8, description="cnn: output channels of each conv block."
+    )
+    activation: Literal["relu", "sigmoid", "tanh", "gelu"] = Field("relu", description="Hidden activation.")
+    dropout: Annotated[float, NotBool] = Field(
+        0.0, ge=0, le=0.9, description="Dropout probability in every hidden block (0: no dropout layer)."
+    )
+    dropout_position: Literal["before_norm", "after_norm"] = Field(
+        "after_norm", description="Dropout right before or right after each block's norm slot."
+    )
+    init_scale: Annotated[float, NotBool] = Field(
+        1.0, gt=0, le=100, description="Multiplies every initial Linear/Conv weight (after the init)."
+    )
+    norm: NormSpec = Field(default_factory=NormSpec, description="Normalization of the hidden layers.")
+
+    @model_validator(mode="after")
+    def _norm_fits_widths(self) -> Self:
+        if self.norm.position is None:  # the article's Keras MLP; the standard Conv–Norm–Act block
+            self.norm.position = "after_activation" if self.arch == "mlp" else "before_activation"
+        widths = self.hidden if self.arch == "mlp" else self.channels
+        groups = self.norm.num_groups
+        if self.norm.kind == "group":
+            # On an mlp a group of one feature has no variance: GroupNorm refuses it.
+            bad = [w for w in widths if w % groups or (self.arch == "mlp" and w // groups < 2)]
+            if bad:
+                field = "hidden" if self.arch == "mlp" else "channels"
+                raise ValueError(
+                    f"model.norm.num_groups {groups} must divide every model.{field} width (an mlp needs "
+                    f"groups of at least 2 features); it does not for {bad}"
+                )
+        if self.norm.kind == "instance" and self.arch == "mlp":
+            raise ValueError("norm kind instance needs spatial dimensions: use it with arch 'cnn'")
+        return self
+
+
+class DatasetSpec(BaseModel):
+    model_config = STRICT
+
+    name: DatasetName = Field(
+        "fashion-mnist",
+        description="fashion-mnist and mnist read IDX files, cifar10 its binary version, from "
+        "BNLAB_DATA_DIR/<name>/ or /usr/share/datasets/<name>/ (or a download, when the server allows it); "
+        "synthetic and mnist1d (Greydanus 2020: 4000 train samples of 40 floats) are generated and need no "
+        "files; uploaded is a dataset from POST /api/v1/datasets, named by `id`.",
+    )
+    id: DatasetId | None = Field(
+        None, description="With name 'uploaded' (and only then): the id POST /api/v1/datasets returned."
+    )
+    val_split: Annotated[float, NotBool] = Field(
+        0.2,
+        gt=0,
+        le=0.5,
+        description="The last fraction of the training set held out, as Keras' validation_split.",
+    )
+    limit: Annotated[int | None, NotBool] = Field(
+        None,
+        ge=10,
+        le=1_000_000,
+        description="Use only the first N training samples; for synthetic, how many to generate "
+        "(default 10000).",
+    )
+
+    @model_validator(mode="after")
+    def _id_names_an_upload(self) -> Self:
+        if self.name == "uploaded" and self.id is None:
+            raise ValueError(
+                "dataset.id is required with name 'uploaded' (the id POST /api/v1/datasets returned)"
+            )
+        if self.name != "uploaded" and self.id is not None:
+            raise ValueError(f"dataset.id is only for name 'uploaded', not for the built-in {self.name!r}")
+        return self
+
+
+class ScheduleSpec(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["none", "step", "cosine"] = Field(
+        "none",
+        description="Learning rate per epoch: none = constant; step = lr·gamma^⌊(epoch−1)/step_size⌋; "
+        "cosine = lr·(1 + cos(π·(epoch−1)/epochs))/2.",
+    )
+    step_size: Annotated[int, NotBool] = Field(10, ge=1, le=1000, description="step: epochs per decay.")
+    gamma: Annotated[float, NotBool] = Field(0.1, gt=0, le=1, description="step: factor per decay.")
+
+
+class TrainSpec(BaseModel):
+    model_config = STRICT
+
+    epochs: Annotated[int, NotBool] = Field(10, ge=1, le=1000, description="Passes over the training split.")
+    batch_size: Annotated[int, NotBool] = Field(
+        32, ge=2, le=8192, description="Samples per step; BN needs at least 2."
+    )
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with `momentum`.")
+    lr: Annotated[float, NotBool] = Field(1e-3, gt=0, le=10, description="Learning rate (epoch 1).")
+    momentum: Annotated[float, NotBool] = Field(0.9, ge=0, lt=1, description="SGD's momentum.")
+    weight_decay: Annotated[float, NotBool] = Field(
+        0.0, ge=0, le=1, description="L2 coefficient added to every gradient (torch's coupled weight_decay)."
+    )
+    adam_eps: Annotated[float | None, NotBool] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Adam's epsilon; null: by `compat` (pytorch 1e-8, keras 1e-7). The echo shows the value "
+        "used.",
+    )
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
+    seed: Annotated[int, NotBool] = Field(
+        0, ge=0, le=2**31 - 1, description="Seeds initialisation and data order."
+    )
+    processes: Annotated[int, NotBool] = Field(
+        1,
+        ge=1,
+        le=4,
+        description="Data-parallel processes (DDP: over gloo on the CPU, over NCCL with one GPU each on "
+        "CUDA) that train one run: each takes a shard of every batch, at least 2 samples "
+        "(batch_size >= 2·processes); 1 = one process.",
+    )
+
+
+class RunCreate(BaseModel):
+    """A training job. Omitted fields default to the article's Keras experiment."""
+
+    model_config = STRICT
+
+    name: str | None = Field(
+        None,
+        max_length=200,
+        # Letters, digits, spaces and punctuation, but no slash or backslash: no field of a job
+        # spec can carry a path or a URL.
+        pattern=r"^[\w .,:;()+=@#%&!?'-]*$",
+        description="Optional label: letters, digits, spaces and .,:;()+=@#%&!?'- (no slashes).",
+    )
+    compat: Literal["pytorch", "keras"] = Field(
+        "pytorch",
+        description="pytorch: PyTorch's Linear/Conv init, Adam eps 1e-8. keras: Glorot-uniform kernels with "
+        "zero biases and Adam eps 1e-7, as the article's Keras code. Either way BN's eps and momentum are "
+        "the fields' (defaults: Keras' 1e-3 and 0.99, i.e. 0.01 here).",
+    )
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> Self:
+        shape = BUILTIN_SHAPES.get(self.dataset.name)
+        if shape is None:
+            return self  # an upload: the API checks the spec against the upload's stored shape
+        # Built on the data's real shape: a cnn on vector data, or maps too small for a norm, is a 422.
+        problem = shape_problem(self, shape, max_parameters=MAX_PARAMETERS)
+        if problem is not None:
+            raise ValueError(problem)
+        # A batch larger than the training split is allowed: each epoch is then one smaller batch,
+        # as in Keras (limit >= 10 with val_split <= 0.5 always leaves at least 5 samples).
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_and_cross_check(self) -> Self:
+        if self.train.adam_eps is None:
+            self.train.adam_eps = ADAM_EPS[self.compat]  # the echo shows what ran
+        norm = self.model.norm
+        self._check_processes()
+        if norm.kind == "ghost" and self.train.batch_size % norm.virtual_batch_size:
+            raise ValueError(
+                f"model.norm.virtual_batch_size {norm.virtual_batch_size} must divide train.batch_size "
+                f"{self.train.batch_size}"
+            )
+        return self
+
+    def _check_processes(self) -> None:
+        norm, train = self.model.norm, self.train
+        if norm.sync and norm.kind != "batch":
+            raise ValueError(f"model.norm.sync applies to norm kind 'batch', not {norm.kind!r}")
+        if norm.sync and train.processes < 2:
+            raise ValueError(
+                "model.norm.sync synchronises BN statistics across processes: it needs train.processes >= 2"
+            )
+        if train.batch_size < 2 * train.processes:
+            raise ValueError(
+                f"train.batch_size {train.batch_size} leaves fewer than 2 samples per process "
+                f"(train.processes {train.processes})"
+            )
+
+
+RunStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class RunSummary(BaseModel):
+    epochs_done: int = Field(description="Epochs finished so far.")
+    epochs_total: int = Field(description="Epochs asked for.")
+    train_loss: float | None = Field(None, description="Training loss of the last finished epoch.")
+    train_accuracy: float | None = Field(None, description="Training accuracy of the last finished epoch.")
+    val_loss: float | None = Field(None, description="Validation loss of the last finished epoch.")
+    val_accuracy: float | None = Field(None, description="Validation accuracy of the last finished epoch.")
+
+
+# Names, tags and notes a user may change later (PATCH): the same characters as at submission.
+LABEL_PATTERN = r"^[\w .,:;()+=@#%&!?'-]*$"
+Tag = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=40,
+        pattern=r"^[\w.:+=@#-]+$",
+        description="Letters, digits and . : + = @ # - _ (no spaces).",
+    ),
+]
+Tags = Annotated[list[Tag], Field(max_length=20, description="Up to 20 tags; replaces the current ones.")]
+Notes = Annotated[str, Field(max_length=10_000, description="Free text, up to 10 000 characters.")]
+
+
+class RunPatch(BaseModel):
+    """What PATCH /api/v1/runs/{id} may change; the fields left out stay as they are."""
+
+    model_config = STRICT
+
+    name: str | None = Field(
+        None, max_length=200, pattern=LABEL_PATTERN, description="New label; null removes it."
+    )
+    tags: Tags | None = None
+    notes: Notes | None = Field(None, description="Free text; null removes it.")
+
+
+class RunPublic(BaseModel):
+    id: str = Field(description="Server-generated run id.")
+    name: str | None = Field(description="The label given at submission, or by PATCH since.")
+    tags: list[str] = Field(default_factory=list, description="Tags set by PATCH.")
+    notes: str | None = Field(None, description="Notes set by PATCH.")
+    status: RunStatusName = Field(description="queued → running → succeeded | failed | cancelled.")
+    spec: RunCreate = Field(description="The normalised spec: every default filled in, as it ran.")
+    error: str | None = Field(description="Why the run failed, when it did.")
+    cancel_requested: bool = Field(
+        description="A cancel was asked for; a running job stops at the next step."
+    )
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    summary: RunSummary
+
+
+class RunsPublic(BaseModel):
+    items: list[RunPublic]
+    total: int = Field(description="Runs matching the filter.")
+    limit: int
+    offset: int
+
+
+class EpochMetricPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int = Field(description="1-based epoch number.")
+    train_loss: float
+    train_accuracy: float
+    val_loss: float = Field(description="Validation loss in eval mode (running statistics).")
+    val_accuracy: float
+    seconds: float = Field(description="Wall time of the epoch, validation included.")
+    train_samples: int | None = Field(
+        None, description="Training samples the epoch went through (samples/s = train_samples / seconds)."
+    )
+
+
+class RunMetricsPublic(BaseModel):
+    epochs: list[EpochMetricPublic]
+
+
+class SlotStatisticPublic(BaseModel):
+    layer: str = Field(description="The normalisation slot by module name (bn1, …), identity if no norm.")
+    input_mean: float = Field(description="Mean of the slot's input, before normalising, on the probe batch.")
+    input_std: float = Field(description="Standard deviation of the same values.")
+
+
+class EpochSlotStatisticsPublic(BaseModel):
+    epoch: int = Field(description="0 = the freshly initialised network; k = after epoch k.")
+    layers: list[SlotStatisticPublic] = Field(description="One entry per slot, input to output.")
+
+
+class RunLayerStatsPublic(BaseModel):
+    """Internal covariate shift, measured: how each normalisation slot's input moves as training goes."""
+
+    probe_samples: int = Field(description="Size of the fixed probe batch (the first validation samples).")
+    epochs: list[EpochSlotStatisticsPublic]

@@ -1,0 +1,112 @@
+"""The runs domain's logic behind its routes (and the experiments' and the reaper's): a run's public
+view, the checks a spec must pass before anything is written, and publishing its task."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException, status
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.datasets import loading
+from service.db import session_scope
+from service.models import Run
+from service.queue import enqueue_training
+from service.runs import repository as run_repo
+from service.runs.budget import run_time_limit_s
+from service.runs.schemas import MAX_PARAMETERS, RunCreate, RunPublic, RunSummary
+from service.runs.spec import shape_problem
+from service.serving import repository as serving_repo
+
+
+def run_public(*, session: Session, run: Run) -> RunPublic:
+    spec = RunCreate.model_validate(run.spec)
+    last = run_repo.last_epoch_metric(session=session, run=run)
+    summary = RunSummary(
+        epochs_done=run.epochs_done,
+        epochs_total=spec.train.epochs,
+        train_loss=last.train_loss if last else None,
+        train_accuracy=last.train_accuracy if last else None,
+        val_loss=last.val_loss if last else None,
+        val_accuracy=last.val_accuracy if last else None,
+    )
+    return RunPublic.model_validate(
+        {
+            "id": run.id,
+            "name": run.name,
+            "tags": run.tags or [],
+            "notes": run.notes,
+            "status": run.status,
+            "spec": spec,
+            "error": run.error,
+            "cancel_requested": run.cancel_requested,
+            "created_at": run.created_at,
+            "started_at": run.started_at,
+            "finished_at": run.finished_at,
+            "summary": summary,
+        }
+    )
+
+
+def require_dataset(spec: RunCreate, settings: Settings) -> None:
+    """A missing dataset, or one the model cannot train on, is the user's to fix: say so at submit
+    time (422), not as a failed run later."""
+    missing = loading.missing_dataset(spec, settings)
+    if missing is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=missing)
+    with session_scope() as session:  # its own: callers validate before they write anything
+        try:
+            shape = loading.data_shape(session=session, dataset=spec.dataset)
+        except loading.UnknownDataset as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    problem = shape_problem(spec, shape, max_parameters=MAX_PARAMETERS)
+    if problem is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=problem)
+
+
+def require_capacity(*, session: Session, owner: str, limit: int, adding: int = 1) -> None:
+    """429 unless `adding` more active runs (a whole experiment's) stay within the key's cap."""
+    active = run_repo.count_active_runs(session=session, owner=owner)
+    if active + adding > limit:
+        adds = f"; this request would add {adding}" if adding > 1 else ""
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"key '{owner}' already has {active} queued or running runs (limit {limit}){adds}; "
+            "wait for some to finish or cancel them",
+            headers={"Retry-After": "30"},
+        )
+
+
+def publish(run_id: str, spec: RunCreate) -> None:
+    """Publish a committed run's task with the time limits its spec earns."""
+    with session_scope() as session:
+        limit_s = run_time_limit_s(spec, session=session)
+    enqueue_training(run_id, time_limit_s=limit_s)
+
+
+def publish_run(*, session: Session, run_id: str, spec: RunCreate) -> None:
+    """Publish a committed run's task by name and note when; raises BrokerUnavailable, and the run
+    then stays queued with no enqueued_at, which the reaper publishes once the broker is back."""
+    publish(run_id, spec)
+    run_repo.mark_enqueued(session=session, run_id=run_id)
+
+
+def refuse_if_aliased(
+    session: Session, what: str, run_ids: list[str], experiment_id: str | None = None
+) -> None:
+    """409 naming the aliases that serve these runs (or the experiment): deleting would silently
+    break every client that calls the alias, so the user re-points or deletes it first."""
+    names = serving_repo.aliases_naming(session=session, run_ids=run_ids, experiment_id=experiment_id)
+    if names:
+        listed = ", ".join(names)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"{what} is served by the alias{'es' if len(names) > 1 else ''} {listed}: point "
+            f"{'them' if len(names) > 1 else 'it'} at another run (PUT /api/v1/models/{names[0]}) or delete "
+            f"{'them' if len(names) > 1 else 'it'} (DELETE /api/v1/models/{names[0]}) first",
+        )
+
+
+def commit_before_answering(session: Session) -> None:
+    """Commit now: get_db commits only after the response has been sent (FastAPI closes a yield
+    dependency after the response), so a client could read the old state right after a 2xx."""
+    session.commit()

@@ -1,0 +1,379 @@
+"""Serving trained models: a memory-capped LRU of loaded (and fused) models, and micro-batching.
+
+- **Cache.** A model is loaded once per process from its safetensors artifact, keyed by
+  (run, version, sha256) so new weights are never served stale; BN is folded into the Linear
+  layers at load (service.ml.fusion) and both variants are run once on zeros to warm them. Entries
+  are evicted least-recently-used when the parameters and buffers of all cached variants pass
+  `cache_mb` (the entry being loaded always stays, even when it alone is larger).
+- **Micro-batching.** An inference request is a model name (run id or alias), a version, a
+  variant (fused or not) and a `prepare` function that turns the request's body into an input
+  tensor once the model is known. Requests with the same (name, version, variant) are gathered
+  into one batch: up to `max_batch_size` requests, waiting at most `max_wait_ms` after the first.
+  A batch costs one thread hand-off, one database lookup of the name, and one forward pass on the
+  concatenated inputs; each request gets its own rows back, or its own error. At most
+  `inference_threads` batches run at once: while they run, new requests queue up, so under load the
+  next batches are fuller without anyone waiting longer. Answers are identical with or without
+  batching: in eval mode a sample's output does not depend on its batch-mates (bn-semantics oracle
+  4). Train-mode inference (batch statistics) is never batched with other requests, since it would.
+- **Threads.** Everything above runs in a pool of `inference_threads` threads (default: the
+  machine's cores), never on the event loop: routes await `asyncio.wrap_future`. Without
+  micro-batching each request runs the same steps alone in that pool.
+
+Settings come from BNLAB_SERVE_* environment variables (config.Settings' serve_* fields).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import chain
+from typing import Generic, TypeVar
+
+import torch
+from torch import nn
+
+from service import telemetry
+from service.config import Settings, get_settings
+from service.db import session_scope
+from service.ml import checkpoints
+from service.ml.config import ModelConfig
+from service.ml.fusion import FusionReport, fuse_bn
+from service.serving import repository as model_repo
+
+log = logging.getLogger(__name__)
+
+# Rows per forward pass, at most: a batch of large requests runs in chunks of this many samples.
+MAX_FORWARD_ROWS = 1024
+
+
+def forward_proba(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities in eval mode. The cached models are in eval mode and never leave it."""
+    with torch.inference_mode():
+        logits: torch.Tensor = model(inputs)
+        return logits.softmax(dim=1)
+
+
+def module_bytes(*models: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for model in models:
+        for tensor in chain(model.parameters(), model.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------- batching
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    future: Future[R]
+    arrived: float
+
+
+class Batcher(Generic[K, T, R]):
+    """Gathers items submitted under the same key into batches for `process(key, items)`, which
+    returns one result or exception per item. `workers` threads each take the batch of the key that
+    has waited longest, process it, and come back for the next: while they are busy, requests queue
+    up, so under load batches fill by themselves."""
+
+    def __init__(
+        self,
+        process: Callable[[K, list[T]], list[R | BaseException]],
+        *,
+        workers: int,
+        max_batch_size: int,
+        max_wait_s: float,
+    ) -> None:
+        self._process = process
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
+        self._pending: dict[K, deque[_Pending[T, R]]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self.batches = 0  # batches processed
+        self.requests = 0  # items answered
+        self.largest_batch = 0
+        self._threads = [
+            threading.Thread(target=self._work, name=f"batcher-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, key: K, item: T) -> Future[R]:
+        future: Future[R] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.setdefault(key, deque()).append(_Pending(item, future, time.monotonic()))
+            self._cond.notify()
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop once every item already submitted has been answered."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _work(self) -> None:
+        while (taken := self._take()) is not None:
+            self._run(*taken)
+
+    def _take(self) -> tuple[K, list[_Pending[T, R]]] | None:
+        with self._cond:
+            while True:
+                if not self._pending:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                    continue
+                key, waiting = min(self._pending.items(), key=lambda kv: kv[1][0].arrived)
+                remaining = waiting[0].arrived + self._max_wait_s - time.monotonic()
+                if len(waiting) >= self._max_batch_size or remaining <= 0 or self._closed:
+                    batch = [waiting.popleft() for _ in range(min(len(waiting), self._max_batch_size))]
+                    if not waiting:
+                        del self._pending[key]
+                    if self._pending:
+                        self._cond.notify()  # more is waiting: another free worker may take it
+                    return key, batch
+                self._cond.wait(remaining)
+
+    def _run(self, key: K, batch: list[_Pending[T, R]]) -> None:
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]  # skip cancelled ones
+        if not live:
+            return
+        try:
+            results = self._process(key, [p.item for p in live])
+        except BaseException as exc:  # a failed batch fails its requests, never the worker
+            results = [exc] * len(live)
+        for pending, result in zip(live, results, strict=True):
+            if isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+        with self._cond:
+            self.batches += 1
+            self.requests += len(live)
+            self.largest_batch = max(self.largest_batch, len(live))
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+class ModelNotFound(LookupError):
+    """No stored model for this run (or not this version)."""
+
+
+@dataclass
+class LoadedModel:
+    run_id: str
+    version: int
+    sha256: str
+    config: ModelConfig
+    unfused: nn.Module
+    fused: nn.Module  # the unfused module itself when fusion was impossible
+    fusion: FusionReport
+    nbytes: int
+
+    def module(self, fused: bool) -> nn.Module:
+        return self.fused if fused and self.fusion.fused else self.unfused
+
+
+def load_model(
+    *, run_id: str, version: int, sha256: str, weights: bytes, config: dict[str, object]
+) -> LoadedModel:
+    unfused, model_config = checkpoints.load_checkpoint(weights, ModelConfig.from_dict(config))
+    assert isinstance(unfused, nn.Sequential)
+    fused, report = fuse_bn(unfused)
+    for module in {id(unfused): unfused, id(fused): fused}.values():
+        forward_proba(module, torch.zeros(2, *model_config.input_shape))  # warm: first call allocates
+    return LoadedModel(
+        run_id=run_id,
+        version=version,
+        sha256=sha256,
+        config=model_config,
+        unfused=unfused,
+        fused=fused,
+        fusion=report,
+        nbytes=module_bytes(unfused, fused),
+    )
+
+
+Prepare = Callable[[LoadedModel], torch.Tensor]  # a request's body → input tensor, once the model is known
+InferKey = tuple[str, int | None, bool]  # (name, version or None for the default, fused)
+
+
+@dataclass(frozen=True)
+class Answer:
+    resolved: model_repo.ResolvedModel
+    loaded: LoadedModel
+    probabilities: torch.Tensor  # [N, classes]
+    fused: bool  # whether the fused variant answered
+
+
+class ModelServer:
+    """The process's loaded models, and the threads and batcher that run them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._models: OrderedDict[tuple[str, int, str], LoadedModel] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        threads = settings.effective_inference_threads()
+        self.batcher: Batcher[InferKey, Prepare, Answer] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        if not settings.serve_micro_batching:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="infer")
+        else:
+            self.batcher = Batcher(
+                self._process,
+                workers=threads,
+                max_batch_size=settings.serve_max_batch_size,
+                max_wait_s=settings.serve_max_wait_ms / 1000,
+            )
+        self.loads = 0
+
+    # -- cache
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
+
+    def cached_keys(self) -> list[tuple[str, int, str]]:
+        with self._lock:
+            return list(self._models)
+
+    def lookup(self, key: tuple[str, int, str]) -> LoadedModel | None:
+        """The cached model for (run, version, sha256), marked most recently used; None if not cached."""
+        with self._lock:
+            loaded = self._models.get(key)
+            if loaded is not None:
+                self._models.move_to_end(key)
+            return loaded
+
+    def load(
+        self, key: tuple[str, int, str], fetch: Callable[[], tuple[bytes, dict[str, object]]]
+    ) -> LoadedModel:
+        """The cached model, or load it from `fetch()` (weights, config): one load at a time, so
+        concurrent first requests for a model load it once."""
+        with self._load_lock:
+            cached = self.lookup(key)
+            if cached is not None:
+                return cached
+            weights, config = fetch()
+            run_id, version, sha256 = key
+            loaded = load_model(run_id=run_id, version=version, sha256=sha256, weights=weights, config=config)
+            self.loads += 1
+            with self._lock:
+                self._models[key] = loaded
+                self._bytes += loaded.nbytes
+                cap = self.settings.serve_cache_mb * 1024 * 1024
+                while self._bytes > cap and len(self._models) > 1:
+                    _, evicted = self._models.popitem(last=False)
+                    self._bytes -= evicted.nbytes
+                    log.info("evicted model %s v%d from the cache", evicted.run_id, evicted.version)
+            return loaded
+
+    def open(self, name: str, version: int | None) -> tuple[model_repo.ResolvedModel, LoadedModel]:
+        """Blocking: resolve a run id or alias and return its loaded model.
+
+        The name is resolved in one short transaction, closed before any model is loaded or run: no
+        request holds the database while it computes. Raises model_repo.NameNotFound (and its
+        VersionNotFound), ModelNotFound, or CheckpointError for stored weights that do not load.
+        """
+        with session_scope() as session:
+            resolved = model_repo.resolve_model(session=session, name=name, version=version)
+        key = (resolved.run_id, resolved.version, resolved.sha256)
+        cached = self.lookup(key)
+        if cached is not None:
+            return resolved, cached
+
+        def fetch() -> tuple[bytes, dict[str, object]]:
+            with session_scope() as session:
+                artifact = model_repo.get_artifact(session=session, run_id=key[0], version=key[1])
+                if artifact is None or artifact.sha256 != key[2]:
+                    raise ModelNotFound(f"run {key[0]}'s model version {key[1]} changed meanwhile; retry")
+                return artifact.weights, dict(artifact.model_config)
+
+        return resolved, self.load(key, fetch)
+
+    # -- inference
+
+    def submit(self, name: str, version: int | None, *, fused: bool, prepare: Prepare) -> Future[Answer]:
+        """Answer one request: batched with others for the same model when micro-batching is on."""
+        key: InferKey = (name, version, fused)
+        if self.batcher is not None:
+            return self.batcher.submit(key, prepare)
+        assert self._pool is not None
+        return self._pool.submit(self._process_one, key, prepare)
+
+    async def infer(self, name: str, version: int | None, *, fused: bool, prepare: Prepare) -> Answer:
+        started = time.perf_counter()
+        answer = await asyncio.wrap_future(self.submit(name, version, fused=fused, prepare=prepare))
+        telemetry.INFERENCE_LATENCY.labels(answer.loaded.run_id).observe(time.perf_counter() - started)
+        return answer
+
+    def _process_one(self, key: InferKey, prepare: Prepare) -> Answer:
+        (result,) = self._process(key, [prepare])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _process(self, key: InferKey, prepares: list[Prepare]) -> list[Answer | BaseException]:
+        """One batch: resolve the name once, prepare each request's input, one forward pass, scatter."""
+        name, version, fused = key
+        try:
+            resolved, loaded = self.open(name, version)
+        except Exception:
+            telemetry.INFERENCE_REQUESTS.labels(telemetry.UNRESOLVED_MODEL, "error").inc(len(prepares))
+            raise
+        model = resolved.run_id
+        telemetry.INFERENCE_BATCH_SIZE.labels(model).observe(len(prepares))
+        results: list[Answer | BaseException | None] = [None] * len(prepares)
+        inputs: list[torch.Tensor] = []
+        for i, prepare in enumerate(prepares):
+            try:
+                inputs.append(prepare(loaded))
+            except Exception as exc:  # this request's input is bad: only it fails
+                results[i] = exc
+                telemetry.INFERENCE_REQUESTS.labels(model, "error").inc()
+        if inputs:
+            module = loaded.module(fused)
+            batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+            probabilities = torch.cat(
+                [forward_proba(module, chunk) for chunk in torch.split(batch, MAX_FORWARD_ROWS)]
+            )
+            rows = iter(torch.split(probabilities, [len(x) for x in inputs]))
+            served_fused = fused and loaded.fusion.fused
+            for i, result in enumerate(results):
+                if result is None:
+                    results[i] = Answer(resolved, loaded, next(rows), served_fused)
+            telemetry.INFERENCE_REQUESTS.labels(model, "ok").inc(len(inputs))
+        return [r for r in results if r is not None]
+
+
+@lru_cache
+def get_model_server() -> ModelServer:
+    return ModelServer(get_settings())
+
+
+def open_model(name: str, version: int | None) -> tuple[model_repo.ResolvedModel, LoadedModel]:
+    """Blocking (call it off the event loop): see ModelServer.open."""
+    return get_model_server().open(name, version)

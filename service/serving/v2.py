@@ -1,0 +1,289 @@
+"""/v2: the Open Inference Protocol (KServe V2; also spoken by Triton, TorchServe and MLServer).
+
+A model's name is a run id or an alias (PUT /api/v1/models/{alias}); its versions are the run's
+stored model versions (1 = trained weights, 2+ = recalibrations); without /versions/{v} the name
+serves the alias's pinned version, else the newest. Each model has one input, `input`
+([N, 784], [N, 28, 28] or [N, 1, 28, 28]; FP32 or FP64 pixel values in [0, 1], or UINT8 0–255;
+`data` flat or nested row-major), and two outputs, `probabilities` (FP32 [N, 10]) and
+`predictions` (INT64 [N]). `?fused=false` serves the unfused model. Every error is
+`{"error": "..."}`: 400 for a bad request (body validation included), 404 for an unknown model.
+Health answers 200 for true and 400 for false, as the protocol says.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+
+from service import __version__
+from service.api.bodies import body_docs, inline_schema
+from service.api.health import database_reachable
+from service.api.security import PUBLIC, READ
+from service.db import session_scope
+from service.serving import inference, served
+from service.serving import repository as model_repo
+from service.serving.schemas import (
+    V2Error,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2TensorMetadata,
+)
+from service.serving.served import served_model
+from service.serving.server import Answer, LoadedModel, get_model_server
+
+INPUT = "input"
+OUTPUTS = ("probabilities", "predictions")
+PLATFORM = "pytorch"
+
+
+def describe_errors(errors: list[Any]) -> str:
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def v2_error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+class V2Route(APIRoute):
+    """Errors on /v2 routes are `{"error": "..."}`; request validation errors are 400, not 422."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return v2_error(status.HTTP_400_BAD_REQUEST, describe_errors(list(exc.errors())))
+            except HTTPException as exc:
+                return v2_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+        return route
+
+
+# Every error a /v2 route itself answers is {"error": ...}; these override the app-wide {"detail"}
+# documentation (413 and 503 come from middleware in front of the routes and keep that form).
+V2_ERRORS = {
+    400: "Malformed request, or inputs that do not fit the model",
+    401: "Missing or invalid API key",
+    403: "The key lacks the scope this route needs",
+    404: "No such model or version",
+    409: "The stored model cannot be served, or an experiment alias has no succeeded run yet",
+    429: "Rate limit reached; see Retry-After",
+}
+
+
+@asynccontextmanager
+async def serving_lifespan(_app: Any) -> AsyncIterator[None]:
+    # Reads BNLAB_SERVE_* (invalid values stop the API at start-up) and starts the batcher threads.
+    get_model_server()
+    yield
+
+
+router = APIRouter(
+    prefix="/v2",
+    tags=["open inference protocol"],
+    route_class=V2Route,
+    lifespan=serving_lifespan,
+    responses={code: {"model": V2Error, "description": text} for code, text in V2_ERRORS.items()},
+)
+
+ModelName = Annotated[
+    str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="A run id or an alias.")
+]
+VersionPath = Annotated[int, Path(ge=1, le=1_000_000, description="A stored version of the run's model.")]
+FusedQuery = Annotated[
+    bool, Query(description="Serve the model with BN folded into its Linear layers; false: unfused.")
+]
+
+
+# ---------------------------------------------------------------------------------------- server
+
+
+@router.get("", summary="Server metadata", openapi_extra=PUBLIC)
+def server_metadata() -> dict[str, Any]:
+    return {"name": "bnlab", "version": __version__, "extensions": []}
+
+
+@router.get("/health/live", summary="The server is live", openapi_extra=PUBLIC)
+def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="The server is ready (its database is reachable)", openapi_extra=PUBLIC)
+def ready(response: Response) -> dict[str, bool]:
+    ok = database_reachable()
+    if not ok:
+        response.status_code = status.HTTP_400_BAD_REQUEST
+    return {"ready": ok}
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def _metadata(name: str, version: int | None) -> V2ModelMetadata:
+    resolved, loaded = served_model(name, version)
+    shape = list(loaded.config.input_shape)
+    fusion = loaded.fusion
+    return V2ModelMetadata(
+        name=name,
+        versions=[str(v) for v in resolved.versions],
+        platform=PLATFORM,
+        inputs=[V2TensorMetadata(name=INPUT, datatype="FP32", shape=[-1, *shape])],
+        outputs=[
+            V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, loaded.config.num_classes]),
+            V2TensorMetadata(name="predictions", datatype="INT64", shape=[-1]),
+        ],
+        parameters={
+            "run_id": resolved.run_id,
+            "version": str(resolved.version),
+            "input_datatypes": list(inference.V2_DATATYPES),
+            "input_shapes": [[-1, *s] for s in inference.accepted_sample_shapes(loaded.config)],
+            "fused": fusion.fused,
+            "folded": [{"batch_norm": bn, "into": linear} for bn, linear in fusion.folded],
+            "not_fused_because": fusion.reason,
+        },
+    )
+
+
+@router.get("/models/{name}", summary="Model metadata", openapi_extra=READ)
+def model_metadata(name: ModelName) -> V2ModelMetadata:
+    return _metadata(name, None)
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model version metadata", openapi_extra=READ)
+def model_version_metadata(name: ModelName, version: VersionPath) -> V2ModelMetadata:
+    return _metadata(name, version)
+
+
+def _model_ready(name: str, version: int | None, response: Response) -> dict[str, Any]:
+    try:
+        served_model(name, version)  # loading warms the model: ready means the next infer needs no load
+    except HTTPException as exc:
+        if exc.status_code == status.HTTP_404_NOT_FOUND and not _name_exists(name):
+            raise
+        response.status_code = status.HTTP_400_BAD_REQUEST
+        return {"name": name, "ready": False}
+    return {"name": name, "ready": True}
+
+
+def _name_exists(name: str) -> bool:
+    with session_scope() as session:
+        try:
+            model_repo.resolve_model(session=session, name=name, version=None)
+        except model_repo.VersionNotFound:
+            return True
+        except model_repo.NameNotFound:
+            return False
+        return True
+
+
+@router.get("/models/{name}/ready", summary="Model readiness (200 ready, 400 not yet)", openapi_extra=READ)
+def model_ready(name: ModelName, response: Response) -> dict[str, Any]:
+    return _model_ready(name, None, response)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Model version readiness (200 ready, 400 not yet)",
+    openapi_extra=READ,
+)
+def model_version_ready(name: ModelName, version: VersionPath, response: Response) -> dict[str, Any]:
+    return _model_ready(name, version, response)
+
+
+# ---------------------------------------------------------------------------------------- infer
+
+
+def _bad_request(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_400_BAD_REQUEST, detail=message)
+
+
+class _InferBody:
+    """An infer request's body, parsed and checked in an inference thread once the model is known."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.request: V2InferRequest | None = None
+        self.outputs: tuple[str, ...] = OUTPUTS
+
+    def __call__(self, loaded: LoadedModel) -> torch.Tensor:
+        try:
+            self.request = request = V2InferRequest.model_validate_json(self.body)
+        except ValidationError as exc:
+            raise _bad_request(describe_errors(list(exc.errors(include_url=False)))) from exc
+        tensor = request.inputs[0]
+        if tensor.name != INPUT:
+            raise _bad_request(f"unknown input {tensor.name!r}; this model's input is {INPUT!r}")
+        if request.outputs:
+            self.outputs = tuple(o.name for o in request.outputs)
+        unknown = [o for o in self.outputs if o not in OUTPUTS]
+        if unknown:
+            raise _bad_request(
+                f"unknown output {unknown[0]!r}; this model's outputs are {', '.join(OUTPUTS)}"
+            )
+        try:
+            return inference.v2_tensor_to_input(tensor.datatype, tensor.shape, tensor.data, loaded.config)
+        except inference.InputError as exc:
+            raise _bad_request(f"input {INPUT!r}: {exc}") from exc
+
+
+def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse:
+    probabilities = answer.probabilities
+    if not math.isfinite(float(probabilities.sum())):
+        raise HTTPException(status.HTTP_409_CONFLICT, detail="the model produced non-finite outputs")
+    n, classes = probabilities.shape
+    data: dict[str, dict[str, Any]] = {
+        "probabilities": {
+            "shape": [n, classes],
+            "datatype": "FP32",
+            "data": probabilities.reshape(-1).tolist(),
+        },
+        "predictions": {"shape": [n], "datatype": "INT64", "data": probabilities.argmax(dim=1).tolist()},
+    }
+    return V2InferResponse.model_validate(
+        {
+            "model_name": name,
+            "model_version": str(answer.resolved.version),
+            "id": body.request.id if body.request else None,
+            "parameters": {"fused": answer.fused, "run_id": answer.resolved.run_id},
+            "outputs": [{"name": output, **data[output]} for output in body.outputs],
+        }
+    )
+
+
+async def _infer(request: Request, name: str, version: int | None, fused: bool) -> V2InferResponse:
+    body = _InferBody(await request.body())
+    answer = await served.infer(name, version, fused=fused, prepare=body)
+    return _response(name, body, answer)
+
+
+INFER_DOCS = READ | body_docs({"application/json": inline_schema(V2InferRequest)})
+
+
+@router.post("/models/{name}/infer", summary="Inference", openapi_extra=INFER_DOCS)
+async def infer(request: Request, name: ModelName, fused: FusedQuery = True) -> V2InferResponse:
+    return await _infer(request, name, None, fused)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=INFER_DOCS
+)
+async def infer_version(
+    request: Request, name: ModelName, version: VersionPath, fused: FusedQuery = True
+) -> V2InferResponse:
+    return await _infer(request, name, version, fused)
