@@ -71,7 +71,7 @@ async def _unavailable(send: Send, detail: str) -> None:
             "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
         }
     )
-    await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
+    await send({"type": "http.response.body", "body": json.dumps({"detail": detail, "errors": []}).encode()})
 
 
 @dataclass

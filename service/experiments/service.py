@@ -34,6 +34,8 @@ def experiment_public(*, session: Session, experiment: Experiment) -> Experiment
         {
             "id": experiment.id,
             "name": experiment.name,
+            "tags": experiment.tags or [],
+            "notes": experiment.notes,
             "preset": experiment.preset,
             "spec": experiment.spec,
             "status_counts": counts,

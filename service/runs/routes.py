@@ -23,11 +23,19 @@ from service.runs.schemas import (
     RunCreate,
     RunLayerStatsPublic,
     RunMetricsPublic,
+    RunPatch,
     RunPublic,
     RunsPublic,
     SlotStatisticPublic,
 )
-from service.runs.service import publish_run, require_capacity, require_dataset, run_public
+from service.runs.service import (
+    commit_before_answering,
+    publish_run,
+    refuse_if_aliased,
+    require_capacity,
+    require_dataset,
+    run_public,
+)
 from service.serving import served
 from service.serving.images import Invert
 from service.serving.inputs import PredictBody, read_predict_body
@@ -135,6 +143,27 @@ def cancel_run(run: RunDep, session: SessionDep) -> RunPublic:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"run {run.id} has already ended ({run.status})")
     run_repo.request_cancel(session=session, run=run)
     session.flush()
+    return run_public(session=session, run=run)
+
+
+@router.delete(
+    "/{run_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a run with its metrics, checkpoints and models; a running one stops at its next step",
+    responses={409: {"model": Message, "description": "An alias serves the run"}},
+)
+def delete_run(run: RunDep, session: SessionDep) -> None:
+    refuse_if_aliased(session, f"run {run.id}", [run.id])
+    # No cancel flag to set: the worker checks, between steps, that it still holds the run (the same
+    # read that sees a cancel); a deleted run is held by no one, so it stops there and writes nothing.
+    run_repo.delete_runs(session=session, run_ids=[run.id])
+    commit_before_answering(session)
+
+
+@router.patch("/{run_id}", summary="Rename a run, or set its tags or notes (fields left out stay)")
+def patch_run(run: RunDep, changes: RunPatch, session: SessionDep) -> RunPublic:
+    run_repo.update_labels(target=run, changes=changes.model_dump(exclude_unset=True))
+    commit_before_answering(session)
     return run_public(session=session, run=run)
 
 

@@ -15,6 +15,7 @@ from service.runs import repository as run_repo
 from service.runs.budget import run_time_limit_s
 from service.runs.schemas import MAX_PARAMETERS, RunCreate, RunPublic, RunSummary
 from service.runs.spec import shape_problem
+from service.serving import repository as serving_repo
 
 
 def run_public(*, session: Session, run: Run) -> RunPublic:
@@ -32,6 +33,8 @@ def run_public(*, session: Session, run: Run) -> RunPublic:
         {
             "id": run.id,
             "name": run.name,
+            "tags": run.tags or [],
+            "notes": run.notes,
             "status": run.status,
             "spec": spec,
             "error": run.error,
@@ -85,3 +88,25 @@ def publish_run(*, session: Session, run_id: str, spec: RunCreate) -> None:
     then stays queued with no enqueued_at, which the reaper publishes once the broker is back."""
     publish(run_id, spec)
     run_repo.mark_enqueued(session=session, run_id=run_id)
+
+
+def refuse_if_aliased(
+    session: Session, what: str, run_ids: list[str], experiment_id: str | None = None
+) -> None:
+    """409 naming the aliases that serve these runs (or the experiment): deleting would silently
+    break every client that calls the alias, so the user re-points or deletes it first."""
+    names = serving_repo.aliases_naming(session=session, run_ids=run_ids, experiment_id=experiment_id)
+    if names:
+        listed = ", ".join(names)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"{what} is served by the alias{'es' if len(names) > 1 else ''} {listed}: point "
+            f"{'them' if len(names) > 1 else 'it'} at another run (PUT /api/v1/models/{names[0]}) or delete "
+            f"{'them' if len(names) > 1 else 'it'} (DELETE /api/v1/models/{names[0]}) first",
+        )
+
+
+def commit_before_answering(session: Session) -> None:
+    """Commit now: get_db commits only after the response has been sent (FastAPI closes a yield
+    dependency after the response), so a client could read the old state right after a 2xx."""
+    session.commit()
