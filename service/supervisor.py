@@ -159,8 +159,7 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until a stop signal (exit status 0) or a crash loop (1); the children are
         stopped either way."""
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
         try:
             for child in self.children:
                 child.start(time.monotonic())
@@ -169,6 +168,8 @@ class Supervisor:
                 time.sleep(POLL_S)
         finally:
             self.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return 1 if self.gave_up else 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
