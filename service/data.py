@@ -14,16 +14,14 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from sqlalchemy.orm import Session
 
 from service import crud_datasets, downloads
 from service.config import Settings, get_settings
 from service.db import session_scope
-from service.ml import datasets, uploads
+from service.ml import datasets, nets, uploads
 from service.ml.config import ModelConfig
 from service.ml.datasets import DatasetError, DataShape, ImageDataset
-from service.ml.nets import count_parameters, make_net
 from service.schemas import DatasetSpec, RunCreate
 
 UPLOADED = "uploaded"
@@ -63,8 +61,7 @@ def model_config(spec: RunCreate, shape: DataShape) -> ModelConfig:
 def parameter_count(spec: RunCreate, shape: DataShape) -> int:
     """Exact trainable parameters of the spec's network on this data, for any architecture: built on
     the meta device, which allocates no memory and draws no random numbers."""
-    with torch.device("meta"):
-        return count_parameters(make_net(model_config(spec, shape)))
+    return nets.parameter_count(model_config(spec, shape))
 
 
 def shape_problem(spec: RunCreate, shape: DataShape, *, max_parameters: int) -> str | None:

@@ -14,6 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+# Seconds a session waits for a pooled connection (SQLAlchemy's default is 30). No code path holds
+# one connection while it waits for another and transactions last milliseconds, so a longer wait
+# means overload: the API answers 503 with Retry-After (service/api/busy.py) instead of hanging.
+POOL_TIMEOUT_S = 10
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -37,11 +41,13 @@ def _begin_immediate(connection: Connection) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_timeout=POOL_TIMEOUT_S
+        )
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_immediate)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=POOL_TIMEOUT_S)
 
 
 @lru_cache

@@ -24,6 +24,7 @@ from service.api import (
     v2,
     web,
 )
+from service.api.busy import BUSY_ERRORS, database_busy_handler
 from service.api.datasets import upload_router_limits
 from service.api.errors import COMMON_RESPONSES, http_error_handler, validation_error_handler
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
@@ -54,6 +55,8 @@ def create_app() -> FastAPI:
     app.add_middleware(metrics.RequestTelemetryMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    for busy in BUSY_ERRORS:  # 503 with Retry-After, not 500, when the database is too busy
+        app.add_exception_handler(busy, database_busy_handler)
     app.include_router(health.router)
     app.include_router(runs.router)
     app.include_router(run_models.router)

@@ -15,7 +15,11 @@ from service.models import Run
 
 
 def get_db() -> Iterator[Session]:
-    """The request owns the transaction: commit when the route returns, roll back when it raises."""
+    """The request owns the transaction: commit when the route returns, roll back when it raises.
+
+    Function-scoped (below): the commit runs before the response is sent, not after, so a client
+    never gets a 2xx for a write that then failed to commit, and a transaction (on SQLite, the
+    database's write lock) is never held while the answer travels to a slow client."""
     session = new_session()
     try:
         yield session
@@ -27,7 +31,7 @@ def get_db() -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RunIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Server-generated run id (32 hex).")]
 ExperimentIdPath = Annotated[

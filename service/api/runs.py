@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import crud, data
 from service.api import served
 from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
+from service.api.busy import is_busy
 from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunIdPath, SessionDep, SettingsDep
 from service.api.predict_inputs import PredictBody, read_predict_body
 from service.api.security import READ, PrincipalDep
 from service.config import Settings
-from service.db import session_scope
 from service.images import Invert
 from service.ml import bn_tools
 from service.ml.probes import PROBE_SAMPLES
@@ -41,6 +44,7 @@ from service.schemas import (
 from service.serving import LoadedModel
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
+log = logging.getLogger(__name__)
 
 
 def run_public(*, session: Session, run: Run) -> RunPublic:
@@ -70,17 +74,19 @@ def run_public(*, session: Session, run: Run) -> RunPublic:
     )
 
 
-def require_dataset(spec: RunCreate, settings: Settings) -> None:
+def require_dataset(spec: RunCreate, settings: Settings, *, session: Session) -> None:
     """A missing dataset, or one the model cannot train on, is the user's to fix: say so at submit
-    time (422), not as a failed run later."""
+    time (422), not as a failed run later. Reads through the request's session before it writes
+    anything, and ends that read before counting parameters (CPU work no transaction should span:
+    on SQLite every transaction holds the write lock)."""
     missing = data.missing_dataset(spec, settings)
     if missing is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=missing)
-    with session_scope() as session:  # its own: callers validate before they write anything
-        try:
-            shape = data.data_shape(session=session, dataset=spec.dataset)
-        except data.UnknownDataset as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    try:
+        shape = data.data_shape(session=session, dataset=spec.dataset)
+    except data.UnknownDataset as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    session.commit()  # nothing is written yet: this only ends the read
     problem = data.shape_problem(spec, shape, max_parameters=MAX_PARAMETERS)
     if problem is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=problem)
@@ -112,14 +118,17 @@ def require_capacity(*, session: Session, owner: str, limit: int, adding: int = 
 def submit_run(
     spec: RunCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep, response: Response
 ) -> RunPublic:
-    require_dataset(spec, settings)
+    require_dataset(spec, settings, session=session)
+    # One short write transaction (the cap, the row, the answer), committed before publishing: a
+    # worker must never get a message before its row exists, and publishing, which waits for the
+    # broker, must not hold the database.
     require_capacity(session=session, owner=principal.name, limit=settings.max_active_runs_per_key)
     run = crud.create_run(session=session, spec=spec, owner=principal.name)
-    # Commit, then enqueue: otherwise a worker could receive the id before the row exists.
+    answer = run_public(session=session, run=run)
     session.commit()
     location = f"/api/v1/runs/{run.id}"
     try:
-        publish_run(session=session, run_id=run.id, spec=spec)
+        publish_runs(session=session, runs=[(run.id, spec)])
     except BrokerUnavailable as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -128,14 +137,35 @@ def submit_run(
             headers={"Location": location, "Retry-After": "10"},
         ) from exc
     response.headers["Location"] = location
-    return run_public(session=session, run=run)
+    return answer
 
 
-def publish_run(*, session: Session, run_id: str, spec: RunCreate) -> None:
-    """Publish a committed run's task by name and note when; raises BrokerUnavailable, and the run
-    then stays queued with no enqueued_at, which the reaper publishes once the broker is back."""
-    publish(run_id, spec)
-    crud.mark_enqueued(session=session, run_id=run_id)
+def publish_runs(*, session: Session, runs: Sequence[tuple[str, RunCreate]]) -> None:
+    """Publish committed runs' tasks by name, outside any transaction, then note those published in
+    one short transaction. Raises BrokerUnavailable; the runs not published then stay queued with no
+    enqueued_at, which the reaper publishes once the broker is back."""
+    published: list[str] = []
+    try:
+        for run_id, spec in runs:
+            publish(run_id, spec)
+            published.append(run_id)
+    finally:
+        note_enqueued(session=session, run_ids=published)
+
+
+def note_enqueued(*, session: Session, run_ids: Sequence[str]) -> None:
+    """Best effort: the runs are committed and published, so a busy database must not turn their
+    202 into an error the client would retry (a second run). Unnoted, a run is published again by
+    the reaper later, and that duplicate delivery finds the run taken (its lease) and is dropped."""
+    try:
+        for run_id in run_ids:
+            crud.mark_enqueued(session=session, run_id=run_id)
+        session.commit()
+    except SQLAlchemyError as exc:
+        if not is_busy(exc):
+            raise
+        session.rollback()
+        log.warning("database busy: %d published runs not marked enqueued (%s)", len(run_ids), exc)
 
 
 @router.get("", summary="List runs, newest first")
