@@ -26,6 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from service import crud
 from service.db import SQLITE_BUSY_TIMEOUT_MS, session_scope
 from service.main import create_app
+from tests.api.test_datasets_api import features, npz_bytes, upload
 from tests.conftest import Backend
 from tests.integration.stack import free_port
 
@@ -83,6 +84,31 @@ def test_sixty_concurrent_submits_are_all_accepted_within_seconds(server_url: st
         runs, total = crud.list_runs(session=session, status=None, limit=1000, offset=0)
         assert total == CLIENTS
         assert all(run.enqueued_at is not None for run in runs), "every run marked as published"
+
+
+def test_an_experiment_on_an_upload_is_published_without_waiting_on_itself(
+    sqlite_backend: Backend, use_backend: Callable[[Backend], None]
+) -> None:
+    """Publishing reads an upload's shape (for the run's time limit) in a session of its own. It used
+    to do so while the request's session held SQLite's write lock from noting the previous run
+    enqueued: the second run's publish waited out the 15 s busy timeout, then 500."""
+    use_backend(sqlite_backend)
+    with TestClient(create_app()) as client:
+        _, dataset = upload(client, npz_bytes(**features()))
+        spec = {
+            "name": "on an upload",
+            "base": {"dataset": {"name": "uploaded", "id": dataset["id"]}, "train": {"epochs": 1}},
+            "seeds": [0, 1, 2],
+        }
+        started = time.monotonic()
+        response = client.post("/api/v1/experiments", json=spec)
+        seconds = time.monotonic() - started
+    assert response.status_code == 202, response.text
+    assert seconds < SLOWEST_S, f"took {seconds:.1f} s"
+    with session_scope() as session:
+        runs, total = crud.list_runs(session=session, status=None, limit=10, offset=0)
+        assert total == 3
+        assert all(run.enqueued_at is not None for run in runs)
 
 
 def locked() -> OperationalError:
