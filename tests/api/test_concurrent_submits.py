@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service import crud
-from service.db import SQLITE_BUSY_TIMEOUT_MS, session_scope
+from service.db import SQLITE_BUSY_TIMEOUT_MS, get_engine, session_scope
 from service.main import create_app
 from tests.api.test_datasets_api import features, npz_bytes, upload
 from tests.conftest import Backend
@@ -59,6 +59,9 @@ def server_url(request: pytest.FixtureRequest, use_backend: Callable[[Backend], 
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        # Close the pooled connections before the backend's database is dropped: left open, they
+        # warn (an error here) whenever the engine cache lets the engine go, in some later test.
+        get_engine().dispose()
 
 
 def submit(url: str) -> tuple[int, float]:

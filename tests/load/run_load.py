@@ -417,6 +417,15 @@ def load_test(name: str, folder: Path, backend_env: dict[str, str]) -> None:
         phase_serving(stack, folder, run_id)
         phase_streams(stack, folder)
         phase_experiments(stack, folder)
+    say(f"{'':<34} {waits_logged(stack.log)}")
+
+
+def waits_logged(log: Path) -> str:
+    """Lock or pool timeouts anywhere in the stack's log (API and worker: a worker's failed
+    heartbeat is retried, so it is reported, not failed on)."""
+    text = log.read_text(errors="replace")
+    locked, pool = text.count("database is locked"), text.count("QueuePool limit")
+    return f"whole log: {locked} mentions of 'database is locked', {pool} of 'QueuePool limit'"
 
 
 def main() -> int:
