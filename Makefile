@@ -42,7 +42,7 @@ fuzz: install
 loadtest: install
 	$(BIN)/python -m tests.load.run_load
 
-## The same checks with fewer runs and seconds, as CI runs it (about two minutes).
+## The same checks with fewer runs and seconds, as CI runs it (two to three minutes).
 loadtest-short: install
 	LOAD_SHORT=1 $(BIN)/python -m tests.load.run_load
 

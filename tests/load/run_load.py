@@ -395,15 +395,12 @@ def phase_experiments(stack: Stack, folder: Path) -> None:
 
 
 def warm_up(stack: Stack, folder: Path) -> None:
-    """One run through the whole stack before measuring: the worker's training processes have
-    started (and decoded their preloaded dataset, a second of both cores), and the API has its
-    first database and broker connections."""
+    """Ten runs at once through the whole stack before measuring: the worker's training processes
+    have started (and decoded their preloaded dataset, a second of both cores), and the API's pools
+    hold their connections (ten to the database, as many to the broker)."""
     body = write(folder, "warmup.json", {"name": "warmup", **TINY})
-    subprocess.run(
-        hey_command(f"{stack.url}/api/v1/runs", "-n", "2", "-c", "2", body=body),
-        check=True,
-        capture_output=True,
-    )
+    command = hey_command(f"{stack.url}/api/v1/runs", "-n", "10", "-c", "10", body=body)
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
     wait_finished(stack, "warmup", "warm-up")
     stack.access_lines()  # not part of any phase
 
