@@ -418,11 +418,19 @@ def load_test(name: str, folder: Path, backend_env: dict[str, str]) -> None:
 
 
 def waits_logged(log: Path) -> str:
-    """Lock or pool timeouts anywhere in the stack's log (API and worker: a worker's failed
-    heartbeat is retried, so it is reported, not failed on)."""
-    text = log.read_text(errors="replace")
-    locked, pool = text.count("database is locked"), text.count("QueuePool limit")
-    return f"whole log: {locked} mentions of 'database is locked', {pool} of 'QueuePool limit'"
+    """Log lines (API and worker) that report a lock or pool timeout, by logger and message: a
+    worker's failed heartbeat or reaper pass is retried, so these are reported, not failed on."""
+    seen: dict[str, int] = {}
+    for raw in log.read_text(errors="replace").splitlines():
+        if "database is locked" in raw or "QueuePool limit" in raw:
+            try:
+                line = json.loads(raw)
+                where = f"{line.get('logger')}: {str(line.get('message'))[:60]}"
+            except ValueError:
+                where = raw[:80]
+            seen[where] = seen.get(where, 0) + 1
+    listed = "; ".join(f"{n} × {where}" for where, n in seen.items())
+    return f"lock or pool timeouts logged: {listed or 'none'}"
 
 
 def main() -> int:
