@@ -32,11 +32,19 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# Execution option of a session that only reads (session_scope(read_only=True)).
+READ_ONLY = "bnlab_read_only"
+
+
 def _begin_immediate(connection: Connection) -> None:
     # A WAL transaction that reads and then writes fails at once with "database is locked" if
     # another writer committed in between, busy_timeout or not. Taking the write lock at BEGIN
     # makes concurrent transactions wait their turn (up to busy_timeout) instead.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A read-only session begins deferred: in WAL mode it reads a snapshot without the write lock,
+    # so the many polls of open event streams never hold up a writer (nor wait for one).
+    connection.exec_driver_sql(
+        "BEGIN" if connection.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE"
+    )
 
 
 def make_engine(url: str) -> Engine:
@@ -70,10 +78,13 @@ def new_session() -> Session:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A unit of work for tasks and scripts: commit on success, roll back on error."""
+def session_scope(*, read_only: bool = False) -> Iterator[Session]:
+    """A unit of work for tasks and scripts: commit on success, roll back on error. `read_only`
+    (a unit that never writes) takes no write lock on SQLite; Postgres ignores it."""
     session = new_session()
     try:
+        if read_only:
+            session.connection(execution_options={READ_ONLY: True})
         yield session
         session.commit()
     except BaseException:
