@@ -362,6 +362,7 @@ def phase_streams(stack: Stack, folder: Path) -> None:
         outputs = [p.communicate(timeout=FINISH_TIMEOUT_S + 60)[0] for p in processes]
     merged = report(merge(f"c. {per_run * len(ids)} SSE clients on {len(ids)} runs", outputs))
     assert merged.statuses == {200: per_run * len(ids)}, f"streams: {merged.statuses}"
+    time.sleep(1)  # a stream's access line is written as its handler returns, just after hey has read it
     check_access_log(stack, "streams")
     wait_finished(stack, "load-c", "streams")
     check_runs(stack, "load-c", STREAM_RUNS, epochs=STREAM_EPOCHS, label="streams")
