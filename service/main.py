@@ -11,6 +11,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import __version__
 from service.api import health, metrics, web
+from service.api.busy import BUSY_ERRORS, database_busy_handler
 from service.api.errors import (
     COMMON_RESPONSES,
     document_json_bodies,
@@ -55,6 +56,8 @@ def create_app() -> FastAPI:
     app.add_middleware(metrics.RequestTelemetryMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    for busy in BUSY_ERRORS:  # 503 with Retry-After, not 500, when the database is too busy
+        app.add_exception_handler(busy, database_busy_handler)
     app.include_router(health.router)
     app.include_router(run_routes.router)
     app.include_router(model_routes.router)

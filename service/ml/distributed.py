@@ -27,24 +27,27 @@ totals and stop requests all-reduced. With `sync_batch_norm` each BatchNorm beco
 for the run, so the run is the single-process one over the global batch, up to rounding. Rank 0
 validates, probes and snapshots; the launcher relays that to the callbacks and passes a stop request
 on to the ranks. The launcher and the ranks exchange files in a private temporary folder: the job
-(data and configs), the epoch reports, the stop request and the final weights.
+(data and configs), the epoch reports, the stop request and the final weights. None is a pickle
+(unpickling runs code): plain data is JSON, tensors are safetensors (training states in resume.py's
+format), and a message's JSON file is written after its tensors, so a reader that sees it finds both.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import socket
 import subprocess
 import sys
 import tempfile
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -54,7 +57,8 @@ from torch.nn.parallel import DistributedDataParallel
 from service.ml import training
 from service.ml.config import ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset
-from service.ml.resume import TrainingState
+from service.ml.probes import SlotStatistics
+from service.ml.resume import TrainingState, encode_training_state, load_training_state
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; None = the default (world) group
 
@@ -301,8 +305,12 @@ class RankJob:
     launcher_pid: int
 
 
-# The files of a run's folder (see the module's docstring); rank 0's epoch reports are EPOCH + number.
-JOB, STOP, FINAL, EPOCH, FAILED = "job", "stop", "final", "epoch-", "failed-"
+# The files of a run's folder (see the module's docstring). Each message is a JSON file (JOB, EPOCH,
+# FINAL), written after the safetensors files that hold its tensors (the others but STOP and FAILED).
+JOB, DATA, RESUME = "job", "data", "resume"  # configs and the rest; the datasets; a resume state if any
+EPOCH, SNAPSHOT = "epoch-", "snapshot-"  # + the epoch's number: rank 0's metrics; its training state
+FINAL, WEIGHTS = "final", "weights"  # how the run ended; the model's state dict
+STOP, FAILED = "stop", "failed-"  # the launcher's stop request (empty); + a rank: why it failed (text)
 # The ranks import this code, wherever the package that the launcher runs lies.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 RANK_COMMAND = "from service.ml.distributed import run_rank; run_rank()"
@@ -330,7 +338,7 @@ def train_distributed(
     job = RankJob(cfg, tcfg, train_set, val_set, resume, device, threads, os.getpid())
     with tempfile.TemporaryDirectory(prefix="bnlab-ranks-") as name:
         folder = Path(name)
-        _write(folder / JOB, pickle.dumps(job))
+        write_job(folder, job)
         ranks = launch_ranks(folder, tcfg.processes)
         relay = Relay(folder, callbacks)
         try:
@@ -389,8 +397,7 @@ class Relay:
 
     def drain(self) -> None:
         for path in sorted(self.folder.glob(f"{EPOCH}*")):  # zero-padded numbers: in epoch order
-            metrics, snapshot = pickle.loads(path.read_bytes())
-            path.unlink()
+            metrics, snapshot = read_epoch(path)
             self.epochs.append(metrics)
             self.callbacks.on_epoch_end(metrics, partial(bytes, snapshot))
 
@@ -398,10 +405,15 @@ class Relay:
         final = self.folder / FINAL
         if not final.exists():
             raise RuntimeError("the training processes ended without reporting a final state")
-        model_state, cancelled, dropped = pickle.loads(final.read_bytes())
+        outcome = json.loads(final.read_bytes())
         model = training.build_model(cfg, tcfg.seed)
-        model.load_state_dict(model_state)
-        return training.TrainResult(model, self.epochs, cancelled=cancelled, dropped_last_batch=dropped)
+        model.load_state_dict(safetensors.torch.load_file(self.folder / WEIGHTS))
+        return training.TrainResult(
+            model,
+            self.epochs,
+            cancelled=outcome["cancelled"],
+            dropped_last_batch=outcome["dropped_last_batch"],
+        )
 
 
 @dataclass(frozen=True)
@@ -414,7 +426,7 @@ class RankCallbacks:
     launcher_pid: int
 
     def on_epoch_end(self, metrics: training.EpochMetrics, snapshot: training.Snapshot) -> None:
-        _write(self.folder / f"{EPOCH}{metrics.epoch:06d}", pickle.dumps((metrics, snapshot())))
+        write_epoch(self.folder, metrics, snapshot())
 
     def should_stop(self) -> bool:
         return (self.folder / STOP).exists() or os.getppid() != self.launcher_pid
@@ -432,7 +444,7 @@ def run_rank() -> None:
 
 
 def _train_rank(folder: Path, rank: int) -> None:
-    job: RankJob = pickle.loads((folder / JOB).read_bytes())
+    job = read_job(folder)
     training.configure_training_process(job.threads)  # as a worker's training process
     device = rank_device(job.device, rank)
     if device.type == "cuda":
@@ -459,13 +471,88 @@ def _train_rank(folder: Path, rank: int) -> None:
             parallel=parallel,
         )
         if parallel.reports:
-            model_state = {k: v.cpu() for k, v in result.model.state_dict().items()}
-            _write(folder / FINAL, pickle.dumps((model_state, result.cancelled, result.dropped_last_batch)))
+            write_final(folder, result)
         # Leave together: a rank that tears its connections down while a peer is still finishing
         # can make gloo abort that peer ("terminate called without an active exception").
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def write_job(folder: Path, job: RankJob) -> None:
+    """The job: the datasets in DATA, a resume state in RESUME, the rest in JOB (the ranks start after
+    all are written)."""
+    datasets = {
+        "train.x": job.train_set.x,
+        "train.y": job.train_set.y,
+        "val.x": job.val_set.x,
+        "val.y": job.val_set.y,
+    }
+    _write(folder / DATA, _safetensors(datasets))
+    if job.resume is not None:
+        _write(folder / RESUME, encode_training_state(job.resume))
+    plain = {
+        "cfg": job.cfg.to_dict(),
+        "tcfg": asdict(job.tcfg),
+        "num_classes": {"train": job.train_set.num_classes, "val": job.val_set.num_classes},
+        "device": str(job.device),
+        "threads": job.threads,
+        "launcher_pid": job.launcher_pid,
+    }
+    _write(folder / JOB, _json(plain))
+
+
+def read_job(folder: Path) -> RankJob:
+    plain = json.loads((folder / JOB).read_bytes())
+    data = safetensors.torch.load_file(folder / DATA)
+    classes = plain["num_classes"]
+    resume = folder / RESUME
+    return RankJob(
+        cfg=ModelConfig.from_dict(plain["cfg"]),
+        tcfg=TrainConfig(**plain["tcfg"]),
+        train_set=ImageDataset(data["train.x"], data["train.y"], classes["train"]),
+        val_set=ImageDataset(data["val.x"], data["val.y"], classes["val"]),
+        resume=load_training_state(resume.read_bytes()) if resume.exists() else None,
+        device=torch.device(plain["device"]),
+        threads=plain["threads"],
+        launcher_pid=plain["launcher_pid"],
+    )
+
+
+def write_epoch(folder: Path, metrics: training.EpochMetrics, snapshot: bytes) -> None:
+    """Rank 0's report of an epoch: the snapshot (a training state, as the callbacks store it), then
+    the metrics, whose file the launcher looks for."""
+    number = f"{metrics.epoch:06d}"
+    _write(folder / f"{SNAPSHOT}{number}", snapshot)
+    _write(folder / f"{EPOCH}{number}", _json(asdict(metrics)))
+
+
+def read_epoch(path: Path) -> tuple[training.EpochMetrics, bytes]:
+    """The epoch report at `path` (EPOCH + number) and its snapshot, both files then removed."""
+    snapshot_path = path.with_name(f"{SNAPSHOT}{path.name.removeprefix(EPOCH)}")
+    plain = json.loads(path.read_bytes())
+    snapshot = snapshot_path.read_bytes()
+    path.unlink()
+    snapshot_path.unlink()
+    stats = tuple(SlotStatistics(**entry) for entry in plain.pop("layer_stats"))
+    return training.EpochMetrics(**plain, layer_stats=stats), snapshot
+
+
+def write_final(folder: Path, result: training.TrainResult) -> None:
+    """Rank 0's final report: the model's weights, then how the run ended."""
+    _write(folder / WEIGHTS, _safetensors(result.model.state_dict()))
+    outcome = {"cancelled": result.cancelled, "dropped_last_batch": result.dropped_last_batch}
+    _write(folder / FINAL, _json(outcome))
+
+
+def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    data: bytes = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return data
+
+
+def _json(plain: Any) -> bytes:
+    # Python's json writes NaN and ±Infinity (a diverged run's losses) and reads them back.
+    return json.dumps(plain).encode()
 
 
 def _write(path: Path, data: bytes) -> None:

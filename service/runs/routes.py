@@ -30,7 +30,7 @@ from service.runs.schemas import (
 )
 from service.runs.service import (
     commit_before_answering,
-    publish_run,
+    publish_runs,
     refuse_if_aliased,
     require_capacity,
     require_dataset,
@@ -58,14 +58,17 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 def submit_run(
     spec: RunCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep, response: Response
 ) -> RunPublic:
-    require_dataset(spec, settings)
+    require_dataset(spec, settings, session=session)
+    # One short write transaction (the cap, the row, the answer), committed before publishing: a
+    # worker must never get a message before its row exists, and publishing, which waits for the
+    # broker, must not hold the database.
     require_capacity(session=session, owner=principal.name, limit=settings.max_active_runs_per_key)
     run = run_repo.create_run(session=session, spec=spec, owner=principal.name)
-    # Commit, then enqueue: otherwise a worker could receive the id before the row exists.
+    answer = run_public(session=session, run=run)
     session.commit()
     location = f"/api/v1/runs/{run.id}"
     try:
-        publish_run(session=session, run_id=run.id, spec=spec)
+        publish_runs(session=session, runs=[(run.id, spec)])
     except BrokerUnavailable as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -74,7 +77,7 @@ def submit_run(
             headers={"Location": location, "Retry-After": "10"},
         ) from exc
     response.headers["Location"] = location
-    return run_public(session=session, run=run)
+    return answer
 
 
 @router.get("", summary="List runs, newest first")
