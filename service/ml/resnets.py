@@ -76,11 +76,21 @@ class ZeroPadShortcut(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """after(α·branch(x) + shortcut(x)); α only with SkipInit, after an activation in v1 (else Identity)."""
+    """after(α·branch(x) + shortcut(x)); α only with SkipInit, after an activation in v1 (else Identity).
+    `shared_bias`: a Fixup v1 block whose shortcut subsamples takes x + bias1a, as the authors' code."""
 
-    def __init__(self, branch: nn.Sequential, shortcut: nn.Module, after: nn.Module, *, skipinit: bool):
+    def __init__(
+        self,
+        branch: nn.Sequential,
+        shortcut: nn.Module,
+        after: nn.Module,
+        *,
+        skipinit: bool,
+        shared_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.branch, self.shortcut, self.after = branch, shortcut, after
+        self.shared_bias = shared_bias
         self.alpha: nn.Parameter | None
         if skipinit:
             self.alpha = nn.Parameter(torch.zeros(1))
@@ -91,6 +101,8 @@ class ResidualBlock(nn.Module):
         h = self.branch(x)
         if self.alpha is not None:
             h = h * self.alpha
+        if self.shared_bias:
+            x = self.branch.get_submodule("bias1a")(x)
         out: torch.Tensor = self.after(h + self.shortcut(x))
         return out
 
@@ -142,12 +154,13 @@ class _Builder:
             layers += [bn2, *bias("bias2a"), act2, *bias("bias2b"), (f"{name}2", second)]
             layers += [("scale", ScalarScale())] if self.fixup else []
             after = nn.Identity()
-        skipinit = self.cfg.residual_init == "skipinit"
+        shortcut = self.shortcut(c_in, c_out, stride, positions[1])
         return ResidualBlock(
             nn.Sequential(OrderedDict(layers)),
-            self.shortcut(c_in, c_out, stride, positions[1]),
+            shortcut,
             after,
-            skipinit=skipinit,
+            skipinit=self.cfg.residual_init == "skipinit",
+            shared_bias=self.fixup and self.v1 and not isinstance(shortcut, nn.Identity),
         )
 
     def shortcut(self, c_in: int, c_out: int, stride: int, positions: int) -> nn.Module:
