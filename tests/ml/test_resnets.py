@@ -176,7 +176,8 @@ def test_fixup_scales_the_first_branch_layer_by_l_to_the_minus_half() -> None:
     expected_std = math.sqrt(2 / fan_out) * 54**-0.5  # He-normal (fan_out) × L^(−1/(2m−2)), m = 2
     assert deep.conv1.weight.std().item() == pytest.approx(expected_std, rel=0.03)
     assert not deep.conv2.weight.any()
-    assert not net.out.weight.any() and not net.out.bias.any()
+    assert not net.out.weight.any()
+    assert not net.out.bias.any()
     names = [name for name, _ in deep.named_children()]
     assert names == ["bias1a", "conv1", "bn1", "bias1b", "act1", "bias2a", "conv2", "bn2", "scale", "bias2b"]
     assert deep.conv1.bias is None  # scalar biases instead
@@ -190,7 +191,8 @@ def test_fixup_trains_its_zero_layers_at_the_first_step() -> None:
     net = make_net(resnet(14, FASHION, norm=NONE, residual_init="fixup"))
     loss = nn.functional.cross_entropy(net(torch.rand(8, 1, 28, 28)), torch.arange(8) % 10)
     loss.backward()
-    assert net.out.weight.grad is not None and net.out.weight.grad.abs().sum() > 0
+    assert net.out.weight.grad is not None
+    assert net.out.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("block", ["post_activation", "pre_activation"])
@@ -255,7 +257,7 @@ def test_eval_batch_of_one_equals_the_same_sample_in_a_batch_of_64(kind: str, bl
         assert torch.allclose(alone, together, atol=1e-5), (kind, cfg.arch)
 
 
-def trained_a_little(cfg: ModelConfig) -> nn.Module:
+def trained_a_little(cfg: ModelConfig) -> nn.Sequential:
     torch.manual_seed(4)
     net = make_net(cfg)
     with torch.no_grad():
@@ -301,15 +303,19 @@ def test_pre_activation_blocks_with_bn_stay_unfused_and_say_why(arch: str) -> No
     cfg = resnet(8, block="pre_activation") if arch == "resnet" else resmlp(block="pre_activation")
     net = trained_a_little(cfg)
     fused, report = fuse_bn(net)
-    assert fused is net and not report.fused
-    assert report.reason is not None and report.reason.startswith("block1.branch.bn1 has no Linear or Conv")
+    assert fused is net
+    assert not report.fused
+    assert report.reason is not None
+    assert report.reason.startswith("block1.branch.bn1 has no Linear or Conv")
     assert "pre-activation" in report.reason
 
 
 def test_a_per_input_norm_inside_a_block_leaves_the_model_unfused() -> None:
     net = trained_a_little(resnet(8, norm=NormConfig(kind="layer")))
     _, report = fuse_bn(net)
-    assert not report.fused and report.reason is not None and "bn0 (GroupNorm)" in report.reason
+    assert not report.fused
+    assert report.reason is not None
+    assert "bn0 (GroupNorm)" in report.reason
 
 
 def test_forward_flops_count_the_convs_inside_blocks() -> None:
