@@ -16,8 +16,9 @@ from tests.integration.stack import Stack, stack_on
 
 pytestmark = pytest.mark.integration
 
-FASHION = {"name": "fashion-mnist", "limit": 600, "val_split": 0.2}
-BN = {"kind": "batch"}
+FASHION = {"name": "fashion-mnist", "limit": 1000, "val_split": 0.2}
+# PyTorch's momentum: 30 steps are too few for Keras' 0.01 to move the running statistics to the data's.
+BN = {"kind": "batch", "momentum": 0.1}
 NONE = {"kind": "none"}
 
 # name -> (model, fused when served)
@@ -50,29 +51,33 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield running
 
 
-def run_spec(name: str, model: dict[str, Any], epochs: int, limit: int = 600) -> dict[str, Any]:
+def run_spec(name: str, model: dict[str, Any], epochs: int, limit: int = 1000) -> dict[str, Any]:
     return {
         "name": name,
         "dataset": FASHION | {"limit": limit},
         "model": model,
-        "train": {"epochs": epochs, "batch_size": 32},
+        "train": {"epochs": epochs, "batch_size": 32, "lr": 0.003},
     }
 
 
 @pytest.mark.timeout(600)
 def test_each_architecture_trains_and_predicts_in_eval_mode(stack: Stack) -> None:
-    ids = {name: stack.submit(run_spec(name, model, epochs=2)) for name, (model, _) in ARCHITECTURES.items()}
+    ids = {name: stack.submit(run_spec(name, model, epochs=3)) for name, (model, _) in ARCHITECTURES.items()}
     batch = np.random.default_rng(0).random((64, 784)).round(4)
+    learnt = {}
     for name, run_id in ids.items():
         run = stack.wait_for(run_id, {"succeeded", "failed"}, timeout=300)
         assert run["status"] == "succeeded", (name, run["error"])
-        assert run["summary"]["epochs_done"] == 2
-        assert run["summary"]["val_accuracy"] > 0.2, (name, run["summary"])  # ten classes: chance is 0.1
+        epochs = stack.client.get(f"/api/v1/runs/{run_id}/metrics").json()["epochs"]
+        assert [e["epoch"] for e in epochs] == [1, 2, 3]
+        learnt[name] = (epochs[0]["train_loss"], epochs[-1]["train_loss"], epochs[-1]["val_accuracy"])
         many = stack.client.post(f"/api/v1/runs/{run_id}/predict", json={"inputs": batch.tolist()}).json()
         one = stack.client.post(f"/api/v1/runs/{run_id}/predict", json={"inputs": batch[5:6].tolist()}).json()
         assert one["predictions"][0] == many["predictions"][5], name
         np.testing.assert_allclose(one["probabilities"][0], many["probabilities"][5], atol=1e-5)
         assert many["fused"] is ARCHITECTURES[name][1], name
+    # Each learns: its training loss falls and it beats chance (0.1) on held-out data in eval mode.
+    assert all(last < first and accuracy > 0.3 for first, last, accuracy in learnt.values()), learnt
     echoed = stack.run(ids["resnet-v2-bn"])["spec"]["model"]
     assert (echoed["depth"], echoed["width"], echoed["shortcut"], echoed["init"]) == (
         8,
