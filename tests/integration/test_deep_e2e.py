@@ -47,7 +47,10 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], bool]] = {
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with stack_on(request.param, tmp_path_factory.mktemp(request.param)) as running:
+    # One torch thread, as `make run` gives each training process: with two on a busy 2-core machine
+    # the conv steps spin waiting for each other (measured ≈ 30× slower).
+    folder = tmp_path_factory.mktemp(request.param)
+    with stack_on(request.param, folder, {"BNLAB_TORCH_THREADS": "1"}) as running:
         yield running
 
 
@@ -88,7 +91,9 @@ def test_each_architecture_trains_and_predicts_in_eval_mode(stack: Stack) -> Non
     assert stack.run(ids["deep-mlp"])["spec"]["model"]["hidden"] == [64] * 24
     # Probes see the slots inside the blocks.
     layers = stack.client.get(f"/api/v1/runs/{ids['resnet-v1-bn']}/layer-stats").json()["epochs"][0]["layers"]
-    assert [s["layer"] for s in layers][:3] == ["bn0", "block1.branch.bn1", "block1.branch.bn2"]
+    names = {s["layer"] for s in layers}
+    assert {"bn0", "block1.branch.bn1", "block3.branch.bn2"} <= names
+    assert len(names) == 1 + 2 * 3  # the stem's slot and two per block
 
 
 BIG = {
