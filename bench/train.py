@@ -21,10 +21,8 @@ then the inference throughput of the model bnlab trained (eval mode, in-process,
 
 `--scale` (issue 6, item 3) prints instead the training throughput of the article's MLP over batch
 sizes 32-1024 and widths 128-2048, BN and no-BN, through the step train() uses, in one process with
-make run's one thread; then the throughput of K seeds trained as one stacked model
-(service/ml/stacked.py) against one run alone; then the wall time of a 16-run grid experiment through
-the API and a worker, per run, with every run alone and with each configuration's seeds stacked,
-against one such run submitted alone.
+make run's one thread; then the wall time of a 16-run grid experiment through the API and a worker,
+per run, against one such run submitted alone.
 """
 
 from __future__ import annotations
@@ -140,11 +138,10 @@ def free_port() -> int:
 
 
 def stack_env(data_dir: Path, port: int) -> dict[str, str]:
-    # Only the worker's own knobs (concurrency, threads, device, stacking) pass through from the caller;
+    # Only the worker's own knobs (concurrency, threads, device, preloads) pass through from the caller;
     # other BNLAB_ variables do not, so a developer's settings cannot point the benchmark at their database.
     passed = (
-        "BNLAB_WORKER_CONCURRENCY", "BNLAB_TORCH_THREADS", "BNLAB_DEVICE", "BNLAB_STACK_RUNS",
-        "BNLAB_PRELOAD_DATASETS",
+        "BNLAB_WORKER_CONCURRENCY", "BNLAB_TORCH_THREADS", "BNLAB_DEVICE", "BNLAB_PRELOAD_DATASETS",
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNLAB_") or k in passed}
     # As `make run` starts it: one training process per core (one thread each), Fashion-MNIST decoded
@@ -164,9 +161,9 @@ def stack_env(data_dir: Path, port: int) -> dict[str, str]:
 class Stack:
     """`bnlab migrate`, then a worker and the API as real processes, stopped by their own PIDs."""
 
-    def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path) -> None:
         self.port = free_port()
-        self.env = stack_env(data_dir, self.port) | (extra_env or {})
+        self.env = stack_env(data_dir, self.port)
         self.logs = data_dir / "logs"
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -320,9 +317,6 @@ SCALE_THREADS = 1
 GRID_SAMPLES, GRID_EPOCHS, GRID_SEEDS = 10_000, 2, (0, 1, 2, 3)
 GRID: dict[str, list[Any]] = {"model.norm.kind": ["batch", "none"], "train.lr": [1e-3, 1e-2]}
 ALONE_ROUNDS = 5  # the median: the first run may meet a pool process not yet warm
-# Stacked training (service/ml/stacked.py): K seeds of the article's BN MLP as one stacked model.
-STACK_SIZES, STACK_WIDTHS, STACK_BATCHES = (2, 4, 8, 16), (128, 512), (32, 128)
-STACK_RUNS = 8  # BNLAB_STACK_RUNS for the stacked grid (the default, 1, trains every run alone)
 
 
 def resident_rows(synthetic: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +333,7 @@ def training_calls(
     width: int, batch_norm: bool, batch: int, rows: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[Callable[[], None], int, str]:
     """train()'s inner loop for the article's MLP at `width`, built by the same functions (seeded
-    model, Adam 1e-3 fused, the runner training picks: the compiled fast path or autograd): returns
+    model, Adam 1e-3 fused, the step training picks: the compiled fast path or autograd): returns
     one of the loop's calls, the samples it trains on, and the path's name. Calls walk one epoch's
     permutation, each as many steps as train() runs between two checks for cancellation."""
     from service.ml import training
@@ -351,14 +345,14 @@ def training_calls(
     model = training.build_model(cfg, tcfg.seed)
     model.train()
     optimizer = training.make_optimizer(model, tcfg)
-    runner = training.batch_runner(model, optimizer, batch)
+    step = training.make_step(model, optimizer, batch)
     x_all, y_all = rows
-    samples = batch * runner.steps_per_call
+    samples = batch * step.steps_per_call
     calls = len(y_all) // samples
     order = training.epoch_permutation(len(y_all), tcfg.seed, 1)[: calls * samples]
     batches = Batches.for_epoch(x_all, y_all, order, batch)
-    path = "fast" if runner.fast_path else "autograd"
-    return cycling(partial(runner.run, batches), samples, calls), samples, path
+    path = "fast" if step.fast_path else "autograd"
+    return cycling(partial(step.run, batches), samples, calls), samples, path
 
 
 def cycling(run: Callable[[int, int], None], samples: int, calls: int) -> Callable[[], None]:
@@ -442,74 +436,20 @@ def time_grid(client: httpx.Client, dataset: str) -> tuple[float, int]:
 
 
 def scale_grid(dataset: str) -> None:
-    """The grid twice, on fresh stacks: every run alone (BNLAB_STACK_RUNS=1), then each configuration's
-    seeds stacked (the default); and one run submitted alone, for the throughput ratio."""
-    alone: list[float] = []
-    grids: dict[str, tuple[float, int]] = {}
-    for label, stack_runs in (("each run alone", "1"), ("seeds stacked", str(STACK_RUNS))):
-        with tempfile.TemporaryDirectory(prefix="bnlab-bench-scale-") as folder:
-            stack = Stack(Path(folder), {"BNLAB_STACK_RUNS": stack_runs})
-            concurrency = stack.env["BNLAB_WORKER_CONCURRENCY"]
-            say(f"worker: BNLAB_WORKER_CONCURRENCY={concurrency}, BNLAB_STACK_RUNS={stack_runs}")
-            with stack as client:
-                warm_up(client)
-                if not alone:
-                    say(f"load {load()}: one run alone, {ALONE_ROUNDS} times")
-                    alone = [time_alone(client, dataset) for _ in range(ALONE_ROUNDS)]
-                say(f"load {load()}: the grid, {label}")
-                grids[label] = time_grid(client, dataset)
+    """The grid on a fresh stack, and one run submitted alone, for the throughput ratio."""
+    with tempfile.TemporaryDirectory(prefix="bnlab-bench-scale-") as folder:
+        stack = Stack(Path(folder))
+        say(f"worker: BNLAB_WORKER_CONCURRENCY={stack.env['BNLAB_WORKER_CONCURRENCY']}")
+        with stack as client:
+            warm_up(client)
+            say(f"load {load()}: one run alone, {ALONE_ROUNDS} times")
+            alone = [time_alone(client, dataset) for _ in range(ALONE_ROUNDS)]
+            say(f"load {load()}: the grid")
+            grid_s, runs = time_grid(client, dataset)
     alone_s = statistics.median(alone)
     say(f"one run alone (median of {', '.join(f'{s:.2f}' for s in alone)} s): {alone_s:>6.2f} s")
-    for label, (grid_s, runs) in grids.items():
-        say(f"the {runs}-run grid, {label}: {grid_s:.2f} s wall, {grid_s / runs:.3f} s a run;"
-            f" {alone_s / (grid_s / runs):.2f}x the throughput of runs submitted alone")  # fmt: skip
-    (unstacked_s, _), (stacked_s, _) = grids.values()
-    say(f"stacking the seeds: {unstacked_s / stacked_s:.2f}x the grid's throughput with every run alone")
-
-
-def stacked_calls(
-    width: int, members: int, batch: int, rows: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[Callable[[], None], int]:
-    """train_stacked's inner loop for `members` seeds of the article's BN MLP at `width`: one of its
-    calls, and the samples that call trains on summed over the members."""
-    from service.ml import stacked, training
-    from service.ml.config import ModelConfig, TrainConfig
-
-    cfg, tcfgs = ModelConfig(hidden=(width,)), [TrainConfig(batch_size=batch, seed=k) for k in range(members)]
-    models = [training.build_model(cfg, t.seed).train() for t in tcfgs]
-    optimizers = [training.make_optimizer(m, t) for m, t in zip(models, tcfgs, strict=True)]
-    stack = stacked.StackedMlp(list(zip(models, optimizers, strict=True)))
-    x_all, y_all = rows
-    samples = batch * stack.steps_per_call(batch)
-    calls = len(y_all) // samples
-    orders = torch.stack(
-        [training.epoch_permutation(len(y_all), t.seed, 1)[: calls * samples] for t in tcfgs]
-    )
-    batches = stacked.StackedBatches.for_epoch(x_all, y_all, orders, batch)
-    return cycling(partial(stack.run, batches), samples, calls), samples * members
-
-
-def stacked_curve(synthetic: bool) -> None:
-    """Samples/s of K seeds trained as one stacked model (summed over the K members), against one run
-    alone, both on one core: what stacking gains where runs queue for a core."""
-    rows = resident_rows(synthetic)
-    say(f"{'width':>5} {'batch':>5} {'alone':>8} " + " ".join(f"{f'K={k} stacked':>16}" for k in STACK_SIZES)
-        + f" {'load':>5}")  # fmt: skip
-    say("-" * (27 + 17 * len(STACK_SIZES)))
-    for width in STACK_WIDTHS:
-        for batch in STACK_BATCHES:
-            call, samples, _ = training_calls(width, True, batch, rows)
-            alone = samples_per_s(call, samples)
-            cells = []
-            for members in STACK_SIZES:
-                call, samples = stacked_calls(width, members, batch, rows)
-                together = samples_per_s(call, samples)
-                cells.append(f"{together:>9,.0f} {together / alone:>5.2f}x")
-            say(
-                f"{width:>5} {batch:>5} {alone:>8,.0f} "
-                + " ".join(f"{c:>16}" for c in cells)
-                + f" {load():>5}"
-            )
+    say(f"the {runs}-run grid: {grid_s:.2f} s wall, {grid_s / runs:.3f} s a run;"
+        f" {alone_s / (grid_s / runs):.2f}x the throughput of runs submitted alone")  # fmt: skip
 
 
 def scale(synthetic: bool) -> None:
@@ -518,7 +458,7 @@ def scale(synthetic: bool) -> None:
     say(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; {dataset}; load {load()}")
     from service.ml import training
 
-    # Parts 1 and 2 measure in this process as a worker's training process trains: one thread,
+    # Part 1 measures in this process as a worker's training process trains: one thread,
     # subnormals flushed to zero (training.configure_training_process).
     training.configure_training_process(SCALE_THREADS)
     say(f"1. training throughput: one process, {SCALE_THREADS} thread (as make run's training processes,")
@@ -526,11 +466,7 @@ def scale(synthetic: bool) -> None:
     say(f"   Linear(10), Adam 1e-3, through train()'s loop; median of {WINDOWS} windows of ~{WINDOW_S} s")
     scale_curve(synthetic)
     say()
-    say("2. stacked training: samples/s of K seeds of the BN model trained as one stacked model (summed")
-    say("   over the members) and the ratio to one run alone, on one thread, through train_stacked's loop")
-    stacked_curve(synthetic)
-    say()
-    say(f"3. a {runs}-run grid through the API and a real worker vs one such run alone: first")
+    say(f"2. a {runs}-run grid through the API and a real worker vs one such run alone: first")
     say(f"   {GRID_SAMPLES:,} samples, {GRID_EPOCHS} epochs, batch 32; norm kind x lr x {len(GRID_SEEDS)}"
         " seeds")  # fmt: skip
     scale_grid(dataset)

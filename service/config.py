@@ -38,15 +38,6 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         1, ge=0, le=64, description="Training processes per worker; 0 = one per core."
     )
-    # 1 by default: stacking is exact but measured no faster end to end on the 2-core machine (README,
-    # "Training speed"); a larger value lets a training process take up to that many runs at once.
-    stack_runs: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Most runs of one experiment a training process trains together as one stacked model"
-        " (runs equal but for their seed; see service/ml/stacked.py); 1 trains every run alone.",
-    )
     torch_threads: int = Field(0, ge=0, le=256, description="Threads per training process; 0 = automatic.")
     # Empty by default (tests and small deployments start no sooner for it); make run and the compose
     # file name fashion-mnist, the article's dataset.

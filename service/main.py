@@ -35,6 +35,8 @@ def create_app() -> FastAPI:
         # Every route: authenticate, check its scope, then the per-key rate limit.
         dependencies=[Depends(authorize), Depends(rate_limit)],
         responses=COMMON_RESPONSES,
+        docs_url=None,  # web.install serves /docs from vendored files; ReDoc would load from a CDN
+        redoc_url=None,
     )
     app.state.rate_limiter = new_rate_limiter()
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)

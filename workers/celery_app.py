@@ -18,7 +18,7 @@ from celery.signals import setup_logging, worker_process_init, worker_ready, wor
 from service.config import get_settings
 from service.datasets import loading
 from service.db import session_scope
-from service.ml import nets, stacked, training
+from service.ml import nets, training
 from service.queue import celery_config
 from service.runs import repository as run_repo
 from service.runs.reaper import reap_once
@@ -59,8 +59,6 @@ def _configure_torch(**_: Any) -> None:
     # Once per pool process, here rather than in its first run: what training and the meta device
     # (each run's time limit uses it) set up lazily, the rest of it (torch._dynamo is imported above).
     training.warm_up()
-    if get_settings().stack_runs > 1:
-        stacked.warm_up()
     nets.warm_up_meta_device()
     loading.preload(get_settings())
 

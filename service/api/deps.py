@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, status
 from sqlalchemy.orm import Session
 
 from service.config import Settings, get_settings
-from service.db import new_session
+from service.db import new_session, session_scope
+from service.experiments import repository as experiment_repo
 from service.models import Run
 from service.runs import repository as run_repo
+
+# Server-generated ids: 32 hex digits (uuid4().hex).
+ID_LENGTH = 32
 
 
 def get_db() -> Iterator[Session]:
@@ -29,16 +33,60 @@ def get_db() -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RunIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Server-generated run id (32 hex).")]
-ExperimentIdPath = Annotated[
-    str, Path(pattern=r"^[0-9a-f]{32}$", description="Server-generated experiment id (32 hex).")
+RunIdPath = Annotated[
+    str,
+    Path(pattern=r"^[0-9a-f]{6,32}$", description="A run id (32 hex), or a unique prefix of 6 or more."),
 ]
+ExperimentIdPath = Annotated[
+    str,
+    Path(
+        pattern=r"^[0-9a-f]{6,32}$", description="An experiment id (32 hex), or a unique prefix of 6 or more."
+    ),
+]
+# How many matches an ambiguous prefix's 409 lists.
+PREFIX_MATCHES_SHOWN = 10
+
+
+def full_id(kind: str, given: str, matching: Callable[[Session, str, int], list[str]]) -> str:
+    """The whole id for `given` (a whole id or a prefix); 409 naming the matches when it is ambiguous.
+
+    An unknown prefix is returned as given, so the route's lookup answers its usual 404. The lookup
+    has a session of its own, closed at once: the request's session has not begun yet."""
+    if len(given) == ID_LENGTH:
+        return given
+    with session_scope() as session:
+        matches = matching(session, given, PREFIX_MATCHES_SHOWN + 1)
+    if len(matches) > 1:
+        shown = ", ".join(matches[:PREFIX_MATCHES_SHOWN])
+        more = " and more" if len(matches) > PREFIX_MATCHES_SHOWN else ""
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"{kind} id prefix {given} is ambiguous: it matches {shown}{more}; give more characters",
+        )
+    return matches[0] if matches else given
+
+
+def resolve_run_id(run_id: RunIdPath) -> str:
+    return full_id("run", run_id, lambda s, p, n: run_repo.run_ids_with_prefix(session=s, prefix=p, limit=n))
+
+
+def resolve_experiment_id(experiment_id: ExperimentIdPath) -> str:
+    return full_id(
+        "experiment",
+        experiment_id,
+        lambda s, p, n: experiment_repo.experiment_ids_with_prefix(session=s, prefix=p, limit=n),
+    )
+
+
+RunId = Annotated[str, Depends(resolve_run_id)]
+ExperimentId = Annotated[str, Depends(resolve_experiment_id)]
+
 # Pagination of every list route (runs, experiments, datasets).
 LimitQuery = Annotated[int, Query(ge=1, le=100, description="Items per page.")]
 OffsetQuery = Annotated[int, Query(ge=0, le=1_000_000, description="Items to skip.")]
 
 
-def get_run_or_404(run_id: RunIdPath, session: SessionDep) -> Run:
+def get_run_or_404(run_id: RunId, session: SessionDep) -> Run:
     run = run_repo.get_run(session=session, run_id=run_id)
     if run is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {run_id} not found")

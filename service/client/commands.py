@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from service.client.http import DEFAULT_URL, FINISHED, ApiError, Client, Event
+from service.client.http import DEFAULT_URL, FINISHED, ApiError, Client, Event, default_url
 
 EXIT_RUN_FAILED = 1
 EXIT_API_ERROR = 3
@@ -56,7 +56,12 @@ def _client() -> Client:
 def api_command(function: Callable[P, R]) -> Callable[P, R]:
     """The options every user command takes, and its exit codes for API errors."""
 
-    @click.option("--url", envvar="BNLAB_URL", default=DEFAULT_URL, show_default=True, help="The bnlab API.")
+    @click.option(
+        "--url",
+        default=default_url,
+        show_default="BNLAB_URL, else http://BNLAB_HOST:BNLAB_PORT, else " + DEFAULT_URL,
+        help="The bnlab API.",
+    )
     @click.option("--api-key", envvar="BNLAB_API_KEY", default=None, help="API key (or BNLAB_API_KEY).")
     @functools.wraps(function)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -94,6 +99,13 @@ def _read_specs(source: str) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------- progress
 
+# Rich markup for a run's state in its progress row: red only where something went wrong.
+STATUS_STYLES = {
+    "failed": "[red]{}[/red]",
+    "succeeded": "[green]{}[/green]",
+    "cancelled": "[yellow]{}[/yellow]",
+}
+
 
 class RunProgress:
     """A progress bar per run (epoch, loss, accuracy, ETA) on a terminal; a line per event elsewhere,
@@ -104,7 +116,8 @@ class RunProgress:
         self.live = console.is_terminal
         self.progress = Progress(
             TextColumn("{task.description:<24}"),
-            BarColumn(bar_width=28),
+            # Neutral while running and when done; a run that fails says so in red in its status.
+            BarColumn(bar_width=28, complete_style="cyan", finished_style="green", pulse_style="cyan"),
             TextColumn("epoch {task.completed:>3.0f}/{task.total:<3.0f}"),
             TextColumn("loss {task.fields[loss]:<7} val_loss {task.fields[val_loss]:<7}"),
             TextColumn("val_acc {task.fields[acc]:<6}"),
@@ -144,7 +157,7 @@ class RunProgress:
                 f"val_loss {values['val_loss']}  val_acc {values['acc']}  ({data['seconds']:.1f} s)"
             )
         else:
-            self.progress.update(task, status=data["status"])
+            self.progress.update(task, status=STATUS_STYLES.get(data["status"], "{}").format(data["status"]))
             line = data["status"] + (f": {data['error']}" if data.get("error") else "")
         if not self.live:
             self.console.print(f"{self.names[run_id]} [{run_id[:8]}] {line}", markup=False)
@@ -288,10 +301,14 @@ def predict(run_id: str, image: Path, as_json: bool) -> None:
     if as_json:
         _print_json(answer)
         return
-    probabilities = answer["probabilities"][0]
+    probabilities, names = answer["probabilities"][0], answer.get("class_names")
     top = sorted(range(len(probabilities)), key=lambda c: -probabilities[c])[:3]
-    out.print(f"prediction {answer['predictions'][0]}", markup=False)
-    out.print("top 3      " + "  ".join(f"{c}: {probabilities[c]:.3f}" for c in top), markup=False)
+
+    def label(c: int) -> str:
+        return f"{c} ({names[c]})" if names else str(c)
+
+    out.print(f"prediction {label(answer['predictions'][0])}", markup=False)
+    out.print("top 3      " + "  ".join(f"{label(c)}: {probabilities[c]:.3f}" for c in top), markup=False)
 
 
 # ---------------------------------------------------------------------------------------- experiments

@@ -9,8 +9,9 @@ polling the run and its metrics and yields the same events.
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,22 @@ from typing import Any
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# Addresses a server binds to that a client cannot connect to: the client asks loopback instead.
+ANY_ADDRESS = {"0.0.0.0", "::", ""}
+
+
+def default_url(environ: Mapping[str, str] = os.environ) -> str:
+    """BNLAB_URL; else the server's own BNLAB_HOST and BNLAB_PORT, so that `BNLAB_PORT=8611 bnlab runs`
+    talks to the API that `BNLAB_PORT=8611 bnlab run` started; else the default address."""
+    if environ.get("BNLAB_URL"):
+        return environ["BNLAB_URL"]
+    host = environ.get("BNLAB_HOST", "127.0.0.1")
+    host = "127.0.0.1" if host in ANY_ADDRESS else host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{environ.get('BNLAB_PORT', '8000')}"
+
+
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 POLL_INTERVAL_S = 1.0
 RECONNECT_DELAYS_S = (0.5, 1.0, 2.0, 4.0)  # then it polls

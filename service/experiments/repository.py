@@ -40,6 +40,12 @@ def get_experiment(*, session: Session, experiment_id: str) -> Experiment | None
     return session.get(Experiment, experiment_id)
 
 
+def experiment_ids_with_prefix(*, session: Session, prefix: str, limit: int) -> list[str]:
+    """Ids starting with `prefix` (hex digits only, so LIKE sees no wildcard), at most `limit`."""
+    query = select(Experiment.id).where(Experiment.id.startswith(prefix)).order_by(Experiment.id).limit(limit)
+    return list(session.scalars(query))
+
+
 def list_experiments(*, session: Session, limit: int, offset: int) -> tuple[Sequence[Experiment], int]:
     total = session.scalar(select(func.count()).select_from(Experiment)) or 0
     page = session.scalars(

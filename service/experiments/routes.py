@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
-from service.api.deps import ExperimentIdPath, LimitQuery, OffsetQuery, SessionDep, SettingsDep
+from service.api.deps import ExperimentId, LimitQuery, OffsetQuery, SessionDep, SettingsDep
 from service.api.errors import Message
 from service.api.images import IMAGE_RESPONSES, PlotFormat
 from service.api.security import PrincipalDep
@@ -71,12 +71,12 @@ def list_experiments(
 
 
 @router.get("/{experiment_id}", summary="One experiment: its grid, seeds and runs with their progress")
-def get_experiment(experiment_id: ExperimentIdPath, session: SessionDep) -> ExperimentPublic:
+def get_experiment(experiment_id: ExperimentId, session: SessionDep) -> ExperimentPublic:
     return experiment_public(session=session, experiment=experiment_or_404(session, experiment_id))
 
 
 @router.post("/{experiment_id}/cancel", summary="Cancel every run of the experiment that has not ended")
-def cancel_experiment(experiment_id: ExperimentIdPath, session: SessionDep) -> ExperimentPublic:
+def cancel_experiment(experiment_id: ExperimentId, session: SessionDep) -> ExperimentPublic:
     experiment = experiment_or_404(session, experiment_id)
     for run in experiment_repo.list_experiment_runs(session=session, experiment_id=experiment.id):
         if not RunStatus(run.status).is_finished:
@@ -91,7 +91,7 @@ def cancel_experiment(experiment_id: ExperimentIdPath, session: SessionDep) -> E
     "accuracy, the winners, and for presets each claim's verdict",
 )
 def get_report(
-    experiment_id: ExperimentIdPath,
+    experiment_id: ExperimentId,
     session: SessionDep,
     target: Annotated[
         float | None,
@@ -123,7 +123,7 @@ PlotMetric = Annotated[
     responses=IMAGE_RESPONSES,
 )
 def get_plot(
-    experiment_id: ExperimentIdPath, fmt: PlotFormat, session: SessionDep, metric: PlotMetric = "loss"
+    experiment_id: ExperimentId, fmt: PlotFormat, session: SessionDep, metric: PlotMetric = "loss"
 ) -> Response:
     experiment = experiment_or_404(session, experiment_id)
     spec = ExperimentCreate.model_validate(experiment.spec)

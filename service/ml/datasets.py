@@ -40,6 +40,38 @@ SYSTEM_DATASET_DIR = Path("/usr/share/datasets")
 
 IMAGE_SIZE = (28, 28)
 NUM_CLASSES = 10
+# What each built-in's class index means (the datasets' own documentation); synthetic data has none.
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+DIGITS = tuple(str(digit) for digit in range(10))
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion-mnist": FASHION_MNIST_CLASSES,
+    "mnist": DIGITS,
+    CIFAR10: CIFAR10_CLASSES,
+    MNIST1D: DIGITS,
+}
 SYNTHETIC_TRAIN_SIZE = 10_000
 SYNTHETIC_TEST_SIZE = 2_000
 

@@ -17,45 +17,48 @@ one `all_reduce` per direction, which gloo (CPU) and NCCL (GPU) both provide:
 Without an initialised process group of more than one process, and in eval mode, the layer is plain
 BatchNorm (running statistics in eval), so a model holding it trains and serves in one process too.
 
-`train_distributed` runs the training loop of `training.train` across `processes` processes under
-DistributedDataParallel, over gloo on the CPU and NCCL on CUDA (one GPU per process): every process
-walks the same epoch permutation and takes its shard of every batch; with `sync_batch_norm` each
-BatchNorm becomes a SyncBatchNorm for the run, so the run is the single-process one over the global
-batch, up to rounding. Rank 0 validates, probes and snapshots; the calling process relays that to
-the callbacks and answers `should_stop()` for all. Only the CPU path has run here (no GPU was lent).
+`train_distributed` runs `training.train`, the one epoch loop, in `processes` rank processes that it
+starts as a torchrun-style launcher does: plain `python` subprocesses told their RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT in the environment (a subprocess, unlike a multiprocessing child, may
+start from a Celery pool process, which is daemonic). In each rank, `DataParallel` is what the loop
+asks of data parallelism: the process group (gloo on the CPU, NCCL on CUDA, one GPU per rank), DDP
+wrapping, the rank's shard of every batch (every rank walks the same epoch permutation), the epoch's
+totals and stop requests all-reduced. With `sync_batch_norm` each BatchNorm becomes a SyncBatchNorm
+for the run, so the run is the single-process one over the global batch, up to rounding. Rank 0
+validates, probes and snapshots; the launcher relays that to the callbacks and passes a stop request
+on to the ranks. The launcher and the ranks exchange files in a private temporary folder: the job
+(data and configs), the epoch reports, the stop request and the final weights. None is a pickle
+(unpickling runs code): plain data is JSON, tensors are safetensors (training states in resume.py's
+format), and a message's JSON file is written after its tensors, so a reader that sees it finds both.
 """
 
 from __future__ import annotations
 
-import copy
-import multiprocessing
+import json
 import os
-import queue
 import socket
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import subprocess
+import sys
+import tempfile
+from contextlib import suppress
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
-from torch.multiprocessing.spawn import start_processes
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from service.ml import training
 from service.ml.config import ModelConfig, TrainConfig
-from service.ml.datasets import ImageDataset, to_inputs
-from service.ml.nets import norm_slots
-from service.ml.norms import end_epoch
-from service.ml.probes import PROBE_SAMPLES, probe_slot_inputs
-from service.ml.resume import TrainingState, load_training_state, restore, save_training_state
+from service.ml.datasets import ImageDataset
+from service.ml.probes import SlotStatistics
+from service.ml.resume import TrainingState, encode_training_state, load_training_state
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; None = the default (world) group
 
@@ -219,23 +222,38 @@ def to_sync_batch_norm(module: nn.Module, group: ProcessGroup = None) -> nn.Modu
     return module
 
 
-# Ranks agree on stopping every this many steps (one tiny all_reduce), and at every epoch's end.
-STOP_CHECK_STEPS = 16
 # How long a rank waits for its peers at a collective before failing the run.
 COLLECTIVE_TIMEOUT_S = 300
 
 
-@dataclass(frozen=True)
-class _Job:
-    cfg: ModelConfig
-    tcfg: TrainConfig
-    train_set: ImageDataset
-    val_set: ImageDataset
-    resume: TrainingState | None
-    port: int
-    threads: int
-    parent_pid: int
-    device: torch.device  # the run's device type; rank r trains on cuda:r where it is CUDA
+class DataParallel:
+    """What `training.train` asks of data parallelism, in rank `rank` of `world` processes whose
+    process group is up (training.Parallelism)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, sync_batch_norm: bool) -> None:
+        self.shard = training.Shard(rank, world)
+        self.reports = rank == 0  # rank 0 validates, probes and snapshots
+        self._device, self._sync_batch_norm = device, sync_batch_norm
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self._sync_batch_norm:
+            to_sync_batch_norm(model)
+        # Synced BN keeps the ranks' buffers equal by itself; plain BN takes rank 0's, as DDP does.
+        return DistributedDataParallel(
+            model,
+            device_ids=[self._device] if self._device.type == "cuda" else None,
+            forward_sync_buffers=not self._sync_batch_norm,
+        )
+
+    def sum_totals(self, totals: tuple[float, int]) -> tuple[float, int]:
+        summed = torch.tensor(totals, dtype=torch.float64, device=self._device)  # NCCL: device tensors
+        dist.all_reduce(summed)
+        return summed[0].item(), int(summed[1].item())
+
+    def any_stop(self, asked: bool) -> bool:
+        flag = torch.tensor([1.0 if asked else 0.0], device=self._device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
 
 def backend_for(device: torch.device) -> str:
@@ -269,6 +287,35 @@ def check_processes(tcfg: TrainConfig, norm_kind: str, device: torch.device = tr
         )
 
 
+class RankFailed(RuntimeError):
+    """A rank process ended with an error (its traceback is in the worker's log)."""
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """What every rank trains: `training.train`'s arguments, and how to run."""
+
+    cfg: ModelConfig
+    tcfg: TrainConfig
+    train_set: ImageDataset
+    val_set: ImageDataset
+    resume: TrainingState | None
+    device: torch.device  # the run's device type; rank r trains on cuda:r where it is CUDA
+    threads: int
+    launcher_pid: int
+
+
+# The files of a run's folder (see the module's docstring). Each message is a JSON file (JOB, EPOCH,
+# FINAL), written after the safetensors files that hold its tensors (the others but STOP and FAILED).
+JOB, DATA, RESUME = "job", "data", "resume"  # configs and the rest; the datasets; a resume state if any
+EPOCH, SNAPSHOT = "epoch-", "snapshot-"  # + the epoch's number: rank 0's metrics; its training state
+FINAL, WEIGHTS = "final", "weights"  # how the run ended; the model's state dict
+STOP, FAILED = "stop", "failed-"  # the launcher's stop request (empty); + a rank: why it failed (text)
+# The ranks import this code, wherever the package that the launcher runs lies.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+RANK_COMMAND = "from service.ml.distributed import run_rank; run_rank()"
+
+
 def train_distributed(
     cfg: ModelConfig,
     tcfg: TrainConfig,
@@ -278,8 +325,8 @@ def train_distributed(
     resume: TrainingState | None = None,
     device: torch.device = training.CPU,
 ) -> training.TrainResult:
-    """`training.train` across `tcfg.processes` processes on `device` (CPU: gloo; CUDA: NCCL, rank r
-    on cuda:r); the same result, the model returned on the CPU.
+    """`training.train` across `tcfg.processes` rank processes on `device` (CPU: gloo; CUDA: NCCL, rank
+    r on cuda:r); the same result, the model returned on the CPU.
 
     The last batch is dropped when some shard of it would hold fewer than 2 samples (BN cannot
     normalise one): a remainder of 1 as in `train`, or one smaller than 2 per process.
@@ -288,104 +335,143 @@ def train_distributed(
     training.check_inputs(cfg, tcfg, train_set, val_set)
     check_processes(tcfg, cfg.norm.kind, device)
     threads = max(1, torch.get_num_threads() // tcfg.processes)  # the processes share the cores
-    job = _Job(cfg, tcfg, train_set, val_set, resume, _free_port(), threads, os.getpid(), device)
-    spawn = mp.get_context("spawn")
-    messages, stop = spawn.Queue(), spawn.Event()
-    with _children_allowed():
-        ranks = start_processes(  # type: ignore[no-untyped-call]
-            _rank_main, args=(job, messages, stop), nprocs=tcfg.processes, join=False, start_method="spawn"
+    job = RankJob(cfg, tcfg, train_set, val_set, resume, device, threads, os.getpid())
+    with tempfile.TemporaryDirectory(prefix="bnlab-ranks-") as name:
+        folder = Path(name)
+        write_job(folder, job)
+        ranks = launch_ranks(folder, tcfg.processes)
+        relay = Relay(folder, callbacks)
+        try:
+            while not _all_done(ranks, folder):
+                relay.drain()
+                if callbacks.should_stop():
+                    (folder / STOP).touch()
+                with suppress(subprocess.TimeoutExpired):  # a while, or until the ranks leave together
+                    ranks[0].wait(timeout=training.STOP_CHECK_INTERVAL_S)
+            relay.drain()
+        finally:
+            for process in ranks:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        return relay.result(cfg, tcfg)
+
+
+def launch_ranks(folder: Path, processes: int) -> list[subprocess.Popen[bytes]]:
+    """Start the rank processes as torchrun does: the rendezvous (rank 0's TCP store) and each rank's
+    place in the environment, read by `init_process_group("env://")`."""
+    paths = [str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    shared = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(processes),
+        "PYTHONPATH": os.pathsep.join(paths),
+    }
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_COMMAND, str(folder)],
+            env=os.environ | shared | {"RANK": str(rank)},
         )
-    relay = _Relay(callbacks)
-    try:
-        while not ranks.join(timeout=training.STOP_CHECK_INTERVAL_S):
-            relay.drain(messages)
-            if callbacks.should_stop():
-                stop.set()
-        relay.drain(messages)
-    finally:
-        for process in ranks.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
-    return relay.result(cfg, tcfg)
+        for rank in range(processes)
+    ]
 
 
-@contextmanager
-def _children_allowed() -> Iterator[None]:
-    """Lift multiprocessing's ban on children of a daemonic process while the ranks start.
-
-    A Celery prefork pool process is daemonic, and multiprocessing refuses to start processes from
-    one lest they outlive it. Ours do not: train_distributed joins or kills them before it returns,
-    and a rank whose parent died (a pool process killed at its time limit) stops at its next
-    stop check (`_agreed_stop`) or, blocked in a collective, at the gloo timeout.
-    """
-    config: dict[str, Any] = getattr(multiprocessing.current_process(), "_config", {})
-    saved = dict(config)
-    config.pop("daemon", None)
-    # Celery's billiard keeps the key as its own AuthenticationString, which the spawn start method
-    # cannot send to the children: the same key as the standard library's type.
-    if "authkey" in config:
-        stdlib_key = getattr(multiprocessing.process, "AuthenticationString")  # noqa: B009  (untyped)
-        config["authkey"] = stdlib_key(bytes(config["authkey"]))
-    try:
-        yield
-    finally:
-        config.clear()
-        config.update(saved)
+def _all_done(ranks: list[subprocess.Popen[bytes]], folder: Path) -> bool:
+    """Whether every rank has ended well; RankFailed as soon as one has not."""
+    codes = [process.poll() for process in ranks]
+    if any(code not in (None, 0) for code in codes):
+        failures = sorted(folder.glob(f"{FAILED}*"), key=lambda path: path.stat().st_mtime)
+        # The first to fail names the cause; its peers then fail at their next collective.
+        cause = failures[0].read_text() if failures else f"exit codes {codes}"
+        raise RankFailed(f"a data-parallel training process failed: {cause}")
+    return all(code == 0 for code in codes)
 
 
-class _Relay:
-    """The calling process's side: rank 0's epoch reports go to the callbacks; its final state
+class Relay:
+    """The launcher's side: rank 0's epoch reports go to the callbacks, in order; its final state
     rebuilds the model."""
 
-    def __init__(self, callbacks: training.TrainingCallbacks) -> None:
-        self.callbacks = callbacks
+    def __init__(self, folder: Path, callbacks: training.TrainingCallbacks) -> None:
+        self.folder, self.callbacks = folder, callbacks
         self.epochs: list[training.EpochMetrics] = []
-        self.final: tuple[bytes, bool, bool] | None = None
 
-    def drain(self, messages: Any) -> None:
-        while True:
-            try:
-                kind, *payload = messages.get(timeout=0.05)
-            except queue.Empty:
-                return
-            if kind == "epoch":
-                metrics, snapshot = payload
-                self.epochs.append(metrics)
-                self.callbacks.on_epoch_end(metrics, partial(bytes, snapshot))
-            else:
-                self.final = (payload[0], payload[1], payload[2])
+    def drain(self) -> None:
+        for path in sorted(self.folder.glob(f"{EPOCH}*")):  # zero-padded numbers: in epoch order
+            metrics, snapshot = read_epoch(path)
+            self.epochs.append(metrics)
+            self.callbacks.on_epoch_end(metrics, partial(bytes, snapshot))
 
     def result(self, cfg: ModelConfig, tcfg: TrainConfig) -> training.TrainResult:
-        if self.final is None:
+        final = self.folder / FINAL
+        if not final.exists():
             raise RuntimeError("the training processes ended without reporting a final state")
-        state_bytes, cancelled, dropped = self.final
+        outcome = json.loads(final.read_bytes())
         model = training.build_model(cfg, tcfg.seed)
-        model.load_state_dict(load_training_state(state_bytes).model_state)
-        return training.TrainResult(model, self.epochs, cancelled=cancelled, dropped_last_batch=dropped)
+        model.load_state_dict(safetensors.torch.load_file(self.folder / WEIGHTS))
+        return training.TrainResult(
+            model,
+            self.epochs,
+            cancelled=outcome["cancelled"],
+            dropped_last_batch=outcome["dropped_last_batch"],
+        )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+@dataclass(frozen=True)
+class RankCallbacks:
+    """A rank's callbacks: rank 0 (the reporting rank) writes each epoch's report for the launcher;
+    every rank is asked to stop by the launcher's stop file, or by the launcher's death (nobody would
+    take its reports)."""
+
+    folder: Path
+    launcher_pid: int
+
+    def on_epoch_end(self, metrics: training.EpochMetrics, snapshot: training.Snapshot) -> None:
+        write_epoch(self.folder, metrics, snapshot())
+
+    def should_stop(self) -> bool:
+        return (self.folder / STOP).exists() or os.getppid() != self.launcher_pid
 
 
-def _rank_main(rank: int, job: _Job, messages: Any, stop: Any) -> None:
+def run_rank() -> None:
+    """A rank process's main (RANK_COMMAND): `training.train` as one rank of the run in the folder
+    named by its argument; a failure's reason is left there for the launcher."""
+    folder, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+    try:
+        _train_rank(folder, rank)
+    except BaseException as exc:
+        _write(folder / f"{FAILED}{rank}", f"rank {rank}: {type(exc).__name__}: {exc}".encode())
+        raise
+
+
+def _train_rank(folder: Path, rank: int) -> None:
+    job = read_job(folder)
     training.configure_training_process(job.threads)  # as a worker's training process
     device = rank_device(job.device, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's communicator binds to the current device
+    world = int(os.environ["WORLD_SIZE"])
     dist.init_process_group(
         backend_for(device),
-        init_method=f"tcp://127.0.0.1:{job.port}",
+        init_method="env://",
         rank=rank,
-        world_size=job.tcfg.processes,
+        world_size=world,
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
     try:
-        _train_rank(rank, device, job, messages, stop)
+        parallel = DataParallel(rank, world, device, job.tcfg.sync_batch_norm)
+        callbacks = RankCallbacks(folder, job.launcher_pid)
+        result = training.train(
+            job.cfg,
+            job.tcfg,
+            job.train_set,
+            job.val_set,
+            callbacks,
+            resume=job.resume,
+            device=device,
+            parallel=parallel,
+        )
+        if parallel.reports:
+            write_final(folder, result)
         # Leave together: a rank that tears its connections down while a peer is still finishing
         # can make gloo abort that peer ("terminate called without an active exception").
         dist.barrier()
@@ -393,90 +479,91 @@ def _rank_main(rank: int, job: _Job, messages: Any, stop: Any) -> None:
         dist.destroy_process_group()
 
 
-def _agreed_stop(stop: Any, parent_pid: int, device: torch.device) -> bool:
-    """True on every rank when any rank saw the stop request, or lost its parent (nobody would take
-    its reports): they must leave at the same step."""
-    asked = stop.is_set() or os.getppid() != parent_pid
-    flag = torch.tensor([1.0 if asked else 0.0], device=device)  # NCCL reduces device tensors only
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
-
-
-def _kept_samples(n: int, tcfg: TrainConfig) -> int:
-    remainder = n % tcfg.batch_size
-    return n - remainder if remainder and remainder < 2 * tcfg.processes else n
-
-
-def _train_rank(rank: int, device: torch.device, job: _Job, messages: Any, stop: Any) -> None:
-    """One process's share of `training.train`'s loop; rank 0 reports to the calling process."""
-    cfg, tcfg, processes = job.cfg, job.tcfg, job.tcfg.processes
-    model = training.build_model(cfg, tcfg.seed).to(device)  # drawn on the CPU, as in train
-    if tcfg.sync_batch_norm:
-        to_sync_batch_norm(model)
-    optimizer = training.make_optimizer(model, tcfg)
-    first_epoch = 1
+def write_job(folder: Path, job: RankJob) -> None:
+    """The job: the datasets in DATA, a resume state in RESUME, the rest in JOB (the ranks start after
+    all are written)."""
+    datasets = {
+        "train.x": job.train_set.x,
+        "train.y": job.train_set.y,
+        "val.x": job.val_set.x,
+        "val.y": job.val_set.y,
+    }
+    _write(folder / DATA, _safetensors(datasets))
     if job.resume is not None:
-        # A copy: the state came through shared memory, and the optimizer would adopt its tensors
-        # as they are, so every rank would update one shared momentum buffer.
-        restore(copy.deepcopy(job.resume), model, optimizer)
-        first_epoch = job.resume.epoch + 1
-    # Synced BN keeps the ranks' buffers equal by itself; plain BN takes rank 0's, as DDP does.
-    ddp = DistributedDataParallel(
-        model,
-        device_ids=[device] if device.type == "cuda" else None,
-        forward_sync_buffers=not tcfg.sync_batch_norm,
+        _write(folder / RESUME, encode_training_state(job.resume))
+    plain = {
+        "cfg": job.cfg.to_dict(),
+        "tcfg": asdict(job.tcfg),
+        "num_classes": {"train": job.train_set.num_classes, "val": job.val_set.num_classes},
+        "device": str(job.device),
+        "threads": job.threads,
+        "launcher_pid": job.launcher_pid,
+    }
+    _write(folder / JOB, _json(plain))
+
+
+def read_job(folder: Path) -> RankJob:
+    plain = json.loads((folder / JOB).read_bytes())
+    data = safetensors.torch.load_file(folder / DATA)
+    classes = plain["num_classes"]
+    resume = folder / RESUME
+    return RankJob(
+        cfg=ModelConfig.from_dict(plain["cfg"]),
+        tcfg=TrainConfig(**plain["tcfg"]),
+        train_set=ImageDataset(data["train.x"], data["train.y"], classes["train"]),
+        val_set=ImageDataset(data["val.x"], data["val.y"], classes["val"]),
+        resume=load_training_state(resume.read_bytes()) if resume.exists() else None,
+        device=torch.device(plain["device"]),
+        threads=plain["threads"],
+        launcher_pid=plain["launcher_pid"],
     )
-    x_all, y_all = to_inputs(job.train_set.x).flatten(1).to(device), job.train_set.y.to(device)
-    n, bs = len(job.train_set), tcfg.batch_size
-    n_used = _kept_samples(n, tcfg)
-    # Only rank 0 validates and probes: the other ranks leave the validation split as it came.
-    val_inputs = training.resident(job.val_set, device) if rank == 0 else job.val_set
-    probe, slots = val_inputs.x[:PROBE_SAMPLES], norm_slots(model)
-    pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 and rank == 0 else ()
-    cancelled, epoch = False, first_epoch - 1
-    for epoch in range(first_epoch, tcfg.epochs + 1):
-        started = time.monotonic()
-        model.train()  # on purpose: evaluate() left rank 0's model in eval mode
-        for group in optimizer.param_groups:
-            group["lr"] = training.lr_at(tcfg, epoch)
-        order = training.epoch_permutation(n, tcfg.seed, epoch)[:n_used].to(device)
-        totals = torch.zeros(
-            2, dtype=torch.float64, device=device
-        )  # this shard's summed loss, correct predictions
-        for i, start in enumerate(range(0, n_used, bs)):
-            if i % STOP_CHECK_STEPS == 0 and _agreed_stop(stop, job.parent_pid, device):
-                cancelled = True
-                break
-            idx = order[start : start + bs]
-            mine = idx.tensor_split(processes)[rank]
-            logits = ddp(x_all.index_select(0, mine))
-            y = y_all.index_select(0, mine)
-            loss_sum = F.cross_entropy(logits, y, reduction="sum")
-            optimizer.zero_grad(set_to_none=True)
-            # DDP averages gradients over the ranks: scaled so, the average is the gradient of the
-            # mean loss over the global batch, whatever the shard sizes.
-            (loss_sum * (processes / len(idx))).backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            totals += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double()])
-        if cancelled:
-            break  # the epoch in progress is not reported, as in train
-        dist.all_reduce(totals)
-        end_epoch(model)
-        if rank == 0:
-            val_loss, val_accuracy = training.evaluate(model, val_inputs)
-            metrics = training.EpochMetrics(
-                epoch=epoch,
-                train_loss=totals[0].item() / n_used,
-                train_accuracy=totals[1].item() / n_used,
-                val_loss=val_loss,
-                val_accuracy=val_accuracy,
-                seconds=time.monotonic() - started,
-                layer_stats=(*pending, *probe_slot_inputs(model, slots, probe, epoch=epoch)),
-            )
-            pending = ()
-            messages.put(("epoch", metrics, save_training_state(model, optimizer, epoch)))
-        if epoch < tcfg.epochs and _agreed_stop(stop, job.parent_pid, device):
-            cancelled = True
-            break
-    if rank == 0:
-        messages.put(("done", save_training_state(model, optimizer, epoch), cancelled, n_used < n))
+
+
+def write_epoch(folder: Path, metrics: training.EpochMetrics, snapshot: bytes) -> None:
+    """Rank 0's report of an epoch: the snapshot (a training state, as the callbacks store it), then
+    the metrics, whose file the launcher looks for."""
+    number = f"{metrics.epoch:06d}"
+    _write(folder / f"{SNAPSHOT}{number}", snapshot)
+    _write(folder / f"{EPOCH}{number}", _json(asdict(metrics)))
+
+
+def read_epoch(path: Path) -> tuple[training.EpochMetrics, bytes]:
+    """The epoch report at `path` (EPOCH + number) and its snapshot, both files then removed."""
+    snapshot_path = path.with_name(f"{SNAPSHOT}{path.name.removeprefix(EPOCH)}")
+    plain = json.loads(path.read_bytes())
+    snapshot = snapshot_path.read_bytes()
+    path.unlink()
+    snapshot_path.unlink()
+    stats = tuple(SlotStatistics(**entry) for entry in plain.pop("layer_stats"))
+    return training.EpochMetrics(**plain, layer_stats=stats), snapshot
+
+
+def write_final(folder: Path, result: training.TrainResult) -> None:
+    """Rank 0's final report: the model's weights, then how the run ended."""
+    _write(folder / WEIGHTS, _safetensors(result.model.state_dict()))
+    outcome = {"cancelled": result.cancelled, "dropped_last_batch": result.dropped_last_batch}
+    _write(folder / FINAL, _json(outcome))
+
+
+def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    data: bytes = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return data
+
+
+def _json(plain: Any) -> bytes:
+    # Python's json writes NaN and ±Infinity (a diverged run's losses) and reads them back.
+    return json.dumps(plain).encode()
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write `data` whole or not at all: the launcher polls for the file."""
+    partial_path = path.with_name(f".{path.name}")  # a dot: outside the launcher's globs
+    partial_path.write_bytes(data)
+    partial_path.replace(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

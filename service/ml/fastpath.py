@@ -184,11 +184,13 @@ class Batches:
 
     @classmethod
     def for_epoch(cls, x: Tensor, y: Tensor, order: Tensor, size: int) -> Batches:
+        # A position nobody trains here (another data-parallel process's shard) adds nothing to the
+        # totals: no loss, and a prediction of -1, which no label equals.
         picked = torch.zeros(len(order), 1, dtype=x.dtype, device=x.device)
-        return cls(x, y, order, size, picked, torch.zeros_like(order))
+        return cls(x, y, order, size, picked, torch.full_like(order, -1))
 
     def totals(self) -> tuple[float, int]:
-        """(summed cross-entropy, correct predictions) over the epoch's samples."""
+        """(summed cross-entropy, correct predictions) over the epoch's samples this process trained."""
         loss_sum = -self.picked.sum(dtype=torch.float64).item()
         correct = int((self.predicted == self.y.index_select(0, self.order)).sum().item())
         return loss_sum, correct

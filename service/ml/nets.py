@@ -30,7 +30,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from service.ml import resnets
 from service.ml.config import RESIDUAL_ARCHS, ModelConfig
-from service.ml.norms import make_norm
+from service.ml.norms import make_norm, seed_noise, standardize_weights
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -53,13 +53,15 @@ def make_net(cfg: ModelConfig) -> nn.Sequential:
     net = nn.Sequential(OrderedDict(_layers(cfg)))
     _initialise(net, cfg)
     resnets.initialise(net, cfg)  # Fixup re-draws its branches and zeroes the classifier
+    # Every Linear/Conv but the output layer, input to output (inside residual blocks too).
+    hidden = [m for name, m in net.named_modules() if name != "out" and isinstance(m, nn.Linear | nn.Conv2d)]
     if cfg.norm.kind == "weight":
-        # After init, so g = ‖v‖ starts the network at the weights just drawn (Salimans & Kingma):
-        # every Linear/Conv but the output layer.
-        hidden = [module for name, module in net.named_modules() if name != "out"]
+        # After init, so g = ‖v‖ starts the network at the weights just drawn (Salimans & Kingma).
         for module in hidden:
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                weight_norm(module, name="weight", dim=0)
+            weight_norm(module, name="weight", dim=0)
+    if cfg.norm.kind == "ws":  # after init too: WS standardises whatever weights were drawn
+        standardize_weights(hidden, cfg.activation, cfg.norm.learns_gamma)
+    seed_noise(net)  # noisy_batch: each layer its own noise stream
     return net
 
 
@@ -88,6 +90,11 @@ def _check(cfg: ModelConfig) -> None:
         raise ValueError("dropout must be in [0, 1), init_scale > 0, init 'pytorch' or 'glorot'")
     if cfg.arch in RESIDUAL_ARCHS:
         resnets.check(cfg)
+    elif cfg.norm.kind == "frn" and (cfg.activation != "relu" or cfg.norm.position != "before_activation"):
+        raise ValueError(
+            "norm kind frn ends in its own activation, the TLU max(y, τ) that replaces ReLU: it needs "
+            "activation 'relu' and position 'before_activation' (Linear/Conv → FRN → TLU)"
+        )
     widths = cfg.hidden if cfg.arch == "mlp" else cfg.channels
     if cfg.num_classes < 2 or not widths or any(width < 1 for width in widths):
         raise ValueError("num_classes must be >= 2 and every width >= 1")
@@ -134,7 +141,9 @@ def _block(
     if cfg.dropout > 0:
         drop = (f"drop{i}", nn.Dropout(cfg.dropout))
         slot = [drop, *slot] if cfg.dropout_position == "before_norm" else [*slot, drop]
-    act = (f"act{i}", _ACTIVATIONS[cfg.activation]())
+    # FRN's TLU max(y, τ) is the block's activation: the act slot stays, as an identity.
+    act_module = nn.Identity() if cfg.norm.kind == "frn" else _ACTIVATIONS[cfg.activation]()
+    act = (f"act{i}", act_module)
     if cfg.norm.position == "before_activation":
         return [layer, *slot, act]
     return [layer, act, *slot]

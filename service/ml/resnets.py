@@ -37,6 +37,8 @@ from service.ml.config import ModelConfig
 from service.ml.norms import make_norm
 
 Block = list[tuple[str, nn.Module]]
+# Norm kinds whose slot is an Identity (weight and ws reparametrise the layers instead).
+IDENTITY_SLOTS = ("none", "weight", "ws")
 # Fixup's m: weight layers per residual branch.
 BRANCH_LAYERS = 2
 
@@ -117,7 +119,7 @@ class _Builder:
         self.fixup = cfg.residual_init == "fixup"
         self.v1 = cfg.block == "post_activation"
         # A layer needs its own bias only where no norm after it shifts (Fixup brings scalar ones).
-        shifts = cfg.norm.kind not in ("none", "weight") and cfg.norm.learns_beta
+        shifts = cfg.norm.kind not in IDENTITY_SLOTS and cfg.norm.learns_beta
         self.bias = not shifts and not self.fixup
 
     def layer(self, c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> nn.Module:
@@ -221,6 +223,11 @@ def check(cfg: ModelConfig) -> None:
         raise ValueError(f"a resmlp's depth is 2·blocks + 2 (4, 6, 8, ...), not {cfg.depth}")
     if cfg.width < 1 or cfg.dropout > 0:
         raise ValueError("a residual network needs width >= 1 and takes no dropout")
+    if cfg.norm.kind == "frn":
+        raise ValueError(
+            "norm kind frn ends in its own activation (the TLU), which a residual block's norm before the "
+            "addition must not have: use it with arch 'mlp' or 'cnn'"
+        )
     if cfg.block not in ("post_activation", "pre_activation") or cfg.shortcut not in (
         "zero_pad",
         "projection",

@@ -31,8 +31,14 @@ class TrainingState:
 
 
 def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> bytes:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    optim = optimizer.state_dict()
+    return encode_training_state(TrainingState(epoch, model.state_dict(), optimizer.state_dict()))
+
+
+def encode_training_state(state: TrainingState) -> bytes:
+    """The bytes `load_training_state` decodes: a state taken from a model and its optimizer, or one
+    decoded before (the data-parallel launcher hands a resume state on to its ranks this way)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.model_state.items()}
+    optim = state.optimizer_state
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in optim["state"].items():
         for key, value in entry.items():
@@ -42,7 +48,7 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoc
                 scalars.setdefault(str(index), {})[key] = value
     metadata = {
         "format": FORMAT,
-        "epoch": str(epoch),
+        "epoch": str(state.epoch),
         "param_groups": json.dumps(optim["param_groups"]),
         "state_scalars": json.dumps(scalars),
     }

@@ -1,6 +1,11 @@
 """The training loop, evaluation and inference. Nothing here knows about Celery, HTTP or the database:
 progress and cancellation go through a `TrainingCallbacks` object that the task layer supplies.
 
+`train` is the one epoch loop. What varies is the step strategy `make_step` picks from the model and
+the machine: the compiled fast path (fastpath.MlpStep) for the MLPs and optimizers it reproduces, else
+autograd; and whether the process trains alone or as one rank of a data-parallel run, which the
+`parallel` argument says (service/ml/distributed.py starts the ranks and supplies it).
+
 `train`, `evaluate` and `predict_proba` each set the model's mode on purpose: with batch
 normalization, train mode normalises with the batch's statistics and updates the running buffers,
 eval mode uses the buffers. Evaluating in train mode would silently give different numbers.
@@ -33,6 +38,9 @@ STOP_CHECK_INTERVAL_S = 0.5
 # MLPs that fastpath.MlpStep supports train with its hand-written, compiled loop (same gradients,
 # about twice as fast at the article's size); False trains every model through autograd (tests compare).
 USE_FAST_PATH = True
+
+# Data-parallel processes agree on stopping (one tiny all_reduce) before every call of this many steps.
+AGREED_STOP_STEPS = 16
 
 # Trains on the batches of positions [start, stop) of an epoch's order (see fastpath.Batches).
 RunBatches = Callable[[Batches, int, int], None]
@@ -151,28 +159,56 @@ def make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer
     raise ValueError(f"unknown optimizer {tcfg.optimizer!r}; expected 'adam' or 'sgd'")
 
 
-def _autograd_batches(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, start: int, stop: int
+@dataclass(frozen=True)
+class Shard:
+    """The part of every batch a process trains on: the `rank`-th of `world` contiguous parts whose
+    sizes differ by at most one (as Tensor.tensor_split cuts); the whole batch for a process alone."""
+
+    rank: int = 0
+    world: int = 1
+
+    def bounds(self, start: int, stop: int) -> tuple[int, int]:
+        """This shard's positions [lo, hi) of the batch at positions [start, stop)."""
+        size, extra = divmod(stop - start, self.world)
+        lo = start + self.rank * size + min(self.rank, extra)
+        return lo, lo + size + (1 if self.rank < extra else 0)
+
+    def loss_weight(self, start: int, stop: int) -> float:
+        """What the shard's mean loss is multiplied by so that DDP's average of the processes' gradients
+        is the gradient of the whole batch's mean loss, whatever the shard sizes (exactly 1 alone)."""
+        lo, hi = self.bounds(start, stop)
+        return self.world * (hi - lo) / (stop - start)
+
+
+def autograd_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    shard: Shard,
+    batches: Batches,
+    start: int,
+    stop: int,
 ) -> None:
-    """Gradients of the mean cross-entropy by autograd and an optimizer step, batch by batch."""
+    """The autograd step strategy: per batch, gradients of the mean cross-entropy over this process's
+    shard of it, and an optimizer step; each trained sample's results go into `batches`."""
     for s in range(start, stop, batches.size):
         e = min(s + batches.size, stop)
-        idx = batches.order[s:e]
+        lo, hi = shard.bounds(s, e)
+        idx = batches.order[lo:hi]
         y = batches.y.index_select(0, idx)
         logits: torch.Tensor = model(batches.x.index_select(0, idx))
         log_probs = F.log_softmax(logits, dim=1)  # then nll_loss: what F.cross_entropy computes
-        loss = F.nll_loss(log_probs, y)
+        loss = F.nll_loss(log_probs, y) * shard.loss_weight(s, e)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         optimizer.step()
-        batches.picked[s:e] = log_probs.detach().gather(1, y.unsqueeze(1))
-        batches.predicted[s:e] = logits.detach().argmax(dim=1)
+        batches.picked[lo:hi] = log_probs.detach().gather(1, y.unsqueeze(1))
+        batches.predicted[lo:hi] = logits.detach().argmax(dim=1)
 
 
 @dataclass(frozen=True)
-class BatchRunner:
-    """How `train` runs an epoch's batches: `run(batches, start, stop)`, given `steps_per_call`
-    batches at a time (it checks for cancellation between calls)."""
+class Step:
+    """A step strategy: `run(batches, start, stop)` trains the batches of those positions, given
+    `steps_per_call` batches at a time (the loop checks for cancellation between calls)."""
 
     run: RunBatches
     steps_per_call: int
@@ -191,12 +227,64 @@ def _fast_path_supports(cfg: ModelConfig) -> bool:
         return MlpStep.for_model(make_net(cfg)) is not None
 
 
-def batch_runner(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int) -> BatchRunner:
-    """The compiled fast path for the MLPs and optimizers it supports, else autograd a step a call."""
-    fast = MlpStep.for_model(model) if USE_FAST_PATH and supports_optimizer(optimizer) else None
+def make_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, shard: Shard = Shard()
+) -> Step:
+    """The step strategy for this model and machine: the compiled fast path for the MLPs and optimizers
+    it supports, trained by one process (its gradients and BN statistics are its own batch's); else
+    autograd, through `model` as given (DDP-wrapped in a data-parallel rank), on `shard` of each batch."""
+    alone = shard.world == 1
+    fast = MlpStep.for_model(model) if alone and USE_FAST_PATH and supports_optimizer(optimizer) else None
     if fast is not None:
-        return BatchRunner(partial(fast.run, optimizer), fast.steps_per_call(batch_size), fast_path=True)
-    return BatchRunner(partial(_autograd_batches, model, optimizer), 1, fast_path=False)
+        return Step(partial(fast.run, optimizer), fast.steps_per_call(batch_size), fast_path=True)
+    steps_per_call = 1 if alone else AGREED_STOP_STEPS
+    return Step(partial(autograd_steps, model, optimizer, shard), steps_per_call, fast_path=False)
+
+
+class Parallelism(Protocol):
+    """How the process running `train` shares the run with others: `ONE_PROCESS` trains alone;
+    distributed.DataParallel is one rank of a data-parallel run."""
+
+    @property
+    def shard(self) -> Shard:
+        """The part of every batch this process trains on."""
+        ...
+
+    @property
+    def reports(self) -> bool:
+        """Whether this process validates, probes and reports each epoch (one of the ranks does)."""
+        ...
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the steps train through (the model itself, or its DDP wrapper)."""
+        ...
+
+    def sum_totals(self, totals: tuple[float, int]) -> tuple[float, int]:
+        """An epoch's (summed cross-entropy, correct predictions) over every process's shards."""
+        ...
+
+    def any_stop(self, asked: bool) -> bool:
+        """Whether any process was `asked` to stop: they all leave at the same step."""
+        ...
+
+
+class OneProcess:
+    """No data parallelism: whole batches, this process's totals, its own stop requests."""
+
+    shard = Shard()
+    reports = True
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def sum_totals(self, totals: tuple[float, int]) -> tuple[float, int]:
+        return totals
+
+    def any_stop(self, asked: bool) -> bool:
+        return asked
+
+
+ONE_PROCESS = OneProcess()
 
 
 def lr_at(tcfg: TrainConfig, epoch: int) -> float:
@@ -240,6 +328,7 @@ def train(
     callbacks: TrainingCallbacks = _NULL_CALLBACKS,
     resume: TrainingState | None = None,
     device: torch.device = CPU,
+    parallel: Parallelism = ONE_PROCESS,
 ) -> TrainResult:
     """Train a fresh `make_net(cfg)` with softmax cross-entropy; validate after every epoch.
 
@@ -252,6 +341,10 @@ def train(
 
     The weights are drawn on the CPU whatever the `device`, so a seed starts from the same network
     everywhere; the model comes back on `device`.
+
+    As one rank of a data-parallel run (`parallel`), the process trains its shard of every batch, the
+    epoch's totals are summed over the ranks, and only the reporting rank validates, probes and calls
+    `on_epoch_end`.
     """
     check_inputs(cfg, tcfg, train_set, val_set)
     model = build_model(cfg, tcfg.seed).to(device)
@@ -260,19 +353,21 @@ def train(
     if resume is not None:
         restore(resume, model, optimizer)
         first_epoch = resume.epoch + 1
+    bs = tcfg.batch_size
+    step = make_step(parallel.wrap(model), optimizer, bs, parallel.shard)
     # Converted once and resident for all epochs; flat rows (every net flattens its input first), so
     # a batch is one index_select (advanced indexing of the image-shaped tensor costs ten times more).
     x_all, y_all = to_inputs(train_set.x).flatten(1).to(device), train_set.y.to(device)
-    val_inputs = resident(val_set, device)
-    n, bs = len(train_set), tcfg.batch_size
-    n_used = used_samples(n, bs)
+    reports = parallel.reports  # the other ranks leave the validation split as it came
+    val_inputs = resident(val_set, device) if reports else val_set
+    n = len(train_set)
+    n_used = used_samples(n, bs, parallel.shard.world)
     result = TrainResult(model=model, dropped_last_batch=n_used < n)
     poller = StopPoller(callbacks)
-    probe, slots = val_inputs.x[:PROBE_SAMPLES], norm_slots(model)
+    probe, slots = val_inputs.x[:PROBE_SAMPLES], norm_slots(model)  # after wrap: it may swap BN layers
     # The initial network's statistics (epoch 0) travel with epoch 1; a resumed run has them stored.
-    pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 else ()
-    runner = batch_runner(model, optimizer, bs)
-    rows_per_call = bs * runner.steps_per_call
+    pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 and reports else ()
+    rows_per_call = bs * step.steps_per_call
 
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.monotonic()
@@ -282,18 +377,22 @@ def train(
         order = epoch_permutation(n, tcfg.seed, epoch)[:n_used].to(device)
         batches = Batches.for_epoch(x_all, y_all, order, bs)
         for start in range(0, n_used, rows_per_call):
-            if poller.due():
+            if parallel.any_stop(poller.due()):
                 result.cancelled = True
                 return result  # the epoch in progress is not reported
-            runner.run(batches, start, min(start + rows_per_call, n_used))
+            step.run(batches, start, min(start + rows_per_call, n_used))
         # Summed once per epoch from per-sample values: no .item() (a host sync) per step.
-        metrics = epoch_metrics(
-            model, epoch, batches.totals(), n_used, started, val_inputs, (probe, slots, pending)
-        )
-        pending = ()
-        result.epochs.append(metrics)
-        callbacks.on_epoch_end(metrics, partial(save_training_state, model, optimizer, epoch))
-        if epoch < tcfg.epochs and poller.now():
+        totals = parallel.sum_totals(batches.totals())
+        if reports:
+            metrics = epoch_metrics(
+                model, epoch, totals, n_used, started, val_inputs, (probe, slots, pending)
+            )
+            pending = ()
+            result.epochs.append(metrics)
+            callbacks.on_epoch_end(metrics, partial(save_training_state, model, optimizer, epoch))
+        else:
+            end_epoch(model)  # as epoch_metrics does on the reporting rank: the ranks' models stay alike
+        if epoch < tcfg.epochs and parallel.any_stop(poller.now()):
             result.cancelled = True
             return result
     return result
@@ -306,10 +405,12 @@ def resident(ds: ImageDataset, device: torch.device) -> ImageDataset:
     return ImageDataset(to_inputs(ds.x).to(device), ds.y.to(device), ds.num_classes)
 
 
-def used_samples(n: int, batch_size: int) -> int:
-    """The samples an epoch trains on: all but a final batch of one, which BN could not normalise
+def used_samples(n: int, batch_size: int, processes: int = 1) -> int:
+    """The samples an epoch trains on: all but a final batch that some process's shard of it would
+    leave with a single sample, which BN could not normalise: with one process, a final batch of one
     (dropped for every configuration, so that the data stay identical across those compared)."""
-    return n - 1 if n % batch_size == 1 else n
+    remainder = n % batch_size
+    return n - remainder if 0 < remainder < 2 * processes else n
 
 
 # What an epoch's end probes: the probe batch, the model's norm slots, and the statistics still to

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import telemetry
-from service.api.deps import ExperimentIdPath, RunIdPath
+from service.api.deps import ExperimentId, RunId
 from service.db import session_scope
 from service.experiments import grid
 from service.experiments import repository as experiment_repo
@@ -252,7 +252,7 @@ class RunStream:
 )
 async def stream_run_events(
     request: Request,
-    run_id: RunIdPath,
+    run_id: RunId,
     last_event_id: Annotated[str | None, last_event_id_header(RUN_EVENT_ID)] = None,
 ) -> StreamingResponse:
     return await _open(request, RunStream(run_id, last_event_id), f"run {run_id}")
@@ -324,7 +324,7 @@ class ExperimentStream:
 )
 async def stream_experiment_events(
     request: Request,
-    experiment_id: ExperimentIdPath,
+    experiment_id: ExperimentId,
     last_event_id: Annotated[str | None, last_event_id_header(EXPERIMENT_EVENT_ID)] = None,
 ) -> StreamingResponse:
     return await _open(request, ExperimentStream(experiment_id, last_event_id), f"experiment {experiment_id}")

@@ -27,6 +27,13 @@ def get_run(*, session: Session, run_id: str) -> Run | None:
     return session.get(Run, run_id)
 
 
+def run_ids_with_prefix(*, session: Session, prefix: str, limit: int) -> list[str]:
+    """Ids starting with `prefix` (hex digits only, so LIKE sees no wildcard), at most `limit`."""
+    return list(
+        session.scalars(select(Run.id).where(Run.id.startswith(prefix)).order_by(Run.id).limit(limit))
+    )
+
+
 def get_run_spec(*, session: Session, run_id: str) -> dict[str, object] | None:
     spec: dict[str, object] | None = session.scalars(select(Run.spec).where(Run.id == run_id)).one_or_none()
     return spec
@@ -143,31 +150,6 @@ def claim_run(*, session: Session, run_id: str, worker: str, time_limit_s: int) 
         return None
     attempt = session.scalars(select(Run.attempts).where(Run.id == run_id)).one()
     return Lease(run_id=run_id, worker=worker, attempt=attempt)
-
-
-def fresh_queued_runs(
-    *, session: Session, experiment_id: str, limit: int
-) -> Sequence[tuple[str, dict[str, object]]]:
-    """(id, spec) of an experiment's queued runs that never stored a checkpoint, oldest first: the
-    runs a worker may claim to train together with one of them (runner.claim_stack)."""
-    has_checkpoint = select(RunCheckpoint.run_id).where(RunCheckpoint.run_id == Run.id).exists()
-    rows = session.execute(
-        select(Run.id, Run.spec)
-        .where(Run.experiment_id == experiment_id, Run.status == RunStatus.queued.value, ~has_checkpoint)
-        .order_by(Run.created_at, Run.id)
-        .limit(limit)
-    ).all()
-    return [(row.id, row.spec) for row in rows]
-
-
-def busy_processes(*, session: Session, worker: str) -> int:
-    """How many other training processes of `worker`'s node hold a running run."""
-    others = select(func.count(func.distinct(Run.worker))).where(
-        Run.status == RunStatus.running.value,
-        Run.worker.startswith(f"{node_of(worker)}/", autoescape=True),
-        Run.worker != worker,
-    )
-    return session.scalar(others) or 0
 
 
 def heartbeat(*, session: Session, lease: Lease) -> bool:

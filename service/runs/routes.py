@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
-from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunIdPath, SessionDep, SettingsDep
+from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunId, SessionDep, SettingsDep
 from service.api.errors import Message
 from service.api.security import READ, PrincipalDep
 from service.ml import bn_tools
@@ -148,7 +148,7 @@ PREDICT_DOCS = READ | body_docs(
     summary="Predict with the trained model: JSON inputs, or an uploaded PNG/JPEG image",
     description="Eval mode (BN running statistics), BN folded into the Linear layers unless `fused=false`; "
     "`mode=train` answers with this request's batch statistics instead, stored buffers untouched. "
-    "An image is converted by the rule in the README (grayscale, light-on-dark, letterboxed to 28×28).",
+    "An image is converted as docs/serving.md describes (grayscale, light-on-dark, letterboxed to 28×28).",
     responses={
         409: {"model": Message},
         413: {"model": Message},
@@ -159,7 +159,7 @@ PREDICT_DOCS = READ | body_docs(
 )
 async def predict(
     request: Request,
-    run_id: RunIdPath,
+    run_id: RunId,
     fused: Annotated[bool, Query(description="Serve with BN folded into the Linear layers.")] = True,
     mode: Annotated[
         Literal["eval", "train"],
@@ -180,13 +180,17 @@ async def predict(
     else:
         answer = await served.infer(run_id, version, fused=fused, prepare=body, is_run_id=True)
         probabilities, loaded, served_fused = answer.probabilities, answer.loaded, answer.fused
+    predictions = probabilities.argmax(dim=1).tolist()
+    names = await served.class_names_of(run_id)
     return ServedPredictResponse(
-        predictions=probabilities.argmax(dim=1).tolist(),
+        predictions=predictions,
         probabilities=probabilities.tolist(),
         model_version=loaded.version,
         fused=served_fused,
         mode=mode,
         image=body.image_info,
+        labels=[names[c] for c in predictions] if names else None,
+        class_names=names,
     )
 
 

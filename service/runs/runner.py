@@ -9,22 +9,16 @@ Weights and the final status are written in one transaction: a run is never `suc
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from enum import Enum
-
-from sqlalchemy.orm import Session
 
 from service.config import get_settings
 from service.datasets import loading
 from service.db import session_scope
-from service.experiments.schemas import MAX_EXPERIMENT_RUNS
-from service.ml import checkpoints, datasets, distributed, resume, stacked, training
+from service.ml import checkpoints, datasets, distributed, resume, training
 from service.ml.config import ModelConfig
 from service.models import RunStatus
 from service.runs import repository as run_repo
@@ -146,9 +140,6 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
             return None
         checkpoint = run_repo.resume_point(session=session, run_id=run_id)
         start_state = checkpoint.state if checkpoint else None
-        partners = [] if checkpoint else claim_stack(lease, spec, limit_s, session=session)
-    if partners:
-        return _execute_stack([(lease, spec), *partners], limit_s)
     log.info("run %s attempt %d started on %s", run_id, lease.attempt, worker)
     callbacks = DatabaseCallbacks(lease, limit_s)
     try:
@@ -163,114 +154,12 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
     return _succeed(lease, config, weights)
 
 
-def claim_stack(
-    lease: run_repo.Lease, spec: RunCreate, time_limit_s: int, *, session: Session
-) -> list[Member]:
-    """Claim, for the fresh run just claimed, queued runs of its experiment that are the same run but
-    for the seed, to train with it as one stacked model (service/ml/stacked.py; each result is what
-    the run would give alone). Their own messages find them taken and are skipped.
-
-    How many: at most BNLAB_STACK_RUNS in all. While the experiment has at least as many such groups
-    of alike runs queued as the worker has idle training processes (this one included), a process
-    takes its run's whole group; with fewer, each group is split among the idle processes, so that no
-    core waits while one process trains all."""
-    settings = get_settings()
-    if settings.stack_runs < 2:  # the default: every run trains alone
-        return []
-    run = run_repo.get_run(session=session, run_id=lease.run_id)
-    if run is None or run.experiment_id is None:
-        return []
-    queued = run_repo.fresh_queued_runs(
-        session=session, experiment_id=run.experiment_id, limit=MAX_EXPERIMENT_RUNS
-    )
-    key = _stack_key(spec.model_dump(mode="json"))
-    keys = [_stack_key(raw) for _, raw in queued]
-    alike = [(run_id, raw) for (run_id, raw), other in zip(queued, keys, strict=True) if other == key]
-    groups = len(set(keys) | {key})
-    idle = settings.training_processes - run_repo.busy_processes(session=session, worker=lease.worker)
-    parts = max(1, math.ceil(idle / groups))
-    wanted = min(settings.stack_runs, math.ceil((len(alike) + 1) / parts)) - 1
-    if wanted < 1 or not _stackable(spec, session=session):
-        return []
-    partners: list[Member] = []
-    for run_id, raw in alike:
-        if len(partners) == wanted:
-            break
-        partner = run_repo.claim_run(
-            session=session, run_id=run_id, worker=lease.worker, time_limit_s=time_limit_s
-        )
-        if partner is not None:
-            partners.append((partner, RunCreate.model_validate(raw)))
-    return partners
-
-
-Member = tuple[run_repo.Lease, RunCreate]
-
-
-def _stack_key(spec: dict[str, object]) -> str:
-    """What the runs of one stack share, from a stored spec: all of it but its name and seed."""
-    train = spec.get("train")
-    shared = {**spec, "name": None, "train": {**train, "seed": None} if isinstance(train, dict) else train}
-    return json.dumps(shared, sort_keys=True)
-
-
-def _stackable(spec: RunCreate, *, session: Session) -> bool:
-    if training.resolve_device(get_settings().device).type != "cpu":
-        return False  # stacked training is exact as tested on the CPU; elsewhere runs train alone
-    try:
-        shape = loading.data_shape(session=session, dataset=spec.dataset)
-    except loading.UnknownDataset:
-        return False
-    return stacked.can_stack(model_config(spec, shape), train_config(spec))
-
-
-def _execute_stack(members: list[Member], limit_s: int) -> RunStatus | None:
-    """Train the claimed runs as one stack and record each outcome as execute_run would; returns the
-    first (the delivered run's) status."""
-    leases = [lease for lease, _ in members]
-    log.info(
-        "run %s trains stacked with %d runs of its experiment: %s",
-        leases[0].run_id, len(leases) - 1, ", ".join(lease.run_id for lease in leases[1:]),
-    )  # fmt: skip
-    callbacks = [DatabaseCallbacks(lease, limit_s) for lease in leases]
-    outcomes: dict[int, RunStatus | None] = {}
-
-    def record_leaving(k: int, result: training.TrainResult) -> None:
-        outcomes[k] = _stop(leases[k], callbacks[k].stop_reason or StopReason.cancelled)
-
-    spec = members[0][1]
-    try:
-        with ExitStack() as heartbeats:
-            for beat in callbacks:
-                heartbeats.enter_context(Heartbeat(beat.lease, beat.lease_lost))
-            train_set, val_set, config = _load_data(spec, callbacks)
-            tcfgs = [train_config(other) for _, other in members]
-            results = stacked.train_stacked(config, tcfgs, train_set, val_set, callbacks, record_leaving)
-            weights = {
-                k: checkpoints.save_checkpoint(r.model, config)
-                for k, r in enumerate(results)
-                if k not in outcomes
-            }
-    except Exception as exc:
-        log.exception("stacked runs %s failed", ", ".join(lease.run_id for lease in leases))
-        error = describe_error(exc)
-        for k, lease in enumerate(leases):
-            if k not in outcomes:
-                outcomes[k] = _end(lease, RunStatus.failed, error)
-        return outcomes[0]
-    for k, lease in enumerate(leases):
-        if k not in outcomes:
-            outcomes[k] = _succeed(lease, config, weights[k])
-    return outcomes[0]
-
-
 def _load_data(
-    spec: RunCreate, callbacks: list[DatabaseCallbacks]
+    spec: RunCreate, callbacks: DatabaseCallbacks
 ) -> tuple[datasets.ImageDataset, datasets.ImageDataset, ModelConfig]:
     """The spec's splits and its network for them; the callbacks learn the training split's size."""
     train_set, val_set = loading.load_training_data(spec)
-    for each in callbacks:
-        each.train_samples = len(train_set)
+    callbacks.train_samples = len(train_set)
     return train_set, val_set, model_config_for_data(spec, train_set)
 
 
@@ -285,7 +174,7 @@ def model_config_for_data(spec: RunCreate, train_set: datasets.ImageDataset) -> 
 def _train(
     spec: RunCreate, callbacks: DatabaseCallbacks, start_state: bytes | None
 ) -> tuple[training.TrainResult, ModelConfig]:
-    train_set, val_set, config = _load_data(spec, [callbacks])
+    train_set, val_set, config = _load_data(spec, callbacks)
     state = resume.load_training_state(start_state) if start_state else None
     if state is not None:
         log.info("run %s resumes after epoch %d", callbacks.lease.run_id, state.epoch)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
-from service.api.deps import RunIdPath
+from service.api.deps import RunId
 from service.api.errors import Message
 from service.ml import bn_tools
 from service.ml.datasets import DatasetError
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/api/v1/runs", tags=["bn tools"])
     responses={404: {"model": Message}, 409: {"model": Message}},
 )
 def get_bn_stats(
-    run_id: RunIdPath,
+    run_id: RunId,
     version: Annotated[int | None, Query(ge=1, le=1_000_000, description="Default: the newest.")] = None,
     bins: Annotated[int, Query(ge=1, le=200, description="Histogram bins.")] = 20,
 ) -> BNStatsPublic:
@@ -50,7 +50,7 @@ def get_bn_stats(
         503: {"model": Message},
     },
 )
-def recalibrate(run_id: RunIdPath, body: RecalibrateRequest, response: Response) -> RecalibrationPublic:
+def recalibrate(run_id: RunId, body: RecalibrateRequest, response: Response) -> RecalibrationPublic:
     require_succeeded_run(run_id)
     _, loaded = served_model(run_id, body.base_version)
     try:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy.orm import Session
 
-from service.api.deps import RunDep, RunIdPath, SessionDep
+from service.api.deps import RunDep, RunId, SessionDep
 from service.api.errors import Message
 from service.models import ModelArtifact, Run, RunStatus
 from service.serving import repository as model_repo
@@ -124,7 +124,7 @@ def download_config(run: RunDep, version: VersionRef, session: SessionDep) -> Re
     responses={200: {"content": {"application/octet-stream": {}}}, **NOT_FOUND},
 )
 def download_onnx(
-    run_id: RunIdPath,
+    run_id: RunId,
     version: VersionRef,
     fused: Annotated[bool, Query(description="Fold BN into the Linear layers first.")] = True,
 ) -> Response:

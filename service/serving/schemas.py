@@ -50,6 +50,12 @@ class ServedPredictResponse(PredictResponse):
         description="eval: BN running statistics; train: this request's batch statistics."
     )
     image: ImageInfoPublic | None = Field(None, description="The decoded upload, for image input.")
+    labels: list[str] | None = Field(
+        None, description="The class name of each prediction, for runs on a built-in dataset."
+    )
+    class_names: list[str] | None = Field(
+        None, description="The name of every class index, for runs on a built-in dataset."
+    )
 
 
 class AliasToRun(BaseModel):

@@ -11,10 +11,32 @@ from starlette.concurrency import run_in_threadpool
 
 from service.db import session_scope
 from service.ml.checkpoints import CheckpointError
+from service.ml.datasets import CLASS_NAMES
 from service.models import RunStatus
 from service.runs import repository as run_repo
 from service.serving import repository as model_repo
 from service.serving.server import Answer, LoadedModel, ModelNotFound, Prepare, get_model_server, open_model
+
+# A run's class names never change (its spec is fixed): read once per process, then from memory.
+_class_names: dict[str, list[str] | None] = {}
+
+
+def class_names(run_id: str) -> list[str] | None:
+    """The names of the run's classes, for a built-in dataset; None otherwise. Blocking on first use."""
+    if run_id not in _class_names:
+        with session_scope() as session:
+            spec = run_repo.get_run_spec(session=session, run_id=run_id)
+        dataset = spec.get("dataset") if spec else None
+        name = dataset.get("name") if isinstance(dataset, dict) else None
+        _class_names[run_id] = list(CLASS_NAMES[name]) if name in CLASS_NAMES else None
+    return _class_names[run_id]
+
+
+async def class_names_of(run_id: str) -> list[str] | None:
+    """class_names without a thread hop once known (the predict route's hot path)."""
+    if run_id in _class_names:
+        return _class_names[run_id]
+    return await run_in_threadpool(class_names, run_id)
 
 
 def require_succeeded_run(run_id: str) -> None:

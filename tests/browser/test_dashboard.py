@@ -45,18 +45,26 @@ def keyed_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stac
         yield stack, key
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
+# Every host name but loopback fails to resolve: a page that needs the internet shows it.
+OFFLINE = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
+
+
+def chromium(*extra: str) -> WebDriver:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: apt-get install chromium chromium-driver (.ci/run does)")
     options = Options()
     options.binary_location = str(CHROMIUM)
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-dev-shm-usage", "--window-size=1280,1000"):  # fmt: skip
+                "--disable-dev-shm-usage", "--window-size=1280,1000", *extra):  # fmt: skip
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    driver = chromium()
     try:
         yield driver
     finally:
@@ -201,3 +209,21 @@ def test_an_experiment_page_overlays_bn_and_no_bn_and_shows_the_report(
     points = int(browser.find_element(By.ID, "exp-loss-chart").get_attribute("data-points") or 0)
     assert points == 4 * 4 * 2  # 4 runs x 4 epochs x (train, val)
     shot(browser, "experiment-page")
+
+
+def test_the_api_reference_renders_with_the_network_blocked(keyed_stack: tuple[Stack, str]) -> None:
+    stack, _ = keyed_stack
+    driver = chromium(OFFLINE)
+    try:
+        driver.get(f"{stack.base_url}/docs")
+        operations = wait_until(
+            lambda: len(driver.find_elements(By.CSS_SELECTOR, ".opblock")), 30, "Swagger UI's operations"
+        )
+        assert operations >= 30  # every documented route, drawn from /openapi.json
+        assert "Submit a training run" in driver.find_element(By.TAG_NAME, "body").text
+        loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded, "the page loaded no resources"
+        assert all(url.startswith(stack.base_url) for url in loaded), loaded
+        shot(driver, "api-docs-offline")
+    finally:
+        driver.quit()

@@ -179,3 +179,33 @@ def test_worker_logs_are_json_lines_that_carry_the_run_id(stack: Stack) -> None:
         json.loads(line) for line in (stack.logs / "api.log").read_text().splitlines() if line.startswith("{")
     ]
     assert any(line["logger"] == "bnlab.access" and len(line["request_id"]) == 32 for line in api_lines)
+
+
+def test_predict_names_the_class_and_ids_may_be_short(stack: Stack, tmp_path: Path) -> None:
+    spec = TINY | {"name": "cli-fashion", "dataset": {"name": "fashion-mnist", "limit": 300}}
+    run_id = stack.submit(spec)
+    stack.wait_for(run_id, {"succeeded"})
+    image = tmp_path / "blank.png"
+    Image.new("L", (28, 28), 0).save(image)
+    answer = json.loads(bnlab(stack, "predict", run_id[:8], str(image), "--json").stdout)
+    names = answer["class_names"]
+    assert names[9] == "Ankle boot"
+    assert answer["labels"] == [names[answer["predictions"][0]]]
+    printed = bnlab(stack, "predict", run_id[:8], str(image)).stdout.splitlines()[0]
+    assert printed == f"prediction {answer['predictions'][0]} ({answer['labels'][0]})"
+    shown = bnlab(stack, "show", run_id[:6], "--json")
+    assert shown.returncode == 0, shown.stderr
+
+
+def test_without_bnlab_url_the_cli_asks_bnlab_host_and_port(stack: Stack) -> None:
+    port = stack.base_url.rsplit(":", 1)[1]
+    env = bnlab_free_environ() | {"BNLAB_HOST": "0.0.0.0", "BNLAB_PORT": port}  # no BNLAB_URL
+    listed = subprocess.run(
+        [sys.executable, "-m", "service.cli", "runs", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "items" in json.loads(listed.stdout)

@@ -5,10 +5,15 @@ Each test spawns two ranks, wraps Linear/Conv → SyncBatchNorm in DDP, and give
 every global batch; the ranks write what they saw (safetensors) and the test compares it, in
 float64, with ONE process running the same layers with plain nn.BatchNorm1d/2d over the whole batch:
 outputs, input gradients, DDP-averaged parameter gradients and the running statistics after 3 steps.
+
+The launcher and its ranks exchange JSON and safetensors only, and no module of service/ imports pickle.
 """
 
 from __future__ import annotations
 
+import ast
+import json
+import math
 import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -24,10 +29,29 @@ from torch.nn.parallel import DistributedDataParallel
 
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, train_val_split
-from service.ml.distributed import SyncBatchNorm, backend_for, rank_device, synchronising, train_distributed
+from service.ml.distributed import (
+    DATA,
+    FINAL,
+    JOB,
+    RESUME,
+    WEIGHTS,
+    RankFailed,
+    RankJob,
+    Relay,
+    SyncBatchNorm,
+    backend_for,
+    rank_device,
+    read_job,
+    synchronising,
+    train_distributed,
+    write_epoch,
+    write_final,
+    write_job,
+)
 from service.ml.fastpath import MlpStep
+from service.ml.probes import SlotStatistics
 from service.ml.resume import load_training_state
-from service.ml.training import train
+from service.ml.training import EpochMetrics, TrainResult, build_model, train
 from tests.integration.stack import free_port
 from tests.ml.test_training import Recorder, without_time
 
@@ -105,7 +129,7 @@ def _rank_main(rank: int, port: int, case: Case, out_dir: str) -> None:
                 saved[f"{step}.grad.{k}"] = p.grad
         saved.update({f"buffer.{k}": b for k, b in model.module.named_buffers()})
         safetensors.torch.save_file({k: v.contiguous() for k, v in saved.items()}, f"{out_dir}/{rank}.st")
-        dist.barrier()  # leave together (see distributed._rank_main)
+        dist.barrier()  # leave together, as the ranks of distributed.train_distributed do
     finally:
         dist.destroy_process_group()
 
@@ -252,6 +276,16 @@ def test_unsynced_processes_normalise_per_shard_so_their_statistics_differ(
         assert (sharded[key] - single[key]).abs().max() > 100 * ATOL_FLOAT32, key
 
 
+def test_a_failing_rank_fails_the_run_with_its_reason(small: tuple[ImageDataset, ImageDataset]) -> None:
+    other = Recorder()  # the training state of another network: every rank's restore refuses it
+    train(ModelConfig(hidden=(8,)), TrainConfig(epochs=1), *small, other)
+    tcfg = TrainConfig(epochs=1, batch_size=32, processes=2)
+    with pytest.raises(RankFailed, match="ResumeError: training state does not fit"):
+        train_distributed(
+            ModelConfig(hidden=(16,)), tcfg, *small, resume=load_training_state(other.snapshots[0])
+        )
+
+
 def test_a_stop_request_reaches_every_process(small: tuple[ImageDataset, ImageDataset]) -> None:
     recorder = Recorder(stop_at=1)
     tcfg = TrainConfig(epochs=200, batch_size=32, processes=2, sync_batch_norm=True)
@@ -295,3 +329,81 @@ def test_more_cuda_processes_than_gpus_are_refused_before_any_process_starts(
     tcfg = TrainConfig(processes=gpus + 1, batch_size=64)
     with pytest.raises(ValueError, match=f"need {gpus + 1} GPUs .* sees {gpus}"):
         train_distributed(ModelConfig(), tcfg, *small, device=torch.device("cuda"))
+
+
+SERVICE = Path(__file__).resolve().parents[2] / "service"
+# Modules that pickle (shelve and dill are pickle underneath): unpickling runs code.
+PICKLING = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "shelve"}
+
+
+def imported_modules(path: Path) -> list[str]:
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
+def test_no_module_of_the_service_imports_pickle() -> None:
+    sources = sorted(SERVICE.rglob("*.py"))
+    assert SERVICE / "ml" / "distributed.py" in sources
+    found = [
+        f"{path.relative_to(SERVICE.parent)}: {name}"
+        for path in sources
+        for name in imported_modules(path)
+        if name.split(".")[0] in PICKLING
+    ]
+    assert found == []
+
+
+def test_the_job_crosses_the_folder_as_json_and_safetensors(
+    small: tuple[ImageDataset, ImageDataset], tmp_path: Path
+) -> None:
+    recorder = Recorder()
+    cfg, tcfg = ModelConfig(hidden=(8,)), TrainConfig(epochs=1, batch_size=32, processes=2)
+    train(cfg, tcfg, *small, recorder)
+    resume = load_training_state(recorder.snapshots[0])
+    features = ImageDataset(torch.randn(6, 40), torch.arange(6) % 3, 3)  # float samples, other classes
+    job = RankJob(cfg, tcfg, small[0], features, resume, torch.device("cpu"), 3, 1234)
+    write_job(tmp_path, job)
+    assert json.loads((tmp_path / JOB).read_bytes())["tcfg"]["processes"] == 2
+    assert safetensors.torch.load_file(tmp_path / DATA).keys() == {"train.x", "train.y", "val.x", "val.y"}
+    got = read_job(tmp_path)
+    assert (got.cfg, got.tcfg, got.device, got.threads, got.launcher_pid) == (cfg, tcfg, job.device, 3, 1234)
+    for mine, theirs in ((got.train_set, small[0]), (got.val_set, features)):
+        assert (mine.x.dtype, mine.y.dtype, mine.num_classes) == (
+            theirs.x.dtype,
+            theirs.y.dtype,
+            theirs.num_classes,
+        )
+        assert torch.equal(mine.x, theirs.x)
+        assert torch.equal(mine.y, theirs.y)
+    assert got.resume is not None
+    assert got.resume.epoch == 1
+    assert all(torch.equal(got.resume.model_state[k], v) for k, v in resume.model_state.items())
+    (tmp_path / RESUME).unlink()
+    assert read_job(tmp_path).resume is None  # without the file, no resume
+
+
+def test_the_epoch_reports_and_final_state_reach_the_launcher_as_they_left_rank_0(tmp_path: Path) -> None:
+    stats = (SlotStatistics(0, "bn1", 0.125, 1.5), SlotStatistics(1, "bn1", -1 / 3, 0.1))
+    first = EpochMetrics(1, 2.5, 0.25, math.inf, 0.5, 0.75, stats)
+    second = EpochMetrics(2, 1 / 7, 0.5, 0.3, 0.625, 0.5)
+    write_epoch(tmp_path, second, b"state after 2")  # the launcher takes them in epoch order anyway
+    write_epoch(tmp_path, first, b"state after 1")
+    cfg, tcfg = ModelConfig(hidden=(8,)), TrainConfig()
+    model = build_model(cfg, seed=3)
+    write_final(tmp_path, TrainResult(model, cancelled=True, dropped_last_batch=True))
+    recorder = Recorder()
+    relay = Relay(tmp_path, recorder)
+    relay.drain()
+    assert recorder.epochs == relay.epochs == [first, second]  # floats exact, inf included
+    assert recorder.snapshots == [b"state after 1", b"state after 2"]
+    assert {p.name for p in tmp_path.iterdir()} == {FINAL, WEIGHTS}  # relayed reports are removed
+    result = relay.result(cfg, tcfg)
+    assert (result.cancelled, result.dropped_last_batch) == (True, True)
+    assert json.loads((tmp_path / FINAL).read_bytes()) == {"cancelled": True, "dropped_last_batch": True}
+    expected = model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in result.model.state_dict().items())

@@ -108,7 +108,7 @@ def trained(
     monkeypatch.setattr(training, "USE_FAST_PATH", fast)
     model = make_net(cfg)
     optimizer = training.make_optimizer(model, tcfg)
-    assert training.batch_runner(model, optimizer, tcfg.batch_size).fast_path == fast  # the path under test
+    assert training.make_step(model, optimizer, tcfg.batch_size).fast_path == fast  # the path under test
     return training.train(cfg, tcfg, *data)
 
 
@@ -219,13 +219,13 @@ def test_the_compiled_loop_counts_adam_steps_as_torch_does(uneven: bool) -> None
     x, order = x.float().flatten(1), torch.randperm(96, generator=torch.Generator().manual_seed(0))
     batches = {name: Batches.for_epoch(x, y, order, 16) for name in nets}
     for name, net in nets.items():  # a first step through torch creates the state
-        training._autograd_batches(net, optimizers[name], batches[name], 0, 16)
+        training.autograd_steps(net, optimizers[name], training.Shard(), batches[name], 0, 16)
         if uneven:
             optimizers[name].state[net.fc1.bias]["step"].fill_(7.0)
     fast = MlpStep.for_model(fast_net)
     assert fast is not None
     fast.run(optimizers["fast"], batches["fast"], 16, 96)
-    training._autograd_batches(slow_net, optimizers["slow"], batches["slow"], 16, 96)
+    training.autograd_steps(slow_net, optimizers["slow"], training.Shard(), batches["slow"], 16, 96)
     for p, q in zip(fast_net.parameters(), slow_net.parameters(), strict=True):
         assert torch.equal(p, q)
         fast_state, slow_state = optimizers["fast"].state[p], optimizers["slow"].state[q]

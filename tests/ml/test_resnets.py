@@ -234,7 +234,19 @@ def test_the_default_init_without_norm_grows_with_depth_where_fixup_does_not() -
     assert before_head["plain"] > 2 * before_head["fixup"]
 
 
-NORMS = ["batch", "layer", "group", "instance", "batch_renorm", "ghost", "weight", "batch_layer", "none"]
+NORMS = [
+    "batch",
+    "layer",
+    "group",
+    "instance",
+    "batch_renorm",
+    "ghost",
+    "weight",
+    "batch_layer",
+    "noisy_batch",
+    "ws",
+    "none",
+]
 
 
 @pytest.mark.parametrize("block", ["post_activation", "pre_activation"])
@@ -385,6 +397,18 @@ def test_a_100_layer_mlp_builds_and_trains_through_the_fast_path() -> None:
 def test_make_net_refuses_what_a_residual_network_cannot_be(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_net(ModelConfig(**fields))  # type: ignore[arg-type]
+
+
+def test_frn_is_refused_in_residual_blocks() -> None:
+    with pytest.raises(ValueError, match="frn ends in its own activation"):
+        make_net(resnet(8, norm=NormConfig(kind="frn")))
+
+
+def test_ws_standardises_every_conv_but_the_classifier_and_convs_keep_their_biases() -> None:
+    net = make_net(resnet(8, shortcut="projection", norm=NormConfig(kind="ws")))
+    layers = weight_layers(net)
+    assert [parametrize.is_parametrized(m) for m in layers] == [True] * (len(layers) - 1) + [False]
+    assert all(m.bias is not None for m in layers)  # no norm shifts after them
 
 
 def test_instance_norm_needs_maps_larger_than_one_by_one() -> None:

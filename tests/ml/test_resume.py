@@ -9,7 +9,7 @@ import torch
 
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import make_synthetic, train_val_split
-from service.ml.resume import ResumeError, load_training_state
+from service.ml.resume import ResumeError, encode_training_state, load_training_state
 from service.ml.training import train
 from tests.ml.test_training import Recorder, without_time
 
@@ -76,3 +76,21 @@ def test_resume_with_stateful_norms_and_a_schedule_is_bit_identical(norm: NormCo
         assert [without_time(m) for m in rest.epochs] == [without_time(m) for m in straight.epochs[1:]]
         a, b = whole.model.state_dict(), resumed.model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_decoded_state_encodes_to_bytes_that_decode_to_it_again() -> None:
+    # The data-parallel launcher hands a decoded resume state to its ranks this way.
+    data = train_val_split(make_synthetic(200, seed=1), 0.25)
+    for optimizer in ("adam", "sgd"):
+        recorder = Recorder()
+        train(ModelConfig(hidden=(8,)), TrainConfig(epochs=1, optimizer=optimizer), *data, callbacks=recorder)
+        state = load_training_state(recorder.snapshots[0])
+        again = load_training_state(encode_training_state(state))
+        assert again.epoch == state.epoch == 1
+        assert again.model_state.keys() == state.model_state.keys()
+        assert all(torch.equal(again.model_state[k], v) for k, v in state.model_state.items())
+        assert again.optimizer_state["param_groups"] == state.optimizer_state["param_groups"]
+        for index, entry in state.optimizer_state["state"].items():
+            got = again.optimizer_state["state"][index]
+            assert got.keys() == entry.keys()
+            assert all(torch.equal(got[k], v) for k, v in entry.items()), (optimizer, index)

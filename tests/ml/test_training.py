@@ -77,6 +77,25 @@ def test_final_batch_of_one_is_dropped(n: int, dropped: bool) -> None:
     assert len(result.epochs) == 1
 
 
+@pytest.mark.parametrize(
+    ("n", "processes", "used"), [(33, 1, 32), (34, 1, 34), (64, 1, 64), (35, 2, 32), (36, 2, 36)]
+)
+def test_a_final_batch_is_dropped_when_a_shard_of_it_would_hold_one_sample(
+    n: int, processes: int, used: int
+) -> None:
+    assert training.used_samples(n, 32, processes) == used
+
+
+def test_shards_cut_each_batch_as_tensor_split_does() -> None:
+    for world in (1, 2, 3, 5):
+        for length in range(world, 40):
+            parts = torch.arange(10, 10 + length).tensor_split(world)
+            for rank, part in enumerate(parts):
+                shard = training.Shard(rank, world)
+                assert shard.bounds(10, 10 + length) == (int(part[0]), int(part[-1]) + 1)
+                assert shard.loss_weight(10, 10 + length) == world * len(part) / length
+
+
 def test_batch_size_one_with_bn_is_refused(small: tuple[ImageDataset, ImageDataset]) -> None:
     with pytest.raises(ValueError, match="batch_size 1"):
         train(BN, TrainConfig(epochs=1, batch_size=1), *small)

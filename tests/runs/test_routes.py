@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from service.config import get_settings
+from service.db import session_scope
 from service.main import create_app
+from service.models import Run
 from tests.conftest import Backend
 
 SMALL_SPEC = {
@@ -79,6 +82,9 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         "renorm_warmup_steps": 5000,
         "renorm_rmax_steps": 40000,
         "renorm_dmax_steps": 25000,
+        "noise_mean": 0.5,
+        "noise_std": 1.0,
+        "example_weight": 0.0,
         "sync": False,
     }
     assert spec["train"] == {
@@ -258,3 +264,40 @@ def test_an_unwritable_embedded_broker_answers_503_and_keeps_the_run_queued(clie
     assert response.status_code == 503, response.text
     assert "broker" in response.json()["detail"].lower(), response.json()
     assert client.get(response.headers["location"]).json()["status"] == "queued"
+
+
+def _rename_run(old: str, new: str) -> None:
+    with session_scope() as session:
+        session.execute(update(Run).where(Run.id == old).values(id=new))
+
+
+def test_a_unique_id_prefix_finds_the_run_and_an_ambiguous_one_names_its_matches(client: TestClient) -> None:
+    ids = [client.post("/api/v1/runs", json=SMALL_SPEC).json()["id"] for _ in range(3)]
+    twins = ["abcdef" + "0" * 25 + "1", "abcdef" + "0" * 25 + "2"]
+    _rename_run(ids[0], twins[0])
+    _rename_run(ids[1], twins[1])
+    unique = ids[2]
+
+    found = client.get(f"/api/v1/runs/{unique[:8]}")
+    assert found.status_code == 200, found.text
+    assert found.json()["id"] == unique
+    assert client.get(f"/api/v1/runs/{unique[:6]}/metrics").status_code == 200
+
+    ambiguous = client.get("/api/v1/runs/abcdef")
+    assert ambiguous.status_code == 409
+    assert twins[0] in ambiguous.json()["detail"]
+    assert twins[1] in ambiguous.json()["detail"]
+    assert client.get(f"/api/v1/runs/{twins[1]}").json()["id"] == twins[1]  # the whole id always works
+
+    assert client.get("/api/v1/runs/abcde").status_code == 422  # under 6 characters
+    unknown = next(p for p in ("fedcba", "012345", "987654") if not any(i.startswith(p) for i in ids))
+    assert client.get(f"/api/v1/runs/{unknown}").status_code == 404
+
+
+def test_an_experiment_id_prefix_finds_the_experiment(client: TestClient) -> None:
+    base = {"dataset": SMALL_SPEC["dataset"], "train": SMALL_SPEC["train"]}
+    spec = {"name": "prefixes", "base": base, "grid": {"train.lr": [0.001, 0.01]}, "seeds": [0]}
+    experiment_id = client.post("/api/v1/experiments", json=spec).json()["id"]
+    found = client.get(f"/api/v1/experiments/{experiment_id[:7]}")
+    assert found.status_code == 200, found.text
+    assert found.json()["id"] == experiment_id
