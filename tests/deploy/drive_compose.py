@@ -51,6 +51,7 @@ DEADLINE = time.monotonic() + float(os.environ.get("COMPOSE_TEST_TIMEOUT", "1800
 PROJECT = "bnlabct"
 BASE_IMAGE = "localhost/bnlab-debian-base:bookworm"
 SUITE = "bookworm"
+BASE_MAX_AGE_S = 30 * 86400
 # What docker-compose.yml names, as Podman spells them once resolved (short names resolve to these).
 IMAGES = {
     "bnlab": "localhost/bnlab:latest",
@@ -159,6 +160,9 @@ def podman_env() -> dict[str, str]:
     conf = CACHE / "conf"
     conf.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(str(CACHE).encode()).hexdigest()[:8]
+    runroot = Path(f"/run/bnlab-compose-test-{tag}")
+    if not (CACHE / "storage").exists() and runroot.exists():
+        shutil.rmtree(runroot)  # the state of a storage deleted since: it would confuse Podman
     (conf / "containers.conf").write_text(
         "# Written by tests/deploy/drive_compose.py. Debian's crun fails on this host's hybrid cgroups\n"
         "# and on raising RLIMIT_NOFILE: runc, cgroupfs and no default ulimits instead.\n"
@@ -176,7 +180,7 @@ def podman_env() -> dict[str, str]:
         "[storage]\n"
         'driver = "overlay"\n'
         f'graphroot = "{CACHE / "storage"}"\n'
-        f'runroot = "/run/bnlab-compose-test-{tag}"\n'
+        f'runroot = "{runroot}"\n'
     )
     env = dict(os.environ)
     env["CONTAINERS_CONF"] = str(conf / "containers.conf")
@@ -219,10 +223,14 @@ def debian_mirror() -> tuple[str | None, str | None]:
 
 
 def make_base() -> None:
+    tarball = CACHE / f"debian-{SUITE}-base.tar"
+    if tarball.exists() and time.time() - tarball.stat().st_mtime > BASE_MAX_AGE_S:
+        log("the cached Debian base is over 30 days old: making it anew (Debian's updates)")
+        tarball.unlink()
+        podman("rmi", "-f", BASE_IMAGE, check=False)
     if image_exists(BASE_IMAGE):
         log(f"base image {BASE_IMAGE}: cached")
         return
-    tarball = CACHE / f"debian-{SUITE}-base.tar"
     if not tarball.exists():
         mirror, sources = debian_mirror()
         rootfs = CACHE / "rootfs"
@@ -310,6 +318,8 @@ def build_images() -> None:
     for name in ("postgres", "redis"):
         seconds = build(IMAGES[name], HERE / f"Containerfile.{name}", HERE, {"BASE_IMAGE": BASE_IMAGE}, [])
         log(f"{name} image built in {seconds:.0f}s")
+    # The layers a change replaced (this storage holds this test's images only).
+    podman("image", "prune", "-f", check=False, capture=True, timeout=300)
     report_image_size()
 
 
