@@ -51,6 +51,7 @@ class RunFilter:
 
     status: RunStatus | None = None
     experiment_id: str | None = None
+    in_experiment: bool | None = None  # False: only runs submitted alone; True: only experiments' runs
     name: str | None = None  # a substring of the name, any case
     search: str | None = None  # a substring of the name (any case) or a prefix of the id
     norm: str | None = None  # spec.model.norm.kind
@@ -62,6 +63,10 @@ class RunFilter:
             clauses.append(Run.status == self.status.value)
         if self.experiment_id is not None:
             clauses.append(Run.experiment_id == self.experiment_id)
+        if self.in_experiment is not None:
+            clauses.append(
+                Run.experiment_id.is_not(None) if self.in_experiment else Run.experiment_id.is_(None)
+            )
         if self.name:
             clauses.append(func.lower(Run.name).contains(self.name.lower(), autoescape=True))
         if self.search:

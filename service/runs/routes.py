@@ -95,6 +95,10 @@ def list_runs(
     experiment_id: Annotated[
         str | None, Query(pattern=r"^[0-9a-f]{32}$", description="Only the runs of this experiment.")
     ] = None,
+    in_experiment: Annotated[
+        bool | None,
+        Query(description="false: only runs submitted on their own; true: only experiments' runs."),
+    ] = None,
     q: Annotated[
         SearchText | None, Query(description="Search: a part of the name (any case) or a prefix of the id.")
     ] = None,
@@ -105,7 +109,13 @@ def list_runs(
     order: Annotated[Literal["asc", "desc"] | None, Query(description="Sort direction.")] = None,
 ) -> RunsPublic:
     where = run_repo.RunFilter(
-        status=status_filter, experiment_id=experiment_id, name=name, search=q, norm=norm, dataset=dataset
+        status=status_filter,
+        experiment_id=experiment_id,
+        in_experiment=in_experiment,
+        name=name,
+        search=q,
+        norm=norm,
+        dataset=dataset,
     )
     descending = order == "desc" if order else sort in ("created_at", "train_accuracy", "val_accuracy")
     runs, total = run_repo.list_runs(

@@ -236,14 +236,15 @@ function epochPoints(epochs, key) {
   });
 }
 
-// Training (dashed) and validation (solid) traces of `metric` for groups of runs, a colour each.
+// Training (solid) and validation (dashed) traces of `metric` for groups of runs, a colour each: the
+// matplotlib figures' convention (service/experiments/plots.py).
 // groups: [{ label, style, runs: [{ id, epochs }] }].
 function metricTraces(groups, metric) {
   return groups.flatMap((group) => ["train", "val"].map((split) => ({
     label: `${group.label ? `${group.label} · ` : ""}${split === "train" ? "training" : "validation"}`,
     color: group.style.color,
     marker: group.style.marker,
-    dash: split === "train",
+    dash: split === "val",
     runs: group.runs.map((run) => ({ id: run.id, points: epochPoints(run.epochs, `${split}_${metric}`) })),
   })));
 }
@@ -257,7 +258,7 @@ function curveCharts(prefix, title, { bandToggle = false, filename = prefix } = 
 }
 
 function styleNote() {
-  return el("p", { class: "muted legend-note", text: "Colour: configuration · solid: validation · dashed: training · drag to zoom, double-click to reset · hover for values" });
+  return el("p", { class: "muted legend-note", text: "Colour: configuration · solid: training · dashed: validation · drag to zoom, double-click to reset · hover for values" });
 }
 
 // ------------------------------------------------------------------------------------ runs list
@@ -273,7 +274,7 @@ function listState() {
   const q = hashQuery();
   return {
     q: q.get("q") || "", status: q.get("status") || "", norm: q.get("norm") || "", dataset: q.get("dataset") || "",
-    experiment_id: q.get("experiment") || "", sort: q.get("sort") || "created_at", order: q.get("order") || "",
+    experiment_id: q.get("experiment") || "", in_experiment: q.get("in_experiment") || "", sort: q.get("sort") || "created_at", order: q.get("order") || "",
     limit: Number(q.get("size") || 50), page: Math.max(1, Number(q.get("page") || 1)),
   };
 }
@@ -285,7 +286,7 @@ function saveListState(state) {
 
 function runsQuery(state) {
   const params = new URLSearchParams({ limit: state.limit, offset: (state.page - 1) * state.limit, sort: state.sort });
-  for (const key of ["q", "status", "norm", "dataset", "experiment_id", "order"]) if (state[key]) params.set(key, state[key]);
+  for (const key of ["q", "status", "norm", "dataset", "experiment_id", "in_experiment", "order"]) if (state[key]) params.set(key, state[key]);
   return `/api/v1/runs?${params}`;
 }
 
@@ -308,6 +309,7 @@ function filterBar(state, experiments, reload) {
     select("filter-norm", "norm", NORM_KINDS.map((s) => [s, s]), state.norm, change("norm")),
     select("filter-dataset", "dataset", DATASETS.map((s) => [s, s]), state.dataset, change("dataset")),
     select("filter-experiment", "experiment", experiments.map((e) => [e.id, e.name]), state.experiment_id, change("experiment_id")),
+    select("filter-alone", "submitted", [["false", "on their own"], ["true", "by experiments"]], state.in_experiment, change("in_experiment")),
     sizes,
     el("span", { class: "muted", text: "tags: after the runs-management merge" }));
 }
@@ -347,7 +349,7 @@ function specSummary(spec) {
 
 function runsTable(runs, state, resort, experimentNames) {
   if (!runs.items.length) {
-    const filtered = state.q || state.status || state.norm || state.dataset || state.experiment_id;
+    const filtered = state.q || state.status || state.norm || state.dataset || state.experiment_id || state.in_experiment;
     return el("p", { class: "muted", id: "runs-empty", text: filtered ? "No run matches these filters." : "No runs yet: submit one below, or with `bnlab submit`." });
   }
   const headers = [el("span", { class: "muted", text: "✓" }), ...RUN_COLUMNS.map((c) => sortHeader(c, state, resort)), ""];

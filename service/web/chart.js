@@ -4,8 +4,8 @@
 // Input: traces, each { label, color, dash, marker, runs: [{ id, points: [{ x: {epoch, time, …}, y }] }] }.
 // A trace with several runs (the seeds of a configuration, a group of a comparison) is drawn as its
 // mean ± std band, or as one line per run. Conventions, the same in the matplotlib figures
-// (service/experiments/plots.py): the colour is the configuration; solid is validation, dashed is
-// training; configurations past the tenth colour add point markers.
+// (service/experiments/plots.py): the colour is the configuration, in grid order from one palette;
+// solid is training, dashed is validation; configurations past the tenth colour add point markers.
 //
 // Controls: hover values in the legend (click an entry to hide it), drag to zoom (double-click
 // resets), log scale, EMA smoothing, x by epoch or wall time, band or each run, and downloads of the
@@ -14,7 +14,7 @@
 
 // matplotlib's tab10 (C0…C9): the same configuration has the same colour in the PNG plots.
 const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
-const TRAIN_DASH = [6, 4];
+const DASH = [6, 4]; // validation
 
 // The style of the i-th configuration: a colour, and past the palette's length, point markers.
 function styleOf(i) {
@@ -249,7 +249,7 @@ function uplotOptions(options, settings, traces, lines, box, onCursor) {
       label: trace.label,
       stroke: trace.color,
       width,
-      dash: trace.dash ? TRAIN_DASH : undefined,
+      dash: trace.dash ? DASH : undefined,
       spanGaps: true,
       points: { show: trace.marker > 0 || line.xs.length < 2, size: 4 + 2 * trace.marker, fill: trace.marker === 1 ? "#fff" : trace.color },
     });
@@ -387,7 +387,7 @@ function chartPng(data, root) {
     const y = plotH + 30 * ratio + Math.floor(i / perRow) * 18 * ratio + 12 * ratio;
     ctx.strokeStyle = item.color;
     ctx.lineWidth = 2 * ratio;
-    ctx.setLineDash(item.dash ? TRAIN_DASH.map((d) => d * ratio) : []);
+    ctx.setLineDash(item.dash ? DASH.map((d) => d * ratio) : []);
     ctx.beginPath(); ctx.moveTo(x, y - 4 * ratio); ctx.lineTo(x + 22 * ratio, y - 4 * ratio); ctx.stroke();
     ctx.setLineDash([]);
     ctx.fillStyle = "#1d2433";
@@ -436,12 +436,12 @@ function chartSvg({ title, lines, traces, plot, settings, xLabel, yLabel }) {
       const lower = pts.filter(([x, y, s]) => ok(x, y - s)).map(([x, y, s]) => `${X(x)},${Y(y - s)}`).reverse();
       parts.push(`<polygon id="band-${n}" points="${[...upper, ...lower].join(" ")}" fill="${trace.color}" fill-opacity="0.16"/>`);
     }
-    const dash = trace.dash ? ` stroke-dasharray="${TRAIN_DASH.join(" ")}"` : "";
+    const dash = trace.dash ? ` stroke-dasharray="${DASH.join(" ")}"` : "";
     parts.push(`<polyline id="curve-${n}" points="${pts.map(([x, y]) => `${X(x)},${Y(y)}`).join(" ")}" fill="none" stroke="${trace.color}" stroke-width="${line.kind === "run" && trace.runs.length > 1 ? 1.2 : 2}"${dash}/>`);
   });
   legendItems({ traces }).forEach((item, i) => {
     const x = L + (i % 3) * 240, y = H - B + 52 + Math.floor(i / 3) * 18;
-    parts.push(`<line x1="${x}" x2="${x + 22}" y1="${y - 4}" y2="${y - 4}" stroke="${item.color}" stroke-width="2"${item.dash ? ` stroke-dasharray="${TRAIN_DASH.join(" ")}"` : ""}/><text x="${x + 28}" y="${y}">${esc(item.label)}</text>`);
+    parts.push(`<line x1="${x}" x2="${x + 22}" y1="${y - 4}" y2="${y - 4}" stroke="${item.color}" stroke-width="2"${item.dash ? ` stroke-dasharray="${DASH.join(" ")}"` : ""}/><text x="${x + 28}" y="${y}">${esc(item.label)}</text>`);
   });
   parts.push("</svg>");
   return parts.join("\n");

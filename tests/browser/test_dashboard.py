@@ -117,7 +117,8 @@ def points_of(driver: WebDriver, chart_id: str) -> int:
 
 
 def ensure_key(driver: WebDriver, stack: Stack, key: str) -> None:
-    if not driver.execute_script("return localStorage.getItem('bnlab.apiKey')"):
+    fresh = not driver.current_url.startswith(stack.base_url)  # about:blank has no localStorage
+    if fresh or not driver.execute_script("return localStorage.getItem('bnlab.apiKey')"):
         open_with_key(driver, stack, key)
 
 
@@ -249,7 +250,7 @@ def test_an_experiment_page_overlays_bn_and_no_bn_and_shows_the_report(
     )
     assert len(colours) == 4
     assert len({c for c, _ in colours}) == 2  # a colour per configuration
-    assert [style for _, style in colours] == ["dashed", "solid", "dashed", "solid"]  # training dashed
+    assert [style for _, style in colours] == ["solid", "dashed", "solid", "dashed"]  # validation dashed
     assert "browser-grid" in text_of(browser, "#exp-loss-chart .chart-title")
     shot(browser, "experiment-page")
     Select(browser.find_element(By.CSS_SELECTOR, "#exp-loss-chart .band-mode")).select_by_value("runs")
@@ -278,6 +279,16 @@ def finished_experiment(
     raise AssertionError(f"experiment {name} did not finish\n{stack.tail_logs()}")
 
 
+def pick(driver: WebDriver, run_id: str) -> None:
+    """Tick a run's checkbox (the live page may redraw its table at any moment: click from a script)."""
+    script = (
+        "const box = document.querySelector(`input.pick[data-run-id='${arguments[0]}']`);"
+        "if (box && !box.checked) box.click();"
+        "return JSON.parse(sessionStorage.getItem('bnlab.selection') || '[]').includes(arguments[0]);"
+    )
+    wait_until(lambda: driver.execute_script(script, run_id), 15, f"run {run_id} selected")
+
+
 def downloaded(name: str, timeout: float = 15) -> str:
     path = DOWNLOADS / name
     wait_until(lambda: path.exists() and path.stat().st_size > 0, timeout, f"the download {name}")
@@ -290,35 +301,50 @@ def test_runs_of_two_experiments_are_compared_side_by_side_and_downloaded(
     stack, key = keyed_stack
     norms = finished_experiment(stack, "browser-grid", {"model.norm.kind": ["none", "batch"]}, [0, 1])
     rates = finished_experiment(stack, "browser-lr", {"train.lr": [0.01, 0.003]}, [0])
+    # A run submitted on its own, as the README's are: the same spec as the norm=batch runs but seed 1.
+    alone = stack.submit(RUN | {"name": "browser-readme", "train": {"epochs": 4, "seed": 1}})
+    stack.wait_for(alone, {"succeeded"})
     ensure_key(browser, stack, key)
     browser.execute_script("sessionStorage.clear()")
-    picked = [norms["runs"][0]["id"], norms["runs"][2]["id"], rates["runs"][0]["id"]]
-    # Runs are picked with the checkboxes of any list: here two experiments' run tables.
-    for experiment, run_ids in ((norms, picked[:2]), (rates, picked[2:])):
+    # Runs are picked with the checkboxes of any list: the runs list, and two experiments' run tables.
+    browser.get(f"{stack.base_url}/#/")
+    wait_until(lambda: browser.find_elements(By.ID, "filter-alone"), 15, "the runs list")
+    Select(browser.find_element(By.ID, "filter-alone")).select_by_value("false")
+    browser.find_element(By.ID, "run-search").send_keys("readme")
+    wait_until(
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")) == 1, 15, "the search"
+    )
+    pick(browser, alone)
+    picked = [alone, norms["runs"][0]["id"], norms["runs"][2]["id"], rates["runs"][0]["id"]]
+    for experiment, run_ids in ((norms, picked[1:3]), (rates, picked[3:])):
         browser.get(f"{stack.base_url}/#/experiments/{experiment['id']}")
         for run_id in run_ids:
-            checkbox = f'input.pick[data-run-id="{run_id}"]'
-            box = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, checkbox), 15, "the checkbox")  # noqa: B023
-            box[0].click()
-    assert text_of(browser, "#selection-count") == "3 runs selected"
+            pick(browser, run_id)
+    assert text_of(browser, "#selection-count") == "4 runs selected"
     browser.find_element(By.ID, "compare-selected").click()
     wait_until(
-        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#compare-table tbody tr")) == 3,
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#compare-table tbody tr")) == 4,
         30,
         "the comparison",
     )
-    assert points_of(browser, "compare-loss-chart") == 3 * 4 * 2  # 3 runs x 4 epochs x (train, val)
+    assert points_of(browser, "compare-loss-chart") == 4 * 4 * 2  # 4 runs x 4 epochs x (train, val)
     differing = {
         row.get_attribute("data-field")
         for row in browser.find_elements(By.CSS_SELECTOR, "#spec-table tr.differs")
     }
-    assert {"model.norm.kind", "train.lr", "name"} <= differing
+    assert {"model.norm.kind", "train.lr", "train.seed", "name"} <= differing
     assert "train.epochs" not in differing
-    # Everything but the seed: norm=none seed 0 and norm=batch seed 0 stay apart, as does the lr run.
+    # Everything but the seed: the lone run joins the norm=batch seed-0 run; the others stay apart.
     Select(browser.find_element(By.ID, "group-by")).select_by_value("seed")
     wait_until(
         lambda: len(browser.find_elements(By.CSS_SELECTOR, "#group-table tbody tr")) == 3, 15, "the groups"
     )
+    sizes = [
+        row.find_elements(By.TAG_NAME, "td")[1].text
+        for row in browser.find_elements(By.CSS_SELECTOR, "#group-table tbody tr")
+    ]
+    assert sorted(sizes) == ["1", "1", "2"]
+    assert points_of(browser, "compare-loss-chart") == 3 * 4 * 2  # a mean curve per group
     assert "group=seed" in browser.current_url  # the comparison is saved in its URL
 
     log = browser.find_element(By.ID, "compare-loss-chart-log")
@@ -334,7 +360,7 @@ def test_runs_of_two_experiments_are_compared_side_by_side_and_downloaded(
     (DOWNLOADS / "comparison.csv").unlink(missing_ok=True)
     browser.find_element(By.ID, "compare-csv").click()
     rows = list(csv.DictReader(io.StringIO(downloaded("comparison.csv"))))
-    assert len(rows) == 3 * 4
+    assert len(rows) == 4 * 4
     assert [r["run_id"] for r in rows[::4]] == picked
     first = stack.client.get(f"/api/v1/runs/{picked[0]}/metrics").json()["epochs"]
     assert [float(r["val_loss"]) for r in rows[:4]] == [e["val_loss"] for e in first]
@@ -343,15 +369,15 @@ def test_runs_of_two_experiments_are_compared_side_by_side_and_downloaded(
     (DOWNLOADS / "comparison-accuracy.csv").unlink(missing_ok=True)
     browser.find_element(By.CSS_SELECTOR, '#compare-accuracy-chart [data-download="csv"]').click()
     chart_rows = list(csv.DictReader(io.StringIO(downloaded("comparison-accuracy.csv"))))
-    assert len(chart_rows) == 3 * 4 * 2
-    browser.get(f"{stack.base_url}/#/runs/{picked[2]}")
-    name = f"{picked[2]}-metrics.csv"
+    assert len(chart_rows) == 4 * 4 * 2  # every run's raw points, whatever the grouping
+    browser.get(f"{stack.base_url}/#/runs/{picked[3]}")
+    name = f"{picked[3]}-metrics.csv"
     (DOWNLOADS / name).unlink(missing_ok=True)
     wait_until(
         lambda: browser.find_elements(By.CSS_SELECTOR, f'[data-download="{name}"]'), 15, "the run page"
     )
     browser.find_element(By.CSS_SELECTOR, f'[data-download="{name}"]').click()
-    assert downloaded(name) == stack.client.get(f"/api/v1/runs/{picked[2]}/metrics.csv").text
+    assert downloaded(name) == stack.client.get(f"/api/v1/runs/{picked[3]}/metrics.csv").text
 
 
 BULK_RUNS = 120

@@ -173,5 +173,7 @@ def test_experiment_csvs_and_the_experiments_list_search(client: TestClient) -> 
     assert listing(sort="name", order="desc") == [body["id"], other["id"]]
     runs = client.get("/api/v1/runs", params={"experiment_id": body["id"], "limit": 100}).json()
     assert runs["total"] == 4
+    assert client.get("/api/v1/runs", params={"in_experiment": "true"}).json()["total"] == 8
+    assert client.get("/api/v1/runs", params={"in_experiment": "false"}).json()["total"] == 0
     assert {r["experiment_id"] for r in runs["items"]} == {body["id"]}
     assert client.get("/api/v1/experiments", params={"sort": "runs"}).status_code == 422
