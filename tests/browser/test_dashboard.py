@@ -71,6 +71,7 @@ def chromium(*extra: str) -> WebDriver:
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-dev-shm-usage", "--window-size=1280,1000", *extra):  # fmt: skip
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     DOWNLOADS.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,19 @@ def text_of(driver: WebDriver, css: str) -> str:
     return text.strip()
 
 
+def script_errors(driver: WebDriver) -> list[str]:
+    """The page's uncaught errors since the last call (answers the server gave, such as the 401 before
+    the key is typed, are not script errors)."""
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[attr-defined]
+    return [
+        e["message"]
+        for e in entries
+        if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]
+    ]
+
+
 def shot(driver: WebDriver, name: str) -> Path:
+    assert script_errors(driver) == []
     path = ARTIFACTS / f"{name}.png"
     driver.save_screenshot(str(path))
     print(f"screenshot: {path}")  # noqa: T201 - where the artifact is
@@ -364,6 +377,18 @@ def test_runs_of_two_experiments_are_compared_side_by_side_and_downloaded(
     assert [r["run_id"] for r in rows[::4]] == picked
     first = stack.client.get(f"/api/v1/runs/{picked[0]}/metrics").json()["epochs"]
     assert [float(r["val_loss"]) for r in rows[:4]] == [e["val_loss"] for e in first]
+
+    # A chart's pictures: vectors drawn from the plotted data, and the canvas as PNG.
+    for picture in ("comparison-loss.svg", "comparison-loss.png"):
+        (DOWNLOADS / picture).unlink(missing_ok=True)
+    browser.find_element(By.CSS_SELECTOR, '#compare-loss-chart [data-download="svg"]').click()
+    svg = downloaded("comparison-loss.svg")
+    assert svg.count("<polyline") == 3 * 2  # a mean curve per group and split
+    assert svg.count("<polygon") == 2  # the band of the one group of two runs, training and validation
+    assert "(log)" in svg
+    browser.find_element(By.CSS_SELECTOR, '#compare-loss-chart [data-download="png"]').click()
+    wait_until(lambda: (DOWNLOADS / "comparison-loss.png").exists(), 15, "the PNG")
+    assert (DOWNLOADS / "comparison-loss.png").read_bytes().startswith(b"\x89PNG")
 
     # A chart's own data, and a run's metrics.csv from the server (fetched with the key).
     (DOWNLOADS / "comparison-accuracy.csv").unlink(missing_ok=True)
