@@ -7,6 +7,8 @@ import csv
 import io
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from fastapi.testclient import TestClient
 from service.db import session_scope
 from service.main import create_app
 from service.models import EpochMetric, Run
-from tests.conftest import Backend
+from tests.conftest import Backend, postgres_backend_at, sqlite_backend_at
 
 
 @pytest.fixture
@@ -23,6 +25,20 @@ def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> I
     use_backend(sqlite_backend)
     with TestClient(create_app()) as test_client:
         yield test_client
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_client(
+    request: pytest.FixtureRequest, tmp_path: Path, use_backend: Callable[[Backend], None]
+) -> Iterator[TestClient]:
+    """The filters read the JSON spec column: SQLite's JSON and Postgres' JSONB both answer them."""
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            backend = sqlite_backend_at(tmp_path)
+        else:
+            backend = stack.enter_context(postgres_backend_at(tmp_path))
+        use_backend(backend)
+        yield stack.enter_context(TestClient(create_app()))
 
 
 def submit(client: TestClient, name: str, norm: str = "none", dataset: str = "synthetic") -> str:
@@ -58,7 +74,8 @@ def ids(page: dict[str, Any]) -> list[str]:
     return [run["id"] for run in page["items"]]
 
 
-def test_filters_search_and_sort_combine_and_the_total_counts_the_matches(client: TestClient) -> None:
+def test_filters_search_and_sort_combine_and_the_total_counts_the_matches(any_client: TestClient) -> None:
+    client = any_client
     a = submit(client, "Alpha BN", norm="batch")
     b = submit(client, "beta plain")
     c = submit(client, "gamma BN", norm="batch")
