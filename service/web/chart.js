@@ -138,6 +138,7 @@ function lineChart(options) {
     root.dataset.points = String(points);
     root.dataset.scale = settings.log ? "log" : "linear";
     root.dataset.lines = String(lines.length);
+    root.dataset.x = settings.x;
     const data = alignedData(lines, settings.log);
     const look = traces.map((t) => [t.label, t.color, Boolean(t.dash), t.marker || 0]);
     const next = JSON.stringify([lines.map((l) => [l.trace, l.kind, l.id || "", Boolean(l.std)]), look, settings, plotBox.clientWidth]);

@@ -265,7 +265,19 @@ def test_an_experiment_page_overlays_bn_and_no_bn_and_shows_the_report(
     assert len({c for c, _ in colours}) == 2  # a colour per configuration
     assert [style for _, style in colours] == ["solid", "dashed", "solid", "dashed"]  # validation dashed
     assert "browser-grid" in text_of(browser, "#exp-loss-chart .chart-title")
+    # Hovering shows each configuration's mean ± std at that epoch in the legend.
+    ActionChains(browser).move_to_element(
+        browser.find_element(By.CSS_SELECTOR, "#exp-loss-chart .u-over")
+    ).perform()
+    wait_until(lambda: "±" in text_of(browser, "#exp-loss-chart .legend"), 10, "hover values")
     shot(browser, "experiment-page")
+    Select(browser.find_element(By.CSS_SELECTOR, "#exp-loss-chart .x-mode")).select_by_value("time")
+    wait_until(
+        lambda: browser.find_element(By.ID, "exp-loss-chart").get_attribute("data-x") == "time",
+        10,
+        "x by time",
+    )
+    assert points_of(browser, "exp-loss-chart") == 2 * 2 * 4
     Select(browser.find_element(By.CSS_SELECTOR, "#exp-loss-chart .band-mode")).select_by_value("runs")
     wait_until(lambda: points_of(browser, "exp-loss-chart") == 4 * 4 * 2, 15, "one line per seed")
 
