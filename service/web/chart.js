@@ -198,7 +198,8 @@ function lineChart(options) {
       entry.querySelector(".value").textContent = text;
     }
     const x = data && idx !== null && idx !== undefined ? data[0][idx] : null;
-    heading.dataset.cursor = x === null ? "" : `${settings.x === "time" ? "t" : options.xLabel || "x"} = ${formatValue(x)}`;
+    const xText = Number.isInteger(x) ? String(x) : formatValue(x);
+    heading.dataset.cursor = x === null ? "" : `${settings.x === "time" ? "wall time (s)" : options.xLabel || "x"} = ${xText}`;
   }
 
   function exportData() {

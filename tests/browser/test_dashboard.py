@@ -192,6 +192,8 @@ def test_a_run_submitted_through_the_api_appears_and_its_curves_grow_live(
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bn-table tbody tr")) == 1
     assert points_of(browser, "bn-running_var-chart") > 0
     shot(browser, "run-page")
+    browser.execute_script("document.querySelector('h2').scrollIntoView()")  # the probes
+    shot(browser, "run-probes")
 
 
 def test_an_uploaded_image_and_a_drawing_get_predictions(
