@@ -7,6 +7,8 @@
 const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
 const KEY_STORAGE = "bnlab.apiKey";
 const SELECTION_STORAGE = "bnlab.selection";
+// The filter choices the server accepts are read from its OpenAPI document (see listChoices); these
+// are the fallback.
 const NORM_KINDS = ["none", "batch", "layer", "group", "instance", "batch_renorm", "ghost", "weight", "batch_layer"];
 const DATASETS = ["fashion-mnist", "mnist", "synthetic", "cifar10", "mnist1d", "uploaded"];
 const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
@@ -298,7 +300,22 @@ function select(id, label, values, current, onChange) {
   return node;
 }
 
-function filterBar(state, experiments, reload) {
+// The values GET /api/v1/runs accepts for `norm` and `dataset`, as the server's OpenAPI document
+// lists them (so new norm kinds appear without a change here).
+async function listChoices(signal) {
+  const choices = { norm: NORM_KINDS, dataset: DATASETS };
+  try {
+    const doc = await (await fetch("/openapi.json", { signal })).json();
+    for (const param of doc.paths["/api/v1/runs"].get.parameters) {
+      const schemas = param.schema.anyOf || [param.schema];
+      const values = schemas.flatMap((schema) => schema.enum || []);
+      if (param.name in choices && values.length) choices[param.name] = values;
+    }
+  } catch (_) { /* keep the fallback */ }
+  return choices;
+}
+
+function filterBar(state, experiments, choices, reload) {
   const change = (key) => (value) => { state[key] = value; state.page = 1; saveListState(state); reload(); };
   const search = el("input", { id: "run-search", type: "search", placeholder: "search name or id…", value: state.q });
   let timer = null;
@@ -306,8 +323,8 @@ function filterBar(state, experiments, reload) {
   const sizes = select("page-size", "per page", [["20", "20"], ["50", "50"], ["100", "100"]], String(state.limit), (v) => change("limit")(Number(v || 50)));
   return el("div", { class: "filters" }, search,
     select("filter-status", "status", STATUSES.map((s) => [s, s]), state.status, change("status")),
-    select("filter-norm", "norm", NORM_KINDS.map((s) => [s, s]), state.norm, change("norm")),
-    select("filter-dataset", "dataset", DATASETS.map((s) => [s, s]), state.dataset, change("dataset")),
+    select("filter-norm", "norm", choices.norm.map((s) => [s, s]), state.norm, change("norm")),
+    select("filter-dataset", "dataset", choices.dataset.map((s) => [s, s]), state.dataset, change("dataset")),
     select("filter-experiment", "experiment", experiments.map((e) => [e.id, e.name]), state.experiment_id, change("experiment_id")),
     select("filter-alone", "submitted", [["false", "on their own"], ["true", "by experiments"]], state.in_experiment, change("in_experiment")),
     sizes,
@@ -376,7 +393,10 @@ function runsTable(runs, state, resort, experimentNames) {
 
 async function homePage(view, signal) {
   const state = listState();
-  const experiments = await api("/api/v1/experiments?limit=100", { signal }).then((e) => e.items).catch(() => []);
+  const [experiments, choices] = await Promise.all([
+    api("/api/v1/experiments?limit=100", { signal }).then((e) => e.items).catch(() => []),
+    listChoices(signal),
+  ]);
   const experimentNames = new Map(experiments.map((e) => [e.id, e.name]));
   const runsBox = el("div", { id: "runs" }, el("p", { class: "muted", text: "loading…" }));
   const pagerBox = el("div");
@@ -390,7 +410,7 @@ async function homePage(view, signal) {
     saveListState(state);
     reload();
   };
-  view.append(el("h1", { text: "Runs" }), filterBar(state, experiments, reload),
+  view.append(el("h1", { text: "Runs" }), filterBar(state, experiments, choices, reload),
     el("div", { id: "selection-bar", class: "selection-bar", hidden: true }), pagerBox, runsBox,
     el("h2", { text: "Experiments" }), el("div", { id: "experiments" }), submitForm());
   selectionBar();

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from PIL import Image, ImageDraw
@@ -28,6 +28,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from service.auth import create_key
+from service.ml.config import NormKind
 from service.models import EpochMetric, Run
 from service.runs.schemas import RunCreate
 from tests.conftest import sqlite_backend_at
@@ -461,6 +462,10 @@ def test_the_runs_list_pages_sorts_and_searches_past_a_hundred_runs(
     browser.get(f"{stack.base_url}/#/")
     wait_until(lambda: "of" in text_of(browser, "#runs-pager-range"), 15, "the pager")
     assert text_of(browser, "#runs-pager-range").startswith(f"1–50 of {total}")
+    norms = browser.execute_script(
+        "return [...document.querySelectorAll('#filter-norm option')].map(o => o.value)"
+    )
+    assert norms == ["", *get_args(NormKind)]  # the server's own list, from its OpenAPI document
     pages = -(-total // 50)
     for page in range(2, pages + 1):
         browser.find_element(By.ID, "runs-pager-next").click()
