@@ -506,11 +506,8 @@ function submitForm() {
 // ------------------------------------------------------------------------------------ run page
 
 // The probes of a run page: each is one more chart of the same component, fed by one route.
-// `traces(body)` turns the route's answer into chart traces; a route this server lacks (404) hides
-// its chart. Deep-lab probes (gradient norms per layer, loss smoothness, the γ≈0 fraction) are one
-// entry each here once their routes exist, e.g.
-//   { id: "grad-norm-chart", title: "Gradient norm per layer", path: (id) => `/api/v1/runs/${id}/…`,
-//     traces: (body) => layerTraces(…), yLabel: "‖∇W‖", xLabel: "epoch" },
+// `traces(body)` turns the route's answer into chart traces. A route this server lacks (404), or a
+// probe the run did not record (no epochs), hides its chart.
 const RUN_PROBES = [
   {
     id: "activation-mean-chart", title: "Activations: input mean per normalisation slot", yLabel: "input mean",
@@ -522,13 +519,45 @@ const RUN_PROBES = [
     xLabel: "epoch (0 = initial network)", path: (id) => `/api/v1/runs/${id}/layer-stats`,
     traces: (body) => slotTraces(body, "input_std"),
   },
+  // The deep-lab probes (GET /api/v1/runs/{id}/probes/{probe}: epochs → layers → values by name).
+  deepProbe("gradients", "grad_norm", "Gradient norm per layer", "‖∇W‖"),
+  deepProbe("gamma", "near_zero_fraction", "γ ≈ 0: fraction per BN layer", "fraction", { allowLog: false }),
+  deepProbe("smoothness", null, "Loss smoothness", "value"),
+  deepProbe("statistics_gap", "mean_gap", "Batch vs running statistics: mean gap per BN layer", "mean gap"),
 ];
 
+// A deep-lab probe's chart: one line per layer for the value `name`, or (name null) one line per
+// value of the whole network (layer "model").
+function deepProbe(probe, name, title, yLabel, extra = {}) {
+  return {
+    id: `probe-${probe}-chart`, title, yLabel, xLabel: "epoch (0 = initial network)", ...extra,
+    path: (id) => `/api/v1/runs/${id}/probes/${probe}`,
+    traces: (body) => (name ? probeLayerTraces(body, name) : probeModelTraces(body)),
+  };
+}
+
+// layer-stats: one line per normalisation slot for `key` (input_mean or input_std).
 function slotTraces(body, key) {
   const layers = [...new Set(body.epochs.flatMap((e) => e.layers.map((l) => l.layer)))];
   return layers.map((layer, i) => ({
     label: layer, ...styleOf(i), dash: false,
     runs: [{ id: layer, points: body.epochs.flatMap((e) => e.layers.filter((l) => l.layer === layer).map((l) => ({ x: { epoch: e.epoch }, y: l[key] }))) }],
+  }));
+}
+
+function probeLayerTraces(body, name) {
+  const layers = [...new Set(body.epochs.flatMap((e) => e.layers.filter((l) => l.layer !== "model" && name in l.values).map((l) => l.layer)))];
+  return layers.map((layer, i) => ({
+    label: layer, ...styleOf(i), dash: false,
+    runs: [{ id: layer, points: body.epochs.flatMap((e) => e.layers.filter((l) => l.layer === layer).map((l) => ({ x: { epoch: e.epoch }, y: l.values[name] }))) }],
+  }));
+}
+
+function probeModelTraces(body) {
+  const names = [...new Set(body.epochs.flatMap((e) => e.layers.filter((l) => l.layer === "model").flatMap((l) => Object.keys(l.values))))];
+  return names.map((name, i) => ({
+    label: name, ...styleOf(i), dash: false,
+    runs: [{ id: name, points: body.epochs.flatMap((e) => e.layers.filter((l) => l.layer === "model").map((l) => ({ x: { epoch: e.epoch }, y: l.values[name] ?? null }))) }],
   }));
 }
 
@@ -539,9 +568,12 @@ async function loadProbes(runId, charts, signal) {
     try {
       const path = probe.path(runId);
       if (!bodies.has(path)) bodies.set(path, api(path, { signal }));
-      chart.update(probe.traces(await bodies.get(path)));
+      const traces = probe.traces(await bodies.get(path));
+      chart.element.hidden = !traces.length;
+      chart.update(traces);
     } catch (error) {
       if (error.status === 404) chart.element.hidden = true;
+      else if (!signal.aborted) console.error(error);
     }
   }
 }
@@ -555,7 +587,8 @@ async function runPage(view, signal, runId) {
   const modelLink = el("span", { id: "model-link" });
   const title = run.name || shortId(run.id);
   const curves = curveCharts("", title, { filename: `run-${shortId(run.id)}` });
-  const probeCharts = new Map(RUN_PROBES.map((p) => [p.id, lineChart({ ...p, filename: `run-${shortId(run.id)}-${p.id.replace(/-chart$/, "")}`, empty: "no probe statistics yet" })]));
+  const probeCharts = new Map(RUN_PROBES.map((p) => [p.id, lineChart({ ...p, filename: `run-${shortId(run.id)}-${p.id.replace(/-chart$/, "")}` })]));
+  for (const chart of probeCharts.values()) chart.element.hidden = true; // until its data comes
   const bnBox = el("div", { id: "bn-stats" }, el("p", { class: "muted", text: "loading…" }));
   const pick = el("input", { type: "checkbox", id: "pick-run", class: "pick" });
   pick.checked = selection.has(runId);
@@ -571,6 +604,7 @@ async function runPage(view, signal, runId) {
     styleNote(),
     el("div", { class: "charts" }, curves.loss.element, curves.accuracy.element),
     el("h2", { text: "Probes" }),
+    el("p", { class: "muted", text: "Measured on a fixed probe batch at each epoch end: activation statistics always; gradient norms, γ, smoothness and the statistics gap where the server and the run's train.probes record them." }),
     el("div", { class: "charts", id: "probe-charts" }, ...[...probeCharts.values()].map((c) => c.element)),
     el("h2", { text: "BN running statistics (the served model)" }), bnBox,
     el("h2", { text: "Epochs" }), el("div", { id: "epochs" }),

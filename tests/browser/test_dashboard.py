@@ -192,6 +192,17 @@ def test_a_run_submitted_through_the_api_appears_and_its_curves_grow_live(
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#bn-table tbody tr"), 30, "the BN statistics")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bn-table tbody tr")) == 1
     assert points_of(browser, "bn-running_var-chart") > 0
+    # The deep-lab probes' charts (their route is not on every server: hidden where it answers 404)
+    # read its answer's shape: a line per layer for one value, or per value of the whole network.
+    body = {"epochs": [{"epoch": e, "layers": [{"layer": "fc1", "values": {"grad_norm": e + 1.0}},
+                                               {"layer": "model", "values": {"loss": 2.0, "slope": 0.5}}]}
+                       for e in (0, 1)]}  # fmt: skip
+    shapes = browser.execute_script(
+        "const [b] = arguments; return [probeLayerTraces(b, 'grad_norm'), probeModelTraces(b)]"
+        ".map(ts => ts.map(t => [t.label, t.runs[0].points.length]))",
+        body,
+    )
+    assert shapes == [[["fc1", 2]], [["loss", 2], ["slope", 2]]]
     shot(browser, "run-page")
     browser.execute_script("document.querySelector('h2').scrollIntoView()")  # the probes
     shot(browser, "run-probes")
