@@ -399,6 +399,7 @@ async function homePage(view, signal) {
   ]);
   const experimentNames = new Map(experiments.map((e) => [e.id, e.name]));
   const runsBox = el("div", { id: "runs" }, el("p", { class: "muted", text: "loading…" }));
+  const experimentsBox = el("div", { id: "experiments" });
   const pagerBox = el("div");
   let lastShown = "";
   let wake = () => {};
@@ -412,9 +413,9 @@ async function homePage(view, signal) {
   };
   view.append(el("h1", { text: "Runs" }), filterBar(state, experiments, choices, reload),
     el("div", { id: "selection-bar", class: "selection-bar", hidden: true }), pagerBox, runsBox,
-    el("h2", { text: "Experiments" }), el("div", { id: "experiments" }), submitForm());
+    el("h2", { text: "Experiments" }), experimentsBox, submitForm());
   selectionBar();
-  experimentsList(document.getElementById("experiments"), signal);
+  experimentsList(experimentsBox, signal);
   while (!signal.aborted) {
     let active = false;
     try {
@@ -590,6 +591,7 @@ async function runPage(view, signal, runId) {
   const probeCharts = new Map(RUN_PROBES.map((p) => [p.id, lineChart({ ...p, filename: `run-${shortId(run.id)}-${p.id.replace(/-chart$/, "")}` })]));
   for (const chart of probeCharts.values()) chart.element.hidden = true; // until its data comes
   const bnBox = el("div", { id: "bn-stats" }, el("p", { class: "muted", text: "loading…" }));
+  const epochsBox = el("div", { id: "epochs" });
   const pick = el("input", { type: "checkbox", id: "pick-run", class: "pick" });
   pick.checked = selection.has(runId);
   pick.addEventListener("change", () => selection.toggle(runId, pick.checked));
@@ -607,7 +609,7 @@ async function runPage(view, signal, runId) {
     el("p", { class: "muted", text: "Measured on a fixed probe batch at each epoch end: activation statistics always; gradient norms, γ, smoothness and the statistics gap where the server and the run's train.probes record them." }),
     el("div", { class: "charts", id: "probe-charts" }, ...[...probeCharts.values()].map((c) => c.element)),
     el("h2", { text: "BN running statistics (the served model)" }), bnBox,
-    el("h2", { text: "Epochs" }), el("div", { id: "epochs" }),
+    el("h2", { text: "Epochs" }), epochsBox,
     el("h2", { text: "Spec" }), el("pre", { text: JSON.stringify(run.spec, null, 2) }),
     manageRun(run));
   selectionBar();
@@ -618,7 +620,7 @@ async function runPage(view, signal, runId) {
     const group = [{ label: "", style: styleOf(0), runs: [{ id: run.id, epochs: rows }] }];
     curves.loss.update(metricTraces(group, "loss"));
     curves.accuracy.update(metricTraces(group, "accuracy"));
-    document.getElementById("epochs").replaceChildren(epochTable(rows));
+    epochsBox.replaceChildren(epochTable(rows));
   };
   const showStatus = (status, error) => {
     statusBox.replaceChildren(statusBadge(status));
@@ -788,6 +790,8 @@ async function experimentPage(view, signal, experimentId) {
   const configs = [...new Set(experiment.runs.map((r) => r.config))]; // grid order, as the PNG plot
   const styleOfConfig = (config) => styleOf(configs.indexOf(config));
   const allIds = experiment.runs.map((r) => r.id).join(",");
+  const reportBox = el("div", { id: "report" });
+  const runsBox = el("div", { id: "experiment-runs" });
   view.append(
     el("h1", { class: "title" }, `Experiment ${experiment.name} `, el("span", { class: "muted id", text: experiment.id })),
     el("p", {}, statusBox, " ", el("span", { class: "muted", text: experiment.preset ? `preset ${experiment.preset} · ` : "" }),
@@ -800,8 +804,8 @@ async function experimentPage(view, signal, experimentId) {
       apiDownload("loss plot (PNG)", `/api/v1/experiments/${experimentId}/plot.png?metric=loss`, `${experimentId}-loss.png`)),
     styleNote(),
     el("div", { class: "charts" }, curves.loss.element, curves.accuracy.element),
-    el("h2", { text: "Report" }), el("div", { id: "report" }),
-    el("h2", { text: "Runs" }), el("div", { id: "selection-bar", class: "selection-bar", hidden: true }), el("div", { id: "experiment-runs" }));
+    el("h2", { text: "Report" }), reportBox,
+    el("h2", { text: "Runs" }), el("div", { id: "selection-bar", class: "selection-bar", hidden: true }), runsBox);
   selectionBar();
   const runs = new Map(experiment.runs.map((r) => [r.id, { ...r, epochs: new Map() }]));
   const showStatus = (finished) => statusBox.replaceChildren(statusBadge(finished ? "finished" : "running"));
@@ -812,14 +816,14 @@ async function experimentPage(view, signal, experimentId) {
     }));
     curves.loss.update(metricTraces(groups, "loss"));
     curves.accuracy.update(metricTraces(groups, "accuracy"));
-    document.getElementById("experiment-runs").replaceChildren(experimentRunsTable([...runs.values()], styleOfConfig));
+    runsBox.replaceChildren(experimentRunsTable([...runs.values()], styleOfConfig));
   };
   const refreshReport = async () => {
     try {
       const report = await api(`/api/v1/experiments/${experimentId}/report`, { signal });
-      document.getElementById("report").replaceChildren(reportView(report, styleOfConfig));
+      reportBox.replaceChildren(reportView(report, styleOfConfig));
     } catch (error) {
-      if (!signal.aborted) document.getElementById("report").replaceChildren(el("p", { class: "error", text: error.message }));
+      if (!signal.aborted) reportBox.replaceChildren(el("p", { class: "error", text: error.message }));
     }
   };
   showStatus(experiment.finished);
@@ -1048,6 +1052,88 @@ function comparisonJson(runs, groups) {
   };
 }
 
+// ------------------------------------------------------------------------------------ replication cards
+
+// The cards (GET /api/v1/replications, /api/v1/cards/{name}, …/report): a server without them says so.
+async function cardsPage(view, signal) {
+  view.append(el("h1", { text: "Replication cards" }));
+  let body;
+  try {
+    body = await api("/api/v1/replications", { signal });
+  } catch (error) {
+    if (error.status !== 404) throw error;
+    view.append(el("p", { class: "muted", id: "cards-none", text: "This server has no replication cards." }));
+    return;
+  }
+  const rows = body.items.map((c) => el("tr", { "data-card": c.card },
+    nameCell(c.title, `#/cards/${c.card}`), el("td", { text: c.card }),
+    el("td", { text: c.available ? "yes" : `no: ${c.unavailable_reason || ""}` }),
+    el("td", {}, c.last_run ? statusBadge(c.finished ? "finished" : "running") : ""),
+    el("td", { text: c.scale || "" }), numCell(c.measured_seconds, 0), numCell(c.estimated_seconds, 0)));
+  view.append(el("div", { class: "scroll" }, table("cards-table", ["card", "name", "available", "last run", "scale", "took (s)", "estimate (s)"], rows)));
+}
+
+async function cardPage(view, signal, name) {
+  const card = await api(`/api/v1/cards/${name}`, { signal });
+  view.append(el("h1", { text: card.title }), el("p", { class: "muted", text: card.citation }),
+    el("p", {}, el("strong", { text: "Claim: " }), card.claim),
+    el("p", {}, el("strong", { text: "The paper: " }), card.paper_setup),
+    el("ul", {}, ...card.paper_figures.map((f) => el("li", { text: `${f.text}${f.verified ? " (verified)" : ""}` }))),
+    el("p", {}, el("strong", { text: "bnlab: " }), card.setup),
+    el("p", {}, el("strong", { text: "What differs: " }), card.differences),
+    card.available ? cardRunForm(card) : el("p", { class: "error", text: `Cannot run here: ${card.unavailable_reason}` }),
+    el("h2", { text: "Contrasts" }),
+    el("div", { class: "scroll" }, table("contrasts-table", ["claim", "metric", "contrast", "sign", "smallest effect"],
+      card.claims.map((c) => el("tr", {}, el("td", { text: c.sentence }), el("td", { text: c.metric }), el("td", { text: c.contrast }),
+        el("td", { text: c.direction }), numCell(c.smallest))))));
+  if (!card.last_run) return;
+  const report = await api(`/api/v1/cards/${name}/report`, { signal });
+  view.append(el("h2", { text: `Latest run (${report.scale}, ${report.dataset})` }),
+    el("p", {}, statusBadge(report.finished ? "finished" : "running"), " ",
+      Object.entries(report.runs).map(([state, n]) => `${n} ${state}`).join(", ")),
+    el("p", { text: report.summary }),
+    el("div", { class: "scroll" }, table("verdicts-table", ["claim", "effect [95 % CI]", "p (Holm)", "Hedges' g", "seeds for power", "verdict", "paper"],
+      report.claims.map((c) => el("tr", {}, el("td", { text: c.sentence }),
+        el("td", { class: "num", text: `${fmt(c.effect)} [${fmt(c.ci_low)}, ${fmt(c.ci_high)}]` }),
+        el("td", { class: "num", text: `${fmt(c.p_value, 3)} (${fmt(c.adjusted_p, 3)})` }), numCell(c.hedges_g, 2),
+        el("td", { class: "num", text: c.seeds_for_power ?? "–" }), el("td", { text: c.verdict ? `${c.verdict}${c.reason ? `: ${c.reason}` : ""}` : "–" }),
+        el("td", { text: c.paper_comparison }))))),
+    el("p", { class: "muted", text: report.verdict_rule }));
+  // Each of its experiments with the same curves as an experiment page.
+  for (const experimentId of report.experiments) view.append(await experimentCurves(experimentId, signal));
+}
+
+function cardRunForm(card) {
+  const scale = select("card-scale", "scale", Object.keys(card.estimated_seconds).map((k) => [k, `${k} (~${card.estimated_seconds[k]} s)`]), "quick", () => {});
+  scale.firstChild.remove();
+  scale.value = "quick" in card.estimated_seconds ? "quick" : scale.value;
+  const result = el("span", { class: "muted" });
+  const run = async () => {
+    try {
+      await api(`/api/v1/cards/${card.name}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ scale: scale.value }) });
+      route();
+    } catch (error) { result.textContent = error.message; result.className = "error"; }
+  };
+  return el("p", {}, el("button", { type: "button", text: "Run this card", onclick: run }), " at scale ", scale, " ", result);
+}
+
+// An experiment's mean ± std curves, read once (the card page; the experiment page follows them live).
+async function experimentCurves(experimentId, signal) {
+  const experiment = await api(`/api/v1/experiments/${experimentId}`, { signal });
+  const metrics = await Promise.all(experiment.runs.map((r) => api(`/api/v1/runs/${r.id}/metrics`, { signal })));
+  const configs = [...new Set(experiment.runs.map((r) => r.config))];
+  const groups = configs.map((config, i) => ({
+    label: config, style: styleOf(i),
+    runs: experiment.runs.map((r, k) => ({ id: r.id, config: r.config, epochs: metrics[k].epochs })).filter((r) => r.config === config),
+  }));
+  const curves = curveCharts(`exp-${shortId(experimentId)}-`, experiment.name, { bandToggle: true, filename: `experiment-${shortId(experimentId)}` });
+  const box = el("div", {}, el("h3", {}, el("a", { href: `#/experiments/${experimentId}`, text: experiment.name })),
+    el("div", { class: "charts" }, curves.loss.element, curves.accuracy.element));
+  curves.loss.update(metricTraces(groups, "loss"));
+  curves.accuracy.update(metricTraces(groups, "accuracy"));
+  return box;
+}
+
 // ------------------------------------------------------------------------------------ routing
 
 const ROUTES = [
@@ -1056,14 +1142,18 @@ const ROUTES = [
   [/^#\/models\/([0-9a-f]{6,32})$/, modelPage],
   [/^#\/experiments\/([0-9a-f]{6,32})$/, experimentPage],
   [/^#\/compare()$/, comparePage],
+  [/^#\/cards$/, cardsPage],
+  [/^#\/cards\/([a-z0-9_-]{1,80})$/, cardPage],
 ];
 
 async function route() {
   pageAbort.abort();
   pageAbort = new AbortController();
   const signal = pageAbort.signal;
-  const view = document.getElementById("view");
-  view.replaceChildren();
+  // A fresh container per visit: a page still finishing an await after the user left writes into
+  // its own detached container, never into the next page.
+  const view = el("div", { class: "page" });
+  document.getElementById("view").replaceChildren(view);
   notice("");
   const [path] = (location.hash || "#/").split("?");
   for (const [pattern, page] of ROUTES) {

@@ -404,6 +404,14 @@ def test_runs_of_two_experiments_are_compared_side_by_side_and_downloaded(
     first = stack.client.get(f"/api/v1/runs/{picked[0]}/metrics").json()["epochs"]
     assert [float(r["val_loss"]) for r in rows[:4]] == [e["val_loss"] for e in first]
 
+    # A card page draws each of its experiments with the same component, read once.
+    points = browser.execute_async_script(
+        "const [id, done] = arguments; experimentCurves(id, new AbortController().signal)"
+        ".then(box => done(box.querySelector('.chart-card').dataset.points))",
+        norms["id"],
+    )
+    assert int(points) == 2 * 2 * 4  # 2 configurations x (train, val) x 4 epochs, as mean curves
+
     # A chart's pictures: vectors drawn from the plotted data, and the canvas as PNG.
     for picture in ("comparison-loss.svg", "comparison-loss.png"):
         (DOWNLOADS / picture).unlink(missing_ok=True)
@@ -513,6 +521,9 @@ def test_the_runs_list_pages_sorts_and_searches_past_a_hundred_runs(
     wait_until(lambda: first_row() == ids[-1], 15, "sorted by val loss, highest first")
     assert "sort=val_loss" in browser.current_url
     shot(browser, "runs-list")
+    # Replication cards, where the server has them; this one has not.
+    browser.get(f"{stack.base_url}/#/cards")
+    wait_until(lambda: browser.find_elements(By.ID, "cards-none"), 15, "the cards page")
 
 
 def test_the_api_reference_renders_with_the_network_blocked(keyed_stack: tuple[Stack, str]) -> None:
