@@ -1098,9 +1098,22 @@ async function cardPage(view, signal, name) {
         el("td", { class: "num", text: `${fmt(c.p_value, 3)} (${fmt(c.adjusted_p, 3)})` }), numCell(c.hedges_g, 2),
         el("td", { class: "num", text: c.seeds_for_power ?? "–" }), el("td", { text: c.verdict ? `${c.verdict}${c.reason ? `: ${c.reason}` : ""}` : "–" }),
         el("td", { text: c.paper_comparison }))))),
-    el("p", { class: "muted", text: report.verdict_rule }));
+    el("p", { class: "muted", text: report.verdict_rule }),
+    el("p", { class: "downloads" }, "Figure: ", apiDownload("PNG", report.figure_png, `${name}-figure.png`), " ",
+      apiDownload("SVG", report.figure_svg, `${name}-figure.svg`)),
+    await authorisedImage(report.figure_png, `${card.title}: the paper's figure redrawn from this run`, signal));
   // Each of its experiments with the same curves as an experiment page.
   for (const experimentId of report.experiments) view.append(await experimentCurves(experimentId, signal));
+}
+
+// An image behind the API key: fetched with it, shown from a blob: URL (the CSP allows those).
+async function authorisedImage(path, alt, signal) {
+  try {
+    const blob = await (await apiResponse(path, { signal })).blob();
+    return el("img", { class: "figure", src: URL.createObjectURL(blob), alt });
+  } catch (error) {
+    return el("p", { class: "muted", text: `figure: ${error.message}` });
+  }
 }
 
 function cardRunForm(card) {

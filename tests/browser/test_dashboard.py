@@ -524,6 +524,25 @@ def test_the_runs_list_pages_sorts_and_searches_past_a_hundred_runs(
     # Replication cards, where the server has them; this one has not.
     browser.get(f"{stack.base_url}/#/cards")
     wait_until(lambda: browser.find_elements(By.ID, "cards-none"), 15, "the cards page")
+    # A card page, on a stand-in for the cards routes (the page itself stays as it is served).
+    claim = {"sentence": "BN trains faster", "metric": "final.val_accuracy", "contrast": "batch - none",
+             "direction": "positive", "smallest": 0.01}  # fmt: skip
+    card = {"name": "demo", "title": "Demo card", "citation": "A paper", "claim": "BN helps",
+            "paper_setup": "big", "paper_figures": [{"text": "fig 1", "verified": True}], "setup": "small",
+            "differences": "size", "available": True, "unavailable_reason": None,
+            "estimated_seconds": {"test": 5, "quick": 200}, "claims": [claim], "last_run": None}  # fmt: skip
+    browser.execute_script(
+        "const [card] = arguments; const real = window.fetch;"
+        "window.fetch = (path, options) => String(path).startsWith('/api/v1/cards/')"
+        " ? Promise.resolve(new Response(JSON.stringify(card), {headers: {'content-type': 'text/json'}}))"
+        " : real(path, options);"
+        "location.hash = '#/cards/demo';",
+        card,
+    )
+    wait_until(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#contrasts-table tbody tr"), 15, "the card page"
+    )
+    assert "Demo card" in text_of(browser, "h1")
 
 
 def test_the_api_reference_renders_with_the_network_blocked(keyed_stack: tuple[Stack, str]) -> None:
