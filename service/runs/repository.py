@@ -3,12 +3,13 @@ the caller (the request dependency or a task's session_scope) owns the transacti
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, cast, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.ml.training import EpochMetrics
@@ -66,6 +67,7 @@ class RunFilter:
     search: str | None = None  # a substring of the name (any case) or a prefix of the id
     norm: str | None = None  # spec.model.norm.kind
     dataset: str | None = None  # spec.dataset.name
+    tag: str | None = None  # one of the run's tags, exactly (ASCII: see tagged)
 
     def where(self) -> list[ColumnElement[bool]]:
         clauses: list[ColumnElement[bool]] = []
@@ -91,7 +93,16 @@ class RunFilter:
             clauses.append(Run.spec[("model", "norm", "kind")].as_string() == self.norm)
         if self.dataset is not None:
             clauses.append(Run.spec[("dataset", "name")].as_string() == self.dataset)
+        if self.tag is not None:
+            clauses.append(tagged(Run.tags, self.tag))
         return clauses
+
+
+def tagged(tags: Any, tag: str) -> ColumnElement[bool]:
+    """Whether a JSON list of tags holds `tag`: its JSON text contains the tag as a JSON string. The
+    same on SQLite (JSON text) and Postgres (JSONB cast to text); an ASCII tag is written alike by
+    both, and autoescape keeps `_` literal."""
+    return cast(tags, String).contains(json.dumps(tag), autoescape=True)
 
 
 def list_runs(

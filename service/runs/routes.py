@@ -115,6 +115,10 @@ def list_runs(
     name: Annotated[SearchText | None, Query(description="Only names containing this, any case.")] = None,
     norm: Annotated[NormKind | None, Query(description="Only runs with this model.norm.kind.")] = None,
     dataset: Annotated[DatasetName | None, Query(description="Only runs on this dataset.name.")] = None,
+    tag: Annotated[
+        str | None,
+        Query(pattern=r"^[A-Za-z0-9_.:+=@#-]{1,40}$", description="Only runs with this tag (ASCII)."),
+    ] = None,
     sort: Annotated[RunSortKey, Query(description="Sort key.")] = "created_at",
     order: Annotated[Literal["asc", "desc"] | None, Query(description="Sort direction.")] = None,
 ) -> RunsPublic:
@@ -126,6 +130,7 @@ def list_runs(
         search=q,
         norm=norm,
         dataset=dataset,
+        tag=tag,
     )
     descending = order == "desc" if order else sort in ("created_at", "train_accuracy", "val_accuracy")
     runs, total = run_repo.list_runs(

@@ -275,7 +275,7 @@ const RUN_COLUMNS = [
 function listState() {
   const q = hashQuery();
   return {
-    q: q.get("q") || "", status: q.get("status") || "", norm: q.get("norm") || "", dataset: q.get("dataset") || "",
+    q: q.get("q") || "", status: q.get("status") || "", norm: q.get("norm") || "", dataset: q.get("dataset") || "", tag: q.get("tag") || "",
     experiment_id: q.get("experiment") || "", in_experiment: q.get("in_experiment") || "", sort: q.get("sort") || "created_at", order: q.get("order") || "",
     limit: Number(q.get("size") || 50), page: Math.max(1, Number(q.get("page") || 1)),
   };
@@ -288,7 +288,7 @@ function saveListState(state) {
 
 function runsQuery(state) {
   const params = new URLSearchParams({ limit: state.limit, offset: (state.page - 1) * state.limit, sort: state.sort });
-  for (const key of ["q", "status", "norm", "dataset", "experiment_id", "in_experiment", "order"]) if (state[key]) params.set(key, state[key]);
+  for (const key of ["q", "status", "norm", "dataset", "tag", "experiment_id", "in_experiment", "order"]) if (state[key]) params.set(key, state[key]);
   return `/api/v1/runs?${params}`;
 }
 
@@ -320,6 +320,8 @@ function filterBar(state, experiments, choices, reload) {
   const search = el("input", { id: "run-search", type: "search", placeholder: "search name or id…", value: state.q });
   let timer = null;
   search.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(() => change("q")(search.value.trim()), 250); });
+  const tag = el("input", { id: "filter-tag", type: "search", placeholder: "tag…", value: state.tag || "" });
+  tag.addEventListener("change", () => change("tag")(tag.value.trim()));
   const sizes = select("page-size", "per page", [["20", "20"], ["50", "50"], ["100", "100"]], String(state.limit), (v) => change("limit")(Number(v || 50)));
   return el("div", { class: "filters" }, search,
     select("filter-status", "status", STATUSES.map((s) => [s, s]), state.status, change("status")),
@@ -327,8 +329,7 @@ function filterBar(state, experiments, choices, reload) {
     select("filter-dataset", "dataset", choices.dataset.map((s) => [s, s]), state.dataset, change("dataset")),
     select("filter-experiment", "experiment", experiments.map((e) => [e.id, e.name]), state.experiment_id, change("experiment_id")),
     select("filter-alone", "submitted", [["false", "on their own"], ["true", "by experiments"]], state.in_experiment, change("in_experiment")),
-    sizes,
-    el("span", { class: "muted", text: "tags: after the runs-management merge" }));
+    tag, sizes);
 }
 
 function pager(id, total, state, go) {

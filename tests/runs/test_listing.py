@@ -103,6 +103,12 @@ def test_filters_search_and_sort_combine_and_the_total_counts_the_matches(any_cl
     run = client.get(f"/api/v1/runs/{a}").json()
     assert run["experiment_id"] is None
     assert run["summary"]["val_loss"] == 0.5
+    # Tags (set by PATCH): exact matches only, `_` is no wildcard, other tags do not count.
+    assert client.patch(f"/api/v1/runs/{a}", json={"tags": ["baseline", "lr_high"]}).status_code == 200
+    assert client.patch(f"/api/v1/runs/{b}", json={"tags": ["baseline2", "lrXhigh"]}).status_code == 200
+    assert ids(get(tag="baseline")) == [a]
+    assert ids(get(tag="lr_high")) == [a]
+    assert ids(get(tag="base")) == []
 
 
 @pytest.mark.parametrize(
@@ -113,6 +119,7 @@ def test_filters_search_and_sort_combine_and_the_total_counts_the_matches(any_cl
         ({"norm": "batchy"}, "norm"),
         ({"dataset": "imagenet"}, "dataset"),
         ({"q": ""}, "q"),
+        ({"tag": "two words"}, "tag"),
     ],
 )
 def test_an_unknown_sort_key_or_filter_value_is_a_422_naming_it(
