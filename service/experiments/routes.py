@@ -141,6 +141,7 @@ TargetQuery = Annotated[
     response_model=ExperimentReportPublic,
     summary="Per configuration: final and best metrics (mean ± std over seeds), epochs to a target "
     "accuracy, the winners, and for presets each claim's verdict",
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
 )
 def get_report(
     experiment_id: ExperimentId,
