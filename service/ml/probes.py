@@ -181,7 +181,7 @@ def probe_gradients(
     values: list[ProbeValue] = []
     grad_norms: list[float] = []
     at = 0
-    for (name, module), ps in zip(layers, per_layer, strict=True):
+    for depth, ((name, module), ps) in enumerate(zip(layers, per_layer, strict=True), start=1):
         g = _norm(grads[at : at + len(ps)])
         at += len(ps)
         grad_norms.append(g)
@@ -189,6 +189,7 @@ def probe_gradients(
         values += [
             ProbeValue(epoch, "gradients", name, "grad_norm", g),
             ProbeValue(epoch, "gradients", name, "weight_norm", _norm([weight])),
+            ProbeValue(epoch, "gradients", name, "depth", float(depth)),  # 1 = the input layer
         ]
     fitted = grad_norms[1:-1] if len(grad_norms) >= 4 else grad_norms
     slope, growth = fit_log_growth(fitted)
@@ -371,7 +372,7 @@ def probe_statistics_gap(
             model.eval()
             try:
                 with torch.inference_mode():
-                    for part in train_x.split(chunk):
+                    for part in torch.split(train_x, chunk):
                         model(part)
             finally:
                 for handle in handles:
@@ -381,8 +382,8 @@ def probe_statistics_gap(
                 mean = total / n
                 var = ((squares - n * mean.square()) / (n - 1)).clamp_min(0.0)
                 eps = float(getattr(m, "eps", 0.0))
-                running_mean = m.running_mean.detach().double()  # type: ignore[union-attr]
-                running_var = m.running_var.detach().double()  # type: ignore[union-attr]
+                running_mean = getattr(m, "running_mean").detach().double()  # noqa: B009  # a buffer
+                running_var = getattr(m, "running_var").detach().double()  # noqa: B009
                 mean_gap = (running_mean - mean).abs() / (var + eps).sqrt()
                 var_gap = (running_var - var).abs() / (var + eps)
                 values += [

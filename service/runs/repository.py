@@ -3,6 +3,7 @@ the caller (the request dependency or a task's session_scope) owns the transacti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -11,7 +12,16 @@ from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.ml.training import EpochMetrics
-from service.models import EpochMetric, LayerStat, ModelArtifact, Run, RunCheckpoint, RunStatus, utcnow
+from service.models import (
+    EpochMetric,
+    LayerStat,
+    ModelArtifact,
+    ProbeRecord,
+    Run,
+    RunCheckpoint,
+    RunStatus,
+    utcnow,
+)
 from service.runs.schemas import RunCreate
 
 
@@ -71,6 +81,15 @@ def list_layer_stats(*, session: Session, run_id: str) -> Sequence[LayerStat]:
     """A run's probe statistics (input mean/std per normalisation slot), by epoch then slot order."""
     return session.scalars(
         select(LayerStat).where(LayerStat.run_id == run_id).order_by(LayerStat.epoch, LayerStat.layer)
+    ).all()
+
+
+def list_probe_values(*, session: Session, run_id: str, probe: str) -> Sequence[ProbeRecord]:
+    """One probe family's values for a run, by epoch (the caller orders layers naturally)."""
+    return session.scalars(
+        select(ProbeRecord)
+        .where(ProbeRecord.run_id == run_id, ProbeRecord.probe == probe)
+        .order_by(ProbeRecord.epoch, ProbeRecord.layer, ProbeRecord.name)
     ).all()
 
 
@@ -208,6 +227,19 @@ def record_epoch(
     # merge: a run resumed after a crash may probe an epoch again (epoch 0 comes with epoch 1).
     for stat in metrics.layer_stats:
         session.merge(LayerStat(run_id=lease.run_id, **asdict(stat)))  # the dataclass fields are the columns
+    # The same for the other probes, replaced as a block: hundreds of values in a deep network.
+    if metrics.probes:
+        epochs = {value.epoch for value in metrics.probes}
+        session.execute(
+            delete(ProbeRecord).where(ProbeRecord.run_id == lease.run_id, ProbeRecord.epoch.in_(epochs))
+        )
+        session.add_all(
+            ProbeRecord(
+                run_id=lease.run_id,
+                **{**asdict(value), "value": value.value if math.isfinite(value.value) else None},
+            )
+            for value in metrics.probes
+        )
     session.merge(
         RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())
     )

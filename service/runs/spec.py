@@ -49,7 +49,7 @@ def model_config(spec: RunCreate, shape: DataShape = DEFAULT_SHAPE) -> ModelConf
 
 def train_config(spec: RunCreate) -> TrainConfig:
     train = spec.train
-    fields = train.model_dump(exclude={"schedule", "adam_eps"})
+    fields = train.model_dump(exclude={"schedule", "adam_eps", "probes"})
     schedule = train.schedule
     adam_eps = ADAM_EPS[spec.compat] if train.adam_eps is None else train.adam_eps
     return TrainConfig(
@@ -59,6 +59,7 @@ def train_config(spec: RunCreate) -> TrainConfig:
         schedule=schedule.kind,
         step_size=schedule.step_size,
         gamma=schedule.gamma,
+        probes=train.probes.enabled(),
     )
 
 
