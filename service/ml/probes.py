@@ -256,7 +256,7 @@ def probe_smoothness(
 
 
 def _quantiles(values: torch.Tensor, qs: Sequence[float]) -> list[float]:
-    flat = values.detach().reshape(-1).float()
+    flat = values.detach().reshape(-1).double()
     if flat.numel() > _QUANTILE_LIMIT:
         flat = flat[:: math.ceil(flat.numel() / _QUANTILE_LIMIT)]
     return torch.quantile(flat, torch.tensor(qs, dtype=flat.dtype, device=flat.device)).tolist()
