@@ -1,7 +1,7 @@
 """probe values: the epoch-end probes of issue 21.3 (gradients, smoothness, percentiles, gamma, gaps)
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007_probes
+Revises: 0006_lifecycle
 Create Date: 2026-12-06
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
-down_revision: str | None = "0005"
+revision: str = "0007_probes"
+down_revision: str | None = "0006_lifecycle"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
