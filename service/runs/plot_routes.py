@@ -93,11 +93,14 @@ def _activations(session: Session, run: Run) -> Figure:
 def _probe(session: Session, run: Run, probe: str) -> Figure:
     rows = run_repo.list_probe_values(session=session, run_id=run.id, probe=probe)
     if not rows:
-        raise _nothing_yet(
-            run,
-            f"{probe} probe values",
-            f" (is train.probes.{probe} on? they are written as each epoch ends)",
-        )
+        if RunStatus(run.status).is_finished:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                detail=f"run {run.id} ({run.status}) recorded no {probe} probe values: train.probes.{probe} "
+                "was off, or it ended before its first epoch",
+            )
+        why = f" (is train.probes.{probe} on? they are written as each epoch ends)"
+        raise _nothing_yet(run, f"{probe} probe values", why)
     data: probe_plots.ProbeData = {}
     for row in rows:
         data.setdefault(row.epoch, {}).setdefault(row.layer, {})[row.name] = row.value
