@@ -98,12 +98,17 @@ def gradients_figure(data: ProbeData, *, title: str) -> Figure:
     fig, (top, bottom) = _figure(2)
     _per_layer(top, data, "grad_norm", gid="grad", log=True)
     for i, epoch in enumerate(_spread(sorted(data), MAX_EPOCH_LINES)):
-        norms = [
-            v for layer, values in data[epoch].items() if layer != MODEL and (v := values.get("grad_norm"))
+        # As the probe fits: by position l, the first and last layers left out from four layers on,
+        # norms that underflowed to 0 left out (a vanishing plain network's first layers).
+        norms = [values.get("grad_norm") for layer, values in data[epoch].items() if layer != MODEL]
+        count = len(norms)
+        kept = [
+            (float(x), math.log(v))
+            for x, v in enumerate(norms, start=1)
+            if v is not None and v > 0 and (count < 4 or 1 < x < count)
         ]
-        xs = np.arange(1, len(norms) + 1, dtype=float)
-        inner = slice(1, -1) if len(norms) >= 4 else slice(None)
-        fx, fy = xs[inner], np.log(np.array(norms[inner], dtype=float))
+        fx = np.array([x for x, _ in kept])
+        fy = np.array([y for _, y in kept])
         if len(fx) >= 2 and np.all(np.isfinite(fy)):
             slope, intercept = np.polyfit(fx, fy, 1)
             growth = math.exp(-slope)
