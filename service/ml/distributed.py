@@ -509,7 +509,7 @@ def read_job(folder: Path) -> RankJob:
     resume = folder / RESUME
     return RankJob(
         cfg=ModelConfig.from_dict(plain["cfg"]),
-        tcfg=TrainConfig(**plain["tcfg"]),
+        tcfg=TrainConfig(**{**plain["tcfg"], "probes": tuple(plain["tcfg"]["probes"])}),
         train_set=ImageDataset(data["train.x"], data["train.y"], classes["train"]),
         val_set=ImageDataset(data["val.x"], data["val.y"], classes["val"]),
         resume=load_training_state(resume.read_bytes()) if resume.exists() else None,

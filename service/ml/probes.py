@@ -17,11 +17,13 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 # Samples in the probe batch: enough for stable moments, cheap next to an epoch (one eval forward).
 PROBE_SAMPLES = 256
@@ -116,12 +118,20 @@ def _untouched(model: nn.Module) -> Iterator[Callable[[], None]]:
     was_training = model.training
     device = next(model.parameters(), torch.empty(0)).device
     devices = [device.index or 0] if device.type == "cuda" else []
+    # Only the reporting rank of a data-parallel run probes: a SyncBatchNorm in train mode would wait
+    # in an all_reduce for ranks that never come. Here it normalises as BatchNorm, over the probe batch.
+    # (distributed.SyncBatchNorm and torch's both keep a `process_group`.)
+    synced = [m for m in model.modules() if isinstance(m, _BatchNorm) and hasattr(m, "process_group")]
+    for m in synced:
+        m.forward = MethodType(_BatchNorm.forward, m)  # type: ignore[method-assign]
     with torch.random.fork_rng(devices=devices):
         try:
             yield reset
         finally:
             reset()
             model.train(was_training)
+            for m in synced:
+                del m.forward
 
 
 def _weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.ml import bn_tools
+from service.ml import bn_tools, distributed
 from service.ml.config import PROBE_NAMES, ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import make_synthetic, train_val_split
 from service.ml.nets import make_net, norm_slots
@@ -248,3 +248,20 @@ def test_a_run_trains_the_same_with_every_probe_as_with_none() -> None:
         (e, p) for e in (0, 1) for p in PROBE_NAMES
     }
     assert {v.epoch for v in probed_epochs[1].probes} == {2}
+
+
+def test_a_sync_batch_norm_is_probed_as_batch_norm_without_any_collective(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only rank 0 probes a data-parallel run: its SyncBatchNorm layers must not all_reduce (the other
+    # ranks never join). Here they believe they synchronise: a collective would raise (no group).
+    monkeypatch.setattr(distributed, "synchronising", lambda _group: True)
+    net = bn_mlp()
+    synced = distributed.to_sync_batch_norm(bn_mlp())
+    assert isinstance(synced.bn1, distributed.SyncBatchNorm)
+    x, y = images(64)
+    with pytest.raises((RuntimeError, ValueError)):
+        synced.train()(x)  # what the probes must avoid
+    plain = as_dict(probe_gradients(net, x, y, epoch=0))
+    assert as_dict(probe_gradients(synced, x, y, epoch=0)) == pytest.approx(plain, rel=1e-5)
+    assert "forward" not in vars(synced.bn1)  # the class's forward again
