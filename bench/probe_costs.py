@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from functools import partial
 
 import torch
 
@@ -19,6 +21,10 @@ from service.ml.nets import make_net, norm_slots
 from service.ml.probes import PROBE_SAMPLES, STATISTICS_SAMPLES, EpochProbes, probe_slot_inputs
 from service.ml.training import configure_training_process, train
 from service.runs.schemas import RunCreate
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
 
 
 def seconds(fn: object, repeats: int) -> float:
@@ -46,23 +52,24 @@ def main() -> None:
             hidden=(128,) * args.depth, norm=NormConfig(position="before_activation")
         ),
     }
-    print(f"{len(train_set)} training samples; probe batch {PROBE_SAMPLES}; statistics over {len(train_x)}")
+    say(f"{len(train_set)} training samples; probe batch {PROBE_SAMPLES}; statistics over {len(train_x)}")
     for label, cfg in nets.items():
         torch.manual_seed(0)
         model = make_net(cfg)
         slots = norm_slots(model)
-        row = {"slot mean/std (always)": seconds(lambda: probe_slot_inputs(model, slots, x, 1), args.repeats)}
+        always = partial(probe_slot_inputs, model, slots, x, 1)
+        row = {"slot mean/std (always)": seconds(always, args.repeats)}
         for name in PROBE_NAMES:
             probes = EpochProbes(frozenset({name}), x, y, slots, train_x)
-            row[name] = seconds(lambda probes=probes: probes(model, 1, 1e-3), args.repeats)
+            row[name] = seconds(partial(probes, model, 1, 1e-3), args.repeats)
         n = len(train_set) if cfg.hidden == (128,) else args.epoch_samples
         subset = type(train_set)(train_set.x[:n], train_set.y[:n], train_set.num_classes)
         started = time.perf_counter()
         train(cfg, TrainConfig(epochs=1, probes=()), subset, val_set)
         epoch = (time.perf_counter() - started) * len(train_set) / n
-        print(f"\n{label}: one epoch over {len(train_set)} samples ≈ {epoch:.2f} s (measured on {n})")
+        say(f"\n{label}: one epoch over {len(train_set)} samples ≈ {epoch:.2f} s (measured on {n})")
         for name, s in row.items():
-            print(f"  {name:24s} {s * 1000:9.1f} ms  {100 * s / epoch:6.2f} % of an epoch")
+            say(f"  {name:24s} {s * 1000:9.1f} ms  {100 * s / epoch:6.2f} % of an epoch")
 
 
 if __name__ == "__main__":
