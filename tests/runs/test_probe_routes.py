@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from service.db import session_scope
 from service.main import create_app
@@ -137,3 +138,10 @@ def test_the_spec_switches_probes_and_refuses_non_booleans_and_unknown_names(cli
     for bad in ({"gradients": 1}, {"curvature": True}, {"gamma": "yes"}):
         response = client.post("/api/v1/runs", json={**SPEC, "train": {"probes": bad}})
         assert response.status_code == 422, bad
+
+
+def test_deleting_a_run_deletes_its_probe_values(client: TestClient) -> None:
+    run_id = _submit_with_probes(client)
+    assert client.delete(f"/api/v1/runs/{run_id}").status_code == 204
+    with session_scope() as session:
+        assert session.scalars(select(ProbeRecord).where(ProbeRecord.run_id == run_id)).first() is None
