@@ -149,6 +149,23 @@ class LayerStat(Base):
     input_std: Mapped[float] = mapped_column(Float)
 
 
+class ProbeRecord(Base):
+    """One value of an epoch-end probe (service/ml/probes.py, docs/probes.md) on the run's fixed probe
+    batch: `probe` is the family (gradients, smoothness, percentiles, gamma, statistics_gap), `layer` a
+    module name or "model" for the whole network, `name` the quantity (grad_norm, p15, beta, …). One
+    generic table serves every family's route and plot; epoch 0 is the freshly initialised network.
+    `value` is null where the probe had no finite answer (a growth rate fitted to fewer than two layers)."""
+
+    __tablename__ = "probe_values"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    probe: Mapped[str] = mapped_column(String(32), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[float | None] = mapped_column(Float)
+
+
 class Experiment(Base):
     """A grid of runs over one base spec: one run per grid point and seed."""
 

@@ -52,6 +52,11 @@ OptimizerName = Literal["adam", "sgd"]
 # pixels: uint8 images, trained as x / 255; features: float inputs used as they are.
 InputKind = Literal["pixels", "features"]
 ScheduleKind = Literal["none", "step", "cosine"]
+# The epoch-end probes a run can switch on (service/ml/probes.py, docs/probes.md); on by default: the
+# ones whose cost per epoch is a few passes of the 256-sample probe batch (docs/probes.md's table).
+ProbeName = Literal["gradients", "smoothness", "percentiles", "gamma", "statistics_gap"]
+PROBE_NAMES: tuple[ProbeName, ...] = ("gradients", "smoothness", "percentiles", "gamma", "statistics_gap")
+DEFAULT_PROBES: tuple[ProbeName, ...] = ("gradients", "percentiles", "gamma")
 
 
 @dataclass(frozen=True)
@@ -156,3 +161,5 @@ class TrainConfig:
     # With processes > 1: BatchNorm normalises with the statistics of the global batch (SyncBatchNorm)
     # rather than of each shard, as one process over the whole batch would.
     sync_batch_norm: bool = False
+    # The epoch-end probes to record besides the slot inputs' mean and std (PROBE_NAMES).
+    probes: tuple[ProbeName, ...] = DEFAULT_PROBES

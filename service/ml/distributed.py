@@ -57,7 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 from service.ml import training
 from service.ml.config import ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset
-from service.ml.probes import SlotStatistics
+from service.ml.probes import ProbeValue, SlotStatistics
 from service.ml.resume import TrainingState, encode_training_state, load_training_state
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; None = the default (world) group
@@ -509,7 +509,7 @@ def read_job(folder: Path) -> RankJob:
     resume = folder / RESUME
     return RankJob(
         cfg=ModelConfig.from_dict(plain["cfg"]),
-        tcfg=TrainConfig(**plain["tcfg"]),
+        tcfg=TrainConfig(**{**plain["tcfg"], "probes": tuple(plain["tcfg"]["probes"])}),
         train_set=ImageDataset(data["train.x"], data["train.y"], classes["train"]),
         val_set=ImageDataset(data["val.x"], data["val.y"], classes["val"]),
         resume=load_training_state(resume.read_bytes()) if resume.exists() else None,
@@ -535,7 +535,8 @@ def read_epoch(path: Path) -> tuple[training.EpochMetrics, bytes]:
     path.unlink()
     snapshot_path.unlink()
     stats = tuple(SlotStatistics(**entry) for entry in plain.pop("layer_stats"))
-    return training.EpochMetrics(**plain, layer_stats=stats), snapshot
+    probes = tuple(ProbeValue(**entry) for entry in plain.pop("probes", ()))
+    return training.EpochMetrics(**plain, layer_stats=stats, probes=probes), snapshot
 
 
 def write_final(folder: Path, result: training.TrainResult) -> None:

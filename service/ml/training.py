@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, partial
 from typing import Protocol
 
@@ -30,7 +30,14 @@ from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_v
 from service.ml.fastpath import Batches, MlpStep, supports_optimizer
 from service.ml.nets import make_net, norm_slots
 from service.ml.norms import end_epoch
-from service.ml.probes import PROBE_SAMPLES, SlotStatistics, probe_slot_inputs
+from service.ml.probes import (
+    PROBE_SAMPLES,
+    STATISTICS_SAMPLES,
+    EpochProbes,
+    ProbeValue,
+    SlotStatistics,
+    probe_slot_inputs,
+)
 from service.ml.resume import TrainingState, restore, save_training_state
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
@@ -59,6 +66,9 @@ class EpochMetrics:
     # Each normalisation slot's input on the probe batch after this epoch; epoch 1 also carries the
     # initial network's (epoch 0), so the stored series starts before any training.
     layer_stats: tuple[SlotStatistics, ...] = ()
+    # The probes the run switched on (TrainConfig.probes), after this epoch; epoch 1 also carries
+    # the initial network's, as layer_stats does.
+    probes: tuple[ProbeValue, ...] = ()
 
 
 # Returns the training state (model + optimizer) at this epoch boundary as safetensors bytes.
@@ -367,6 +377,10 @@ def train(
     probe, slots = val_inputs.x[:PROBE_SAMPLES], norm_slots(model)  # after wrap: it may swap BN layers
     # The initial network's statistics (epoch 0) travel with epoch 1; a resumed run has them stored.
     pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 and reports else ()
+    more = EpochProbes(
+        frozenset(tcfg.probes), probe, val_inputs.y[:PROBE_SAMPLES], slots, x_all[:STATISTICS_SAMPLES]
+    )
+    pending_more = more(model, 0, lr_at(tcfg, 1)) if first_epoch == 1 and reports else ()
     rows_per_call = bs * step.steps_per_call
 
     for epoch in range(first_epoch, tcfg.epochs + 1):
@@ -387,7 +401,9 @@ def train(
             metrics = epoch_metrics(
                 model, epoch, totals, n_used, started, val_inputs, (probe, slots, pending)
             )
-            pending = ()
+            # The other probes after validation, outside the epoch's seconds (timed as the table does).
+            metrics = replace(metrics, probes=(*pending_more, *more(model, epoch, lr_at(tcfg, epoch))))
+            pending, pending_more = (), ()
             result.epochs.append(metrics)
             callbacks.on_epoch_end(metrics, partial(save_training_state, model, optimizer, epoch))
         else:

@@ -2,8 +2,10 @@
 
 metric=loss|accuracy: training (solid) and validation (dashed) curves over epochs.
 metric=activations: per normalisation slot, the mean (top panel) and std (bottom panel) of the
-slot's input on the run's probe batch, epoch 0 being the initial network. A run with nothing to
-draw yet (no finished epoch, no probe statistics) answers 409 with what is missing.
+slot's input on the run's probe batch, epoch 0 being the initial network.
+metric=gradients|smoothness|percentiles|gamma|statistics_gap: that probe's values (service/runs/
+probe_plots.py, docs/probes.md). A run with nothing to draw yet (no finished epoch, no probe
+statistics, a probe switched off) answers 409 with what is missing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from service.api.deps import RunDep, SessionDep
 from service.api.images import IMAGE_RESPONSES, PlotFormat
 from service.experiments import plots
 from service.models import Run, RunStatus
+from service.runs import probe_plots
 from service.runs import repository as run_repo
+from service.runs.routes import layer_order
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -26,8 +30,13 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
 RunPlotMetric = Annotated[
-    Literal["loss", "accuracy", "activations"],
-    Query(description="loss or accuracy curves, or activations: each slot's input mean and std per epoch."),
+    Literal[
+        "loss", "accuracy", "activations", "gradients", "smoothness", "percentiles", "gamma", "statistics_gap"
+    ],
+    Query(
+        description="loss or accuracy curves; activations: each slot's input mean and std per epoch; or "
+        "one of the probes (gradients, smoothness, percentiles, gamma, statistics_gap: docs/probes.md)."
+    ),
 ]
 
 
@@ -81,6 +90,27 @@ def _activations(session: Session, run: Run) -> Figure:
     return plots.activations_figure(series, title=f"Layer inputs on the probe batch: {run.name or run.id}")
 
 
+def _probe(session: Session, run: Run, probe: str) -> Figure:
+    rows = run_repo.list_probe_values(session=session, run_id=run.id, probe=probe)
+    if not rows:
+        if RunStatus(run.status).is_finished:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                detail=f"run {run.id} ({run.status}) recorded no {probe} probe values: train.probes.{probe} "
+                "was off, or it ended before its first epoch",
+            )
+        why = f" (is train.probes.{probe} on? they are written as each epoch ends)"
+        raise _nothing_yet(run, f"{probe} probe values", why)
+    data: probe_plots.ProbeData = {}
+    for row in rows:
+        data.setdefault(row.epoch, {}).setdefault(row.layer, {})[row.name] = row.value
+    ordered = {
+        epoch: dict(sorted(layers.items(), key=lambda item: layer_order(*item)))
+        for epoch, layers in data.items()
+    }
+    return probe_plots.FIGURES[probe](ordered, title=f"{probe.replace('_', ' ')}: {run.name or run.id}")
+
+
 def _natural(name: str) -> tuple[str, int]:
     # bn2 before bn10: a slot name is a prefix and a block number.
     match = re.fullmatch(r"(.*?)(\d*)", name)
@@ -97,5 +127,10 @@ def _natural(name: str) -> tuple[str, int]:
 def get_run_plot(
     run: RunDep, fmt: PlotFormat, session: SessionDep, metric: RunPlotMetric = "loss"
 ) -> Response:
-    figure = _activations(session, run) if metric == "activations" else _curves(session, run, metric)
+    if metric == "loss" or metric == "accuracy":
+        figure = _curves(session, run, metric)
+    elif metric == "activations":
+        figure = _activations(session, run)
+    else:
+        figure = _probe(session, run, metric)
     return Response(plots.render(figure, fmt), media_type=plots.CONTENT_TYPES[fmt])

@@ -4,6 +4,7 @@ the caller (the request dependency or a task's session_scope) owns the transacti
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -18,6 +19,7 @@ from service.models import (
     Experiment,
     LayerStat,
     ModelArtifact,
+    ProbeRecord,
     Recalibration,
     Run,
     RunCheckpoint,
@@ -159,6 +161,15 @@ def list_layer_stats(*, session: Session, run_id: str) -> Sequence[LayerStat]:
     ).all()
 
 
+def list_probe_values(*, session: Session, run_id: str, probe: str) -> Sequence[ProbeRecord]:
+    """One probe family's values for a run, by epoch (the caller orders layers naturally)."""
+    return session.scalars(
+        select(ProbeRecord)
+        .where(ProbeRecord.run_id == run_id, ProbeRecord.probe == probe)
+        .order_by(ProbeRecord.epoch, ProbeRecord.layer, ProbeRecord.name)
+    ).all()
+
+
 def request_cancel(*, session: Session, run: Run) -> None:
     """A queued run is cancelled at once; a running one is flagged and stops at its next step."""
     run.cancel_requested = True
@@ -196,7 +207,7 @@ def delete_runs(*, session: Session, run_ids: Sequence[str]) -> None:
         return
     session.execute(select(Run.id).where(Run.id.in_(run_ids)).with_for_update())
     session.execute(delete(Recalibration).where(Recalibration.run_id.in_(run_ids)))
-    for table in (ModelArtifact, RunCheckpoint, LayerStat, EpochMetric):
+    for table in (ModelArtifact, RunCheckpoint, LayerStat, ProbeRecord, EpochMetric):
         session.execute(delete(table).where(table.run_id.in_(run_ids)))
     session.execute(delete(Run).where(Run.id.in_(run_ids)))
 
@@ -328,6 +339,19 @@ def record_epoch(
     # merge: a run resumed after a crash may probe an epoch again (epoch 0 comes with epoch 1).
     for stat in metrics.layer_stats:
         session.merge(LayerStat(run_id=lease.run_id, **asdict(stat)))  # the dataclass fields are the columns
+    # The same for the other probes, replaced as a block: hundreds of values in a deep network.
+    if metrics.probes:
+        epochs = {value.epoch for value in metrics.probes}
+        session.execute(
+            delete(ProbeRecord).where(ProbeRecord.run_id == lease.run_id, ProbeRecord.epoch.in_(epochs))
+        )
+        session.add_all(
+            ProbeRecord(
+                run_id=lease.run_id,
+                **{**asdict(value), "value": value.value if math.isfinite(value.value) else None},
+            )
+            for value in metrics.probes
+        )
     if training_state is not None:
         session.merge(
             RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())

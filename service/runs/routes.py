@@ -14,8 +14,8 @@ from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunId, SessionDep,
 from service.api.errors import Message
 from service.api.security import READ, PrincipalDep
 from service.ml import bn_tools
-from service.ml.config import NormKind
-from service.ml.probes import PROBE_SAMPLES
+from service.ml.config import NormKind, ProbeName
+from service.ml.probes import MODEL, PROBE_SAMPLES
 from service.models import RunStatus
 from service.queue import BrokerUnavailable
 from service.runs import repository as run_repo
@@ -23,10 +23,13 @@ from service.runs.schemas import (
     DatasetName,
     EpochMetricPublic,
     EpochSlotStatisticsPublic,
+    ProbeEpochPublic,
+    ProbeLayerPublic,
     RunCreate,
     RunLayerStatsPublic,
     RunMetricsPublic,
     RunPatch,
+    RunProbePublic,
     RunPublic,
     RunsPublic,
     SlotStatisticPublic,
@@ -201,6 +204,54 @@ def _natural(name: str) -> tuple[str, int]:
     # bn2 before bn10: slot names are a prefix and the block number.
     stem = name.rstrip("0123456789")
     return stem, int(name[len(stem) :] or 0)
+
+
+@router.get(
+    "/{run_id}/probes/{probe}",
+    summary="An epoch-end probe (gradients, smoothness, percentiles, gamma, statistics_gap), per epoch",
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
+)
+def get_probe(
+    run: RunDep,
+    probe: ProbeName,
+    session: SessionDep,
+    format: Annotated[  # noqa: A002  # the query parameter's public name
+        Literal["json", "csv"],
+        Query(description="json (by epoch and layer) or csv (epoch,layer,name,value)."),
+    ] = "json",
+) -> Response:
+    rows = run_repo.list_probe_values(session=session, run_id=run.id, probe=probe)
+    if format == "csv":
+        lines = ["epoch,layer,name,value"]
+        lines += [f"{r.epoch},{r.layer},{r.name},{'' if r.value is None else repr(r.value)}" for r in rows]
+        return Response("\n".join(lines) + "\n", media_type="text/csv")
+    by_epoch: dict[int, dict[str, dict[str, float | None]]] = {}
+    for row in rows:
+        by_epoch.setdefault(row.epoch, {}).setdefault(row.layer, {})[row.name] = row.value
+    body = RunProbePublic(
+        probe=probe,
+        probe_samples=PROBE_SAMPLES,
+        epochs=[
+            ProbeEpochPublic(
+                epoch=epoch,
+                layers=[
+                    ProbeLayerPublic(layer=layer, values=values)
+                    for layer, values in sorted(layers.items(), key=lambda item: layer_order(*item))
+                ],
+            )
+            for epoch, layers in sorted(by_epoch.items())
+        ],
+    )
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def layer_order(name: str, values: dict[str, float | None]) -> tuple[int, float, tuple[tuple[str, int], ...]]:
+    """Layers in network order: by their recorded depth (the gradient probe's), else by module name,
+    each dotted part naturally (bn2 before bn10, blocks.2 before blocks.10); "model" last."""
+    if name == MODEL:
+        return (2, 0.0, ())
+    depth = values.get("depth")
+    return (0 if depth is not None else 1, depth or 0.0, tuple(_natural(part) for part in name.split(".")))
 
 
 @router.post(

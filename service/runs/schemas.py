@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.ml.config import EVAL_BN_KINDS, NormKind
+from service.ml.config import DEFAULT_PROBES, EVAL_BN_KINDS, PROBE_NAMES, NormKind, ProbeName
 from service.ml.datasets import BUILTIN_SHAPES
 from service.runs.spec import ADAM_EPS, shape_problem
 
@@ -459,6 +459,47 @@ class ScheduleSpec(BaseModel):
     gamma: Annotated[float, NotBool] = Field(0.1, gt=0, le=1, description="step: factor per decay.")
 
 
+StrictBool = Annotated[bool, Field(strict=True)]
+
+
+class ProbesSpec(BaseModel):
+    """Which epoch-end probes to record (docs/probes.md: formulas, citations, measured costs). Each is
+    measured at initialisation (epoch 0) and after every epoch on the fixed probe batch; the slot
+    inputs' mean and std (GET /layer-stats) are always recorded. On by default: the cheap ones."""
+
+    model_config = STRICT
+
+    gradients: StrictBool = Field(
+        "gradients" in DEFAULT_PROBES,
+        description="‖∂L/∂W‖ and ‖W‖ per Linear/Conv layer (train mode), and the fitted growth of the "
+        "gradient norm per layer towards the input (Yang et al. 2019). One forward/backward of the batch.",
+    )
+    smoothness: StrictBool = Field(
+        "smoothness" in DEFAULT_PROBES,
+        description="Loss range, gradient change and effective β-smoothness along −∇L for steps of "
+        "0.05–0.4 × lr (Santurkar et al. 2018 §3.2). Six forward/backward passes of the batch.",
+    )
+    percentiles: StrictBool = Field(
+        "percentiles" in DEFAULT_PROBES,
+        description="15th/50th/85th percentiles of each norm slot's input (the BN paper's Fig. 1). One "
+        "forward pass of the batch.",
+    )
+    gamma: StrictBool = Field(
+        "gamma" in DEFAULT_PROBES,
+        description="Fraction of each norm layer's γ with |γ| < 0.01, and mean |γ| (Frankle et al. 2021). "
+        "Reads the parameters: no pass.",
+    )
+    statistics_gap: StrictBool = Field(
+        "statistics_gap" in DEFAULT_PROBES,
+        description="Running (EMA) statistics against the exact ones over the first 8,192 training "
+        "samples, and train- vs eval-mode accuracy on the probe batch (Wu & Johnson 2021). An eval pass "
+        "over those samples.",
+    )
+
+    def enabled(self) -> tuple[ProbeName, ...]:
+        return tuple(name for name in PROBE_NAMES if getattr(self, name))
+
+
 class TrainSpec(BaseModel):
     model_config = STRICT
 
@@ -490,6 +531,9 @@ class TrainSpec(BaseModel):
         description="Data-parallel processes (DDP: over gloo on the CPU, over NCCL with one GPU each on "
         "CUDA) that train one run: each takes a shard of every batch, at least 2 samples "
         "(batch_size >= 2·processes); 1 = one process.",
+    )
+    probes: ProbesSpec = Field(
+        default_factory=ProbesSpec, description="The epoch-end probes to record (GET /probes/{probe})."
     )
 
 
@@ -655,3 +699,23 @@ class RunLayerStatsPublic(BaseModel):
 
     probe_samples: int = Field(description="Size of the fixed probe batch (the first validation samples).")
     epochs: list[EpochSlotStatisticsPublic]
+
+
+class ProbeLayerPublic(BaseModel):
+    layer: str = Field(description='A module name (fc1, bn3, …), or "model" for the whole network.')
+    values: dict[str, float | None] = Field(
+        description="What the probe measured there, by name (null: no finite answer)."
+    )
+
+
+class ProbeEpochPublic(BaseModel):
+    epoch: int = Field(description="0 = the freshly initialised network; k = after epoch k.")
+    layers: list[ProbeLayerPublic] = Field(description='Input to output, then "model".')
+
+
+class RunProbePublic(BaseModel):
+    """One epoch-end probe of a run (docs/probes.md), as recorded on the fixed probe batch."""
+
+    probe: ProbeName
+    probe_samples: int = Field(description="Size of the fixed probe batch (the first validation samples).")
+    epochs: list[ProbeEpochPublic]

@@ -59,7 +59,7 @@ def _residual_fields(spec: RunCreate) -> dict[str, Any]:
 
 def train_config(spec: RunCreate) -> TrainConfig:
     train = spec.train
-    fields = train.model_dump(exclude={"schedule", "adam_eps"})
+    fields = train.model_dump(exclude={"schedule", "adam_eps", "probes"})
     schedule = train.schedule
     adam_eps = ADAM_EPS[spec.compat] if train.adam_eps is None else train.adam_eps
     return TrainConfig(
@@ -69,6 +69,7 @@ def train_config(spec: RunCreate) -> TrainConfig:
         schedule=schedule.kind,
         step_size=schedule.step_size,
         gamma=schedule.gamma,
+        probes=train.probes.enabled(),
     )
 
 

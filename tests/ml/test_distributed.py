@@ -49,7 +49,7 @@ from service.ml.distributed import (
     write_job,
 )
 from service.ml.fastpath import MlpStep
-from service.ml.probes import SlotStatistics
+from service.ml.probes import ProbeValue, SlotStatistics
 from service.ml.resume import load_training_state
 from service.ml.training import EpochMetrics, TrainResult, build_model, train
 from tests.integration.stack import free_port
@@ -389,7 +389,8 @@ def test_the_job_crosses_the_folder_as_json_and_safetensors(
 
 def test_the_epoch_reports_and_final_state_reach_the_launcher_as_they_left_rank_0(tmp_path: Path) -> None:
     stats = (SlotStatistics(0, "bn1", 0.125, 1.5), SlotStatistics(1, "bn1", -1 / 3, 0.1))
-    first = EpochMetrics(1, 2.5, 0.25, math.inf, 0.5, 0.75, stats)
+    probes = (ProbeValue(0, "gradients", "fc1", "grad_norm", 0.1), ProbeValue(1, "gamma", "bn1", "p50", 1))
+    first = EpochMetrics(1, 2.5, 0.25, math.inf, 0.5, 0.75, stats, probes)
     second = EpochMetrics(2, 1 / 7, 0.5, 0.3, 0.625, 0.5)
     write_epoch(tmp_path, second, b"state after 2")  # the launcher takes them in epoch order anyway
     write_epoch(tmp_path, first, b"state after 1")

@@ -98,6 +98,13 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         "schedule": {"kind": "none", "step_size": 10, "gamma": 0.1},
         "seed": 0,
         "processes": 1,
+        "probes": {
+            "gradients": True,
+            "smoothness": False,
+            "percentiles": True,
+            "gamma": True,
+            "statistics_gap": False,
+        },
     }
     assert spec["compat"] == "pytorch"
 
