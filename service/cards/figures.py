@@ -76,16 +76,9 @@ def _versus(ax: Axes, card: Card, runs: Sequence[CardRun]) -> None:
     numeric = all(isinstance(x, int | float) for pts in lines.values() for x, _, _ in pts)
     for i, (label, pts) in enumerate(lines.items()):
         xs = [p[0] for p in pts] if numeric else [str(p[0]) for p in pts]
-        ax.errorbar(
-            xs,
-            [p[1] for p in pts],
-            yerr=[p[2] for p in pts],
-            marker="o",
-            capsize=3,
-            color=f"C{i % 10}",
-            label=label,
-            gid=f"curve-{i}",
-        )
+        means, sds = [p[1] for p in pts], [p[2] for p in pts]
+        ax.errorbar(xs, means, yerr=sds, fmt="none", capsize=3, color=f"C{i % 10}")
+        ax.plot(xs, means, marker="o", color=f"C{i % 10}", label=label, gid=f"curve-{i}")
     if spec.log_x and numeric:
         ax.set_xscale("log")
         ticks = sorted({p[0] for pts in lines.values() for p in pts})
