@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import click
 
+from service.client.cards import cards
 from service.client.commands import register_client_commands
 from service.config import get_settings
 
@@ -168,6 +169,7 @@ def create_key(scopes: str, name: str) -> None:
 
 
 register_client_commands(cli)
+cli.add_command(cards)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
