@@ -84,7 +84,9 @@ def start_card(
 def get_card_report(
     name: CardPath, run_id: CardRunPath, session: SessionDep, settings: SettingsDep
 ) -> CardReportPublic:
-    return cards.card_report(session=session, settings=settings, card=cards.card_or_404(name), run_id=run_id)
+    loaded = cards.load_card_run(session, cards.card_or_404(name), run_id)
+    session.commit()  # a read: end it before the statistics, so SQLite's lock is not held for them
+    return cards.card_report(loaded, settings)
 
 
 @router.get("/{name}/report", summary="The report of the card's latest run")
@@ -93,7 +95,9 @@ def get_latest_report(name: CardPath, session: SessionDep, settings: SettingsDep
     last = cards.last_run(session, card)
     if last is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"card {name} has not run yet")
-    return cards.card_report(session=session, settings=settings, card=card, run_id=last.id)
+    loaded = cards.load_card_run(session, card, last.id)
+    session.commit()
+    return cards.card_report(loaded, settings)
 
 
 @router.get(
@@ -104,22 +108,26 @@ def get_latest_report(name: CardPath, session: SessionDep, settings: SettingsDep
 )
 def get_card_figure(name: CardPath, run_id: CardRunPath, fmt: PlotFormat, session: SessionDep) -> Response:
     card = cards.card_or_404(name)
-    _, experiments = cards.card_run_or_404(session, card, run_id)
-    results, _, _, rows = cards.judged(session, card, experiments)
-    if not any(r.epochs for r in rows):
+    loaded = cards.load_card_run(session, card, run_id)
+    session.commit()  # a read: end it before drawing
+    if not any(r.epochs for r in loaded.rows):
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"card run {run_id} has no finished epoch yet")
-    return Response(figures.card_figure(card, rows, results, fmt), media_type=CONTENT_TYPES[fmt])
+    image = figures.card_figure(card, loaded.rows, cards.judge(loaded), fmt)
+    return Response(image, media_type=CONTENT_TYPES[fmt])
 
 
 @replications_router.get("", summary="Every card, its latest verdicts, when it ran and how long it took")
 def list_replications(session: SessionDep, settings: SettingsDep) -> ReplicationsPublic:
+    loaded = {}
+    for card in CARDS.values():
+        last = cards.last_run(session, card)
+        loaded[card.name] = cards.load_card_run(session, card, last.id) if last else None
+    session.commit()  # a read: end it before the statistics
     items = []
     for card in CARDS.values():
         public = cards.card_public(card, settings)
-        last = cards.last_run(session, card)
-        report = (
-            cards.card_report(session=session, settings=settings, card=card, run_id=last.id) if last else None
-        )
+        run = loaded[card.name]
+        report = cards.card_report(run, settings) if run else None
         items.append(
             ReplicationPublic(
                 card=card.name,

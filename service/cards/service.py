@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -232,7 +233,7 @@ def start_card(
         first_id = first_id or created.id
     assert first_id is not None
     response.headers["Location"] = f"/api/v1/cards/{card.name}/runs/{first_id}"
-    return card_report(session=session, settings=settings, card=card, run_id=first_id)
+    return card_report(load_card_run(session, card, first_id), settings)
 
 
 # ----------------------------------------------------------------------------------- the report
@@ -246,14 +247,33 @@ def card_run_or_404(session: Session, card: Card, run_id: str) -> tuple[Experime
     return first, card_repo.card_experiments(session=session, first=first)
 
 
-def card_runs(session: Session, experiments: list[Experiment]) -> tuple[list[verdicts.CardRun], list[Any]]:
-    """Every run of the card run's experiments as the verdicts see it, and the ORM runs."""
-    rows, orm = [], []
+@dataclass(frozen=True)
+class LoadedRun:
+    """Everything a card run's report and figure need, read in one go, so the caller can end the
+    database transaction before the statistics and the drawing (SQLite holds its lock till then)."""
+
+    card: Card
+    first: Experiment
+    experiments: list[Experiment]
+    specs: list[ExperimentCreate]
+    rows: list[verdicts.CardRun]
+    counts: dict[str, int]
+    finished: bool
+    finished_at: datetime | None
+
+
+def load_card_run(session: Session, card: Card, run_id: str) -> LoadedRun:
+    first, experiments = card_run_or_404(session, card, run_id)
+    rows: list[verdicts.CardRun] = []
+    counts = {s.value: 0 for s in RunStatus}
+    ends = []
     for experiment in experiments:
         metrics = experiment_repo.metrics_by_run(session=session, experiment_id=experiment.id)
         slots = card_repo.layer_stats_by_run(session=session, experiment_id=experiment.id)
         for run in experiment_repo.list_experiment_runs(session=session, experiment_id=experiment.id):
-            orm.append(run)
+            counts[run.status] += 1
+            if run.finished_at is not None:
+                ends.append(run.finished_at)
             rows.append(
                 verdicts.CardRun(
                     point=run.grid_point or {},
@@ -269,7 +289,17 @@ def card_runs(session: Session, experiments: list[Experiment]) -> tuple[list[ver
                     ],
                 )
             )
-    return rows, orm
+    finished = all(RunStatus(r.status).is_finished for r in rows)
+    return LoadedRun(
+        card=card,
+        first=first,
+        experiments=experiments,
+        specs=[ExperimentCreate.model_validate(e.spec) for e in experiments],
+        rows=rows,
+        counts=counts,
+        finished=finished,
+        finished_at=max(ends) if finished and ends else None,
+    )
 
 
 def _finite(value: float | None) -> float | None:
@@ -304,39 +334,31 @@ def claim_report(result: verdicts.ClaimResult) -> ClaimReport:
     )
 
 
-def judged(
-    session: Session, card: Card, experiments: list[Experiment]
-) -> tuple[list[verdicts.ClaimResult], bool, list[Any], list[verdicts.CardRun]]:
-    rows, orm = card_runs(session, experiments)
-    finished = all(RunStatus(r.status).is_finished for r in orm)
-    return verdicts.judge_card(card, rows, finished=finished), finished, orm, rows
+def judge(loaded: LoadedRun) -> list[verdicts.ClaimResult]:
+    return verdicts.judge_card(loaded.card, loaded.rows, finished=loaded.finished)
 
 
-def card_report(*, session: Session, settings: Settings, card: Card, run_id: str) -> CardReportPublic:
-    first, experiments = card_run_or_404(session, card, run_id)
-    results, finished, orm, _ = judged(session, card, experiments)
-    specs = [ExperimentCreate.model_validate(e.spec) for e in experiments]
-    counts = {s.value: 0 for s in RunStatus}
-    for run in orm:
-        counts[run.status] += 1
-    ends = [r.finished_at for r in orm if r.finished_at is not None]
-    finished_at: datetime | None = max(ends) if finished and ends else None
+def card_report(loaded: LoadedRun, settings: Settings) -> CardReportPublic:
+    """The report of a loaded card run: per claim the statistics and verdict; the times."""
+    card, first = loaded.card, loaded.first
+    results = judge(loaded)
     scale = (card_repo.parse_tag(first.preset) or ("", "quick", None))[1]
     base = f"/api/v1/cards/{card.name}/runs/{first.id}"
+    measured = (loaded.finished_at - first.created_at).total_seconds() if loaded.finished_at else None
     return CardReportPublic(
         card=card.name,
         run_id=first.id,
         scale=scale,
-        dataset=specs[0].base.dataset.name,
-        experiments=[e.id for e in experiments],
-        finished=finished,
-        runs=counts,
+        dataset=loaded.specs[0].base.dataset.name,
+        experiments=[e.id for e in loaded.experiments],
+        finished=loaded.finished,
+        runs=loaded.counts,
         created_at=first.created_at,
-        finished_at=finished_at,
-        measured_seconds=(finished_at - first.created_at).total_seconds() if finished_at else None,
-        estimated_seconds=estimate(specs, settings.training_processes),
+        finished_at=loaded.finished_at,
+        measured_seconds=measured,
+        estimated_seconds=estimate(loaded.specs, settings.training_processes),
         claims=[claim_report(r) for r in results],
-        summary=verdicts.summary(card, results, finished=finished),
+        summary=verdicts.summary(card, results, finished=loaded.finished),
         verdict_rule=VERDICT_RULE,
         figure_png=f"{base}/figure.png",
         figure_svg=f"{base}/figure.svg",
