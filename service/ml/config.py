@@ -13,7 +13,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 NormKind = Literal[
-    "none", "batch", "layer", "group", "instance", "batch_renorm", "ghost", "weight", "batch_layer"
+    "none",
+    "batch",
+    "layer",
+    "group",
+    "instance",
+    "batch_renorm",
+    "ghost",
+    "weight",
+    "batch_layer",
+    "frn",
+    "ws",
+    "noisy_batch",
 ]
 NORM_KINDS: tuple[NormKind, ...] = (
     "none",
@@ -25,9 +36,14 @@ NORM_KINDS: tuple[NormKind, ...] = (
     "ghost",
     "weight",
     "batch_layer",
+    "frn",
+    "ws",
+    "noisy_batch",
 )
 # Kinds that normalise with statistics over the batch in training: a batch of one cannot train.
-BATCH_STAT_KINDS: frozenset[str] = frozenset({"batch", "batch_renorm", "ghost", "batch_layer"})
+BATCH_STAT_KINDS: frozenset[str] = frozenset({"batch", "batch_renorm", "ghost", "batch_layer", "noisy_batch"})
+# Kinds that are BatchNorm with running statistics at inference: example weighing applies to them.
+EVAL_BN_KINDS: frozenset[str] = frozenset({"batch", "batch_renorm", "ghost", "noisy_batch"})
 NormPosition = Literal["after_activation", "before_activation"]
 Activation = Literal["relu", "sigmoid", "tanh", "gelu"]
 Arch = Literal["mlp", "cnn"]
@@ -67,6 +83,13 @@ class NormConfig:
     renorm_dmax_steps: int = 25000
     # batch_layer: the B of its formula, the training batch size (the authors' layer takes it too).
     bln_batch_size: int | None = None
+    # noisy_batch (Santurkar et al. 2018 §3.1): after BN, per-activation noise N(m, s²) whose mean
+    # m ~ U(−noise_mean, noise_mean) and scale s ~ U(0, noise_std) are drawn per channel at every step.
+    noise_mean: float = 0.5
+    noise_std: float = 1.0
+    # Inference example weighing (Summers & Dinneen 2020): at eval, BN's statistics mix the example's
+    # own with weight α and the population's with 1 − α. 0: plain BN (what older configs trained).
+    example_weight: float = 0.0
 
     @property
     def learns_beta(self) -> bool:

@@ -11,14 +11,16 @@ In eval mode a BN layer is a fixed per-channel affine map `y = s·x + t`, with
   `W' = W·diag(s)`, `b' = b + W·t`. A BatchNorm2d after the activation of a cnn block cannot: the next
   convolution zero-pads (the padded border would not see t) and max-pooling sits in between.
 
-Batch renormalisation and ghost BN are plain BN at inference (running statistics), so they fold the
-same way. Weight normalisation folds by computing `g·v/‖v‖` once into a plain weight. Dropout and
-the Identity slots of a network without normalisation are identities in eval mode and are left out.
+Batch renormalisation, ghost BN and noisy BN are plain BN at inference (running statistics, no
+noise), so they fold the same way. Weight normalisation and scaled weight standardization (`ws`) fold
+by computing the reparametrised weight once into a plain weight. Dropout and the Identity slots of a
+network without normalisation are identities in eval mode and are left out.
 The arithmetic is done in float64 and cast back, so fused and unfused outputs agree within 1e-5.
 
 What cannot fold leaves the whole model unfused, and the report says why: a BN without running
-statistics (`track_running_stats=False`) and the layer, group, instance and batch-layer norms
-normalise each input with statistics of that input, which no fixed weights reproduce. Folding a
+statistics (`track_running_stats=False`), a BN with example weighing (`example_weight` > 0), and
+the layer, group, instance, batch-layer and filter-response norms normalise each input with
+statistics of that input, which no fixed weights reproduce. Folding a
 module in train mode is an error: its BN layers would use batch statistics, not the buffers.
 """
 
@@ -34,7 +36,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from service.ml.norms import BatchLayerNorm
+from service.ml.norms import BatchLayerNorm, FilterResponseNorm, ScaledWeightStandardization
 
 # Identities in eval mode: dropped from the fused copy so BN and its Linear become neighbours.
 _EVAL_IDENTITY = (nn.Identity, nn.Dropout)
@@ -42,7 +44,13 @@ _WHY_NOT_ADJACENT = (
     "after a cnn block's activation, zero padding and pooling sit between it and the next conv"
 )
 # Layers whose eval output depends on the input's own statistics.
-_PER_INPUT = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, BatchLayerNorm)
+_PER_INPUT = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    BatchLayerNorm,
+    FilterResponseNorm,
+)
 
 
 @dataclass(frozen=True)
@@ -75,11 +83,23 @@ def fuse_bn(model: nn.Sequential) -> tuple[nn.Sequential, FusionReport]:
         if reason is not None:
             return model, FusionReport(fused=False, folded=(), reason=reason)
     weight_normed = [name for name in names if parametrize.is_parametrized(model._modules[name], "weight")]
-    folded = (*plan.items(), *((f"{name}.weight_norm", name) for name in weight_normed))
+    folded = (*plan.items(), *((f"{name}.{_parametrization(model, name)}", name) for name in weight_normed))
     return _apply(model, names, plan), FusionReport(fused=True, folded=folded, reason=None)
 
 
+def _parametrization(model: nn.Sequential, name: str) -> str:
+    """What reparametrises a layer's weight: weight_norm, or (kind ws) weight_standardization."""
+    chain = model.get_submodule(f"{name}.parametrizations.weight")
+    standardized = any(isinstance(p, ScaledWeightStandardization) for p in chain.children())
+    return "weight_standardization" if standardized else "weight_norm"
+
+
 def _cannot_fold(name: str, module: nn.Module) -> str | None:
+    if isinstance(module, _BatchNorm) and getattr(module, "example_weight", 0) > 0:
+        return (
+            f"{name} weighs each example into its statistics at inference (example_weight > 0): its "
+            "normalisation depends on the input, which no fixed weights can reproduce"
+        )
     if isinstance(module, _BatchNorm) and (module.running_mean is None or module.running_var is None):
         return (
             f"{name} keeps no running statistics (track_running_stats=false): in eval mode it normalises "

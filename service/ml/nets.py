@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from service.ml.config import ModelConfig
-from service.ml.norms import make_norm
+from service.ml.norms import make_norm, seed_noise, standardize_weights
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -53,6 +53,14 @@ def make_net(cfg: ModelConfig) -> nn.Sequential:
         for name, module in net.named_children():
             if re.fullmatch(r"(fc|conv)\d+", name):
                 weight_norm(module, name="weight", dim=0)
+    if cfg.norm.kind == "ws":  # after init too: WS standardises whatever weights were drawn
+        hidden = [
+            m
+            for name, m in net.named_children()
+            if re.fullmatch(r"(fc|conv)\d+", name) and isinstance(m, nn.Linear | nn.Conv2d)
+        ]
+        standardize_weights(hidden, cfg.activation, cfg.norm.learns_gamma)
+    seed_noise(net)  # noisy_batch: each layer its own noise stream
     return net
 
 
@@ -67,6 +75,11 @@ def _check(cfg: ModelConfig) -> None:
         raise ValueError(f"unknown dropout position {cfg.dropout_position!r}")
     if not 0 <= cfg.dropout < 1 or not cfg.init_scale > 0 or cfg.init not in ("pytorch", "glorot"):
         raise ValueError("dropout must be in [0, 1), init_scale > 0, init 'pytorch' or 'glorot'")
+    if cfg.norm.kind == "frn" and (cfg.activation != "relu" or cfg.norm.position != "before_activation"):
+        raise ValueError(
+            "norm kind frn ends in its own activation, the TLU max(y, τ) that replaces ReLU: it needs "
+            "activation 'relu' and position 'before_activation' (Linear/Conv → FRN → TLU)"
+        )
     widths = cfg.hidden if cfg.arch == "mlp" else cfg.channels
     if cfg.num_classes < 2 or not widths or any(width < 1 for width in widths):
         raise ValueError("num_classes must be >= 2 and every width >= 1")
@@ -113,7 +126,9 @@ def _block(
     if cfg.dropout > 0:
         drop = (f"drop{i}", nn.Dropout(cfg.dropout))
         slot = [drop, *slot] if cfg.dropout_position == "before_norm" else [*slot, drop]
-    act = (f"act{i}", _ACTIVATIONS[cfg.activation]())
+    # FRN's TLU max(y, τ) is the block's activation: the act slot stays, as an identity.
+    act_module = nn.Identity() if cfg.norm.kind == "frn" else _ACTIVATIONS[cfg.activation]()
+    act = (f"act{i}", act_module)
     if cfg.norm.position == "before_activation":
         return [layer, *slot, act]
     return [layer, act, *slot]

@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.ml.config import NormKind
+from service.ml.config import EVAL_BN_KINDS, NormKind
 from service.ml.datasets import BUILTIN_SHAPES
 from service.runs.spec import ADAM_EPS, shape_problem
 
@@ -54,17 +54,27 @@ class NormSpec(BaseModel):
         description="none, batch (BatchNorm), layer (LayerNorm; GroupNorm(1, C) on conv maps), group "
         "(GroupNorm, `num_groups`), instance (InstanceNorm2d, cnn only), batch_renorm (`rmax`, `dmax` and "
         "the renorm_* warm-up), ghost (BN per `virtual_batch_size` samples), weight (weight normalisation "
-        "of each hidden Linear/Conv), batch_layer (Batch Layer Normalization, Ziaee & Çano 2022).",
+        "of each hidden Linear/Conv), batch_layer (Batch Layer Normalization, Ziaee & Çano 2022), "
+        "frn (Filter Response Normalization with its TLU, which replaces the activation: relu, "
+        "before_activation; Singh & Krishnan 2020), ws (scaled weight standardization of each hidden "
+        "Linear/Conv with the NF-ResNet gain, no norm layer; Brock et al. 2021a), noisy_batch (BN followed "
+        "by noise whose mean and scale change every training step, `noise_mean`, `noise_std`; Santurkar "
+        "et al. 2018). "
+        "Formulas: docs/normalizers.md.",
     )
     position: Literal["after_activation", "before_activation"] | None = Field(
         None,
         description="after_activation: Linear → act → norm (the article's Keras code); "
         "before_activation: Linear/Conv → norm → act (the article's equation 6, and the usual "
         "Conv–Norm–Act block). Default (null): after_activation for an mlp, before_activation for a "
-        "cnn; the echo shows the one used.",
+        "cnn and for kind frn (its TLU is the activation); the echo shows the one used.",
     )
     eps: Annotated[float, NotBool] = Field(
-        1e-3, gt=0, le=1, description="Added to the variance; Keras' default 1e-3 (PyTorch's is 1e-5)."
+        1e-3,
+        gt=0,
+        le=1,
+        description="Added to the variance; Keras' default 1e-3 (PyTorch's is 1e-5). frn: the initial "
+        "value of its learned ε.",
     )
     momentum: Annotated[float | None, NotBool] = Field(
         0.01,
@@ -117,6 +127,29 @@ class NormSpec(BaseModel):
     )
     renorm_dmax_steps: Annotated[int, NotBool] = Field(
         25000, ge=0, le=10**8, description="batch_renorm: step dmax is reached at (linear from the warm-up)."
+    )
+    noise_mean: Annotated[float, NotBool] = Field(
+        0.5,
+        ge=0,
+        le=10,
+        description="noisy_batch: each step, each channel's noise mean is drawn from U(−noise_mean, "
+        "noise_mean).",
+    )
+    noise_std: Annotated[float, NotBool] = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="noisy_batch: each step, each channel's noise standard deviation is drawn from "
+        "U(0, noise_std).",
+    )
+    example_weight: Annotated[float, NotBool] = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Inference example weighing (Summers & Dinneen 2020), for the kinds that are BN at "
+        "eval (batch, batch_renorm, ghost, noisy_batch) with running statistics: at eval each example is "
+        "normalised with statistics that mix its own, weight α, and the population's, 1 − α. 0: plain BN. "
+        "A model with α > 0 is served unfused.",
     )
     sync: bool = Field(
         False,
@@ -171,6 +204,21 @@ class NormSpec(BaseModel):
                 )
         if self.kind == "instance" and self.track_running_stats and self.momentum is None:
             raise ValueError("kind instance with track_running_stats needs a momentum (not null)")
+        if self.kind == "noisy_batch" and self.noise_mean == 0 and self.noise_std == 0:
+            raise ValueError(
+                "kind noisy_batch with noise_mean 0 and noise_std 0 adds no noise: use kind batch"
+            )
+        if self.example_weight > 0:
+            if self.kind not in EVAL_BN_KINDS:
+                kinds = ", ".join(sorted(EVAL_BN_KINDS))
+                raise ValueError(
+                    f"example_weight applies to the kinds that are BN at eval ({kinds}), not {self.kind!r}"
+                )
+            if not self.track_running_stats:
+                raise ValueError(
+                    "example_weight mixes the example into the running statistics: it needs "
+                    "track_running_stats true"
+                )
         return self
 
 
@@ -204,6 +252,8 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _norm_fits_widths(self) -> Self:
+        if self.norm.kind == "frn":
+            self._check_frn()
         if self.norm.position is None:  # the article's Keras MLP; the standard Conv–Norm–Act block
             self.norm.position = "after_activation" if self.arch == "mlp" else "before_activation"
         widths = self.hidden if self.arch == "mlp" else self.channels
@@ -220,6 +270,20 @@ class ModelSpec(BaseModel):
         if self.norm.kind == "instance" and self.arch == "mlp":
             raise ValueError("norm kind instance needs spatial dimensions: use it with arch 'cnn'")
         return self
+
+    def _check_frn(self) -> None:
+        # FRN ends in its TLU max(y, τ), a learned-threshold ReLU that is the block's activation.
+        if self.activation != "relu":
+            raise ValueError(
+                f"norm kind frn replaces the activation with its TLU max(y, τ), a ReLU with a learned "
+                f"threshold: model.activation must be 'relu', not {self.activation!r}"
+            )
+        if self.norm.position == "after_activation":
+            raise ValueError(
+                "norm kind frn normalises the Linear/Conv output and its TLU is the activation "
+                "(Linear/Conv → FRN → TLU): model.norm.position must be before_activation (or null)"
+            )
+        self.norm.position = "before_activation"
 
 
 class DatasetSpec(BaseModel):

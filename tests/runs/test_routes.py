@@ -82,6 +82,9 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         "renorm_warmup_steps": 5000,
         "renorm_rmax_steps": 40000,
         "renorm_dmax_steps": 25000,
+        "noise_mean": 0.5,
+        "noise_std": 1.0,
+        "example_weight": 0.0,
         "sync": False,
     }
     assert spec["train"] == {
