@@ -320,7 +320,13 @@ SANTURKAR_2018 = Card(
     "and std over training, not the paper's gradient-based ICS measure.",
     base={
         "model": {"hidden": [128, 128, 128], "activation": "relu", "norm": {"position": "before_activation"}},
-        "train": {"batch_size": 64, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9},
+        "train": {
+            "batch_size": 64,
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "probes": {"smoothness": True},
+        },
     },
     parts=({NORM: ["none", "batch", "noisy_batch"]},),
     datasets=("fashion-mnist", "synthetic"),
@@ -391,16 +397,27 @@ YANG_2019 = Card(
     },
     contrasts=(
         Contrast(
-            name="gradients-grow-with-depth",
-            sentence="The fitted per-layer gradient growth at initialisation is larger at depth 64 than 8.",
-            metric="probe.gradient_growth",
+            name="gradients-grow-towards-the-input",
+            sentence="At initialisation, the depth-64 BN network's gradient norm grows layer by layer "
+            "towards the input: the fitted slope of log-norm against layer is negative.",
+            metric="probe.gradient_log_slope",
+            terms=(Term({"model.depth": 64, "train.lr": 0.1}, 1.0),),
+            direction=-1,
+            smallest=0.05,
+            words="slope of log ‖∂L/∂W_l‖ over l at depth 64, initialisation",
+        ),
+        Contrast(
+            name="steeper-than-at-depth-8",
+            sentence="The gradient growth per layer at initialisation is no artefact of depth: at depth 64 "
+            "the slope is at least as steep as at depth 8 (more negative).",
+            metric="probe.gradient_log_slope",
             terms=(
                 Term({"model.depth": 64, "train.lr": 0.1}, 1.0),
                 Term({"model.depth": 8, "train.lr": 0.1}, -1.0),
             ),
-            direction=1,
+            direction=-1,
             smallest=0.01,
-            words="growth at depth 64 − growth at depth 8",
+            words="slope at depth 64 − slope at depth 8",
         ),
         diff(
             "deep-needs-small-lr",
@@ -844,7 +861,7 @@ WU_JOHNSON_2021 = Card(
     differences="An MLP on Fashion-MNIST; the gap is measured, not plotted over a full schedule.",
     base={
         "model": {"hidden": [128, 128], "activation": "relu", "norm": {"position": "before_activation"}},
-        "train": {"batch_size": 512, "optimizer": "adam", "lr": 0.001},
+        "train": {"batch_size": 512, "optimizer": "adam", "lr": 0.001, "probes": {"statistics_gap": True}},
     },
     parts=({NORM: ["batch"], "train.frozen_bn_epochs": [0, 1]},),
     datasets=("fashion-mnist", "synthetic"),

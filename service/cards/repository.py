@@ -6,11 +6,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service import models
 from service.models import Experiment, LayerStat, Run
+
+# The epoch-end probes' table (probe_values), once this build records them.
+PROBE_MODEL: Any = getattr(models, "ProbeRecord", None)
 
 
 def tag(card: str, scale: str, first_id: str | None = None) -> str:
@@ -59,6 +64,19 @@ def layer_stats_by_run(*, session: Session, experiment_id: str) -> dict[str, lis
         .order_by(LayerStat.run_id, LayerStat.epoch, LayerStat.layer)
     ).all()
     grouped: dict[str, list[LayerStat]] = defaultdict(list)
+    for row in rows:
+        grouped[row.run_id].append(row)
+    return grouped
+
+
+def probe_rows_by_run(*, session: Session, experiment_id: str) -> dict[str, list[Any]]:
+    """Every probe value of the experiment's runs, by run; empty on a build that records none."""
+    if PROBE_MODEL is None:
+        return {}
+    rows = session.scalars(
+        select(PROBE_MODEL).join(Run, Run.id == PROBE_MODEL.run_id).where(Run.experiment_id == experiment_id)
+    ).all()
+    grouped: dict[str, list[Any]] = defaultdict(list)
     for row in rows:
         grouped[row.run_id].append(row)
     return grouped

@@ -111,7 +111,10 @@ def unavailable_reason(name: str, dataset: str) -> str | None:
     """Why this build cannot run the card (a probe or spec field it lacks), or None."""
     card = CARDS[name]
     needs = f"needs {card.needs}; " if card.needs else ""
-    missing = [m for c in card.contrasts if not verdicts.metric_available(m := c.metric)]
+    recorded = card_repo.PROBE_MODEL is not None
+    missing = [
+        m for c in card.contrasts if not verdicts.metric_available(m := c.metric, probes_recorded=recorded)
+    ]
     if missing:
         names = ", ".join(sorted(set(missing)))
         return f"{needs}the per-epoch probe metric(s) {names} are not on this build yet"
@@ -270,6 +273,7 @@ def load_card_run(session: Session, card: Card, run_id: str) -> LoadedRun:
     for experiment in experiments:
         metrics = experiment_repo.metrics_by_run(session=session, experiment_id=experiment.id)
         slots = card_repo.layer_stats_by_run(session=session, experiment_id=experiment.id)
+        probes = card_repo.probe_rows_by_run(session=session, experiment_id=experiment.id)
         for run in experiment_repo.list_experiment_runs(session=session, experiment_id=experiment.id):
             counts[run.status] += 1
             if run.finished_at is not None:
@@ -286,6 +290,10 @@ def load_card_run(session: Session, card: Card, run_id: str) -> LoadedRun:
                     slots=[
                         verdicts.SlotStat(s.epoch, s.layer, s.input_mean, s.input_std)
                         for s in slots.get(run.id, [])
+                    ],
+                    probes=[
+                        verdicts.ProbeRow(p.probe, p.epoch, p.layer, p.name, p.value)
+                        for p in probes.get(run.id, [])
                     ],
                 )
             )

@@ -39,6 +39,18 @@ class SlotStat:
 
 
 @dataclass(frozen=True)
+class ProbeRow:
+    """One value of an epoch-end probe: family (gradients, smoothness, percentiles, gamma,
+    statistics_gap), epoch (0: at initialisation), layer (a module, or "model"), name, value."""
+
+    probe: str
+    epoch: int
+    layer: str
+    name: str
+    value: float | None
+
+
+@dataclass(frozen=True)
 class CardRun:
     """One run of a card as the verdicts see it."""
 
@@ -47,6 +59,7 @@ class CardRun:
     status: str
     epochs: list[Epoch] = field(default_factory=list)
     slots: list[SlotStat] = field(default_factory=list)
+    probes: list[ProbeRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,15 +94,69 @@ def _slot_shift(run: CardRun) -> float:
     return pystats.fmean(shifts) if shifts else math.nan
 
 
-# Metrics computed from stored per-epoch probes; a card naming a probe metric absent here is
-# unavailable until the probe (and its extractor here) lands on main.
-PROBE_METRICS: dict[str, Callable[[CardRun], float]] = {}
+def _probe(run: CardRun, probe: str, name: str, layer: str | None = "model") -> dict[int, list[float]]:
+    """A probe's finite values by epoch (of one layer, or of every layer when `layer` is None)."""
+    found: dict[int, list[float]] = {}
+    for p in run.probes:
+        wanted = p.probe == probe and p.name == name and (layer is None or p.layer == layer)
+        if wanted and p.value is not None and math.isfinite(p.value):
+            found.setdefault(p.epoch, []).append(p.value)
+    return found
+
+
+def _percentile_drift(run: CardRun) -> float:
+    """How far the last norm slot's input distribution moved over training (the BN paper's Fig. 1
+    plots the last hidden layer's): the mean |Δ| of its 15th, 50th and 85th percentiles from
+    initialisation to the last epoch, in units of its initial 15–85 spread."""
+    rows = [p for p in run.probes if p.probe == "percentiles" and p.value is not None]
+    if not rows:
+        return math.nan
+    last_slot = max({p.layer for p in rows})
+    values = {(p.epoch, p.name): float(p.value) for p in rows if p.layer == last_slot and p.value is not None}
+    epochs = sorted({e for e, _ in values})
+    first, last = epochs[0], epochs[-1]
+    try:
+        spread = values[(first, "p85")] - values[(first, "p15")]
+        moved = [abs(values[(last, q)] - values[(first, q)]) for q in ("p15", "p50", "p85")]
+    except KeyError:
+        return math.nan
+    return pystats.fmean(moved) / spread if spread > 0 and first != last else math.nan
+
+
+def _after_init_mean(values: dict[int, list[float]]) -> float:
+    trained = [v for e, vs in values.items() if e > 0 for v in vs]
+    return pystats.fmean(trained) if trained else math.nan
+
+
+def _at_init(values: dict[int, list[float]]) -> float:
+    return values[0][0] if values.get(0) else math.nan
+
+
+def _last_epoch_mean(values: dict[int, list[float]]) -> float:
+    return pystats.fmean(values[max(values)]) if values else math.nan
+
+
+# Metrics from the epoch-end probes (the probe_values rows: probe, epoch, layer, name, value). A card
+# naming one is unavailable while this build records no probes (`probes_recorded`).
+PROBE_METRICS: dict[str, Callable[[CardRun], float]] = {
+    "probe.sigmoid_input_drift": _percentile_drift,
+    # The largest gradient change along −∇L (Santurkar et al. §3.2), averaged over the trained epochs.
+    "probe.gradient_predictiveness": lambda r: _after_init_mean(_probe(r, "smoothness", "grad_change_max")),
+    # The slope of log‖∂L/∂W_l‖ against the layer l (1 = input) at initialisation: negative when the
+    # gradients grow towards the input (Yang et al. 2019).
+    "probe.gradient_log_slope": lambda r: _at_init(_probe(r, "gradients", "log_slope")),
+    # The EMA running mean's error against the exact population mean, in units of the input's std,
+    # averaged over the norm layers after the last epoch (Wu & Johnson 2021).
+    "probe.ema_gap": lambda r: _last_epoch_mean(_probe(r, "statistics_gap", "mean_gap", layer=None)),
+}
 DERIVED_METRICS: dict[str, Callable[[CardRun], float]] = {"shift.slot_inputs": _slot_shift}
 
 
-def metric_available(name: str) -> bool:
+def metric_available(name: str, *, probes_recorded: bool) -> bool:
     section = name.split(".")[0]
-    return section in ("final", "best", "mean") or name in DERIVED_METRICS or name in PROBE_METRICS
+    if name in PROBE_METRICS:
+        return probes_recorded
+    return section in ("final", "best", "mean") or name in DERIVED_METRICS
 
 
 def metric_value(run: CardRun, name: str) -> float:

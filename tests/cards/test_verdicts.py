@@ -163,3 +163,26 @@ def test_the_paper_comparison_says_direction_and_order_of_magnitude() -> None:
     sentence = summary(card(contrast("big", 0.01, paper=0.1)), results, finished=True)
     assert sentence.startswith("Of 1 claims, supported: big")
     assert "paper's verified figure" in sentence
+
+
+def test_probe_metrics_read_the_epoch_end_probes() -> None:
+    from service.cards.verdicts import ProbeRow
+
+    percentiles = [
+        ProbeRow("percentiles", epoch, layer, q, value)
+        for layer, scale in (("bn1", 5.0), ("bn3", 1.0))
+        for epoch, shift in ((0, 0.0), (1, 0.1), (2, 0.4))
+        for q, value in (("p15", -scale + shift), ("p50", shift), ("p85", scale + shift))
+    ]
+    gradients = [
+        ProbeRow("gradients", 0, "model", "log_slope", -0.3),
+        ProbeRow("gradients", 1, "model", "log_slope", 0.2),
+    ]
+    gaps = [ProbeRow("statistics_gap", 2, layer, "mean_gap", v) for layer, v in (("bn1", 0.1), ("bn2", 0.3))]
+    gaps.append(ProbeRow("statistics_gap", 1, "bn1", "mean_gap", 9.0))
+    r = CardRun(point={}, seed=0, status="succeeded", probes=[*percentiles, *gradients, *gaps])
+    # The last slot (bn3): every percentile moved 0.4 over an initial 15-85 spread of 2.
+    assert metric_value(r, "probe.sigmoid_input_drift") == pytest.approx(0.2)
+    assert metric_value(r, "probe.gradient_log_slope") == pytest.approx(-0.3)  # at initialisation
+    assert metric_value(r, "probe.ema_gap") == pytest.approx(0.2)  # the last epoch, over layers
+    assert math.isnan(metric_value(r, "probe.gradient_predictiveness"))  # not recorded
