@@ -133,6 +133,13 @@ def estimate(specs: list[ExperimentCreate], processes: int) -> int:
     return sum(presets.estimated_seconds(s, processes) for s in specs)
 
 
+@cache
+def _size(name: str, scale: Scale, dataset: str, processes: int) -> tuple[int, int]:
+    """(runs, estimated seconds) of a card at a scale: fixed for a build, so computed once."""
+    specs = experiment_specs(CARDS[name], scale, dataset)
+    return _run_count(specs), estimate(specs, processes)
+
+
 def _run_count(specs: list[ExperimentCreate]) -> int:
     return sum(len(grid.grid_points(s.grid)) * len(s.seeds) for s in specs)
 
@@ -147,8 +154,9 @@ def card_public(card: Card, settings: Settings, last: CardRunSummary | None = No
     runs, seconds = {}, {}
     if reason is None:
         for scale in card.sizes:
-            specs = experiment_specs(card, scale, dataset_for(card, scale, available))
-            runs[scale], seconds[scale] = _run_count(specs), estimate(specs, settings.training_processes)
+            runs[scale], seconds[scale] = _size(
+                card.name, scale, dataset_for(card, scale, available), settings.training_processes
+            )
     return CardPublic(
         name=card.name,
         title=card.title,

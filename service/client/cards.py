@@ -4,6 +4,7 @@ and the time against the estimate. HTTP only, like every user command."""
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,8 +51,15 @@ def list_cards() -> None:
     "--write", type=click.Path(dir_okay=False, path_type=Path), help="Write the record here (markdown)."
 )
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for each card.")
+@click.option(
+    "--reuse-latest",
+    is_flag=True,
+    help="Where a card's latest run has this scale, wait for it and use it instead of starting another.",
+)
 @api_command
-def run_cards(names: tuple[str, ...], run_all: bool, scale: str, write: Path | None, timeout: float) -> None:
+def run_cards(
+    names: tuple[str, ...], run_all: bool, scale: str, write: Path | None, timeout: float, reuse_latest: bool
+) -> None:
     """Run cards one at a time (the next starts when the last has ended) and print each verdict."""
     if bool(names) == run_all:
         raise click.UsageError("name the cards or give --all")
@@ -67,7 +75,9 @@ def run_cards(names: tuple[str, ...], run_all: bool, scale: str, write: Path | N
             if not card["available"]:
                 err.print(f"{card['name']}: unavailable ({card['unavailable_reason']})", markup=False)
                 continue
-            report = _run_one(client, card, scale, timeout)
+            latest = card.get("last_run") if reuse_latest else None
+            reused = latest["id"] if latest and latest["scale"] == scale else None
+            report = _run_one(client, card, scale, timeout, reused)
             reports[card["name"]] = report
             if figures is not None:
                 figures.mkdir(parents=True, exist_ok=True)
@@ -79,8 +89,21 @@ def run_cards(names: tuple[str, ...], run_all: bool, scale: str, write: Path | N
             err.print(f"record written to {write}", markup=False)
 
 
-def _run_one(client: Client, card: dict[str, Any], scale: str, timeout: float) -> dict[str, Any]:
-    report: dict[str, Any] = client.request("POST", f"/api/v1/cards/{card['name']}", json={"scale": scale})
+def _load() -> float | None:
+    """The 1-minute load average where the command runs (the API's machine under `make run`)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _run_one(
+    client: Client, card: dict[str, Any], scale: str, timeout: float, reuse: str | None
+) -> dict[str, Any]:
+    load_at_start = _load() if reuse is None else None
+    if reuse is None:
+        report: dict[str, Any] = client.request(
+            "POST", f"/api/v1/cards/{card['name']}", json={"scale": scale}
+        )
+    else:
+        report = client.request("GET", f"/api/v1/cards/{card['name']}/runs/{reuse}")
     path = f"/api/v1/cards/{card['name']}/runs/{report['run_id']}"
     deadline = time.monotonic() + timeout
     while not report["finished"]:
@@ -90,6 +113,7 @@ def _run_one(client: Client, card: dict[str, Any], scale: str, timeout: float) -
             )
         time.sleep(POLL_S)
         report = client.request("GET", path)
+    report["load"] = (load_at_start, _load())
     measured, estimate = report["measured_seconds"] or 0.0, report["estimated_seconds"]
     out.print(f"{card['name']}: {measured:.0f} s (estimate {estimate} s). {report['summary']}", markup=False)
     return report
@@ -183,11 +207,19 @@ def record(
             continue
         measured = report["measured_seconds"] or 0.0
         estimate = report["estimated_seconds"]
+        start, end = report.get("load", (None, None))
+        load = ", ".join(
+            f"{when} {value:.1f}"
+            for when, value in (("at its start", start), ("at its end", end))
+            if value is not None
+        )
+        cores = os.cpu_count() or 1
         lines += [
             "",
             f"Run {report['run_id'][:8]} at {report['scale']} scale on {report['dataset']}: "
             f"{sum(report['runs'].values())} runs, {measured:.0f} s measured against {estimate} s estimated "
-            f"({(measured / estimate - 1) * 100:+.0f} %).",
+            f"({(measured / estimate - 1) * 100:+.0f} %)"
+            + (f"; the machine's 1-minute load average {load} on {cores} cores." if load else "."),
             "",
         ]
         if figures_dir:
