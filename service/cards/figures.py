@@ -80,9 +80,12 @@ def _versus(ax: Axes, card: Card, runs: Sequence[CardRun]) -> None:
         ax.errorbar(xs, means, yerr=sds, fmt="none", capsize=3, color=f"C{i % 10}")
         ax.plot(xs, means, marker="o", color=f"C{i % 10}", label=label, gid=f"curve-{i}")
     if spec.log_x and numeric:
+        from matplotlib.ticker import NullLocator
+
         ax.set_xscale("log")
         ticks = sorted({p[0] for pts in lines.values() for p in pts})
         ax.set_xticks(ticks, [format(t, "g") for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())  # only the grid's own values are labelled
     ax.set_xlabel(spec.x)
     name = spec.metric.split(".")[-1].replace("_", " ")
     ax.set_ylabel(("error (1 − " + name + ")") if spec.error else name)
