@@ -4,6 +4,7 @@ and the time against the estimate. HTTP only, like every user command."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import UTC, datetime
@@ -82,11 +83,26 @@ def run_cards(
             if figures is not None:
                 figures.mkdir(parents=True, exist_ok=True)
                 (figures / f"{card['name']}.png").write_bytes(_figure(client, report["figure_png"]))
+                _keep_load(figures / LOADS, card["name"], report)
         if write is not None:
             write.write_text(
                 record(catalogue, reports, scale, figures_dir=f"{figures.name}" if figures else "")
             )
             err.print(f"record written to {write}", markup=False)
+
+
+# Beside the figures: each card run's load averages, so a record rewritten with --reuse-latest keeps them.
+LOADS = "loads.json"
+
+
+def _keep_load(path: Path, card: str, report: dict[str, Any]) -> None:
+    """Store this run's load averages, or take them from the store when the run was reused."""
+    kept: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    old = kept.get(card)
+    if report["load"][0] is None and old and old["run_id"] == report["run_id"]:
+        report["load"] = tuple(old["load"])
+    kept[card] = {"run_id": report["run_id"], "load": list(report["load"])}
+    path.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
 
 
 def _load() -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from service.client.cards import record
@@ -49,3 +50,16 @@ def test_the_record_has_each_card_its_verdict_table_time_and_an_honest_differenc
     )
     assert "The paper's figure (verified): 23.6 %" in text
     assert "Not run here: needs a probe." in text
+
+
+def test_a_reused_run_keeps_the_load_recorded_when_it_ran(tmp_path: Path) -> None:
+    from service.client.cards import _keep_load
+
+    store = tmp_path / "loads.json"
+    _keep_load(store, "one", {"run_id": "r1", "load": (3.0, 4.0)})
+    reused = {"run_id": "r1", "load": (None, 1.0)}
+    _keep_load(store, "one", reused)
+    assert reused["load"] == (3.0, 4.0)
+    other = {"run_id": "r2", "load": (None, 1.0)}
+    _keep_load(store, "one", other)
+    assert other["load"] == (None, 1.0)
