@@ -31,7 +31,8 @@ from service.runs.spec import model_config
 FAST_STEP_FIXED_S, FAST_STEP_PER_SAMPLE_S = 0.00025, 0.000005
 STEP_FIXED_S, STEP_PER_SAMPLE_S = 0.00075, 0.000006
 # The small CNN (3 × 3 convs at full resolution), autograd: ≈ 5.5 ms + 1.15 ms a sample for channels
-# (16, 32), measured like the above on a busy 2-core machine (bnlab's other engineers' jobs running);
+# (16, 32), one thread, measured on the 2-core machine while other jobs kept its load average near 13:
+# likely 2–4× a quiet machine's figure (the MLP constants above came from a quieter machine);
 # the per-sample cost grows as (Σ c_in·c_out)^0.8 (channels (32, 64): 3.3 ms measured, 3.4 modelled).
 # Validation ≈ 1 ms a sample for (16, 32), on the same scale.
 CNN_STEP_FIXED_S, CNN_STEP_PER_SAMPLE_S, CNN_VAL_PER_SAMPLE_S = 0.0055, 0.00115, 0.001
