@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint format migrate fuzz bench bench-serve bench-train bench-scale replications clean
+.PHONY: install run test lint format migrate fuzz loadtest loadtest-short bench bench-serve bench-train bench-scale replications clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ test: install lint
 ## Schemathesis, every check, against a real API + worker (with a key and without credentials).
 fuzz: install
 	$(BIN)/python tests/fuzz/run_fuzz.py
+
+## Load test (tests/load/run_load.py): hey against a real `bnlab run`, on SQLite + the embedded broker
+## and on Postgres + Redis (127.0.0.1): 100 concurrent submits, predict and V2 infer at 128 clients
+## for 10 s, 200 SSE clients while runs train, 50 concurrent experiments of 10 runs. Fails on any 5xx
+## but a 503 with Retry-After, and on a lost or duplicated run; prints throughput and p50/p99.
+## Needs hey (Debian: apt-get install hey). About five minutes on 2 cores.
+loadtest: install
+	$(BIN)/python -m tests.load.run_load
+
+## The same checks with fewer runs and seconds, as CI runs it (two to three minutes).
+loadtest-short: install
+	LOAD_SHORT=1 $(BIN)/python -m tests.load.run_load
 
 ## Both benchmarks; each prints a table and asserts nothing (run them on a quiet machine).
 bench: bench-serve bench-train

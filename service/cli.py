@@ -8,16 +8,18 @@ bnlab API over HTTP.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import click
 
 from service.client.cards import cards
 from service.client.commands import register_client_commands
 from service.config import get_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 SHUTDOWN_GRACE_S = 30
 
@@ -45,7 +47,8 @@ def migrate() -> None:
     print(f"database ready: {settings.sqlalchemy_url}")  # noqa: T201 - CLI output
 
 
-def serve_api() -> None:
+def serve_api(app: FastAPI | None = None) -> None:
+    """Serve `app`, or the app service.main creates."""
     import uvicorn
 
     from service.telemetry import logging_config
@@ -53,8 +56,8 @@ def serve_api() -> None:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     uvicorn.run(
-        "service.main:create_app",
-        factory=True,
+        app or "service.main:create_app",
+        factory=app is None,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -72,38 +75,21 @@ def run_worker() -> None:
 
 
 def run_all() -> None:
-    """API and one worker in the foreground; Ctrl-C (or SIGTERM) stops both cleanly."""
+    """API and one worker in the foreground, each restarted if it exits on its own; Ctrl-C (or
+    SIGTERM) stops both cleanly."""
+    from service.main import create_app
+    from service.supervisor import Supervisor, command, forked
+
     migrate()
-    api = subprocess.Popen([sys.executable, "-m", "service.cli", "api"])
-    worker = subprocess.Popen(worker_command())
-    children = [api, worker]
-
-    def stop(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None and signum != signal.SIGINT:  # Ctrl-C already reached the group
-                child.send_signal(signal.SIGTERM)
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        os.wait()  # the first child to exit ends the pair
-    except SystemExit:
-        pass
-    finally:
-        _stop_children(children)
-
-
-def _stop_children(children: Sequence[subprocess.Popen[bytes]]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in children:
-        try:
-            child.wait(timeout=SHUTDOWN_GRACE_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()  # reap it: a killed child left unwaited stays a zombie
+    # Built once, here: a restarted API is a fork of this process, answering within a second.
+    app = create_app()
+    starters = {
+        "api": forked(lambda: serve_api(app)),
+        # Through `bnlab worker`: each start names its Celery node after its own PID, so a restarted
+        # worker is a new node, one that may take back the runs its predecessor handed back.
+        "worker": command([sys.executable, "-m", "service.cli", "worker"]),
+    }
+    sys.exit(Supervisor.of(starters, grace_s=SHUTDOWN_GRACE_S).run())
 
 
 def configure_logging() -> None:
@@ -117,7 +103,7 @@ COMMANDS: dict[str, tuple[Callable[[], None], str]] = {
     "api": (serve_api, "serve the HTTP API"),
     "worker": (run_worker, "start one Celery worker"),
     "migrate": (migrate, "apply database migrations"),
-    "run": (run_all, "migrate, then serve the API and one worker until Ctrl-C"),
+    "run": (run_all, "migrate, then serve the API and one worker (restarted if they exit) until Ctrl-C"),
 }
 
 

@@ -64,6 +64,16 @@ class Settings(BaseSettings):
     requeue_after_s: float = Field(
         120.0, gt=0, le=86400, description="A run queued this long is published to the broker again."
     )
+    # Checkpoint retention. "epoch" (the default): every finished epoch's training state (weights and
+    # optimizer, about 3x the model) is written with its metrics, so that a run whose worker died or
+    # shut down resumes after that epoch. "final": none is written, only a succeeded run's final
+    # model; an interrupted run starts over. Either way an ended run keeps no checkpoint. The figures
+    # are in docs/lifecycle.md.
+    keep_checkpoints: Literal["epoch", "final"] = Field(
+        "epoch",
+        description="epoch: store each epoch's training state so an interrupted run resumes; final: "
+        "store only a succeeded run's final model (an interrupted run starts over).",
+    )
     max_run_seconds: int = Field(
         6 * 3600, ge=5, le=7 * 86400, description="Cap on any run's time limit, whatever its spec."
     )

@@ -14,6 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+# Seconds a session waits for a pooled connection (SQLAlchemy's default is 30). No code path holds
+# one connection while it waits for another and transactions last milliseconds, so a longer wait
+# means overload: the API answers 503 with Retry-After (service/api/busy.py) instead of hanging.
+POOL_TIMEOUT_S = 10
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -28,20 +32,38 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# Execution option of a session that only reads (session_scope(read_only=True)).
+READ_ONLY = "bnlab_read_only"
+
+
 def _begin_immediate(connection: Connection) -> None:
     # A WAL transaction that reads and then writes fails at once with "database is locked" if
     # another writer committed in between, busy_timeout or not. Taking the write lock at BEGIN
     # makes concurrent transactions wait their turn (up to busy_timeout) instead.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A read-only session begins deferred: in WAL mode it reads a snapshot without the write lock,
+    # so the many polls of open event streams never hold up a writer (nor wait for one).
+    connection.exec_driver_sql(
+        "BEGIN" if connection.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE"
+    )
 
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_timeout=POOL_TIMEOUT_S
+        )
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_immediate)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # Overflow sized from the API's concurrency limit: an admitted request uses one connection at a
+    # time, so with one each a request never queues behind others' transactions (64 submits at once
+    # took twice as long with 5 + 5). Overflow connections open on demand and close when returned, so
+    # a worker, which needs few, never opens them. The API's 5 + 64 fit Postgres' default 100
+    # max_connections; raise that with BNLAB_MAX_CONCURRENT_REQUESTS (past it: 503, see api/busy.py).
+    overflow = get_settings().max_concurrent_requests
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=overflow, pool_timeout=POOL_TIMEOUT_S
+    )
 
 
 @lru_cache
@@ -64,10 +86,13 @@ def new_session() -> Session:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A unit of work for tasks and scripts: commit on success, roll back on error."""
+def session_scope(*, read_only: bool = False) -> Iterator[Session]:
+    """A unit of work for tasks and scripts: commit on success, roll back on error. `read_only`
+    (a unit that never writes) takes no write lock on SQLite; Postgres ignores it."""
     session = new_session()
     try:
+        if read_only:
+            session.connection(execution_options={READ_ONLY: True})
         yield session
         session.commit()
     except BaseException:

@@ -11,7 +11,14 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import __version__
 from service.api import health, metrics, web
-from service.api.errors import COMMON_RESPONSES, http_error_handler, validation_error_handler
+from service.api.busy import BUSY_ERRORS, database_busy_handler
+from service.api.errors import (
+    COMMON_RESPONSES,
+    document_json_bodies,
+    http_error_handler,
+    require_json_content_type,
+    validation_error_handler,
+)
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize, mark_public_operations
 from service.cards import routes as card_routes
@@ -33,8 +40,8 @@ def create_app() -> FastAPI:
         title="bnlab",
         version=__version__,
         description="Train and serve neural networks with and without batch normalization.",
-        # Every route: authenticate, check its scope, then the per-key rate limit.
-        dependencies=[Depends(authorize), Depends(rate_limit)],
+        # Every route: authenticate, check its scope, the per-key rate limit, then the content type.
+        dependencies=[Depends(authorize), Depends(rate_limit), Depends(require_json_content_type)],
         responses=COMMON_RESPONSES,
         docs_url=None,  # web.install serves /docs from vendored files; ReDoc would load from a CDN
         redoc_url=None,
@@ -50,6 +57,8 @@ def create_app() -> FastAPI:
     app.add_middleware(metrics.RequestTelemetryMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    for busy in BUSY_ERRORS:  # 503 with Retry-After, not 500, when the database is too busy
+        app.add_exception_handler(busy, database_busy_handler)
     app.include_router(health.router)
     app.include_router(run_routes.router)
     app.include_router(model_routes.router)
@@ -74,7 +83,7 @@ def _document_public_operations(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = mark_public_operations(generate())
+            app.openapi_schema = document_json_bodies(mark_public_operations(generate()))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it

@@ -79,6 +79,9 @@ class Run(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str | None] = mapped_column(String(200))
+    # Labels and free text a user sets with PATCH; null in rows written before these columns existed.
+    tags: Mapped[list[str] | None] = mapped_column(JSONType)
+    notes: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), index=True, default=RunStatus.queued.value)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     error: Mapped[str | None] = mapped_column(Text)
@@ -153,6 +156,8 @@ class Experiment(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
+    tags: Mapped[list[str] | None] = mapped_column(JSONType)
+    notes: Mapped[str | None] = mapped_column(Text)
     # The ready-made experiment it came from (GET /api/v1/presets), if any.
     preset: Mapped[str | None] = mapped_column(String(64))
     # The normalised experiment spec (base run spec, grid, seeds, report settings), as submitted.

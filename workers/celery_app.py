@@ -13,7 +13,7 @@ import torch
 # in its start-up delayed Celery's handling of a killed predecessor's job: a drill caught it).
 import torch._dynamo  # noqa: F401
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready, worker_shutting_down
 
 from service.config import get_settings
 from service.datasets import loading
@@ -23,6 +23,7 @@ from service.queue import celery_config
 from service.runs import repository as run_repo
 from service.runs.reaper import reap_once
 from service.telemetry import configure_logging
+from workers import pool_processes
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,18 @@ def _configure_logging(**_: Any) -> None:
     # lines by default), and each line written while a run trains carries its run id.
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
+
+
+@worker_init.connect
+def _detach_pool_processes(**_: Any) -> None:
+    # Before the pool forks: group signals then reach this main process alone (pool_processes.py).
+    pool_processes.leave_group_at_fork()
+
+
+@worker_process_init.connect
+def _watch_main_process(**_: Any) -> None:
+    # First of this signal's receivers: an orphan stops before spending seconds warming up.
+    pool_processes.die_with_main_process()
 
 
 @worker_process_init.connect

@@ -19,7 +19,11 @@ ID_LENGTH = 32
 
 
 def get_db() -> Iterator[Session]:
-    """The request owns the transaction: commit when the route returns, roll back when it raises."""
+    """The request owns the transaction: commit when the route returns, roll back when it raises.
+
+    Function-scoped (below): the commit runs before the response is sent, not after, so a client
+    never gets a 2xx for a write that then failed to commit, and a transaction (on SQLite, the
+    database's write lock) is never held while the answer travels to a slow client."""
     session = new_session()
     try:
         yield session
@@ -31,7 +35,7 @@ def get_db() -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RunIdPath = Annotated[
     str,
@@ -54,7 +58,7 @@ def full_id(kind: str, given: str, matching: Callable[[Session, str, int], list[
     has a session of its own, closed at once: the request's session has not begun yet."""
     if len(given) == ID_LENGTH:
         return given
-    with session_scope() as session:
+    with session_scope(read_only=True) as session:
         matches = matching(session, given, PREFIX_MATCHES_SHOWN + 1)
     if len(matches) > 1:
         shown = ", ".join(matches[:PREFIX_MATCHES_SHOWN])

@@ -3,7 +3,8 @@
 - a cap on requests in flight: past it the API answers 503 at once instead of queueing work; event
   streams (SSE, open for as long as a run trains) have a cap of their own, so that open dashboards
   never use up the slots of ordinary requests;
-- a token bucket per API key (per caller on a keyless loopback server): 429 with Retry-After.
+- a token bucket per API key (per caller on a keyless loopback server): 429 with Retry-After;
+- a thread in the pool for every request and stream admitted (see ensure_threads).
 The body-size cap is Starlette's RequestBodyLimitMiddleware (413, chunked bodies included).
 """
 
@@ -15,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import anyio.to_thread
 from fastapi import HTTPException, Request, status
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -38,6 +40,7 @@ class ConcurrencyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        ensure_threads(self.max_in_flight + self.max_streams)
         if str(scope.get("path", "")).endswith(EVENT_STREAM_SUFFIX):
             await self._stream(scope, receive, send)
             return
@@ -63,6 +66,20 @@ class ConcurrencyLimitMiddleware:
             self.streams -= 1
 
 
+def ensure_threads(needed: int) -> None:
+    """At least `needed` threads in this event loop's pool (anyio's default is 40).
+
+    A sync route's request session keeps its transaction (on SQLite the write lock, on Postgres a
+    pooled connection) until FastAPI has validated the route's answer, and FastAPI does that on a
+    second trip to the thread pool. With 40 threads, 40 requests waiting for that lock or connection
+    left its holder waiting for a thread: nothing moved until SQLite's busy timeout or the pool's
+    timeout ended the wait with a 500 (issue 20). Each admitted request or stream uses one thread at
+    a time, so with one per admission a holder never waits for a thread. Threads start on demand."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    if limiter.total_tokens < needed:
+        limiter.total_tokens = needed
+
+
 async def _unavailable(send: Send, detail: str) -> None:
     await send(
         {
@@ -71,7 +88,7 @@ async def _unavailable(send: Send, detail: str) -> None:
             "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
         }
     )
-    await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
+    await send({"type": "http.response.body", "body": json.dumps({"detail": detail, "errors": []}).encode()})
 
 
 @dataclass

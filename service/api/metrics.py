@@ -143,33 +143,35 @@ class RequestTelemetryMiddleware:
         request_id = telemetry.new_request_id(offered)
         token = telemetry.request_id_var.set(request_id)
         started = time.perf_counter()
-        status = 500
+        status, retry_after = 500, None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, retry_after
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Request-ID", request_id)
+                retry_after = headers.get("retry-after")
                 telemetry.HTTP_LATENCY.labels(route_label(scope)).observe(time.perf_counter() - started)
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self._record(scope, status, started)
+            self._record(scope, status, started, retry_after)
             telemetry.request_id_var.reset(token)
 
     @staticmethod
-    def _record(scope: Scope, status: int, started: float) -> None:
+    def _record(scope: Scope, status: int, started: float, retry_after: str | None) -> None:
         labels: dict[str, Any] = {"route": route_label(scope), "method": scope["method"]}
         labels["status"] = str(status)
         telemetry.HTTP_REQUESTS.labels(**labels).inc()
         if status >= 400:
             telemetry.HTTP_ERRORS.labels(**labels).inc()
-        access_log.info(
-            "%s %s %d",
-            scope["method"],
-            scope["path"],
-            status,
-            extra={"status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
-        )
+        extra: dict[str, Any] = {
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+        if retry_after is not None:  # logged, so a 429 or 503 without one shows (tests/load checks 503s)
+            extra["retry_after"] = retry_after
+        access_log.info("%s %s %d", scope["method"], scope["path"], status, extra=extra)

@@ -1,4 +1,4 @@
-"""The user's `bnlab` commands: submit and follow runs, list, show, cancel, predict.
+"""The user's `bnlab` commands: submit and follow runs, list, show, cancel, delete, rename, tag, predict.
 
 They talk to a bnlab API over HTTP only (service.client.http), at BNLAB_URL with BNLAB_API_KEY, so they
 work from any machine that can reach the API. Exit codes, for scripts: 0 done; 1 a run waited for
@@ -290,6 +290,46 @@ def cancel(run_id: str) -> None:
 
 
 @click.command()
+@click.argument("run_ids", nargs=-1, required=True)
+@api_command
+def rm(run_ids: tuple[str, ...]) -> None:
+    """Delete runs with their metrics, checkpoints and models (a running one stops at its next step)."""
+    with _client() as client:
+        for run_id in run_ids:
+            client.delete_run(run_id)
+            out.print(f"deleted run {run_id}", markup=False)
+
+
+@click.command()
+@click.argument("run_id")
+@click.argument("name")
+@api_command
+def rename(run_id: str, name: str) -> None:
+    """Give a run a new name."""
+    with _client() as client:
+        run = client.update_run(run_id, {"name": name})
+    out.print(f"run {run['id']}: {run['name']}", markup=False)
+
+
+@click.command()
+@click.argument("run_id")
+@click.argument("tags", nargs=-1, required=True)
+@click.option("--remove", is_flag=True, help="Remove these tags instead of adding them.")
+@api_command
+def tag(run_id: str, tags: tuple[str, ...], remove: bool) -> None:
+    """Add tags to a run (or --remove them); the others stay."""
+    with _client() as client:
+        current = client.get_run(run_id)["tags"]
+        wanted = (
+            [t for t in current if t not in tags]
+            if remove
+            else [*current, *(t for t in tags if t not in current)]
+        )
+        run = client.update_run(run_id, {"tags": wanted})
+    out.print(f"run {run['id']}: tags {' '.join(run['tags']) or '(none)'}", markup=False)
+
+
+@click.command()
 @click.argument("run_id")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="The API's JSON answer.")
@@ -388,6 +428,28 @@ def list_experiments(limit: int) -> None:
     out.print(table)
 
 
+@experiment.command("rm")
+@click.argument("experiment_ids", nargs=-1, required=True)
+@api_command
+def remove_experiments(experiment_ids: tuple[str, ...]) -> None:
+    """Delete experiments with all their runs and what they stored."""
+    with _client() as client:
+        for experiment_id in experiment_ids:
+            client.delete_experiment(experiment_id)
+            out.print(f"deleted experiment {experiment_id}", markup=False)
+
+
+@experiment.command("rename")
+@click.argument("experiment_id")
+@click.argument("name")
+@api_command
+def rename_experiment(experiment_id: str, name: str) -> None:
+    """Give an experiment a new name (its runs keep theirs)."""
+    with _client() as client:
+        renamed = client.update_experiment(experiment_id, {"name": name})
+    out.print(f"experiment {renamed['id']}: {renamed['name']}", markup=False)
+
+
 @click.command()
 @click.argument("experiment_id")
 @click.option("--plot", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Save a PNG.")
@@ -438,5 +500,5 @@ def _print_report(body: dict[str, Any]) -> None:
 
 
 def register_client_commands(group: click.Group) -> None:
-    for command in (submit, list_runs, show, cancel, predict, experiment, report):
+    for command in (submit, list_runs, show, cancel, rm, rename, tag, predict, experiment, report):
         group.add_command(command)

@@ -105,7 +105,7 @@ class Client:
         response = self.http.request(method, path, **kwargs)
         if response.is_error:
             raise ApiError(response.status_code, _detail(response))
-        return response.json()
+        return None if response.status_code == 204 else response.json()
 
     # -- runs
 
@@ -129,6 +129,14 @@ class Client:
     def cancel_run(self, run_id: str) -> dict[str, Any]:
         run: dict[str, Any] = self.request("POST", f"/api/v1/runs/{run_id}/cancel")
         return run
+
+    def update_run(self, run_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change a run's name, tags or notes (the keys given)."""
+        run: dict[str, Any] = self.request("PATCH", f"/api/v1/runs/{run_id}", json=changes)
+        return run
+
+    def delete_run(self, run_id: str) -> None:
+        self.request("DELETE", f"/api/v1/runs/{run_id}")
 
     def predict_image(self, run_id: str, image: Path) -> dict[str, Any]:
         kind = "image/png" if image.suffix.lower() == ".png" else "image/jpeg"
@@ -155,6 +163,15 @@ class Client:
     def get_experiment(self, experiment_id: str) -> dict[str, Any]:
         experiment: dict[str, Any] = self.request("GET", f"/api/v1/experiments/{experiment_id}")
         return experiment
+
+    def update_experiment(self, experiment_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        experiment: dict[str, Any] = self.request(
+            "PATCH", f"/api/v1/experiments/{experiment_id}", json=changes
+        )
+        return experiment
+
+    def delete_experiment(self, experiment_id: str) -> None:
+        self.request("DELETE", f"/api/v1/experiments/{experiment_id}")
 
     def get_report(self, experiment_id: str) -> dict[str, Any]:
         report: dict[str, Any] = self.request("GET", f"/api/v1/experiments/{experiment_id}/report")

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, delete, func, select
 from sqlalchemy.orm import Session
 
 from service.models import EpochMetric, Experiment, ModelArtifact, Run, RunStatus
@@ -52,6 +52,13 @@ def list_experiments(*, session: Session, limit: int, offset: int) -> tuple[Sequ
         select(Experiment).order_by(Experiment.created_at.desc(), Experiment.id).limit(limit).offset(offset)
     ).all()
     return page, total
+
+
+def delete_experiment(*, session: Session, experiment: Experiment) -> None:
+    """Delete an experiment with its runs and all they stored (run_repo.delete_runs)."""
+    run_ids = list(session.scalars(select(Run.id).where(Run.experiment_id == experiment.id)))
+    run_repo.delete_runs(session=session, run_ids=run_ids)
+    session.execute(delete(Experiment).where(Experiment.id == experiment.id))
 
 
 def list_experiment_runs(*, session: Session, experiment_id: str) -> Sequence[Run]:

@@ -7,6 +7,7 @@ then publishes each run by task name exactly as POST /api/v1/runs does.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
@@ -19,13 +20,15 @@ from service.experiments import grid, plots, presets, report
 from service.experiments import repository as experiment_repo
 from service.experiments.schemas import (
     ExperimentCreate,
+    ExperimentPatch,
     ExperimentPublic,
     ExperimentReportPublic,
     ExperimentsPublic,
 )
 from service.experiments.service import create_experiment, experiment_or_404, experiment_public, results
-from service.models import RunStatus
+from service.models import Experiment, RunStatus
 from service.runs import repository as run_repo
+from service.runs.service import commit_before_answering, refuse_if_aliased
 
 router = APIRouter(prefix="/api/v1/experiments", tags=["experiments"])
 
@@ -85,6 +88,32 @@ def cancel_experiment(experiment_id: ExperimentId, session: SessionDep) -> Exper
     return experiment_public(session=session, experiment=experiment)
 
 
+@router.delete(
+    "/{experiment_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an experiment with its runs and all they stored; running ones stop at their next step",
+    responses={409: {"model": Message, "description": "An alias serves the experiment or one of its runs"}},
+)
+def delete_experiment(experiment_id: ExperimentId, session: SessionDep) -> None:
+    experiment = experiment_or_404(session, experiment_id)
+    runs = experiment_repo.list_experiment_runs(session=session, experiment_id=experiment.id)
+    refuse_if_aliased(session, f"experiment {experiment.id}", [run.id for run in runs], experiment.id)
+    experiment_repo.delete_experiment(session=session, experiment=experiment)
+    commit_before_answering(session)
+
+
+@router.patch(
+    "/{experiment_id}", summary="Rename an experiment, or set its tags or notes (fields left out stay)"
+)
+def patch_experiment(
+    experiment_id: ExperimentId, changes: ExperimentPatch, session: SessionDep
+) -> ExperimentPublic:
+    experiment = experiment_or_404(session, experiment_id)
+    run_repo.update_labels(target=experiment, changes=changes.model_dump(exclude_unset=True))
+    commit_before_answering(session)
+    return experiment_public(session=session, experiment=experiment)
+
+
 @router.get(
     "/{experiment_id}/report",
     summary="Per configuration: final and best metrics (mean ± std over seeds), epochs to a target "
@@ -108,6 +137,19 @@ def get_report(
         target=spec.target if target is None else target,
         claims=presets.claims_of(experiment.preset),
     )
+
+
+def _nothing_to_plot(experiment: Experiment, runs: list[report.RunResult]) -> HTTPException:
+    # "yet" only while some run may still finish an epoch.
+    if all(RunStatus(run.status).is_finished for run in runs):
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(Counter(run.status for run in runs).items()))
+        detail = (
+            f"every run of experiment {experiment.id} ended ({counts}) before finishing an epoch: "
+            "nothing to plot"
+        )
+    else:
+        detail = f"experiment {experiment.id} has no finished epoch to plot yet"
+    return HTTPException(status.HTTP_409_CONFLICT, detail=detail)
 
 
 PlotMetric = Annotated[
@@ -141,9 +183,7 @@ def get_plot(
         if present:
             curves.append((grid.config_label(point), present))
     if not curves:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, detail=f"experiment {experiment.id} has no finished epoch to plot yet"
-        )
+        raise _nothing_to_plot(experiment, [run for runs in grouped for run in runs])
     what = "Loss" if metric == "loss" else "Accuracy"
     title = f"Training and Validation {what}: {spec.name}"
     image = plots.render(plots.curves_figure(curves, metric=metric, title=title), fmt)

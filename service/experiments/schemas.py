@@ -14,7 +14,16 @@ from pydantic import (
     model_validator,
 )
 
-from service.runs.schemas import STRICT, BuiltinDatasetName, NotBool, RunCreate, RunStatusName
+from service.runs.schemas import (
+    LABEL_PATTERN,
+    STRICT,
+    BuiltinDatasetName,
+    NotBool,
+    Notes,
+    RunCreate,
+    RunStatusName,
+    Tags,
+)
 
 MAX_EXPERIMENT_RUNS = 64
 # A dotted path into the run spec, e.g. `model.norm.kind` or `train.lr`; `train.seed` is set by
@@ -104,9 +113,25 @@ class ExperimentRunPublic(BaseModel):
     val_accuracy: float | None = Field(description="Validation accuracy of the last finished epoch.")
 
 
+class ExperimentPatch(BaseModel):
+    """What PATCH /api/v1/experiments/{id} may change; the fields left out stay as they are. Its
+    runs keep the names they were given."""
+
+    model_config = STRICT
+
+    # `str` with no value by default: an experiment always has a name, so null is refused (422) and
+    # the schema says so; leaving the field out keeps the current one (the default is never stored:
+    # the route applies only the fields sent). Hence the ignore: None is no `str`.
+    name: str = Field(None, min_length=1, max_length=120, pattern=LABEL_PATTERN, description="New label.")  # type: ignore[assignment]
+    tags: Tags | None = None
+    notes: Notes | None = Field(None, description="Free text; null removes it.")
+
+
 class ExperimentPublic(BaseModel):
     id: str = Field(description="Server-generated experiment id.")
     name: str = Field(description="The experiment's label.")
+    tags: list[str] = Field(default_factory=list, description="Tags set by PATCH.")
+    notes: str | None = Field(None, description="Notes set by PATCH.")
     preset: str | None = Field(description="The ready-made experiment it came from, if any.")
     spec: ExperimentCreate = Field(description="The normalised experiment spec.")
     status_counts: dict[RunStatusName, int] = Field(description="How many of its runs are in each state.")

@@ -14,7 +14,7 @@ from service.experiments.schemas import ExperimentCreate, ExperimentPublic, Expe
 from service.models import EpochMetric, Experiment, Run, RunStatus
 from service.queue import BrokerUnavailable
 from service.runs.schemas import RunCreate
-from service.runs.service import publish_run, require_capacity, require_dataset
+from service.runs.service import publish_runs, require_capacity, require_dataset
 
 
 def experiment_or_404(session: Session, experiment_id: str) -> Experiment:
@@ -34,6 +34,8 @@ def experiment_public(*, session: Session, experiment: Experiment) -> Experiment
         {
             "id": experiment.id,
             "name": experiment.name,
+            "tags": experiment.tags or [],
+            "notes": experiment.notes,
             "preset": experiment.preset,
             "spec": experiment.spec,
             "status_counts": counts,
@@ -75,7 +77,9 @@ def create_experiment(
     except grid.GridError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
     for name in {p.spec.dataset.name for p in planned}:
-        require_dataset(next(p.spec for p in planned if p.spec.dataset.name == name), settings)
+        require_dataset(
+            next(p.spec for p in planned if p.spec.dataset.name == name), settings, session=session
+        )
     require_capacity(
         session=session, owner=owner, limit=settings.max_active_runs_per_key, adding=len(planned)
     )
@@ -83,36 +87,33 @@ def create_experiment(
         session=session, name=spec.name, spec=spec.model_dump(mode="json"), preset=preset, owner=owner
     )
     runs = [
-        (
-            experiment_repo.add_run(
-                session=session, experiment_id=experiment.id, spec=p.spec, grid_point=p.point, owner=owner
-            ),
-            p.spec,
+        experiment_repo.add_run(
+            session=session, experiment_id=experiment.id, spec=p.spec, grid_point=p.point, owner=owner
         )
         for p in planned
     ]
-    # Commit, then enqueue: otherwise a worker could receive an id before its row exists.
+    answer = experiment_public(session=session, experiment=experiment)
+    # Commit, then publish outside any transaction: a worker must never get an id before its row
+    # exists, and ten publishes must not hold the database while the broker answers.
     session.commit()
     location = f"/api/v1/experiments/{experiment.id}"
-    _publish_all(session, runs, location)
+    _publish_all(session, [(run.id, p.spec) for run, p in zip(runs, planned, strict=True)], location)
     response.headers["Location"] = location
-    return experiment_public(session=session, experiment=experiment)
+    return answer
 
 
-def _publish_all(session: Session, runs: list[tuple[Run, RunCreate]], location: str) -> None:
-    for i, (run, spec) in enumerate(runs):
-        try:
-            publish_run(session=session, run_id=run.id, spec=spec)
-        except BrokerUnavailable as exc:
-            # Keep what was published on record; the rest stay queued and the reaper publishes them.
-            # No further tries: each would wait out the broker timeout again.
-            session.commit()
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                detail=f"the broker is unreachable ({exc}); the experiment and its {len(runs)} runs are "
-                f"saved as queued ({i} published) and the rest are published again once the broker is back",
-                headers={"Location": location, "Retry-After": "10"},
-            ) from exc
+def _publish_all(session: Session, runs: list[tuple[str, RunCreate]], location: str) -> None:
+    try:
+        publish_runs(session=session, runs=runs)
+    except BrokerUnavailable as exc:
+        # Those published are on record; the rest stay queued and the reaper publishes them.
+        # No further tries: each would wait out the broker timeout again.
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"the broker is unreachable ({exc}); the experiment and its {len(runs)} runs are "
+            "saved as queued and those not yet published are published again once the broker is back",
+            headers={"Location": location, "Retry-After": "10"},
+        ) from exc
 
 
 def results(session: Session, experiment: Experiment) -> list[report.RunResult]:

@@ -15,6 +15,7 @@ and without normalisation layer by layer (`norm_slots`), and state_dict keys nev
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import OrderedDict
@@ -163,12 +164,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# Cached (a config is frozen, so hashable): a submit counts one spec's parameters up to three times
+# (body validation, the dataset check, its answer) and its flops once, each a few milliseconds of
+# meta-device work; grids and repeated submits reuse configs. The cache holds only ints.
+@functools.lru_cache(maxsize=1024)
 def parameter_count(cfg: ModelConfig) -> int:
     """Trainable parameters of `make_net(cfg)`, counted on the meta device: no memory, no RNG draw."""
     with torch.device("meta"):
         return count_parameters(make_net(cfg))
 
 
+@functools.lru_cache(maxsize=1024)
 def forward_flops(cfg: ModelConfig) -> int:
     """Floating-point operations of one sample's forward pass: 2 per multiply-add of every Linear
     and Conv, plus a few per value every other layer outputs (norms, activations, pooling).

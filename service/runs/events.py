@@ -234,7 +234,7 @@ class RunStream:
         return f"{self.cursor.epoch}:{self.cursor.status}"
 
     def poll(self) -> list[str] | None:
-        with session_scope() as session:
+        with session_scope(read_only=True) as session:
             run = run_repo.get_run(session=session, run_id=self.run_id)
             if run is None:
                 return None
@@ -285,7 +285,7 @@ class ExperimentStream:
         return [Cursor(int(part[:-1]), STATUSES[part[-1]]) for part in parts]
 
     def poll(self) -> list[str] | None:
-        with session_scope() as session:
+        with session_scope(read_only=True) as session:
             if experiment_repo.get_experiment(session=session, experiment_id=self.experiment_id) is None:
                 return None
             runs = experiment_repo.list_experiment_runs(session=session, experiment_id=self.experiment_id)

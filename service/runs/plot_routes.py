@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from service.api.deps import RunDep, SessionDep
 from service.api.images import IMAGE_RESPONSES, PlotFormat
 from service.experiments import plots
-from service.models import Run
+from service.models import Run, RunStatus
 from service.runs import repository as run_repo
 
 if TYPE_CHECKING:
@@ -31,10 +31,17 @@ RunPlotMetric = Annotated[
 ]
 
 
+ENDED_AS = {"succeeded": "succeeded", "failed": "failed", "cancelled": "was cancelled"}
+
+
 def _nothing_yet(run: Run, what: str, why: str = "") -> HTTPException:
-    return HTTPException(
-        status.HTTP_409_CONFLICT, detail=f"run {run.id} ({run.status}) has no {what} yet{why}"
-    )
+    # "yet" only while the run may still write some: an ended run never will.
+    if RunStatus(run.status).is_finished:
+        error = f" ({run.error})" if run.error else ""
+        detail = f"run {run.id} {ENDED_AS[run.status]}{error} before it finished an epoch: it has no {what}"
+    else:
+        detail = f"run {run.id} ({run.status}) has no {what} yet{why}"
+    return HTTPException(status.HTTP_409_CONFLICT, detail=detail)
 
 
 def _curves(session: Session, run: Run, metric: Literal["loss", "accuracy"]) -> Figure:

@@ -3,7 +3,7 @@ the caller (the request dependency or a task's session_scope) owns the transacti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
@@ -11,7 +11,17 @@ from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.ml.training import EpochMetrics
-from service.models import EpochMetric, LayerStat, ModelArtifact, Run, RunCheckpoint, RunStatus, utcnow
+from service.models import (
+    EpochMetric,
+    Experiment,
+    LayerStat,
+    ModelArtifact,
+    Recalibration,
+    Run,
+    RunCheckpoint,
+    RunStatus,
+    utcnow,
+)
 from service.runs.schemas import RunCreate
 
 
@@ -80,6 +90,40 @@ def request_cancel(*, session: Session, run: Run) -> None:
     if run.status == RunStatus.queued:
         run.status = RunStatus.cancelled.value
         run.finished_at = utcnow()
+        drop_checkpoint(session=session, run_id=run.id)  # one handed back at shutdown: never resumed
+
+
+def drop_checkpoint(*, session: Session, run_id: str) -> None:
+    """An ended run resumes nowhere: its training state goes (the model, if any, is the artifact)."""
+    session.execute(delete(RunCheckpoint).where(RunCheckpoint.run_id == run_id))
+
+
+# What PATCH may change on a run or an experiment.
+LABEL_FIELDS = ("name", "tags", "notes")
+
+
+def update_labels(*, target: Run | Experiment, changes: Mapping[str, object]) -> None:
+    """Set the name, tags or notes given in `changes`; the others stay."""
+    for field in LABEL_FIELDS:
+        if field in changes:
+            setattr(target, field, changes[field])
+
+
+def delete_runs(*, session: Session, run_ids: Sequence[str]) -> None:
+    """Delete runs and everything stored for them: metrics, probe statistics, checkpoints, models
+    and their recalibrations. Aliases that name the runs are the caller's to refuse or remove.
+
+    The runs' rows are locked first (Postgres; SQLite's BEGIN IMMEDIATE already serialises
+    writers): a worker's epoch transaction that got in before commits, and its rows are deleted
+    here with the rest; one that comes after finds no run to hold and writes nothing
+    (record_epoch, finish_held_run and heartbeat are all conditional on the run's row)."""
+    if not run_ids:
+        return
+    session.execute(select(Run.id).where(Run.id.in_(run_ids)).with_for_update())
+    session.execute(delete(Recalibration).where(Recalibration.run_id.in_(run_ids)))
+    for table in (ModelArtifact, RunCheckpoint, LayerStat, EpochMetric):
+        session.execute(delete(table).where(table.run_id.in_(run_ids)))
+    session.execute(delete(Run).where(Run.id.in_(run_ids)))
 
 
 @dataclass(frozen=True)
@@ -187,10 +231,11 @@ def record_epoch(
     session: Session,
     lease: Lease,
     metrics: EpochMetrics,
-    training_state: bytes,
+    training_state: bytes | None,
     train_samples: int | None = None,
 ) -> None:
-    """An epoch's metrics and the checkpoint taken after it, together; raises LeaseLost otherwise."""
+    """An epoch's metrics and the checkpoint taken after it (None: keep none, BNLAB_KEEP_CHECKPOINTS
+    =final), together; raises LeaseLost otherwise."""
     if not _update(session, _held(lease), epochs_done=metrics.epoch, heartbeat_at=utcnow()):
         raise LeaseLost(f"run {lease.run_id} is no longer held by {lease.worker} (attempt {lease.attempt})")
     session.add(
@@ -208,16 +253,17 @@ def record_epoch(
     # merge: a run resumed after a crash may probe an epoch again (epoch 0 comes with epoch 1).
     for stat in metrics.layer_stats:
         session.merge(LayerStat(run_id=lease.run_id, **asdict(stat)))  # the dataclass fields are the columns
-    session.merge(
-        RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())
-    )
+    if training_state is not None:
+        session.merge(
+            RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())
+        )
 
 
 def finish_held_run(*, session: Session, lease: Lease, status: RunStatus, error: str | None = None) -> bool:
     """End a run this lease holds; False (and nothing written) if the lease was lost."""
     finished = _update(session, _held(lease), status=status.value, error=error, finished_at=utcnow())
     if finished:
-        session.execute(delete(RunCheckpoint).where(RunCheckpoint.run_id == lease.run_id))
+        drop_checkpoint(session=session, run_id=lease.run_id)
     return finished
 
 
@@ -261,9 +307,12 @@ def requeue_orphan(*, session: Session, run: Run) -> bool:
 
 
 def fail_orphan(*, session: Session, run: Run, error: str) -> bool:
-    return _update(
+    failed = _update(
         session, _unchanged_orphan(run), status=RunStatus.failed.value, error=error, finished_at=utcnow()
     )
+    if failed:
+        drop_checkpoint(session=session, run_id=run.id)
+    return failed
 
 
 def stale_queued_runs(*, session: Session, enqueued_before: datetime) -> Sequence[Run]:

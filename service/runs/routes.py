@@ -23,11 +23,19 @@ from service.runs.schemas import (
     RunCreate,
     RunLayerStatsPublic,
     RunMetricsPublic,
+    RunPatch,
     RunPublic,
     RunsPublic,
     SlotStatisticPublic,
 )
-from service.runs.service import publish_run, require_capacity, require_dataset, run_public
+from service.runs.service import (
+    commit_before_answering,
+    publish_runs,
+    refuse_if_aliased,
+    require_capacity,
+    require_dataset,
+    run_public,
+)
 from service.serving import served
 from service.serving.images import Invert
 from service.serving.inputs import PredictBody, read_predict_body
@@ -50,14 +58,17 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 def submit_run(
     spec: RunCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep, response: Response
 ) -> RunPublic:
-    require_dataset(spec, settings)
+    require_dataset(spec, settings, session=session)
+    # One short write transaction (the cap, the row, the answer), committed before publishing: a
+    # worker must never get a message before its row exists, and publishing, which waits for the
+    # broker, must not hold the database.
     require_capacity(session=session, owner=principal.name, limit=settings.max_active_runs_per_key)
     run = run_repo.create_run(session=session, spec=spec, owner=principal.name)
-    # Commit, then enqueue: otherwise a worker could receive the id before the row exists.
+    answer = run_public(session=session, run=run)
     session.commit()
     location = f"/api/v1/runs/{run.id}"
     try:
-        publish_run(session=session, run_id=run.id, spec=spec)
+        publish_runs(session=session, runs=[(run.id, spec)])
     except BrokerUnavailable as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -66,7 +77,7 @@ def submit_run(
             headers={"Location": location, "Retry-After": "10"},
         ) from exc
     response.headers["Location"] = location
-    return run_public(session=session, run=run)
+    return answer
 
 
 @router.get("", summary="List runs, newest first")
@@ -135,6 +146,27 @@ def cancel_run(run: RunDep, session: SessionDep) -> RunPublic:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"run {run.id} has already ended ({run.status})")
     run_repo.request_cancel(session=session, run=run)
     session.flush()
+    return run_public(session=session, run=run)
+
+
+@router.delete(
+    "/{run_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a run with its metrics, checkpoints and models; a running one stops at its next step",
+    responses={409: {"model": Message, "description": "An alias serves the run"}},
+)
+def delete_run(run: RunDep, session: SessionDep) -> None:
+    refuse_if_aliased(session, f"run {run.id}", [run.id])
+    # No cancel flag to set: the worker checks, between steps, that it still holds the run (the same
+    # read that sees a cancel); a deleted run is held by no one, so it stops there and writes nothing.
+    run_repo.delete_runs(session=session, run_ids=[run.id])
+    commit_before_answering(session)
+
+
+@router.patch("/{run_id}", summary="Rename a run, or set its tags or notes (fields left out stay)")
+def patch_run(run: RunDep, changes: RunPatch, session: SessionDep) -> RunPublic:
+    run_repo.update_labels(target=run, changes=changes.model_dump(exclude_unset=True))
+    commit_before_answering(session)
     return run_public(session=session, run=run)
 
 

@@ -58,7 +58,8 @@ class DatabaseCallbacks:
                     session=session,
                     lease=self.lease,
                     metrics=metrics,
-                    training_state=snapshot(),
+                    # Not even serialised when not kept (BNLAB_KEEP_CHECKPOINTS=final).
+                    training_state=snapshot() if get_settings().keep_checkpoints == "epoch" else None,
                     train_samples=self.train_samples,
                 )
         except run_repo.LeaseLost:
@@ -214,6 +215,11 @@ def _stop(lease: run_repo.Lease, reason: StopReason) -> RunStatus | None:
         with session_scope() as session:
             if run_repo.release_held_run(session=session, lease=lease):
                 log.info("run %s handed back to the queue at shutdown", lease.run_id)
+        return None
+    with session_scope() as session:
+        deleted = run_repo.get_run(session=session, run_id=lease.run_id) is None
+    if deleted:  # DELETE /api/v1/runs/{id} while it trained: nothing of it is written any more
+        log.info("run %s was deleted while it trained; this attempt stops", lease.run_id)
         return None
     log.warning("run %s: lease lost (reaped or re-delivered); this attempt stops", lease.run_id)
     return None

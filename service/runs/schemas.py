@@ -446,9 +446,38 @@ class RunSummary(BaseModel):
     val_accuracy: float | None = Field(None, description="Validation accuracy of the last finished epoch.")
 
 
+# Names, tags and notes a user may change later (PATCH): the same characters as at submission.
+LABEL_PATTERN = r"^[\w .,:;()+=@#%&!?'-]*$"
+Tag = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=40,
+        pattern=r"^[\w.:+=@#-]+$",
+        description="Letters, digits and . : + = @ # - _ (no spaces).",
+    ),
+]
+Tags = Annotated[list[Tag], Field(max_length=20, description="Up to 20 tags; replaces the current ones.")]
+Notes = Annotated[str, Field(max_length=10_000, description="Free text, up to 10 000 characters.")]
+
+
+class RunPatch(BaseModel):
+    """What PATCH /api/v1/runs/{id} may change; the fields left out stay as they are."""
+
+    model_config = STRICT
+
+    name: str | None = Field(
+        None, max_length=200, pattern=LABEL_PATTERN, description="New label; null removes it."
+    )
+    tags: Tags | None = None
+    notes: Notes | None = Field(None, description="Free text; null removes it.")
+
+
 class RunPublic(BaseModel):
     id: str = Field(description="Server-generated run id.")
-    name: str | None = Field(description="The label given at submission.")
+    name: str | None = Field(description="The label given at submission, or by PATCH since.")
+    tags: list[str] = Field(default_factory=list, description="Tags set by PATCH.")
+    notes: str | None = Field(None, description="Notes set by PATCH.")
     status: RunStatusName = Field(description="queued → running → succeeded | failed | cancelled.")
     spec: RunCreate = Field(description="The normalised spec: every default filled in, as it ran.")
     error: str | None = Field(description="Why the run failed, when it did.")

@@ -3,9 +3,14 @@ view, the checks a spec must pass before anything is written, and publishing its
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 from fastapi import HTTPException, status
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from service.api.busy import is_busy
 from service.config import Settings
 from service.datasets import loading
 from service.db import session_scope
@@ -15,6 +20,9 @@ from service.runs import repository as run_repo
 from service.runs.budget import run_time_limit_s
 from service.runs.schemas import MAX_PARAMETERS, RunCreate, RunPublic, RunSummary
 from service.runs.spec import shape_problem
+from service.serving import repository as serving_repo
+
+log = logging.getLogger(__name__)
 
 
 def run_public(*, session: Session, run: Run) -> RunPublic:
@@ -32,6 +40,8 @@ def run_public(*, session: Session, run: Run) -> RunPublic:
         {
             "id": run.id,
             "name": run.name,
+            "tags": run.tags or [],
+            "notes": run.notes,
             "status": run.status,
             "spec": spec,
             "error": run.error,
@@ -44,17 +54,19 @@ def run_public(*, session: Session, run: Run) -> RunPublic:
     )
 
 
-def require_dataset(spec: RunCreate, settings: Settings) -> None:
+def require_dataset(spec: RunCreate, settings: Settings, *, session: Session) -> None:
     """A missing dataset, or one the model cannot train on, is the user's to fix: say so at submit
-    time (422), not as a failed run later."""
+    time (422), not as a failed run later. Reads through the request's session before it writes
+    anything, and ends that read before counting parameters (CPU work no transaction should span:
+    on SQLite every transaction holds the write lock)."""
     missing = loading.missing_dataset(spec, settings)
     if missing is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=missing)
-    with session_scope() as session:  # its own: callers validate before they write anything
-        try:
-            shape = loading.data_shape(session=session, dataset=spec.dataset)
-        except loading.UnknownDataset as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    try:
+        shape = loading.data_shape(session=session, dataset=spec.dataset)
+    except loading.UnknownDataset as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    session.commit()  # nothing is written yet: this only ends the read
     problem = shape_problem(spec, shape, max_parameters=MAX_PARAMETERS)
     if problem is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=problem)
@@ -80,8 +92,51 @@ def publish(run_id: str, spec: RunCreate) -> None:
     enqueue_training(run_id, time_limit_s=limit_s)
 
 
-def publish_run(*, session: Session, run_id: str, spec: RunCreate) -> None:
-    """Publish a committed run's task by name and note when; raises BrokerUnavailable, and the run
-    then stays queued with no enqueued_at, which the reaper publishes once the broker is back."""
-    publish(run_id, spec)
-    run_repo.mark_enqueued(session=session, run_id=run_id)
+def publish_runs(*, session: Session, runs: Sequence[tuple[str, RunCreate]]) -> None:
+    """Publish committed runs' tasks by name, outside any transaction, then note those published in
+    one short transaction. Raises BrokerUnavailable; the runs not published then stay queued with no
+    enqueued_at, which the reaper publishes once the broker is back."""
+    published: list[str] = []
+    try:
+        for run_id, spec in runs:
+            publish(run_id, spec)
+            published.append(run_id)
+    finally:
+        note_enqueued(session=session, run_ids=published)
+
+
+def note_enqueued(*, session: Session, run_ids: Sequence[str]) -> None:
+    """Best effort: the runs are committed and published, so a busy database must not turn their
+    202 into an error the client would retry (a second run). Unnoted, a run is published again by
+    the reaper later, and that duplicate delivery finds the run taken (its lease) and is dropped."""
+    try:
+        for run_id in run_ids:
+            run_repo.mark_enqueued(session=session, run_id=run_id)
+        session.commit()
+    except SQLAlchemyError as exc:
+        if not is_busy(exc):
+            raise
+        session.rollback()
+        log.warning("database busy: %d published runs not marked enqueued (%s)", len(run_ids), exc)
+
+
+def refuse_if_aliased(
+    session: Session, what: str, run_ids: list[str], experiment_id: str | None = None
+) -> None:
+    """409 naming the aliases that serve these runs (or the experiment): deleting would silently
+    break every client that calls the alias, so the user re-points or deletes it first."""
+    names = serving_repo.aliases_naming(session=session, run_ids=run_ids, experiment_id=experiment_id)
+    if names:
+        listed = ", ".join(names)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"{what} is served by the alias{'es' if len(names) > 1 else ''} {listed}: point "
+            f"{'them' if len(names) > 1 else 'it'} at another run (PUT /api/v1/models/{names[0]}) or delete "
+            f"{'them' if len(names) > 1 else 'it'} (DELETE /api/v1/models/{names[0]}) first",
+        )
+
+
+def commit_before_answering(session: Session) -> None:
+    """Commit now: get_db commits only after the response has been sent (FastAPI closes a yield
+    dependency after the response), so a client could read the old state right after a 2xx."""
+    session.commit()

@@ -68,6 +68,7 @@ def _alias_or_404(session: Session, name: str) -> ModelAlias:
         201: {"model": AliasPublic},
         400: {"model": Message, "description": "The body is not JSON"},
         404: {"model": Message, "description": "No such run, version or experiment"},
+        409: {"model": Message, "description": "The run has no model, or the experiment ended without one"},
     },
 )
 def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: Response) -> AliasPublic:
@@ -76,10 +77,7 @@ def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: R
             status.HTTP_422_UNPROCESSABLE_CONTENT, detail="an alias cannot look like a run id (32 hex digits)"
         )
     if isinstance(body, AliasToExperiment):
-        if experiment_repo.get_experiment(session=session, experiment_id=body.experiment_id) is None:
-            raise HTTPException(
-                status.HTTP_404_NOT_FOUND, detail=f"experiment {body.experiment_id} not found"
-            )
+        _require_experiment_model(session, body)
         run_id, version, experiment_id, metric = None, None, body.experiment_id, body.metric
     else:
         _require_run_version(session, body.run_id, body.version)
@@ -99,15 +97,40 @@ def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: R
 
 
 def _require_run_version(session: Session, run_id: str, version: int | None) -> None:
-    if run_repo.get_run(session=session, run_id=run_id) is None:
+    """404 for an unknown run or version; 409 for a run without a model, saying why: an alias to it
+    would answer nothing but errors."""
+    run = run_repo.get_run(session=session, run_id=run_id)
+    if run is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {run_id} not found")
-    if version is not None:
-        versions = model_repo.artifact_versions(session=session, run_id=run_id)
-        if version not in versions:
-            raise HTTPException(
-                status.HTTP_404_NOT_FOUND,
-                detail=f"run {run_id} has no model version {version} (it has {versions or 'none yet'})",
-            )
+    versions = model_repo.artifact_versions(session=session, run_id=run_id)
+    if not versions:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"an alias needs a run with a model, and {model_repo.no_model_reason(run)}",
+        )
+    if version is not None and version not in versions:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"run {run_id} has no model version {version} (it has {versions})",
+        )
+
+
+def _require_experiment_model(session: Session, body: AliasToExperiment) -> None:
+    """404 for an unknown experiment; 409 for one that has ended with no run it could serve. One
+    still training is accepted: the alias serves its best run as soon as one succeeds."""
+    if experiment_repo.get_experiment(session=session, experiment_id=body.experiment_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"experiment {body.experiment_id} not found")
+    ended = model_repo.experiment_has_ended(session=session, experiment_id=body.experiment_id)
+    if (
+        ended
+        and experiment_repo.best_run(session=session, experiment_id=body.experiment_id, metric=body.metric)
+        is None
+    ):
+        reason = model_repo.no_qualifying_run_reason(session=session, experiment_id=body.experiment_id)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"an alias needs a run with a model, and of experiment {body.experiment_id} {reason}",
+        )
 
 
 @router.get("", summary="List aliases")

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast, get_args
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, defer
 
 from service.experiments import repository as experiment_repo
-from service.models import ModelAlias, ModelArtifact, Recalibration, Run
+from service.models import ModelAlias, ModelArtifact, Recalibration, Run, RunStatus
 from service.serving.schemas import AliasMetric
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -95,14 +95,27 @@ def resolve_model(*, session: Session, name: str, version: int | None) -> Resolv
         .order_by(ModelArtifact.version)
     ).all()
     shas = {row.version: row.sha256 for row in rows}
-    if not shas and session.scalar(select(Run.id).where(Run.id == run_id)) is None:
+    run = None if shas else session.get(Run, run_id)
+    if not shas and run is None:
         raise NameNotFound(f"no model named {name}")
+    if run is not None:  # a run without a stored model: say why, whatever version was asked for
+        raise VersionNotFound(f"model {name} has no stored version: {no_model_reason(run)}")
     if version is None:
-        version = pinned if pinned is not None else max(shas, default=0)
+        version = pinned if pinned is not None else max(shas)
     if version not in shas:
-        detail = f"versions {', '.join(map(str, shas))}" if shas else "no stored model yet"
-        raise VersionNotFound(f"model {name} has no version {version} ({detail})")
+        raise VersionNotFound(f"model {name} has no version {version} (versions {', '.join(map(str, shas))})")
     return ResolvedModel(name=name, run_id=run_id, version=version, sha256=shas[version], versions=list(shas))
+
+
+def no_model_reason(run: Run) -> str:
+    """Why a run has no stored model, from what happened to it (an ended run never will)."""
+    if run.status == RunStatus.failed:
+        return f"run {run.id} failed ({run.error})" if run.error else f"run {run.id} failed"
+    if run.status == RunStatus.cancelled:
+        return f"run {run.id} was cancelled before it finished"
+    if run.status == RunStatus.succeeded:
+        return f"run {run.id} succeeded but its model is missing"
+    return f"run {run.id} is {run.status}; it gets a model if it succeeds"
 
 
 # ---------------------------------------------------------------------------------------- aliases
@@ -117,9 +130,24 @@ def alias_target(*, session: Session, alias: ModelAlias) -> tuple[str, int | Non
     if best is None:
         raise NoQualifyingRun(
             f"alias {alias.name} serves the best run of experiment {alias.experiment_id} by {alias.metric}, "
-            "and none of its runs has succeeded with a model yet"
+            f"and {no_qualifying_run_reason(session=session, experiment_id=alias.experiment_id or '')}"
         )
     return best[0], None
+
+
+def no_qualifying_run_reason(*, session: Session, experiment_id: str) -> str:
+    """Why no run of an experiment can be served: still training, or ended without a model."""
+    runs = experiment_repo.list_experiment_runs(session=session, experiment_id=experiment_id)
+    active = sum(not RunStatus(run.status).is_finished for run in runs)
+    if active:
+        still = f"{active} of {len(runs)} still queued or running"
+        return f"none of its runs has succeeded with a model yet ({still})"
+    return f"none of its {len(runs)} runs succeeded with a model, and all have ended"
+
+
+def experiment_has_ended(*, session: Session, experiment_id: str) -> bool:
+    runs = experiment_repo.list_experiment_runs(session=session, experiment_id=experiment_id)
+    return all(RunStatus(run.status).is_finished for run in runs)
 
 
 def experiment_best(*, session: Session, alias: ModelAlias) -> tuple[str, float] | None:
@@ -128,6 +156,15 @@ def experiment_best(*, session: Session, alias: ModelAlias) -> tuple[str, float]
     return experiment_repo.best_run(
         session=session, experiment_id=alias.experiment_id or "", metric=cast(AliasMetric, metric)
     )
+
+
+def aliases_naming(
+    *, session: Session, run_ids: Sequence[str], experiment_id: str | None = None
+) -> list[str]:
+    """Names of the aliases that point at any of these runs, or at the experiment."""
+    names_run = ModelAlias.run_id.in_(run_ids)
+    names = or_(names_run, ModelAlias.experiment_id == experiment_id) if experiment_id else names_run
+    return list(session.scalars(select(ModelAlias.name).where(names).order_by(ModelAlias.name)))
 
 
 def get_alias(*, session: Session, name: str) -> ModelAlias | None:

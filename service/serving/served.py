@@ -48,7 +48,7 @@ def require_succeeded_run(run_id: str) -> None:
         if run.status != RunStatus.succeeded:
             raise HTTPException(
                 status.HTTP_409_CONFLICT,
-                detail=f"run {run_id} is {run.status}; only a succeeded run has a model",
+                detail=f"only a succeeded run has a model, and {model_repo.no_model_reason(run)}",
             )
 
 

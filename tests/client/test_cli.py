@@ -209,3 +209,27 @@ def test_without_bnlab_url_the_cli_asks_bnlab_host_and_port(stack: Stack) -> Non
     )
     assert listed.returncode == 0, listed.stderr
     assert "items" in json.loads(listed.stdout)
+
+
+def test_rename_tag_and_rm_a_run_and_an_experiment(stack: Stack, tmp_path: Path) -> None:
+    run_id = stack.submit(TINY | {"name": "x" * 200})
+    stack.wait_for(run_id, {"succeeded"})
+    assert bnlab(stack, "rename", run_id, "cli-kept").stdout.strip() == f"run {run_id}: cli-kept"
+    assert bnlab(stack, "tag", run_id, "article", "bn").stdout.strip() == f"run {run_id}: tags article bn"
+    assert bnlab(stack, "tag", run_id, "bn", "--remove").stdout.strip() == f"run {run_id}: tags article"
+    assert stack.run(run_id) | {"name": "cli-kept", "tags": ["article"]} == stack.run(run_id)
+    stack.client.put("/api/v1/models/cli-alias", json={"run_id": run_id})
+    refused = bnlab(stack, "rm", run_id)
+    assert refused.returncode == 3
+    assert "(409): run" in refused.stderr
+    assert "served by the alias cli-alias" in refused.stderr
+    stack.client.delete("/api/v1/models/cli-alias")
+    assert bnlab(stack, "rm", run_id).stdout.strip() == f"deleted run {run_id}"
+    assert stack.client.get(f"/api/v1/runs/{run_id}").status_code == 404
+    grid = {"name": "cli-grid", "base": TINY, "grid": {"model.norm.kind": ["batch", "none"]}, "seeds": [0]}
+    created = stack.client.post("/api/v1/experiments", json=grid).json()
+    renamed = bnlab(stack, "experiment", "rename", created["id"], "cli grid, renamed")
+    assert renamed.stdout.strip() == f"experiment {created['id']}: cli grid, renamed"
+    assert bnlab(stack, "experiment", "rm", created["id"]).returncode == 0
+    for run in created["runs"]:
+        assert stack.client.get(f"/api/v1/runs/{run['id']}").status_code == 404

@@ -78,8 +78,8 @@ class Worker:
         return children[0]
 
     def kill_whole_worker(self) -> None:
-        """SIGKILL to the worker's process group: the main process and its pool, as an OOM or a lost
-        machine would."""
+        """SIGKILL to the worker's process group, as an OOM or a lost machine would: the main process
+        at once, its pool processes (which lead groups of their own) as they see it gone."""
         stop_process(self.process, group=True)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from service.cli import SHUTDOWN_GRACE_S
 from tests.conftest import postgres_backend_at, sqlite_backend_at
 from tests.drills.cluster import Cluster, cluster, wait_until
 
@@ -83,19 +85,38 @@ def test_whole_worker_kill_9_then_a_new_worker_completes_the_run_once(lab: Clust
     assert "resumes after epoch" in second.log.read_text()
 
 
-def test_sigterm_hands_the_run_back_and_the_next_worker_resumes_it(lab: Cluster) -> None:
+# `docker stop` signals the main process alone; Ctrl-C, `kill -TERM -PGID` and supervisors its group.
+@pytest.mark.parametrize("reaching", ["main process", "process group"])
+def test_sigterm_hands_the_run_back_and_the_next_worker_resumes_it(lab: Cluster, reaching: str) -> None:
     first = lab.start_worker()
     run_id = lab.submit(long_spec())
     wait_until(lambda: epochs_done(lab, run_id, 3), 60, "three epochs")
-    first.process.send_signal(signal.SIGTERM)
-    assert first.process.wait(timeout=20) == 0, "warm shutdown without waiting for the whole run"
+    pool_process = first.pool_child()
+    assert os.getpgid(pool_process) == pool_process, "a group signal must not reach the pool directly"
+    started = time.monotonic()
+    if reaching == "process group":
+        os.killpg(first.process.pid, signal.SIGTERM)
+    else:
+        first.process.send_signal(signal.SIGTERM)
+    # A warm shutdown that does not wait for the whole run, within the grace `bnlab run` gives it.
+    assert first.process.wait(timeout=SHUTDOWN_GRACE_S) == 0
+    print(f"worker exited {time.monotonic() - started:.1f} s after SIGTERM to its {reaching}")  # noqa: T201
     handed_back = lab.run(run_id)
     assert handed_back["status"] == "queued"
+    assert first.log.read_text().count("handed back to the queue at shutdown") == 1
     epochs, models = lab.counts(run_id)
     assert models == 0, "no half-written model"
     assert epochs == list(range(1, len(epochs) + 1))
     lab.start_worker()
     assert_completed_once(lab, run_id, attempts=1)  # a hand-back is not a failed attempt
+
+
+def test_a_pool_process_dies_with_its_main_process(sqlite_lab: Cluster) -> None:
+    worker = sqlite_lab.start_worker()
+    pool_process = worker.pool_child()
+    os.kill(worker.process.pid, signal.SIGKILL)  # the main process alone, as the OOM killer picks it
+    worker.process.wait(timeout=10)
+    wait_until(lambda: _is_zombie(pool_process), 10, "the orphaned pool process to go")
 
 
 def test_a_job_that_kills_its_worker_every_time_fails_after_three_attempts(sqlite_lab: Cluster) -> None:

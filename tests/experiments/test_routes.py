@@ -335,4 +335,4 @@ def test_presets_list_and_start_with_overrides(client: TestClient) -> None:
     # An upload has no id a preset could name: refused as input, not a 500 (found by make fuzz).
     uploaded = client.post("/api/v1/presets/seed-keras", json={"dataset": "uploaded", "seeds": [0]})
     assert uploaded.status_code == 422, uploaded.text
-    assert uploaded.json()["detail"][0]["loc"] == ["body", "dataset"]
+    assert uploaded.json()["errors"][0]["loc"] == ["body", "dataset"]

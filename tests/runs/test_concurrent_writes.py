@@ -101,3 +101,17 @@ def test_api_workers_and_reaper_write_at_once_without_lock_errors(
         assert finished
         for run in finished:
             assert [m.epoch for m in run_repo.list_epoch_metrics(session=session, run_id=run.id)] == [1, 2]
+
+
+def test_a_read_only_session_never_holds_up_a_writer(
+    sqlite_backend: Backend, use_backend: Callable[[Backend], None]
+) -> None:
+    """Event-stream polls read in read-only sessions: on SQLite they take no write lock, so a write
+    commits at once while one is open (with BEGIN IMMEDIATE it would wait out the busy timeout)."""
+    use_backend(sqlite_backend)
+    with session_scope(read_only=True) as reader:
+        run_repo.list_runs(session=reader, status=None, limit=1, offset=0)  # its transaction is open
+        started = time.monotonic()
+        with session_scope() as writer:
+            run_repo.create_run(session=writer, spec=SPEC)
+        assert time.monotonic() - started < 1

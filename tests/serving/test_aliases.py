@@ -73,8 +73,10 @@ def test_alias_refusals(client: TestClient, bn_run: str) -> None:
     assert client.put("/api/v1/models/a.b-c_1", json={"run_id": bn_run}).status_code == 201
     queued = client.post("/api/v1/runs", json={"dataset": {"name": "synthetic", "limit": 200}}).json()["id"]
     early = client.put("/api/v1/models/early", json={"run_id": queued})
-    assert early.status_code == 201
-    assert early.json()["serves_version"] is None  # named before it trained: serves once it has
+    assert early.status_code == 409  # no model to serve: name it once it has succeeded
+    assert early.json()["detail"] == (
+        f"an alias needs a run with a model, and run {queued} is queued; it gets a model if it succeeds"
+    )
 
 
 def finish_run(run_id: str, *, val_accuracy: float, val_loss: float, model: bool = True) -> None:

@@ -165,7 +165,7 @@ def test_wrong_field_wrong_content_type_and_train_mode_on_one_image(client: Test
 def test_json_body_errors_stay_422_with_locations(client: TestClient, bn_run: str) -> None:
     response = client.post(f"/api/v1/runs/{bn_run}/predict", json={"inputs": [], "extra": 1})
     assert response.status_code == 422
-    locations = [tuple(error["loc"]) for error in response.json()["detail"]]
+    locations = [tuple(error["loc"]) for error in response.json()["errors"]]
     assert ("body", "inputs") in locations
     assert ("body", "extra") in locations
     bad = client.post(f"/api/v1/runs/{bn_run}/predict", json={"inputs": [[0.5] * 3]})
