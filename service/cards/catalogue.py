@@ -974,8 +974,8 @@ SMALL_BATCH = _from_preset(
         PaperFigure("ResNet-50 ImageNet error: BN 23.6 % at batch 32 → 34.7 % at batch 2; GN 24.1 %.", True),
     ),
     setup="A 1 × 128 ReLU MLP, GN of 16 groups, Adam 1e-3, batch 2, 4 and 64, 3 000 samples.",
-    differences="An MLP on 3 000 Fashion-MNIST samples for 3 epochs: with the epochs fixed, batch 2 takes 32× "
-    "the steps of batch 64, which favours the small batches for every norm.",
+    differences="An MLP on 3 000 Fashion-MNIST samples for 3 epochs: with the epochs fixed, batch 2 takes "
+    "32× the steps of batch 64, which favours the small batches for every norm.",
     contrasts=tuple(
         diff(
             f"{kind}-beats-bn-at-{batch}",
