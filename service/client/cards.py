@@ -173,8 +173,18 @@ def _differs(card: dict[str, Any], report: dict[str, Any]) -> str:
     unsupported = [c for c in report["claims"] if c["verdict"] != "supported"]
     if not unsupported:
         return "Where bnlab differs from the paper: every claim is supported here, at this scale."
+
+    def against(c: dict[str, Any]) -> str:
+        sign = 1 if c["direction"] == "positive" else -1
+        return (
+            ", its effect pointing against the paper"
+            if c["effect"] is not None and sign * c["effect"] < 0
+            else ""
+        )
+
     listed = "; ".join(
-        f"{c['name']} is {c['verdict']}" + (f" ({c['reason']})" if c["reason"] else "") for c in unsupported
+        f"{c['name']} is {c['verdict']}" + (f" ({c['reason']}{against(c)})" if c["reason"] else against(c))
+        for c in unsupported
     )
     return f"Where bnlab differs from the paper: {listed}. Why that may be: {card['differences']}"
 
@@ -192,7 +202,9 @@ def record(
         "another; times are wall times from the card's start to its last run's end. The verdict rule is "
         "fixed before any run: a claim is a contrast of configuration means evaluated per seed (seeds "
         "pair the runs), tested with a paired t-test, Holm-adjusted across the card's claims; supported "
-        "needs adjusted p < 0.05, the claimed sign and at least the smallest effect that counts.",
+        "needs adjusted p < 0.05, the claimed sign and at least the smallest effect that counts. The "
+        "estimate is the cost model's for a quiet machine; each card gives the machine's 1-minute load "
+        "average as it ran: above the core count, other jobs shared the cores and the times stretch with it.",
         "",
         "| card | ran | time (estimate) | verdicts |",
         "|---|---|---|---|",
