@@ -43,7 +43,7 @@ fuzz: install
 ## and on Postgres + Redis (127.0.0.1): 100 concurrent submits, predict and V2 infer at 128 clients
 ## for 10 s, 200 SSE clients while runs train, 50 concurrent experiments of 10 runs. Fails on any 5xx
 ## but a 503 with Retry-After, and on a lost or duplicated run; prints throughput and p50/p99.
-## Needs hey (Debian: apt-get install hey). About five minutes on 2 cores.
+## Needs hey (Debian: apt-get install hey). Five to six minutes on 2 cores.
 loadtest: install
 	$(BIN)/python -m tests.load.run_load
 

@@ -28,7 +28,7 @@ from service.experiments.schemas import (
 from service.experiments.service import create_experiment, experiment_or_404, experiment_public, results
 from service.models import Experiment, RunStatus
 from service.runs import repository as run_repo
-from service.runs.service import commit_before_answering, refuse_if_aliased
+from service.runs.service import refuse_if_aliased
 
 router = APIRouter(prefix="/api/v1/experiments", tags=["experiments"])
 
@@ -99,7 +99,6 @@ def delete_experiment(experiment_id: ExperimentId, session: SessionDep) -> None:
     runs = experiment_repo.list_experiment_runs(session=session, experiment_id=experiment.id)
     refuse_if_aliased(session, f"experiment {experiment.id}", [run.id for run in runs], experiment.id)
     experiment_repo.delete_experiment(session=session, experiment=experiment)
-    commit_before_answering(session)
 
 
 @router.patch(
@@ -110,7 +109,7 @@ def patch_experiment(
 ) -> ExperimentPublic:
     experiment = experiment_or_404(session, experiment_id)
     run_repo.update_labels(target=experiment, changes=changes.model_dump(exclude_unset=True))
-    commit_before_answering(session)
+    session.flush()
     return experiment_public(session=session, experiment=experiment)
 
 

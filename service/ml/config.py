@@ -46,7 +46,17 @@ BATCH_STAT_KINDS: frozenset[str] = frozenset({"batch", "batch_renorm", "ghost", 
 EVAL_BN_KINDS: frozenset[str] = frozenset({"batch", "batch_renorm", "ghost", "noisy_batch"})
 NormPosition = Literal["after_activation", "before_activation"]
 Activation = Literal["relu", "sigmoid", "tanh", "gelu"]
-Arch = Literal["mlp", "cnn"]
+Arch = Literal["mlp", "cnn", "resnet", "resmlp"]
+RESIDUAL_ARCHS: frozenset[str] = frozenset({"resnet", "resmlp"})
+# Residual blocks (docs/deep-lab.md): post_activation is He et al. 2016's v1 (conv-norm-act-conv-norm,
+# add, act), pre_activation their v2 (norm-act-conv-norm-act-conv, add).
+BlockKind = Literal["post_activation", "pre_activation"]
+# A resnet's shortcut where a stage halves the map and doubles the channels: zero_pad is He et al.'s
+# option A (subsample, zero channels appended; no parameters), projection a 1×1 conv + norm (option B).
+Shortcut = Literal["zero_pad", "projection"]
+# default: the layers' own init. fixup (Zhang et al. 2019) and skipinit (De & Smith 2020) start each
+# residual branch at zero so that a deep network without normalisation trains.
+ResidualInit = Literal["default", "fixup", "skipinit"]
 DropoutPosition = Literal["before_norm", "after_norm"]
 # pytorch: Linear/Conv keep PyTorch's Kaiming-uniform(a=√5) init; glorot: Keras' Glorot-uniform kernels
 # with zero biases (bn-semantics.md §2).
@@ -116,6 +126,14 @@ class ModelConfig:
     dropout_position: DropoutPosition = "after_norm"
     init: Init = "pytorch"
     init_scale: float = 1.0  # multiplies every initial Linear/Conv weight (the init-scale experiment)
+    # resnet and resmlp only (the others ignore them): depth counts the weight layers on the longest
+    # path, stem and classifier included (resnet 6n+2, resmlp 2·blocks+2); width is a resnet's first
+    # stage channels (then 2×, 4×), a resmlp's hidden width.
+    depth: int = 20
+    width: int = 16
+    block: BlockKind = "post_activation"
+    shortcut: Shortcut = "zero_pad"
+    residual_init: ResidualInit = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

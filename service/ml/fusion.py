@@ -17,6 +17,11 @@ by computing the reparametrised weight once into a plain weight. Dropout and the
 network without normalisation are identities in eval mode and are left out.
 The arithmetic is done in float64 and cast back, so fused and unfused outputs agree within 1e-5.
 
+A residual network (service/ml/resnets.py) folds block by block: each block's branch and projection
+shortcut are Sequentials of their own, fused by the same rules (v1's conv → BN folds). A pre-activation
+block's first BN follows the residual addition and precedes an activation: nothing to fold it into, so
+v2 networks with BN stay unfused, and say so.
+
 What cannot fold leaves the whole model unfused, and the report says why: a BN without running
 statistics (`track_running_stats=False`), a BN with example weighing (`example_weight` > 0), and
 the layer, group, instance, batch-layer and filter-response norms normalise each input with
@@ -37,11 +42,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from service.ml.norms import BatchLayerNorm, FilterResponseNorm, ScaledWeightStandardization
+from service.ml.resnets import ResidualBlock
 
 # Identities in eval mode: dropped from the fused copy so BN and its Linear become neighbours.
 _EVAL_IDENTITY = (nn.Identity, nn.Dropout)
 _WHY_NOT_ADJACENT = (
-    "after a cnn block's activation, zero padding and pooling sit between it and the next conv"
+    "after a cnn block's activation, zero padding and pooling sit between it and the next conv; a "
+    "pre-activation block's norm follows the residual addition and precedes an activation"
 )
 # Layers whose eval output depends on the input's own statistics.
 _PER_INPUT = (
@@ -71,8 +78,15 @@ def fuse_bn(model: nn.Sequential) -> tuple[nn.Sequential, FusionReport]:
         raise ValueError("fusing BatchNorm needs a model in eval mode (call .eval() first)")
     names = [name for name, module in model.named_children() if not isinstance(module, _EVAL_IDENTITY)]
     plan: dict[str, str] = {}  # BN name -> Linear/Conv name
+    blocks: dict[str, tuple[ResidualBlock, tuple[tuple[str, str], ...]]] = {}
     for i, name in enumerate(names):
         module = model._modules[name]
+        if isinstance(module, ResidualBlock):
+            fused_block, block_report = _fuse_block(name, module)
+            if block_report.reason is not None:
+                return model, block_report
+            blocks[name] = fused_block, block_report.folded
+            continue
         reason = _cannot_fold(name, module)
         if reason is None and isinstance(module, _BatchNorm):
             target = _adjacent_layer(model, names, i)
@@ -83,8 +97,31 @@ def fuse_bn(model: nn.Sequential) -> tuple[nn.Sequential, FusionReport]:
         if reason is not None:
             return model, FusionReport(fused=False, folded=(), reason=reason)
     weight_normed = [name for name in names if parametrize.is_parametrized(model._modules[name], "weight")]
-    folded = (*plan.items(), *((f"{name}.{_parametrization(model, name)}", name) for name in weight_normed))
-    return _apply(model, names, plan), FusionReport(fused=True, folded=folded, reason=None)
+    in_blocks = [pair for _, block_folded in blocks.values() for pair in block_folded]
+    reparametrised = ((f"{name}.{_parametrization(model, name)}", name) for name in weight_normed)
+    folded = (*plan.items(), *in_blocks, *reparametrised)
+    fused = _apply(model, names, plan)
+    for name, (block, _) in blocks.items():
+        setattr(fused, name, block)
+    return fused, FusionReport(fused=True, folded=folded, reason=None)
+
+
+def _fuse_block(name: str, block: ResidualBlock) -> tuple[ResidualBlock, FusionReport]:
+    """A copy of `block` with its branch (and a projection shortcut) fused; the report's names are
+    qualified (`block3.branch.bn1`)."""
+    fused = copy.deepcopy(block)
+    folded: list[tuple[str, str]] = []
+    for part_name in ("branch", "shortcut"):
+        part = block.get_submodule(part_name)
+        if not isinstance(part, nn.Sequential):
+            continue  # an identity or zero-padding shortcut: nothing to fold
+        fused_part, report = fuse_bn(part)
+        prefix = f"{name}.{part_name}"
+        if report.reason is not None:
+            return block, FusionReport(fused=False, folded=(), reason=f"{prefix}.{report.reason}")
+        folded += [(f"{prefix}.{bn}", f"{prefix}.{layer}") for bn, layer in report.folded]
+        setattr(fused, part_name, fused_part)
+    return fused, FusionReport(fused=True, folded=tuple(folded), reason=None)
 
 
 def _parametrization(model: nn.Sequential, name: str) -> str:

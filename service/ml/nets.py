@@ -7,10 +7,14 @@ the softmax lives in the loss). `make_net` generalises it, every switch a config
 - `cnn`: the input as (C, H, W) → [Conv 3×3 (pad 1) → norm → act (or act → norm), then 2×2
   max-pooling while the map is at least 2×2] per entry of `channels` → global average pool →
   Linear. It needs an image-like input (C, H, W): 1×28×28 and 3×32×32 alike.
+- `resnet` and `resmlp`: residual networks (service/ml/resnets.py): He et al.'s CIFAR ResNet of depth
+  6n + 2 and a residual MLP, post- or pre-activation blocks, with Fixup or SkipInit as init options.
 
 Dropout (p > 0) sits right before or right after each block's norm slot. Every block has a norm slot
 named `bn{i}` whatever the kind (an Identity for `none` and `weight`), so probes compare runs with
-and without normalisation layer by layer (`norm_slots`), and state_dict keys never shift.
+and without normalisation layer by layer (`norm_slots`), and state_dict keys never shift. A residual
+network's slots sit in its blocks (`block3.branch.bn1`), with `bn0` in the stem and `bn_out` after the
+last pre-activation block.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from service.ml.config import ModelConfig
+from service.ml import resnets
+from service.ml.config import RESIDUAL_ARCHS, ModelConfig
 from service.ml.norms import make_norm, seed_noise, standardize_weights
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -34,7 +39,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "gelu": nn.GELU,
 }
-_SLOT = re.compile(r"bn\d+")
+_SLOT = re.compile(r"bn(\d+|_out)")
 Block = list[tuple[str, nn.Module]]
 
 
@@ -46,28 +51,36 @@ def make_net(cfg: ModelConfig) -> nn.Sequential:
     checkpoints stay readable across configurations.
     """
     _check(cfg)
-    layers = _mlp(cfg) if cfg.arch == "mlp" else _cnn(cfg)
-    net = nn.Sequential(OrderedDict(layers))
+    net = nn.Sequential(OrderedDict(_layers(cfg)))
     _initialise(net, cfg)
+    resnets.initialise(net, cfg)  # Fixup re-draws its branches and zeroes the classifier
+    # Every Linear/Conv but the output layer, input to output (inside residual blocks too).
+    hidden = [m for name, m in net.named_modules() if name != "out" and isinstance(m, nn.Linear | nn.Conv2d)]
     if cfg.norm.kind == "weight":
         # After init, so g = ‖v‖ starts the network at the weights just drawn (Salimans & Kingma).
-        for name, module in net.named_children():
-            if re.fullmatch(r"(fc|conv)\d+", name):
-                weight_norm(module, name="weight", dim=0)
+        for module in hidden:
+            weight_norm(module, name="weight", dim=0)
     if cfg.norm.kind == "ws":  # after init too: WS standardises whatever weights were drawn
-        hidden = [
-            m
-            for name, m in net.named_children()
-            if re.fullmatch(r"(fc|conv)\d+", name) and isinstance(m, nn.Linear | nn.Conv2d)
-        ]
         standardize_weights(hidden, cfg.activation, cfg.norm.learns_gamma)
     seed_noise(net)  # noisy_batch: each layer its own noise stream
     return net
 
 
+def _layers(cfg: ModelConfig) -> Block:
+    if cfg.arch == "resnet":
+        return resnets.resnet(cfg, _ACTIVATIONS[cfg.activation])
+    if cfg.arch == "resmlp":
+        return resnets.resmlp(cfg, _ACTIVATIONS[cfg.activation])
+    return _mlp(cfg) if cfg.arch == "mlp" else _cnn(cfg)
+
+
 def _check(cfg: ModelConfig) -> None:
-    if cfg.arch not in ("mlp", "cnn"):
-        raise ValueError(f"unknown arch {cfg.arch!r}; expected 'mlp' or 'cnn'")
+    if cfg.arch not in ("mlp", "cnn", *sorted(RESIDUAL_ARCHS)):
+        raise ValueError(f"unknown arch {cfg.arch!r}; expected 'mlp', 'cnn', 'resnet' or 'resmlp'")
+    if cfg.residual_init not in ("default", "fixup", "skipinit"):
+        raise ValueError(f"unknown residual init {cfg.residual_init!r}")
+    if cfg.arch not in RESIDUAL_ARCHS and cfg.residual_init != "default":
+        raise ValueError(f"init {cfg.residual_init!r} needs residual blocks: arch 'resnet' or 'resmlp'")
     if cfg.activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {cfg.activation!r}; expected one of {sorted(_ACTIVATIONS)}")
     if cfg.norm.position not in ("after_activation", "before_activation"):
@@ -76,7 +89,9 @@ def _check(cfg: ModelConfig) -> None:
         raise ValueError(f"unknown dropout position {cfg.dropout_position!r}")
     if not 0 <= cfg.dropout < 1 or not cfg.init_scale > 0 or cfg.init not in ("pytorch", "glorot"):
         raise ValueError("dropout must be in [0, 1), init_scale > 0, init 'pytorch' or 'glorot'")
-    if cfg.norm.kind == "frn" and (cfg.activation != "relu" or cfg.norm.position != "before_activation"):
+    if cfg.arch in RESIDUAL_ARCHS:
+        resnets.check(cfg)
+    elif cfg.norm.kind == "frn" and (cfg.activation != "relu" or cfg.norm.position != "before_activation"):
         raise ValueError(
             "norm kind frn ends in its own activation, the TLU max(y, τ) that replaces ReLU: it needs "
             "activation 'relu' and position 'before_activation' (Linear/Conv → FRN → TLU)"
@@ -155,8 +170,13 @@ def _weighted(net: nn.Module) -> Iterator[nn.Linear | nn.Conv2d]:
 
 
 def norm_slots(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The normalisation slot of each block (`bn1`, `bn2`, …) in order, Identity ones included."""
-    return [(name, module) for name, module in model.named_children() if _SLOT.fullmatch(name)]
+    """The normalisation slot of each block (`bn1`, `bn2`, …; `block1.branch.bn1`, … in a residual
+    network) in order, Identity ones included."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if _SLOT.fullmatch(name.rpartition(".")[2]) and ".parametrizations." not in name
+    ]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -191,13 +211,28 @@ def forward_flops(cfg: ModelConfig) -> int:
         elif not isinstance(module, nn.Sequential):
             total += ELEMENTWISE_FLOPS * output.numel()
 
+    def count_block(module: nn.Module, _args: object, output: torch.Tensor) -> None:
+        nonlocal total  # the addition, α or Fixup's scalars: a few operations per value
+        total += ELEMENTWISE_FLOPS * output.numel()
+
     with torch.device("meta"):
         net = make_net(cfg).eval()
-        handles = [m.register_forward_hook(count) for m in net.children()]
+        handles = [m.register_forward_hook(count) for m in _counted(net)]
+        handles += [m.register_forward_hook(count_block) for m in resnets.blocks(net)]
         net(torch.empty(1, *cfg.input_shape))
     for handle in handles:
         handle.remove()
     return total
+
+
+def _counted(module: nn.Module) -> Iterator[nn.Module]:
+    """The layers whose outputs forward_flops counts: every Linear/Conv (a weight-normalised one with
+    its parametrization) and every other module without children, inside blocks too."""
+    for child in module.children():
+        if isinstance(child, nn.Linear | nn.Conv2d) or not any(True for _ in child.children()):
+            yield child
+        else:
+            yield from _counted(child)
 
 
 def warm_up_meta_device() -> None:

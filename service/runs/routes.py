@@ -29,7 +29,6 @@ from service.runs.schemas import (
     SlotStatisticPublic,
 )
 from service.runs.service import (
-    commit_before_answering,
     publish_runs,
     refuse_if_aliased,
     require_capacity,
@@ -160,13 +159,12 @@ def delete_run(run: RunDep, session: SessionDep) -> None:
     # No cancel flag to set: the worker checks, between steps, that it still holds the run (the same
     # read that sees a cancel); a deleted run is held by no one, so it stops there and writes nothing.
     run_repo.delete_runs(session=session, run_ids=[run.id])
-    commit_before_answering(session)
 
 
 @router.patch("/{run_id}", summary="Rename a run, or set its tags or notes (fields left out stay)")
 def patch_run(run: RunDep, changes: RunPatch, session: SessionDep) -> RunPublic:
     run_repo.update_labels(target=run, changes=changes.model_dump(exclude_unset=True))
-    commit_before_answering(session)
+    session.flush()
     return run_public(session=session, run=run)
 
 

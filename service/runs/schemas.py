@@ -41,6 +41,8 @@ DatasetId = Annotated[
     str, Field(pattern=r"^[0-9a-f]{32}$", description="Server-generated dataset id (32 hex).")
 ]
 Width = Annotated[int, NotBool, Field(ge=1, le=4096)]
+# Hidden layers of an mlp, and weight layers of a resnet or resmlp (docs/deep-lab.md).
+MAX_DEPTH = 128
 
 
 class NormSpec(BaseModel):
@@ -228,13 +230,53 @@ Channels = Annotated[int, NotBool, Field(ge=1, le=512)]
 class ModelSpec(BaseModel):
     model_config = STRICT
 
-    arch: Literal["mlp", "cnn"] = Field(
+    arch: Literal["mlp", "cnn", "resnet", "resmlp"] = Field(
         "mlp",
         description="mlp: Flatten → [Linear → act → norm] × len(hidden) → Linear. cnn: [Conv 3×3 → norm → "
         "act, 2×2 max-pool while the map is ≥ 2×2] × len(channels) → global average pool → Linear; needs "
-        "image data (C, H, W). Each uses only its own widths (hidden or channels).",
+        "image data (C, H, W). Each uses only its own widths (hidden or channels). resnet: He et al.'s "
+        "CIFAR ResNet (3 stages of `width`, 2·`width`, 4·`width` channels, depth = 6n + 2), needs image "
+        "data. resmlp: a Linear stem, (depth − 2)/2 residual blocks of two Linear layers at `width`, and "
+        "the classifier.",
     )
-    hidden: list[Width] = Field([128], min_length=1, max_length=16, description="mlp: hidden layer widths.")
+    hidden: list[Width] = Field(
+        [128], min_length=1, max_length=MAX_DEPTH, description="mlp: hidden layer widths."
+    )
+    depth: Annotated[int | None, NotBool] = Field(
+        None,
+        ge=1,
+        le=MAX_DEPTH,
+        description="mlp: hidden layers, with `width` a shorthand for hidden = [width] × depth (the echo "
+        "shows both). resnet: weight layers, 6n + 2 (20, 56, 110; default 20). resmlp: weight layers, "
+        "2·blocks + 2 (default 8). Null for a cnn.",
+    )
+    width: Annotated[int | None, NotBool] = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="mlp: the width of every hidden layer (with `depth`; null in the echo when the widths "
+        "differ). resnet: the first stage's channels (default 16: 16/32/64), at most 128. resmlp: the "
+        "hidden width (default 128).",
+    )
+    block: Literal["post_activation", "pre_activation"] | None = Field(
+        None,
+        description="resnet, resmlp: post_activation (He et al. 2016, v1: conv → norm → act → conv → norm, "
+        "add, act) or pre_activation (He et al. 2016b, v2: norm → act → conv → norm → act → conv, add). "
+        "Default post_activation; null for mlp and cnn. The norm's place is the block's: "
+        "model.norm.position is before_activation.",
+    )
+    shortcut: Literal["zero_pad", "projection"] | None = Field(
+        None,
+        description="resnet, where a stage halves the map and doubles the channels: zero_pad (He et al.'s "
+        "option A, subsample and append zero channels, no parameters; the default) or projection "
+        "(option B, 1×1 conv with stride 2 and a norm). Null for the other archs.",
+    )
+    init: Literal["default", "fixup", "skipinit"] = Field(
+        "default",
+        description="resnet, resmlp without normalisation (norm kind none): fixup (Zhang et al. 2019: "
+        "scalar biases and multiplier, branch scaled by L^(−1/2), last branch layer and classifier zero) or "
+        "skipinit (De & Smith 2020: each branch times a learnable α = 0); default: the layers' own init.",
+    )
     channels: list[Channels] = Field(
         [32, 64], min_length=1, max_length=8, description="cnn: output channels of each conv block."
     )
@@ -252,24 +294,105 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _norm_fits_widths(self) -> Self:
+        self._resolve_depth_and_width()
+        residual = self.arch in ("resnet", "resmlp")
+        if residual and self.norm.position == "after_activation":
+            raise ValueError(
+                "model.norm.position after_activation does not apply to residual blocks: their norm comes "
+                "before the activation, in the order model.block gives (post_activation or pre_activation)"
+            )
+        if residual and self.norm.kind == "frn":
+            raise ValueError(
+                "norm kind frn ends in its own activation (the TLU), which the norm a residual block "
+                "applies before its addition must not have: use frn with arch 'mlp' or 'cnn'"
+            )
         if self.norm.kind == "frn":
             self._check_frn()
         if self.norm.position is None:  # the article's Keras MLP; the standard Conv–Norm–Act block
             self.norm.position = "after_activation" if self.arch == "mlp" else "before_activation"
-        widths = self.hidden if self.arch == "mlp" else self.channels
+        widths, field = self._widths()
+        vector = self.arch in ("mlp", "resmlp")
         groups = self.norm.num_groups
         if self.norm.kind == "group":
             # On an mlp a group of one feature has no variance: GroupNorm refuses it.
-            bad = [w for w in widths if w % groups or (self.arch == "mlp" and w // groups < 2)]
+            bad = [w for w in widths if w % groups or (vector and w // groups < 2)]
             if bad:
-                field = "hidden" if self.arch == "mlp" else "channels"
                 raise ValueError(
                     f"model.norm.num_groups {groups} must divide every model.{field} width (an mlp needs "
                     f"groups of at least 2 features); it does not for {bad}"
                 )
-        if self.norm.kind == "instance" and self.arch == "mlp":
-            raise ValueError("norm kind instance needs spatial dimensions: use it with arch 'cnn'")
+        if self.norm.kind == "instance" and vector:
+            raise ValueError(
+                "norm kind instance needs spatial dimensions: use it with arch 'cnn' or 'resnet'"
+            )
         return self
+
+    def _widths(self) -> tuple[list[int], str]:
+        if self.arch == "mlp":
+            return self.hidden, "hidden"
+        if self.arch == "cnn":
+            return self.channels, "channels"
+        assert self.width is not None
+        if self.arch == "resnet":
+            return [self.width, 2 * self.width, 4 * self.width], "width (× 1, 2, 4)"
+        return [self.width], "width"
+
+    def _resolve_depth_and_width(self) -> None:
+        """Fill in depth, width, block, shortcut for the arch, and refuse those that do not apply."""
+        if self.arch == "mlp":
+            self._resolve_mlp_shorthand()
+        elif self.arch == "cnn":
+            given = [f for f in ("depth", "width", "block", "shortcut") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"model.{given[0]} does not apply to arch 'cnn' (it uses model.channels)")
+        else:
+            self._resolve_residual()
+        if self.init != "default" and self.arch not in ("resnet", "resmlp"):
+            raise ValueError(f"model.init {self.init} needs residual blocks: arch 'resnet' or 'resmlp'")
+        if self.init != "default" and self.norm.kind != "none":
+            raise ValueError(
+                f"model.init {self.init} is the trainable init that replaces normalisation: use it with "
+                f"model.norm.kind none, not {self.norm.kind!r}"
+            )
+
+    def _resolve_mlp_shorthand(self) -> None:
+        for field in ("block", "shortcut"):
+            if getattr(self, field) is not None:
+                raise ValueError(f"model.{field} applies to arch 'resnet' or 'resmlp', not 'mlp'")
+        if "hidden" in self.model_fields_set:  # depth and width, if given, must describe it
+            if (self.depth is not None and self.depth != len(self.hidden)) or (
+                self.width is not None and set(self.hidden) != {self.width}
+            ):
+                raise ValueError(
+                    f"model.hidden ({len(self.hidden)} layers) conflicts with model.depth {self.depth} × "
+                    f"model.width {self.width}: give hidden, or depth and width"
+                )
+        elif self.depth is not None or self.width is not None:  # the shorthand; width defaults to 128
+            width = self.width if self.width is not None else self.hidden[0]
+            self.hidden = [width] * (self.depth if self.depth is not None else len(self.hidden))
+        self.depth = len(self.hidden)
+        self.width = self.hidden[0] if len(set(self.hidden)) == 1 else None
+
+    def _resolve_residual(self) -> None:
+        resnet = self.arch == "resnet"
+        self.depth = self.depth if self.depth is not None else (20 if resnet else 8)
+        self.width = self.width if self.width is not None else (16 if resnet else 128)
+        self.block = self.block or "post_activation"
+        if self.dropout > 0:
+            raise ValueError("model.dropout applies to arch 'mlp' and 'cnn', not to residual blocks")
+        if resnet:
+            if self.depth < 8 or (self.depth - 2) % 6:
+                raise ValueError(
+                    f"model.depth {self.depth}: a resnet has 6n + 2 layers (8, 14, 20, …, 56, …, 110, …, 122)"
+                )
+            if self.width > 128:
+                raise ValueError(f"model.width {self.width}: a resnet's first stage has at most 128 channels")
+            self.shortcut = self.shortcut or "zero_pad"
+            return
+        if self.depth < 4 or self.depth % 2:
+            raise ValueError(f"model.depth {self.depth}: a resmlp has 2·blocks + 2 layers (4, 6, 8, …, 128)")
+        if self.shortcut is not None:
+            raise ValueError("model.shortcut applies to arch 'resnet' (a resmlp's blocks keep their width)")
 
     def _check_frn(self) -> None:
         # FRN ends in its TLU max(y, τ), a learned-threshold ReLU that is the block's activation.

@@ -134,9 +134,3 @@ def refuse_if_aliased(
             f"{'them' if len(names) > 1 else 'it'} at another run (PUT /api/v1/models/{names[0]}) or delete "
             f"{'them' if len(names) > 1 else 'it'} (DELETE /api/v1/models/{names[0]}) first",
         )
-
-
-def commit_before_answering(session: Session) -> None:
-    """Commit now: get_db commits only after the response has been sent (FastAPI closes a yield
-    dependency after the response), so a client could read the old state right after a 2xx."""
-    session.commit()

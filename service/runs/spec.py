@@ -9,10 +9,10 @@ cost model all ask here, so the network that is checked is the network that trai
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.ml import nets
-from service.ml.config import ModelConfig, NormConfig, TrainConfig
+from service.ml.config import RESIDUAL_ARCHS, ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import BUILTIN_SHAPES, DataShape
 
 if TYPE_CHECKING:
@@ -44,7 +44,17 @@ def model_config(spec: RunCreate, shape: DataShape = DEFAULT_SHAPE) -> ModelConf
         dropout_position=model.dropout_position,
         init="glorot" if spec.compat == "keras" else "pytorch",
         init_scale=model.init_scale,
+        **_residual_fields(spec),
     )
+
+
+def _residual_fields(spec: RunCreate) -> dict[str, Any]:
+    """A resnet's or resmlp's depth, width, block, shortcut and init (ModelSpec resolved them)."""
+    model = spec.model
+    if model.arch not in RESIDUAL_ARCHS:
+        return {}
+    fields = {"depth": model.depth, "width": model.width, "block": model.block, "residual_init": model.init}
+    return fields | ({"shortcut": model.shortcut} if model.shortcut is not None else {})
 
 
 def train_config(spec: RunCreate) -> TrainConfig:
@@ -64,10 +74,10 @@ def train_config(spec: RunCreate) -> TrainConfig:
 
 def shape_problem(spec: RunCreate, shape: DataShape, *, max_parameters: int) -> str | None:
     """Why the spec's network cannot train on data of this shape within the parameter budget, or None."""
-    if spec.model.arch != "mlp" and len(shape.input_shape) != 3:
+    if spec.model.arch in ("cnn", "resnet") and len(shape.input_shape) != 3:
         return (
             f"arch {spec.model.arch!r} needs image data [C, H, W]; dataset {spec.dataset.name!r} has "
-            f"samples of shape {list(shape.input_shape)}: use arch 'mlp'"
+            f"samples of shape {list(shape.input_shape)}: use arch 'mlp' or 'resmlp'"
         )
     try:
         parameters = nets.parameter_count(model_config(spec, shape))
@@ -77,6 +87,7 @@ def shape_problem(spec: RunCreate, shape: DataShape, *, max_parameters: int) -> 
         inputs = math.prod(shape.input_shape)
         return (
             f"model has {parameters:,} parameters on {spec.dataset.name} ({inputs:,} inputs, "
-            f"{shape.num_classes} classes); the limit is {max_parameters:,}"
+            f"{shape.num_classes} classes); the limit is {max_parameters:,} parameters (the service's "
+            "parameter budget)"
         )
     return None

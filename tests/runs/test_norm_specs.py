@@ -84,7 +84,7 @@ def test_defaults_echo_every_new_field(client: TestClient) -> None:
         ({"dropout": 0.95}, {}, ["dropout"]),
         ({"dropout_position": "inside"}, {}, ["dropout_position"]),
         ({"init_scale": 0}, {}, ["init_scale"]),
-        ({"arch": "resnet"}, {}, ["arch"]),
+        ({"arch": "densenet"}, {}, ["arch"]),
         ({"arch": "cnn", "channels": [0]}, {}, ["channels"]),
         ({"activation": "swish"}, {}, ["activation"]),
         ({}, {"schedule": {"kind": "exponential"}}, ["schedule"]),

@@ -23,11 +23,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from service import crud
 from service.db import SQLITE_BUSY_TIMEOUT_MS, get_engine, session_scope
 from service.main import create_app
-from tests.api.test_datasets_api import features, npz_bytes, upload
+from service.runs import repository as run_repo
 from tests.conftest import Backend
+from tests.datasets.test_routes import features, npz_bytes, upload
 from tests.integration.stack import free_port
 
 CLIENTS = 60
@@ -85,7 +85,7 @@ def test_sixty_concurrent_submits_are_all_accepted_within_seconds(server_url: st
     assert codes == [202], f"status codes {codes}, slowest {slowest:.1f} s"
     assert slowest < SLOWEST_S, f"slowest submit took {slowest:.1f} s"
     with session_scope() as session:
-        runs, total = crud.list_runs(session=session, status=None, limit=1000, offset=0)
+        runs, total = run_repo.list_runs(session=session, status=None, limit=1000, offset=0)
         assert total == CLIENTS
         assert all(run.enqueued_at is not None for run in runs), "every run marked as published"
 
@@ -110,7 +110,7 @@ def test_an_experiment_on_an_upload_is_published_without_waiting_on_itself(
     assert response.status_code == 202, response.text
     assert seconds < SLOWEST_S, f"took {seconds:.1f} s"
     with session_scope() as session:
-        runs, total = crud.list_runs(session=session, status=None, limit=10, offset=0)
+        runs, total = run_repo.list_runs(session=session, status=None, limit=10, offset=0)
         assert total == 3
         assert all(run.enqueued_at is not None for run in runs)
 
@@ -135,7 +135,7 @@ def test_a_database_too_busy_answers_503_with_retry_after(
     def busy(**_: object) -> None:
         raise error()
 
-    monkeypatch.setattr(crud, "create_run", busy)
+    monkeypatch.setattr(run_repo, "create_run", busy)
     with TestClient(create_app()) as client:
         response = client.post("/api/v1/runs", json=SPEC)
     assert response.status_code == 503, response.text
@@ -151,6 +151,6 @@ def test_any_other_database_error_stays_a_500(
     def broken(**_: object) -> None:
         raise OperationalError("INSERT", {}, sqlite3.OperationalError("no such table: run"))
 
-    monkeypatch.setattr(crud, "create_run", broken)
+    monkeypatch.setattr(run_repo, "create_run", broken)
     with TestClient(create_app(), raise_server_exceptions=False) as client:
         assert client.post("/api/v1/runs", json=SPEC).status_code == 500
