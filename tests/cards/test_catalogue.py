@@ -12,8 +12,10 @@ from service.experiments.presets import PRESETS
 
 AVAILABLE_ON_MAIN = {
     "article-seed",
+    "article-depth",
     "wu-he-2018",
     "ziaee-2022",
+    "summers-2020",
     "higher-lr",
     "small-batch",
     "deep-sigmoid",
