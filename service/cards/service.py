@@ -354,6 +354,15 @@ def judge(loaded: LoadedRun) -> list[verdicts.ClaimResult]:
     return verdicts.judge_card(loaded.card, loaded.rows, finished=loaded.finished)
 
 
+def _estimate_of(loaded: LoadedRun, scale: str, processes: int) -> int:
+    """The cost model's estimate for this run, from the card's own grids (a stored spec is the normalised
+    one: re-expanding it could clash with a grid axis such as model.depth, which the submitted base left
+    to the grid)."""
+    spec = loaded.specs[0]
+    size: Scale = scale if scale in ("test", "quick", "full") else "quick"  # type: ignore[assignment]
+    return estimate(experiment_specs(loaded.card, size, spec.base.dataset.name, list(spec.seeds)), processes)
+
+
 def card_report(loaded: LoadedRun, settings: Settings) -> CardReportPublic:
     """The report of a loaded card run: per claim the statistics and verdict; the times."""
     card, first = loaded.card, loaded.first
@@ -372,7 +381,7 @@ def card_report(loaded: LoadedRun, settings: Settings) -> CardReportPublic:
         created_at=first.created_at,
         finished_at=loaded.finished_at,
         measured_seconds=measured,
-        estimated_seconds=estimate(loaded.specs, settings.training_processes),
+        estimated_seconds=_estimate_of(loaded, scale, settings.training_processes),
         claims=[claim_report(r) for r in results],
         summary=verdicts.summary(card, results, finished=loaded.finished),
         verdict_rule=VERDICT_RULE,

@@ -152,3 +152,13 @@ def test_a_card_run_reports_paired_verdicts_holm_and_draws_its_figure(client: Te
 def test_the_figure_is_409_before_any_epoch(client: TestClient) -> None:
     report = client.post("/api/v1/cards/deep-sigmoid", json={"scale": "test"}).json()
     assert client.get(report["figure_png"]).status_code == 409
+
+
+def test_a_card_whose_grid_sets_the_depth_reports_its_estimate(client: TestClient) -> None:
+    # The stored spec is the normalised one (hidden filled in): the estimate comes from the card's grids.
+    answer = client.post("/api/v1/cards/article-depth", json={"scale": "test"})
+    assert answer.status_code == 202, answer.text
+    report = answer.json()
+    assert report["estimated_seconds"] > 0
+    assert len(report["experiments"]) == 3
+    assert client.get(f"/api/v1/cards/article-depth/runs/{report['run_id']}").status_code == 200
