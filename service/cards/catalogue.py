@@ -227,7 +227,9 @@ ARTICLE_DEPTH = Card(
     paper_figures=(PaperFigure("Qualitative: no number is quoted.", False),),
     setup="ReLU MLPs of 10, 30 and 100 hidden layers of width 64 with and without BN, and residual MLPs "
     "(resmlp) of the same depths with BN, Fixup or SkipInit; SGD with momentum, Fashion-MNIST.",
-    differences="MLPs on Fashion-MNIST instead of CNNs on CIFAR-10, and a few epochs.",
+    differences="MLPs on Fashion-MNIST instead of CNNs on CIFAR-10, and a few epochs at one learning rate: a "
+    "100-layer plain MLP with BN has exploding gradients at initialisation (Yang et al. 2019), so at this "
+    "rate both plain 100-layer nets can stay at chance, which makes 'BN alone trains depth 100' fail here.",
     base={
         "model": {"width": 64, "activation": "relu", "norm": {"position": "before_activation"}},
         "train": {"batch_size": 64, "optimizer": "sgd", "lr": 0.02, "momentum": 0.9},
