@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint format migrate fuzz loadtest loadtest-short bench bench-serve bench-train bench-scale replications clean
+.PHONY: install run test lint format migrate fuzz loadtest loadtest-short bench bench-serve bench-train bench-scale compose-test replications clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,13 @@ lint: install
 format: install
 	$(BIN)/ruff format service workers migrations tests bench
 	$(BIN)/ruff check --fix service workers migrations tests bench
+
+## The container deployment for real (needs root, or Podman already set up): a Debian base made with
+## debootstrap, the images built with Podman, docker-compose.yml run with podman-compose on loopback,
+## the README's session and a worker-restart drill against it, then down. Images and the base are kept
+## in build/compose-test for the next run (tests/deploy/drive_compose.py; docs/deployment.md).
+compose-test:
+	$(PYTHON) tests/deploy/drive_compose.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

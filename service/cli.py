@@ -31,8 +31,10 @@ def worker_command() -> list[str]:
         "--loglevel", settings.log_level.upper(),
         "--queues", settings.queue,
         "--concurrency", str(settings.training_processes),
-        # Unique per worker process, so that runs held by one node can be told from another's.
-        "--hostname", f"bnlab-{os.getpid()}@%h",
+        # Unique per start, so that runs held by one node can be told from another's and a restarted
+        # worker may take back what its predecessor handed back at shutdown. The PID alone is not: in a
+        # container the worker is PID 1 on every start, and a restarted container keeps its hostname.
+        "--hostname", f"bnlab-{os.getpid()}-{os.urandom(3).hex()}@%h",
         # Gossip, mingle and broker heartbeats are cluster chatter bnlab does not use.
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip

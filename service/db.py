@@ -66,9 +66,24 @@ def make_engine(url: str) -> Engine:
     )
 
 
-@lru_cache
+# One engine per (URL, process): a forked Celery pool child builds its own instead of reusing the
+# parent's. Kept in a dict rather than a cache so that dispose_engines can close them all.
+_ENGINES: dict[tuple[str, int], Engine] = {}
+
+
 def _engine_for_process(url: str, pid: int) -> Engine:
-    return make_engine(url)
+    if (url, pid) not in _ENGINES:
+        _ENGINES[(url, pid)] = make_engine(url)
+    return _ENGINES[(url, pid)]
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection of this process's engines and forget them (a process that
+    switches databases, such as the test suite, so that no connection outlives its database)."""
+    for engine in _ENGINES.values():
+        engine.dispose()
+    _ENGINES.clear()
+    _session_factory.cache_clear()
 
 
 def get_engine() -> Engine:

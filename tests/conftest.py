@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from service.config import get_settings
+from service.db import dispose_engines
 from service.migrate import upgrade_to_head
 from service.queue import producer_app
 
@@ -36,6 +37,7 @@ class Backend:
 def clear_setting_caches() -> None:
     get_settings.cache_clear()
     producer_app.cache_clear()
+    dispose_engines()  # before a test's database is dropped: no pooled connection outlives it
 
 
 def bnlab_free_environ() -> dict[str, str]:

@@ -9,7 +9,7 @@ from fastapi import Depends, HTTPException, Path, Query, status
 from sqlalchemy.orm import Session
 
 from service.config import Settings, get_settings
-from service.db import new_session, session_scope
+from service.db import session_scope
 from service.experiments import repository as experiment_repo
 from service.models import Run
 from service.runs import repository as run_repo
@@ -24,15 +24,8 @@ def get_db() -> Iterator[Session]:
     Function-scoped (below): the commit runs before the response is sent, not after, so a client
     never gets a 2xx for a write that then failed to commit, and a transaction (on SQLite, the
     database's write lock) is never held while the answer travels to a slow client."""
-    session = new_session()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]

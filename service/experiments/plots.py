@@ -6,6 +6,10 @@ and workers do not pay its import time unless a plot is asked for.
 
 Every data line carries an SVG id (`gid`) starting with `curve-`, every band one starting with
 `band-`, so a caller (or a test) can find them in the SVG.
+
+The same conventions as the dashboard's charts (service/web/chart.js): configuration i has colour
+PALETTE[i % 10] (matplotlib's tab10, in grid order) and, past the tenth, another marker; training
+is solid and validation dashed.
 """
 
 from __future__ import annotations
@@ -60,15 +64,31 @@ def _new_figure(rows: int = 1) -> tuple[Figure, list[Axes]]:
     return fig, axes
 
 
-def _draw(ax: Axes, b: Band, *, label: str, color: str, style: str, gid: str) -> None:
+def _draw(ax: Axes, b: Band, *, label: str, color: str, style: str, marker: str, gid: str) -> None:
     x, mean, std = np.array(b.epochs), np.array(b.mean), np.array(b.std)
-    ax.plot(x, mean, linestyle=style, color=color, marker="o", markersize=3, label=label, gid=f"curve-{gid}")
+    ax.plot(
+        x, mean, linestyle=style, color=color, marker=marker, markersize=3, label=label, gid=f"curve-{gid}"
+    )
     if std.any():
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.18, linewidth=0, gid=f"band-{gid}")
 
 
+# matplotlib's tab10, as hex: the dashboard's PALETTE is the same list.
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+MARKERS = ("o", "s", "^", "D", "v")
+SPLIT_STYLES = (("train", "-"), ("val", "--"))  # training solid, validation dashed
+
+
 def _color(i: int) -> str:
-    return f"C{i % 10}"
+    return PALETTE[i % len(PALETTE)]
+
+
+def _marker(i: int) -> str:
+    """Configurations past the palette's length differ by their marker too."""
+    return MARKERS[(i // len(PALETTE)) % len(MARKERS)]
 
 
 def curves_figure(
@@ -77,7 +97,7 @@ def curves_figure(
     """Train (solid) and validation (dashed) `metric` per configuration: mean line, ±std band."""
     fig, (ax,) = _new_figure()
     for i, (label, bands) in enumerate(curves):
-        for split, style in (("train", "-"), ("val", "--")):
+        for split, style in SPLIT_STYLES:
             b = bands.get(f"{split}_{metric}")
             if b is not None:
                 name = "Training" if split == "train" else "Validation"
@@ -87,6 +107,7 @@ def curves_figure(
                     label=f"{name} {metric} — {label}",
                     color=_color(i),
                     style=style,
+                    marker=_marker(i),
                     gid=f"{split}-{i}",
                 )
     ax.set_title(title)
@@ -104,8 +125,12 @@ def activations_figure(layers: Sequence[tuple[str, Band]], *, title: str) -> Fig
     fig, (top, bottom) = _new_figure(rows=2)
     for i, (layer, b) in enumerate(layers):
         x = np.array(b.epochs)
-        top.plot(x, b.mean, color=_color(i), marker="o", markersize=3, label=layer, gid=f"curve-mean-{i}")
-        bottom.plot(x, b.std, color=_color(i), marker="o", markersize=3, label=layer, gid=f"curve-std-{i}")
+        top.plot(
+            x, b.mean, color=_color(i), marker=_marker(i), markersize=3, label=layer, gid=f"curve-mean-{i}"
+        )
+        bottom.plot(
+            x, b.std, color=_color(i), marker=_marker(i), markersize=3, label=layer, gid=f"curve-std-{i}"
+        )
     top.set_title(title)
     top.set_ylabel("input mean")
     bottom.set_ylabel("input std")

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from service.models import EpochMetric, Experiment, ModelArtifact, Run, RunStatus
@@ -46,10 +46,35 @@ def experiment_ids_with_prefix(*, session: Session, prefix: str, limit: int) -> 
     return list(session.scalars(query))
 
 
-def list_experiments(*, session: Session, limit: int, offset: int) -> tuple[Sequence[Experiment], int]:
-    total = session.scalar(select(func.count()).select_from(Experiment)) or 0
+def list_experiments(
+    *,
+    session: Session,
+    limit: int,
+    offset: int,
+    search: str | None = None,
+    preset: str | None = None,
+    sort: str = "created_at",
+    descending: bool = True,
+) -> tuple[Sequence[Experiment], int]:
+    """A page of experiments and how many match: `search` is a part of the name (any case) or a
+    prefix of the id; ties go newest first."""
+    query = select(Experiment)
+    if search:
+        term = search.strip().lower()
+        query = query.where(
+            or_(
+                func.lower(Experiment.name).contains(term, autoescape=True),
+                Experiment.id.startswith(term, autoescape=True),
+            )
+        )
+    if preset is not None:
+        query = query.where(Experiment.preset == preset)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    key = Experiment.name if sort == "name" else Experiment.created_at
     page = session.scalars(
-        select(Experiment).order_by(Experiment.created_at.desc(), Experiment.id).limit(limit).offset(offset)
+        query.order_by(key.desc() if descending else key.asc(), Experiment.created_at.desc(), Experiment.id)
+        .limit(limit)
+        .offset(offset)
     ).all()
     return page, total
 

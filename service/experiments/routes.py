@@ -8,16 +8,18 @@ then publishes each run by task name exactly as POST /api/v1/runs does.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
+from service.api.csv import csv_response
 from service.api.deps import ExperimentId, LimitQuery, OffsetQuery, SessionDep, SettingsDep
 from service.api.errors import Message
 from service.api.images import IMAGE_RESPONSES, PlotFormat
 from service.api.security import PrincipalDep
 from service.experiments import grid, plots, presets, report
 from service.experiments import repository as experiment_repo
+from service.experiments.grid import METRICS
 from service.experiments.schemas import (
     ExperimentCreate,
     ExperimentPatch,
@@ -28,6 +30,7 @@ from service.experiments.schemas import (
 from service.experiments.service import create_experiment, experiment_or_404, experiment_public, results
 from service.models import Experiment, RunStatus
 from service.runs import repository as run_repo
+from service.runs.schemas import EpochMetricPublic
 from service.runs.service import refuse_if_aliased
 
 router = APIRouter(prefix="/api/v1/experiments", tags=["experiments"])
@@ -58,13 +61,27 @@ def submit_experiment(
     )
 
 
-@router.get("", summary="List experiments, newest first")
+@router.get(
+    "",
+    summary="List experiments, newest first; search and sort them",
+    description="`q`: a part of the name (any case) or a prefix of the id; `preset`: only experiments from "
+    "this preset; `sort` by created_at (default, newest first) or name (A–Z); `order` reverses.",
+)
 def list_experiments(
     session: SessionDep,
     limit: LimitQuery = 20,
     offset: OffsetQuery = 0,
+    q: Annotated[str | None, Query(min_length=1, max_length=200, description="Search text.")] = None,
+    preset: Annotated[
+        str | None, Query(pattern=r"^[a-z0-9-]{1,60}$", description="Only this preset's experiments.")
+    ] = None,
+    sort: Annotated[Literal["created_at", "name"], Query(description="Sort key.")] = "created_at",
+    order: Annotated[Literal["asc", "desc"] | None, Query(description="Sort direction.")] = None,
 ) -> ExperimentsPublic:
-    page, total = experiment_repo.list_experiments(session=session, limit=limit, offset=offset)
+    descending = order == "desc" if order else sort == "created_at"
+    page, total = experiment_repo.list_experiments(
+        session=session, limit=limit, offset=offset, search=q, preset=preset, sort=sort, descending=descending
+    )
     return ExperimentsPublic(
         items=[experiment_public(session=session, experiment=e) for e in page],
         total=total,
@@ -113,22 +130,29 @@ def patch_experiment(
     return experiment_public(session=session, experiment=experiment)
 
 
+TargetQuery = Annotated[
+    float | None,
+    Query(gt=0, le=1, description="Validation accuracy for epochs-to-target; default: the experiment's."),
+]
+
+
 @router.get(
     "/{experiment_id}/report",
+    response_model=ExperimentReportPublic,
     summary="Per configuration: final and best metrics (mean ± std over seeds), epochs to a target "
     "accuracy, the winners, and for presets each claim's verdict",
 )
 def get_report(
     experiment_id: ExperimentId,
     session: SessionDep,
-    target: Annotated[
-        float | None,
-        Query(gt=0, le=1, description="Validation accuracy for epochs-to-target; default: the experiment's."),
-    ] = None,
-) -> ExperimentReportPublic:
+    target: TargetQuery = None,
+    fmt: Annotated[
+        Literal["json", "csv"], Query(alias="format", description="json (default) or csv, as report.csv.")
+    ] = "json",
+) -> Any:
     experiment = experiment_or_404(session, experiment_id)
     spec = ExperimentCreate.model_validate(experiment.spec)
-    return report.report(
+    answer = report.report(
         experiment_id=experiment.id,
         spec=spec,
         preset=experiment.preset,
@@ -136,6 +160,73 @@ def get_report(
         target=spec.target if target is None else target,
         claims=presets.claims_of(experiment.preset),
     )
+    if fmt == "csv":
+        return csv_response(report_rows(answer), columns=report_columns(), filename=f"{experiment.id}-report")
+    return answer
+
+
+@router.get(
+    "/{experiment_id}/report.csv",
+    summary="The report's configurations as CSV: one row per configuration, mean and std of each statistic",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}, "description": "config, counts, then <stat>_mean/_std"}},
+)
+def get_report_csv(experiment_id: ExperimentId, session: SessionDep, target: TargetQuery = None) -> Any:
+    return get_report(experiment_id, session, target, fmt="csv")
+
+
+@router.get(
+    "/{experiment_id}/metrics.csv",
+    summary="Every epoch of every run as CSV, with each run's configuration and seed",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}, "description": "run_id, config, seed, epoch, metrics"}},
+)
+def get_metrics_csv(experiment_id: ExperimentId, session: SessionDep) -> Response:
+    experiment = experiment_or_404(session, experiment_id)
+    runs = experiment_repo.list_experiment_runs(session=session, experiment_id=experiment.id)
+    by_run = experiment_repo.metrics_by_run(session=session, experiment_id=experiment.id)
+    rows = [
+        {
+            "run_id": run.id,
+            "config": grid.config_label(run.grid_point or {}),
+            "seed": run.spec["train"]["seed"],
+            **EpochMetricPublic.model_validate(epoch).model_dump(),
+        }
+        for run in runs
+        for epoch in by_run.get(run.id, [])
+    ]
+    columns = ["run_id", "config", "seed", *EpochMetricPublic.model_fields]
+    return csv_response(rows, columns=columns, filename=f"{experiment.id}-metrics")
+
+
+def report_columns() -> list[str]:
+    stats = [
+        f"{kind}_{metric}_{part}"
+        for kind in ("final", "best")
+        for metric in METRICS
+        for part in ("mean", "std")
+    ]
+    return ["config", "runs", "succeeded", "unfinished", "failed", *stats, "epochs_to_target_mean", "reached"]
+
+
+def report_rows(answer: ExperimentReportPublic) -> list[dict[str, Any]]:
+    rows = []
+    for c in answer.configurations:
+        row: dict[str, Any] = {
+            "config": c.config,
+            "runs": c.runs,
+            "succeeded": c.succeeded,
+            "unfinished": c.unfinished,
+            "failed": c.failed,
+            "epochs_to_target_mean": c.epochs_to_target.mean,
+            "reached": c.epochs_to_target.reached,
+        }
+        for kind, stats in (("final", c.final), ("best", c.best)):
+            for metric, value in stats.items():
+                row[f"{kind}_{metric}_mean"] = value.mean
+                row[f"{kind}_{metric}_std"] = value.std
+        rows.append(row)
+    return rows
 
 
 def _nothing_to_plot(experiment: Experiment, runs: list[report.RunResult]) -> HTTPException:

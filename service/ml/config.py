@@ -10,7 +10,7 @@ old stored configs load unchanged.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 NormKind = Literal[
     "none",
@@ -26,20 +26,7 @@ NormKind = Literal[
     "ws",
     "noisy_batch",
 ]
-NORM_KINDS: tuple[NormKind, ...] = (
-    "none",
-    "batch",
-    "layer",
-    "group",
-    "instance",
-    "batch_renorm",
-    "ghost",
-    "weight",
-    "batch_layer",
-    "frn",
-    "ws",
-    "noisy_batch",
-)
+NORM_KINDS: tuple[NormKind, ...] = get_args(NormKind)
 # Kinds that normalise with statistics over the batch in training: a batch of one cannot train.
 BATCH_STAT_KINDS: frozenset[str] = frozenset({"batch", "batch_renorm", "ghost", "batch_layer", "noisy_batch"})
 # Kinds that are BatchNorm with running statistics at inference: example weighing applies to them.

@@ -3,11 +3,13 @@ the caller (the request dependency or a task's session_scope) owns the transacti
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, cast, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.ml.training import EpochMetrics
@@ -49,16 +51,89 @@ def get_run_spec(*, session: Session, run_id: str) -> dict[str, object] | None:
     return spec
 
 
+# Sort keys of the runs list: a column of the run, or a metric of its last finished epoch.
+RUN_SORT_COLUMNS = ("created_at", "name", "status", "epochs_done")
+RUN_SORT_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """What the runs list keeps; None fields filter nothing."""
+
+    status: RunStatus | None = None
+    experiment_id: str | None = None
+    in_experiment: bool | None = None  # False: only runs submitted alone; True: only experiments' runs
+    name: str | None = None  # a substring of the name, any case
+    search: str | None = None  # a substring of the name (any case) or a prefix of the id
+    norm: str | None = None  # spec.model.norm.kind
+    dataset: str | None = None  # spec.dataset.name
+    tag: str | None = None  # one of the run's tags, exactly (ASCII: see tagged)
+
+    def where(self) -> list[ColumnElement[bool]]:
+        clauses: list[ColumnElement[bool]] = []
+        if self.status is not None:
+            clauses.append(Run.status == self.status.value)
+        if self.experiment_id is not None:
+            clauses.append(Run.experiment_id == self.experiment_id)
+        if self.in_experiment is not None:
+            clauses.append(
+                Run.experiment_id.is_not(None) if self.in_experiment else Run.experiment_id.is_(None)
+            )
+        if self.name:
+            clauses.append(func.lower(Run.name).contains(self.name.lower(), autoescape=True))
+        if self.search:
+            term = self.search.strip().lower()
+            clauses.append(
+                or_(
+                    func.lower(Run.name).contains(term, autoescape=True),
+                    Run.id.startswith(term, autoescape=True),
+                )
+            )
+        if self.norm is not None:
+            clauses.append(Run.spec[("model", "norm", "kind")].as_string() == self.norm)
+        if self.dataset is not None:
+            clauses.append(Run.spec[("dataset", "name")].as_string() == self.dataset)
+        if self.tag is not None:
+            clauses.append(tagged(Run.tags, self.tag))
+        return clauses
+
+
+def tagged(tags: Any, tag: str) -> ColumnElement[bool]:
+    """Whether a JSON list of tags holds `tag`: its JSON text contains the tag as a JSON string. The
+    same on SQLite (JSON text) and Postgres (JSONB cast to text); an ASCII tag is written alike by
+    both, and autoescape keeps `_` literal."""
+    return cast(tags, String).contains(json.dumps(tag), autoescape=True)
+
+
 def list_runs(
-    *, session: Session, status: RunStatus | None, limit: int, offset: int, experiment_id: str | None = None
+    *,
+    session: Session,
+    status: RunStatus | None = None,
+    limit: int,
+    offset: int,
+    experiment_id: str | None = None,
+    where: RunFilter | None = None,
+    sort: str = "created_at",
+    descending: bool = True,
 ) -> tuple[Sequence[Run], int]:
-    query = select(Run)
-    if status is not None:
-        query = query.where(Run.status == status.value)
-    if experiment_id is not None:
-        query = query.where(Run.experiment_id == experiment_id)
+    """A page of runs and how many match. `sort` is one of RUN_SORT_COLUMNS or RUN_SORT_METRICS
+    (a metric of the last finished epoch; runs without one come last either way); ties go newest
+    first."""
+    where = where or RunFilter(status=status, experiment_id=experiment_id)
+    query = select(Run).where(*where.where())
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    page = session.scalars(query.order_by(Run.created_at.desc(), Run.id).limit(limit).offset(offset)).all()
+    if sort in RUN_SORT_METRICS:
+        last = and_(EpochMetric.run_id == Run.id, EpochMetric.epoch == Run.epochs_done)
+        query = query.outerjoin(EpochMetric, last)
+        key: ColumnElement[object] = getattr(EpochMetric, sort)
+    elif sort in RUN_SORT_COLUMNS:
+        key = getattr(Run, sort)
+    else:
+        raise ValueError(f"unknown sort key {sort!r}")
+    ordered: list[ColumnElement[Any]] = [key.is_(None), key.desc() if descending else key.asc()]
+    if sort != "created_at":
+        ordered.append(Run.created_at.desc())
+    page = session.scalars(query.order_by(*ordered, Run.id).limit(limit).offset(offset)).all()
     return page, total
 
 

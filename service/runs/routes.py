@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
+from service.api.csv import csv_response
 from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunId, SessionDep, SettingsDep
 from service.api.errors import Message
 from service.api.security import READ, PrincipalDep
 from service.ml import bn_tools
+from service.ml.config import NormKind
 from service.ml.probes import PROBE_SAMPLES
 from service.models import RunStatus
 from service.queue import BrokerUnavailable
 from service.runs import repository as run_repo
 from service.runs.schemas import (
+    DatasetName,
     EpochMetricPublic,
     EpochSlotStatisticsPublic,
     RunCreate,
@@ -79,7 +82,19 @@ def submit_run(
     return answer
 
 
-@router.get("", summary="List runs, newest first")
+RunSortKey = Literal[
+    "created_at", "name", "status", "epochs_done", "train_loss", "train_accuracy", "val_loss", "val_accuracy"
+]
+SearchText = Annotated[str, Query(min_length=1, max_length=200)]
+
+
+@router.get(
+    "",
+    summary="List runs, newest first; filter, search and sort them",
+    description="Every filter is optional and they combine (AND). `sort` by a run column or by a metric of "
+    "the last finished epoch (runs without one come last); `order` defaults to desc for created_at and "
+    "the accuracies, asc otherwise. An unknown sort key or filter value is a 422 naming the allowed ones.",
+)
 def list_runs(
     session: SessionDep,
     status_filter: Annotated[
@@ -90,9 +105,36 @@ def list_runs(
     experiment_id: Annotated[
         str | None, Query(pattern=r"^[0-9a-f]{32}$", description="Only the runs of this experiment.")
     ] = None,
+    in_experiment: Annotated[
+        bool | None,
+        Query(description="false: only runs submitted on their own; true: only experiments' runs."),
+    ] = None,
+    q: Annotated[
+        SearchText | None, Query(description="Search: a part of the name (any case) or a prefix of the id.")
+    ] = None,
+    name: Annotated[SearchText | None, Query(description="Only names containing this, any case.")] = None,
+    norm: Annotated[NormKind | None, Query(description="Only runs with this model.norm.kind.")] = None,
+    dataset: Annotated[DatasetName | None, Query(description="Only runs on this dataset.name.")] = None,
+    tag: Annotated[
+        str | None,
+        Query(pattern=r"^[A-Za-z0-9_.:+=@#-]{1,40}$", description="Only runs with this tag (ASCII)."),
+    ] = None,
+    sort: Annotated[RunSortKey, Query(description="Sort key.")] = "created_at",
+    order: Annotated[Literal["asc", "desc"] | None, Query(description="Sort direction.")] = None,
 ) -> RunsPublic:
+    where = run_repo.RunFilter(
+        status=status_filter,
+        experiment_id=experiment_id,
+        in_experiment=in_experiment,
+        name=name,
+        search=q,
+        norm=norm,
+        dataset=dataset,
+        tag=tag,
+    )
+    descending = order == "desc" if order else sort in ("created_at", "train_accuracy", "val_accuracy")
     runs, total = run_repo.list_runs(
-        session=session, status=status_filter, limit=limit, offset=offset, experiment_id=experiment_id
+        session=session, limit=limit, offset=offset, where=where, sort=sort, descending=descending
     )
     return RunsPublic(
         items=[run_public(session=session, run=run) for run in runs], total=total, limit=limit, offset=offset
@@ -104,10 +146,36 @@ def get_run(run: RunDep, session: SessionDep) -> RunPublic:
     return run_public(session=session, run=run)
 
 
-@router.get("/{run_id}/metrics", summary="Per-epoch metrics, written as each epoch ends")
-def get_metrics(run: RunDep, session: SessionDep) -> RunMetricsPublic:
+MetricsFormat = Annotated[
+    Literal["json", "csv"], Query(alias="format", description="json (default) or csv, as metrics.csv.")
+]
+
+
+@router.get(
+    "/{run_id}/metrics",
+    summary="Per-epoch metrics, written as each epoch ends",
+    response_model=RunMetricsPublic,
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
+)
+def get_metrics(run: RunDep, session: SessionDep, fmt: MetricsFormat = "json") -> Any:
+    if fmt == "csv":
+        return get_metrics_csv(run, session)
     rows = run_repo.list_epoch_metrics(session=session, run_id=run.id)
     return RunMetricsPublic(epochs=[EpochMetricPublic.model_validate(row) for row in rows])
+
+
+@router.get(
+    "/{run_id}/metrics.csv",
+    summary="Per-epoch metrics as CSV: one row per epoch, a header row first",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}, "description": "run_id, epoch and the metric columns"}},
+)
+def get_metrics_csv(run: RunDep, session: SessionDep) -> Response:
+    rows = run_repo.list_epoch_metrics(session=session, run_id=run.id)
+    table = [{"run_id": run.id, **EpochMetricPublic.model_validate(row).model_dump()} for row in rows]
+    return csv_response(
+        table, columns=["run_id", *EpochMetricPublic.model_fields], filename=f"{run.id}-metrics"
+    )
 
 
 @router.get(

@@ -611,6 +611,7 @@ class RunPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     summary: RunSummary
+    experiment_id: str | None = Field(None, description="The experiment that created the run, if any.")
 
 
 class RunsPublic(BaseModel):

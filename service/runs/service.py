@@ -50,6 +50,7 @@ def run_public(*, session: Session, run: Run) -> RunPublic:
             "started_at": run.started_at,
             "finished_at": run.finished_at,
             "summary": summary,
+            "experiment_id": run.experiment_id,
         }
     )
 
