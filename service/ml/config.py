@@ -151,3 +151,6 @@ class TrainConfig:
     # With processes > 1: BatchNorm normalises with the statistics of the global batch (SyncBatchNorm)
     # rather than of each shard, as one process over the whole batch would.
     sync_batch_norm: bool = False
+    # Training switches (docs/training-switches.md); each default trains as runs did before it existed.
+    # Adaptive gradient clipping (Brock et al. 2021b) at this λ, all but the head; None: off.
+    agc: float | None = None

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.ml.agc import agc_parameters, clip_gradients_
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
 from service.ml.fastpath import Batches, MlpStep, supports_optimizer
@@ -187,9 +188,12 @@ def autograd_steps(
     batches: Batches,
     start: int,
     stop: int,
+    agc: float | None = None,
 ) -> None:
     """The autograd step strategy: per batch, gradients of the mean cross-entropy over this process's
-    shard of it, and an optimizer step; each trained sample's results go into `batches`."""
+    shard of it, and an optimizer step; each trained sample's results go into `batches`. With `agc`
+    (train.agc), the gradients are adaptively clipped at that λ between backward and step."""
+    clipped = agc_parameters(unwrapped(model)) if agc is not None else []
     for s in range(start, stop, batches.size):
         e = min(s + batches.size, stop)
         lo, hi = shard.bounds(s, e)
@@ -200,6 +204,8 @@ def autograd_steps(
         loss = F.nll_loss(log_probs, y) * shard.loss_weight(s, e)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        if agc is not None:
+            clip_gradients_(clipped, agc)
         optimizer.step()
         batches.picked[lo:hi] = log_probs.detach().gather(1, y.unsqueeze(1))
         batches.predicted[lo:hi] = logits.detach().argmax(dim=1)
@@ -228,17 +234,41 @@ def _fast_path_supports(cfg: ModelConfig) -> bool:
 
 
 def make_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, shard: Shard = Shard()
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    shard: Shard = Shard(),
+    tcfg: TrainConfig | None = None,
 ) -> Step:
     """The step strategy for this model and machine: the compiled fast path for the MLPs and optimizers
     it supports, trained by one process (its gradients and BN statistics are its own batch's); else
-    autograd, through `model` as given (DDP-wrapped in a data-parallel rank), on `shard` of each batch."""
+    autograd, through `model` as given (DDP-wrapped in a data-parallel rank), on `shard` of each batch.
+    The training switches of `tcfg` that the fast path does not reproduce (`needs_autograd`) pick
+    autograd."""
     alone = shard.world == 1
-    fast = MlpStep.for_model(model) if alone and USE_FAST_PATH and supports_optimizer(optimizer) else None
+    fast = (
+        MlpStep.for_model(model)
+        if alone and USE_FAST_PATH and supports_optimizer(optimizer) and not needs_autograd(tcfg)
+        else None
+    )
     if fast is not None:
         return Step(partial(fast.run, optimizer), fast.steps_per_call(batch_size), fast_path=True)
     steps_per_call = 1 if alone else AGREED_STOP_STEPS
-    return Step(partial(autograd_steps, model, optimizer, shard), steps_per_call, fast_path=False)
+    agc = tcfg.agc if tcfg is not None else None
+    return Step(partial(autograd_steps, model, optimizer, shard, agc=agc), steps_per_call, fast_path=False)
+
+
+def needs_autograd(tcfg: TrainConfig | None) -> bool:
+    """Whether the run's training switches need the autograd step: the compiled fast path computes its
+    gradients itself (no AGC) and always trains BN with batch statistics (no FrozenBN)."""
+    return tcfg is not None and tcfg.agc is not None
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The network inside a DDP wrapper (whose parameter names carry a `module.` prefix), else `model`."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    assert isinstance(inner, nn.Module)
+    return inner
 
 
 class Parallelism(Protocol):
@@ -354,7 +384,7 @@ def train(
         restore(resume, model, optimizer)
         first_epoch = resume.epoch + 1
     bs = tcfg.batch_size
-    step = make_step(parallel.wrap(model), optimizer, bs, parallel.shard)
+    step = make_step(parallel.wrap(model), optimizer, bs, parallel.shard, tcfg)
     # Converted once and resident for all epochs; flat rows (every net flattens its input first), so
     # a batch is one index_select (advanced indexing of the image-shaped tensor costs ten times more).
     x_all, y_all = to_inputs(train_set.x).flatten(1).to(device), train_set.y.to(device)

@@ -368,6 +368,14 @@ class TrainSpec(BaseModel):
         "CUDA) that train one run: each takes a shard of every batch, at least 2 samples "
         "(batch_size >= 2·processes); 1 = one process.",
     )
+    agc: Annotated[float | None, NotBool] = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Adaptive gradient clipping (Brock et al. 2021b): after each backward pass, every output "
+        "unit's gradient G_i of every parameter but the output layer's is rescaled so that "
+        "‖G_i‖/max(‖W_i‖, 1e-3) <= this λ (the paper: 0.01 to 0.16); null: off. Trains through autograd.",
+    )
 
 
 class RunCreate(BaseModel):
