@@ -154,3 +154,5 @@ class TrainConfig:
     # Training switches (docs/training-switches.md); each default trains as runs did before it existed.
     # Adaptive gradient clipping (Brock et al. 2021b) at this λ, all but the head; None: off.
     agc: float | None = None
+    # FrozenBN (Wu & Johnson 2021) for the last N epochs: BN layers in eval mode while the rest trains.
+    frozen_bn_epochs: int = 0

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from service.ml.agc import agc_parameters, clip_gradients_
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
@@ -261,7 +262,20 @@ def make_step(
 def needs_autograd(tcfg: TrainConfig | None) -> bool:
     """Whether the run's training switches need the autograd step: the compiled fast path computes its
     gradients itself (no AGC) and always trains BN with batch statistics (no FrozenBN)."""
-    return tcfg is not None and tcfg.agc is not None
+    return tcfg is not None and (tcfg.agc is not None or tcfg.frozen_bn_epochs > 0)
+
+
+def bn_frozen(tcfg: TrainConfig, epoch: int) -> bool:
+    """Whether 1-based `epoch` is one of the last `frozen_bn_epochs` (FrozenBN, Wu & Johnson 2021)."""
+    return epoch > tcfg.epochs - tcfg.frozen_bn_epochs
+
+
+def freeze_batch_norm(model: nn.Module) -> None:
+    """FrozenBN: every BatchNorm layer in eval mode (normalising with, and leaving alone, its running
+    statistics) while the rest of `model` stays in train mode."""
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.eval()
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -402,6 +416,8 @@ def train(
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.monotonic()
         model.train()  # on purpose: evaluate() left the model in eval mode
+        if bn_frozen(tcfg, epoch):
+            freeze_batch_norm(model)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(tcfg, epoch)
         order = epoch_permutation(n, tcfg.seed, epoch)[:n_used].to(device)

@@ -376,6 +376,15 @@ class TrainSpec(BaseModel):
         "unit's gradient G_i of every parameter but the output layer's is rescaled so that "
         "‖G_i‖/max(‖W_i‖, 1e-3) <= this λ (the paper: 0.01 to 0.16); null: off. Trains through autograd.",
     )
+    frozen_bn_epochs: Annotated[int, NotBool] = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="FrozenBN for the last N epochs (Wu & Johnson 2021): in those epochs the BatchNorm "
+        "layers normalise with their running statistics in training too and leave them untouched (BN in "
+        "eval mode while the rest trains). At most `epochs`; needs a BatchNorm kind (batch, batch_renorm, "
+        "ghost, noisy_batch) with track_running_stats. 0: off. Trains through autograd.",
+    )
 
 
 class RunCreate(BaseModel):
@@ -420,12 +429,26 @@ class RunCreate(BaseModel):
             self.train.adam_eps = ADAM_EPS[self.compat]  # the echo shows what ran
         norm = self.model.norm
         self._check_processes()
+        self._check_switches()
         if norm.kind == "ghost" and self.train.batch_size % norm.virtual_batch_size:
             raise ValueError(
                 f"model.norm.virtual_batch_size {norm.virtual_batch_size} must divide train.batch_size "
                 f"{self.train.batch_size}"
             )
         return self
+
+    def _check_switches(self) -> None:
+        norm, train = self.model.norm, self.train
+        if train.frozen_bn_epochs > train.epochs:
+            raise ValueError(
+                f"train.frozen_bn_epochs {train.frozen_bn_epochs} exceeds train.epochs {train.epochs}"
+            )
+        if train.frozen_bn_epochs and (norm.kind not in EVAL_BN_KINDS or not norm.track_running_stats):
+            raise ValueError(
+                f"train.frozen_bn_epochs freezes BatchNorm's running statistics: it needs norm kind batch, "
+                f"batch_renorm, ghost or noisy_batch with track_running_stats, not {norm.kind!r}"
+                + ("" if norm.track_running_stats else " without running statistics")
+            )
 
     def _check_processes(self) -> None:
         norm, train = self.model.norm, self.train

@@ -89,3 +89,89 @@ def test_agc_trains_through_autograd_and_null_keeps_the_fast_path(
     off = train(BN, TrainConfig(epochs=2, seed=1, agc=None), *small)
     assert same_state(today.model, off.model)
     assert [m.val_loss for m in today.epochs] == [m.val_loss for m in off.epochs]
+
+
+# --- train.frozen_bn_epochs -------------------------------------------------------------------------
+
+
+class Watch:
+    """Captures the model `train` builds; records BN buffers at each epoch end and, per epoch, what each
+    BN layer's forward calls saw (its mode, input and output) and the mode of the other layers."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.model: torch.nn.Module | None = None
+        self.buffers: list[dict[str, torch.Tensor]] = []
+        self.calls: list[list[tuple[bool, torch.Tensor, torch.Tensor]]] = [[]]
+        self.other_modes: list[set[bool]] = [set()]
+        build = training.build_model
+
+        def capture(cfg: ModelConfig, seed: int) -> torch.nn.Module:
+            model = build(cfg, seed)
+            self.model = model
+            self.buffers.append(self.bn_buffers())
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm1d):
+                    module.register_forward_hook(self.bn_hook)
+                elif isinstance(module, torch.nn.Dropout):
+                    module.register_forward_hook(self.dropout_hook)
+            return model
+
+        monkeypatch.setattr(training, "build_model", capture)
+
+    def bn_buffers(self) -> dict[str, torch.Tensor]:
+        assert self.model is not None
+        return {k: v.clone() for k, v in self.model.named_buffers() if k.startswith("bn")}
+
+    def bn_hook(self, module: torch.nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training steps only, not validation or probes
+            assert isinstance(module, torch.nn.BatchNorm1d)
+            # What eval mode computes, with the parameters and buffers of this very call.
+            eval_output = F.batch_norm(
+                inputs[0], module.running_mean, module.running_var, module.weight, module.bias, eps=module.eps
+            )
+            self.calls[-1].append((module.training, output.detach(), eval_output.detach()))
+
+    def dropout_hook(
+        self, module: torch.nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor
+    ) -> None:
+        if torch.is_grad_enabled():
+            self.other_modes[-1].add(module.training)
+
+    def on_epoch_end(self, metrics: training.EpochMetrics, snapshot: training.Snapshot) -> None:
+        self.buffers.append(self.bn_buffers())
+        self.calls.append([])
+        self.other_modes.append(set())
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def test_frozen_bn_epochs_leave_buffers_alone_and_normalise_with_them(
+    small: tuple[ImageDataset, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch = Watch(monkeypatch)
+    cfg = replace(BN, dropout=0.1)
+    result = train(cfg, TrainConfig(epochs=3, frozen_bn_epochs=2, seed=2), *small, callbacks=watch)
+    initial, after1, after2, after3 = watch.buffers
+    assert not all(torch.equal(initial[k], after1[k]) for k in initial)  # epoch 1 trains BN as usual
+    for frozen in (after2, after3):  # the frozen epochs leave every buffer bit-identical
+        assert all(torch.equal(after1[k], frozen[k]) for k in after1)
+    assert {mode for mode, _, _ in watch.calls[0]} == {True}
+    for epoch in (1, 2):
+        calls = watch.calls[epoch]
+        assert calls
+        assert {mode for mode, _, _ in calls} == {False}
+        assert watch.other_modes[epoch] == {True}  # dropout still trains
+        assert all(torch.equal(y, eval_y) for _, y, eval_y in calls)  # train-time output = eval-mode output
+    assert not any(torch.equal(y, eval_y) for _, y, eval_y in watch.calls[0])  # unlike unfrozen epochs
+    # ... and γ, β still learn in the frozen epochs.
+    assert not torch.equal(result.model.state_dict()["bn1.weight"], torch.ones(16))
+
+
+def test_frozen_bn_trains_through_autograd_and_zero_is_off(small: tuple[ImageDataset, ImageDataset]) -> None:
+    model = build_model(BN, 0)
+    opt = make_optimizer(model, TrainConfig())
+    assert not training.make_step(model, opt, 32, tcfg=TrainConfig(frozen_bn_epochs=1)).fast_path
+    today = train(BN, TrainConfig(epochs=2, seed=1), *small)
+    off = train(BN, TrainConfig(epochs=2, seed=1, frozen_bn_epochs=0), *small)
+    assert same_state(today.model, off.model)

@@ -33,9 +33,9 @@ def post(client: TestClient, train: dict[str, Any], model: dict[str, Any] | None
 
 def test_switches_default_off_in_the_echo_and_the_config(client: TestClient) -> None:
     spec = client.post("/api/v1/runs", json={"dataset": DATA}).json()["spec"]
-    assert spec["train"]["agc"] is None
+    assert (spec["train"]["agc"], spec["train"]["frozen_bn_epochs"]) == (None, 0)
     tcfg = train_config(RunCreate.model_validate(spec))
-    assert tcfg.agc is None
+    assert (tcfg.agc, tcfg.frozen_bn_epochs) == (None, 0)
 
 
 def test_agc_is_echoed_and_reaches_the_train_config(client: TestClient) -> None:
@@ -70,5 +70,35 @@ def test_stored_specs_and_configs_from_before_the_switches_still_load() -> None:
     tcfg = train_config(RunCreate.model_validate(old_spec))
     assert tcfg == TrainConfig(epochs=3, batch_size=32)
     plain = asdict(TrainConfig())
-    del plain["agc"]
+    for switch in ("agc", "frozen_bn_epochs"):
+        del plain[switch]
     assert TrainConfig(**plain) == TrainConfig()  # a data-parallel job file written before the switches
+
+
+def test_frozen_bn_epochs_are_echoed_and_reach_the_train_config(client: TestClient) -> None:
+    response = post(client, {"epochs": 4, "frozen_bn_epochs": 4})
+    assert response.status_code == 202, response.text
+    spec = response.json()["spec"]
+    assert spec["train"]["frozen_bn_epochs"] == 4
+    assert train_config(RunCreate.model_validate(spec)).frozen_bn_epochs == 4
+
+
+@pytest.mark.parametrize(
+    ("train", "model", "named"),
+    [
+        ({"epochs": 3, "frozen_bn_epochs": 4}, {}, ["train.frozen_bn_epochs 4", "train.epochs 3"]),
+        ({"frozen_bn_epochs": -1}, {}, ["frozen_bn_epochs"]),
+        ({"frozen_bn_epochs": 1.5}, {}, ["frozen_bn_epochs"]),
+        ({"frozen_bn_epochs": 1}, {"norm": {"kind": "layer"}}, ["train.frozen_bn_epochs", "'layer'"]),
+        ({"frozen_bn_epochs": 1}, {"norm": {"kind": "none"}}, ["train.frozen_bn_epochs", "'none'"]),
+        (
+            {"frozen_bn_epochs": 1},
+            {"norm": {"track_running_stats": False}},
+            ["train.frozen_bn_epochs", "without running statistics"],
+        ),
+    ],
+)
+def test_bad_frozen_bn_epochs_are_422(
+    client: TestClient, train: dict[str, Any], model: dict[str, Any], named: list[str]
+) -> None:
+    test_bad_switches_are_422_naming_the_field_and_nothing_is_stored(client, train, model, named)
