@@ -55,6 +55,7 @@ OptimizerName = Literal["adam", "sgd"]
 # pixels: uint8 images, trained as x / 255; features: float inputs used as they are.
 InputKind = Literal["pixels", "features"]
 ScheduleKind = Literal["none", "step", "cosine"]
+Trainable = Literal["all", "norm_only", "random_subset"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +157,6 @@ class TrainConfig:
     agc: float | None = None
     # FrozenBN (Wu & Johnson 2021) for the last N epochs: BN layers in eval mode while the rest trains.
     frozen_bn_epochs: int = 0
+    # Which parameters train (Frankle et al. 2021; service/ml/trainable.py): all, norm_only (γ, β and the
+    # output layer) or random_subset (as many randomly chosen scalars, through a gradient mask).
+    trainable: Trainable = "all"

@@ -34,6 +34,7 @@ from service.ml.nets import make_net, norm_slots
 from service.ml.norms import end_epoch
 from service.ml.probes import PROBE_SAMPLES, SlotStatistics, probe_slot_inputs
 from service.ml.resume import TrainingState, restore, save_training_state
+from service.ml.trainable import restrict_trainable
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
 STOP_CHECK_INTERVAL_S = 0.5
@@ -261,8 +262,9 @@ def make_step(
 
 def needs_autograd(tcfg: TrainConfig | None) -> bool:
     """Whether the run's training switches need the autograd step: the compiled fast path computes its
-    gradients itself (no AGC) and always trains BN with batch statistics (no FrozenBN)."""
-    return tcfg is not None and (tcfg.agc is not None or tcfg.frozen_bn_epochs > 0)
+    gradients itself (no AGC, every parameter trained) and always trains BN with batch statistics (no
+    FrozenBN)."""
+    return tcfg is not None and (tcfg.agc is not None or tcfg.frozen_bn_epochs > 0 or tcfg.trainable != "all")
 
 
 def bn_frozen(tcfg: TrainConfig, epoch: int) -> bool:
@@ -392,6 +394,7 @@ def train(
     """
     check_inputs(cfg, tcfg, train_set, val_set)
     model = build_model(cfg, tcfg.seed).to(device)
+    restrict_trainable(model, tcfg.trainable, tcfg.seed)  # train.trainable; before the optimizer and DDP
     optimizer = make_optimizer(model, tcfg)  # after .to(): the fused kernel runs where its parameters are
     first_epoch = 1
     if resume is not None:

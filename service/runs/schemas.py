@@ -17,7 +17,8 @@ from pydantic import (
 
 from service.ml.config import EVAL_BN_KINDS, NormKind
 from service.ml.datasets import BUILTIN_SHAPES
-from service.runs.spec import ADAM_EPS, shape_problem
+from service.ml.trainable import norm_parameter_count
+from service.runs.spec import ADAM_EPS, model_config, shape_problem
 
 # A job is a declarative spec, never code: unknown fields are refused and floats must be finite.
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -385,6 +386,14 @@ class TrainSpec(BaseModel):
         "eval mode while the rest trains). At most `epochs`; needs a BatchNorm kind (batch, batch_renorm, "
         "ghost, noisy_batch) with track_running_stats. 0: off. Trains through autograd.",
     )
+    trainable: Literal["all", "norm_only", "random_subset"] = Field(
+        "all",
+        description="Which parameters train (Frankle et al. 2021): all; norm_only: only the normalisation "
+        "layers' γ and β and the output layer, the rest keeps its random initial values (needs a norm kind "
+        "with affine parameters); random_subset: as many scalars as norm_only, chosen at random among all "
+        "parameters from the seed, trained through a gradient mask (needs weight_decay 0). Trains through "
+        "autograd.",
+    )
 
 
 class RunCreate(BaseModel):
@@ -449,6 +458,25 @@ class RunCreate(BaseModel):
                 f"batch_renorm, ghost or noisy_batch with track_running_stats, not {norm.kind!r}"
                 + ("" if norm.track_running_stats else " without running statistics")
             )
+
+        if train.trainable == "norm_only" and self._norm_parameters() == 0:
+            raise ValueError(
+                f"train.trainable 'norm_only' trains the normalisation layers' γ and β: norm kind "
+                f"{norm.kind!r}{'' if norm.affine else ' with affine false'} has no affine parameters"
+            )
+        if train.trainable == "random_subset" and train.weight_decay > 0:
+            raise ValueError(
+                "train.trainable 'random_subset' masks gradients: train.weight_decay must be 0 (torch's "
+                "coupled weight decay would move the masked parameters)"
+            )
+
+    def _norm_parameters(self) -> int | None:
+        """Scalars of the network's norm layers; None when it cannot be built on the default shape (an
+        upload's network is checked against its data at submission)."""
+        try:
+            return norm_parameter_count(model_config(self))
+        except ValueError:
+            return None
 
     def _check_processes(self) -> None:
         norm, train = self.model.norm, self.train

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.ml import training
+from service.ml import trainable, training
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
 from service.ml.training import build_model, epoch_permutation, make_optimizer, train, used_samples
@@ -175,3 +175,60 @@ def test_frozen_bn_trains_through_autograd_and_zero_is_off(small: tuple[ImageDat
     today = train(BN, TrainConfig(epochs=2, seed=1), *small)
     off = train(BN, TrainConfig(epochs=2, seed=1, frozen_bn_epochs=0), *small)
     assert same_state(today.model, off.model)
+
+
+# --- train.trainable -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize(
+    "cfg", [BN, replace(BN, norm=NormConfig(kind="layer")), replace(BN, arch="cnn", channels=(4,))]
+)
+def test_norm_only_changes_only_gamma_beta_and_the_head(
+    small: tuple[ImageDataset, ImageDataset], cfg: ModelConfig, optimizer: str
+) -> None:
+    tcfg = TrainConfig(epochs=2, seed=4, trainable="norm_only", optimizer=optimizer, lr=0.05)  # type: ignore[arg-type]
+    initial = build_model(cfg, tcfg.seed).state_dict()
+    params = {name for name, _ in build_model(cfg, tcfg.seed).named_parameters()}
+    trained = train(cfg, tcfg, *small).model.state_dict()
+    named = {name for name in params if name.split(".")[0] in ("bn1", "bn2", "out")}
+    assert named
+    assert named < params
+    for name in params:
+        if name in named:
+            assert not torch.equal(initial[name], trained[name]), name
+        else:
+            assert torch.equal(initial[name], trained[name]), name  # bit-identical: never trained
+
+
+def test_random_subset_changes_exactly_the_chosen_scalars(small: tuple[ImageDataset, ImageDataset]) -> None:
+    # tanh: no dead unit whose weights' gradient is exactly zero (those could not move, chosen or not).
+    cfg = replace(BN, norm=NormConfig(kind="layer"), activation="tanh")
+    tcfg = TrainConfig(epochs=2, seed=4, trainable="random_subset")
+    model = build_model(cfg, tcfg.seed)
+    count = trainable.norm_only_count(model)
+    masks = trainable.random_masks(model, tcfg.seed)
+    assert sum(int(m.sum()) for m in masks.values()) == count
+    assert all(bool(((m == 0) | (m == 1)).all()) for m in masks.values())
+    assert count == sum(
+        p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ("bn1", "bn2", "out")
+    )
+    initial = model.state_dict()
+    trained = train(cfg, tcfg, *small).model.state_dict()
+    changed = {n: initial[n] != trained[n] for n in masks}
+    assert all(not (changed[n] & (masks[n] == 0)).any() for n in masks)  # nothing outside the mask moves
+    assert sum(int(c.sum()) for c in changed.values()) == count  # every chosen scalar moves
+    # The draw depends on the seed, spreads over the layers, and is repeatable.
+    again = trainable.random_masks(build_model(cfg, tcfg.seed), tcfg.seed)
+    assert all(torch.equal(masks[n], again[n]) for n in masks)
+    other = trainable.random_masks(model, 5)
+    assert not all(torch.equal(masks[n], other[n]) for n in masks)
+    assert masks["fc1.weight"].sum() > 0
+
+
+def test_trainable_all_keeps_the_fast_path_and_others_do_not() -> None:
+    model = build_model(BN, 0)
+    opt = make_optimizer(model, TrainConfig())
+    assert training.make_step(model, opt, 32, tcfg=TrainConfig(trainable="all")).fast_path
+    for which in ("norm_only", "random_subset"):
+        assert not training.make_step(model, opt, 32, tcfg=TrainConfig(trainable=which)).fast_path

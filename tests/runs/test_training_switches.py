@@ -33,9 +33,13 @@ def post(client: TestClient, train: dict[str, Any], model: dict[str, Any] | None
 
 def test_switches_default_off_in_the_echo_and_the_config(client: TestClient) -> None:
     spec = client.post("/api/v1/runs", json={"dataset": DATA}).json()["spec"]
-    assert (spec["train"]["agc"], spec["train"]["frozen_bn_epochs"]) == (None, 0)
+    assert (spec["train"]["agc"], spec["train"]["frozen_bn_epochs"], spec["train"]["trainable"]) == (
+        None,
+        0,
+        "all",
+    )
     tcfg = train_config(RunCreate.model_validate(spec))
-    assert (tcfg.agc, tcfg.frozen_bn_epochs) == (None, 0)
+    assert (tcfg.agc, tcfg.frozen_bn_epochs, tcfg.trainable) == (None, 0, "all")
 
 
 def test_agc_is_echoed_and_reaches_the_train_config(client: TestClient) -> None:
@@ -70,7 +74,7 @@ def test_stored_specs_and_configs_from_before_the_switches_still_load() -> None:
     tcfg = train_config(RunCreate.model_validate(old_spec))
     assert tcfg == TrainConfig(epochs=3, batch_size=32)
     plain = asdict(TrainConfig())
-    for switch in ("agc", "frozen_bn_epochs"):
+    for switch in ("agc", "frozen_bn_epochs", "trainable"):
         del plain[switch]
     assert TrainConfig(**plain) == TrainConfig()  # a data-parallel job file written before the switches
 
@@ -99,6 +103,32 @@ def test_frozen_bn_epochs_are_echoed_and_reach_the_train_config(client: TestClie
     ],
 )
 def test_bad_frozen_bn_epochs_are_422(
+    client: TestClient, train: dict[str, Any], model: dict[str, Any], named: list[str]
+) -> None:
+    test_bad_switches_are_422_naming_the_field_and_nothing_is_stored(client, train, model, named)
+
+
+@pytest.mark.parametrize("trainable", ["all", "norm_only", "random_subset"])
+def test_trainable_is_echoed_and_reaches_the_train_config(client: TestClient, trainable: str) -> None:
+    response = post(client, {"trainable": trainable})
+    assert response.status_code == 202, response.text
+    spec = response.json()["spec"]
+    assert spec["train"]["trainable"] == trainable
+    assert train_config(RunCreate.model_validate(spec)).trainable == trainable
+
+
+@pytest.mark.parametrize(
+    ("train", "model", "named"),
+    [
+        ({"trainable": "norm_only"}, {"norm": {"kind": "none"}}, ["train.trainable", "'none'", "no affine"]),
+        ({"trainable": "norm_only"}, {"norm": {"kind": "weight"}}, ["train.trainable", "'weight'"]),
+        ({"trainable": "norm_only"}, {"norm": {"kind": "ws"}}, ["train.trainable", "'ws'"]),
+        ({"trainable": "norm_only"}, {"norm": {"affine": False}}, ["train.trainable", "affine false"]),
+        ({"trainable": "random_subset", "weight_decay": 0.01}, {}, ["random_subset", "weight_decay"]),
+        ({"trainable": "bias_only"}, {}, ["trainable"]),
+    ],
+)
+def test_bad_trainable_is_422(
     client: TestClient, train: dict[str, Any], model: dict[str, Any], named: list[str]
 ) -> None:
     test_bad_switches_are_422_naming_the_field_and_nothing_is_stored(client, train, model, named)
