@@ -56,6 +56,7 @@ OptimizerName = Literal["adam", "sgd"]
 InputKind = Literal["pixels", "features"]
 ScheduleKind = Literal["none", "step", "cosine"]
 Trainable = Literal["all", "norm_only", "random_subset"]
+BatchOrder = Literal["shuffled", "class_sorted", "k_classes"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +161,7 @@ class TrainConfig:
     # Which parameters train (Frankle et al. 2021; service/ml/trainable.py): all, norm_only (γ, β and the
     # output layer) or random_subset (as many randomly chosen scalars, through a gradient mask).
     trainable: Trainable = "all"
+    # The epoch's sample order (service/ml/batch_order.py): shuffled (uniform), class_sorted, or
+    # k_classes (each batch from `batch_classes` classes).
+    batch_order: BatchOrder = "shuffled"
+    batch_classes: int = 2

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from service.ml import batch_order
 from service.ml.agc import agc_parameters, clip_gradients_
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
@@ -120,6 +121,16 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     trained with the same seed sees the same batches in the same order."""
     (state,) = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(state)))
+
+
+def epoch_order(tcfg: TrainConfig, labels: torch.Tensor, epoch: int) -> torch.Tensor:
+    """The sample order of 1-based `epoch` by train.batch_order: the uniform `epoch_permutation`, or a
+    class-structured order (service/ml/batch_order.py); each a function of (labels, seed, epoch)."""
+    if tcfg.batch_order == "shuffled":
+        return epoch_permutation(len(labels), tcfg.seed, epoch)
+    return batch_order.epoch_order(
+        tcfg.batch_order, labels, tcfg.seed, epoch, tcfg.batch_size, tcfg.batch_classes
+    )
 
 
 def resolve_device(name: DeviceName) -> torch.device:
@@ -423,7 +434,7 @@ def train(
             freeze_batch_norm(model)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(tcfg, epoch)
-        order = epoch_permutation(n, tcfg.seed, epoch)[:n_used].to(device)
+        order = epoch_order(tcfg, train_set.y, epoch)[:n_used].to(device)
         batches = Batches.for_epoch(x_all, y_all, order, bs)
         for start in range(0, n_used, rows_per_call):
             if parallel.any_stop(poller.due()):

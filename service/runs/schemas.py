@@ -394,6 +394,19 @@ class TrainSpec(BaseModel):
         "parameters from the seed, trained through a gradient mask (needs weight_decay 0). Trains through "
         "autograd.",
     )
+    batch_order: Literal["shuffled", "class_sorted", "k_classes"] = Field(
+        "shuffled",
+        description="The epoch's sample order. shuffled: uniform. class_sorted: sorted by label (the order "
+        "of the classes and of the samples within each shuffled per epoch), cut into batches: one class per "
+        "batch except where a class ends. k_classes: each batch drawn from `batch_classes` classes (more "
+        "only at the end of an epoch, where the samples left no longer fill a batch from k classes).",
+    )
+    batch_classes: Annotated[int | None, NotBool] = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="k for batch_order k_classes (required there, at most batch_size); null otherwise.",
+    )
 
 
 class RunCreate(BaseModel):
@@ -459,6 +472,21 @@ class RunCreate(BaseModel):
                 + ("" if norm.track_running_stats else " without running statistics")
             )
 
+        if (train.batch_order == "k_classes") != (train.batch_classes is not None):
+            raise ValueError(
+                "train.batch_classes is the k of train.batch_order 'k_classes': give it with that order "
+                f"and only then (batch_order {train.batch_order!r}, batch_classes {train.batch_classes})"
+            )
+        if train.batch_classes is not None and train.batch_classes > train.batch_size:
+            raise ValueError(
+                f"train.batch_classes {train.batch_classes} exceeds train.batch_size {train.batch_size}"
+            )
+        shape = BUILTIN_SHAPES.get(self.dataset.name)
+        if train.batch_classes is not None and shape is not None and train.batch_classes > shape.num_classes:
+            raise ValueError(
+                f"train.batch_classes {train.batch_classes} exceeds the {shape.num_classes} classes of "
+                f"dataset {self.dataset.name!r}"
+            )
         if train.trainable == "norm_only" and self._norm_parameters() == 0:
             raise ValueError(
                 f"train.trainable 'norm_only' trains the normalisation layers' γ and β: norm kind "

@@ -49,7 +49,9 @@ def model_config(spec: RunCreate, shape: DataShape = DEFAULT_SHAPE) -> ModelConf
 
 def train_config(spec: RunCreate) -> TrainConfig:
     train = spec.train
-    fields = train.model_dump(exclude={"schedule", "adam_eps"})
+    fields = train.model_dump(exclude={"schedule", "adam_eps", "batch_classes"})
+    if train.batch_classes is not None:  # null unless batch_order is k_classes: the config's default then
+        fields["batch_classes"] = train.batch_classes
     schedule = train.schedule
     adam_eps = ADAM_EPS[spec.compat] if train.adam_eps is None else train.adam_eps
     return TrainConfig(

@@ -232,3 +232,60 @@ def test_trainable_all_keeps_the_fast_path_and_others_do_not() -> None:
     assert training.make_step(model, opt, 32, tcfg=TrainConfig(trainable="all")).fast_path
     for which in ("norm_only", "random_subset"):
         assert not training.make_step(model, opt, 32, tcfg=TrainConfig(trainable=which)).fast_path
+
+
+# --- train.batch_order -----------------------------------------------------------------------------
+
+
+def batch_label_sets(order: torch.Tensor, labels: torch.Tensor, size: int) -> list[set[int]]:
+    return [set(labels[order[i : i + size]].tolist()) for i in range(0, len(order), size)]
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_class_sorted_batches_hold_one_class_except_at_boundaries(
+    small: tuple[ImageDataset, ImageDataset], epoch: int
+) -> None:
+    y = small[0].y
+    tcfg = TrainConfig(batch_order="class_sorted", batch_size=16, seed=3)
+    order = training.epoch_order(tcfg, y, epoch)
+    assert sorted(order.tolist()) == list(range(len(y)))  # every sample once
+    runs = [int(c) for c in torch.unique_consecutive(y[order])]
+    assert sorted(runs) == sorted(set(runs))  # each class one contiguous run: sorted by label
+    boundaries = {i for i in range(1, len(order)) if y[order[i]] != y[order[i - 1]]}
+    for b, labels in enumerate(batch_label_sets(order, y, 16)):
+        inside = sum(1 for i in boundaries if b * 16 < i < (b + 1) * 16)
+        assert len(labels) == 1 + inside
+    # The order of the classes and within them changes with the epoch and the seed.
+    assert not torch.equal(order, training.epoch_order(tcfg, y, epoch + 1))
+    assert not torch.equal(order, training.epoch_order(replace(tcfg, seed=4), y, epoch))
+
+
+@pytest.mark.parametrize(("size", "k"), [(16, 2), (32, 3), (10, 1), (7, 4)])
+def test_k_classes_batches_hold_at_most_k_classes(
+    small: tuple[ImageDataset, ImageDataset], size: int, k: int
+) -> None:
+    y = small[0].y
+    tcfg = TrainConfig(batch_order="k_classes", batch_classes=k, batch_size=size, seed=3)
+    order = training.epoch_order(tcfg, y, 1)
+    assert sorted(order.tolist()) == list(range(len(y)))  # every sample once
+    sets = batch_label_sets(order, y, size)
+    for b, labels in enumerate(sets):
+        if len(labels) <= k:
+            continue
+        # More than k only where no k classes of the samples left could fill this batch.
+        left = torch.bincount(y[order[b * size :]], minlength=10).sort(descending=True).values
+        assert int(left[:k].sum()) < min(size, len(order) - b * size), (b, labels)
+    assert sum(len(labels) <= k for labels in sets) >= len(sets) / 2
+    assert torch.equal(order, training.epoch_order(tcfg, y, 1))
+
+
+def test_shuffled_is_todays_order_and_sorted_orders_train(small: tuple[ImageDataset, ImageDataset]) -> None:
+    y = small[0].y
+    assert torch.equal(training.epoch_order(TrainConfig(seed=2), y, 3), epoch_permutation(len(y), 2, 3))
+    for tcfg in (
+        TrainConfig(epochs=2, batch_order="class_sorted"),
+        TrainConfig(epochs=2, batch_order="k_classes", batch_classes=2),
+    ):
+        result = train(BN, tcfg, *small)
+        assert len(result.epochs) == 2
+        assert all(torch.isfinite(p).all() for p in result.model.parameters())

@@ -40,6 +40,8 @@ def test_switches_default_off_in_the_echo_and_the_config(client: TestClient) -> 
     )
     tcfg = train_config(RunCreate.model_validate(spec))
     assert (tcfg.agc, tcfg.frozen_bn_epochs, tcfg.trainable) == (None, 0, "all")
+    assert (spec["train"]["batch_order"], spec["train"]["batch_classes"]) == ("shuffled", None)
+    assert tcfg.batch_order == "shuffled"
 
 
 def test_agc_is_echoed_and_reaches_the_train_config(client: TestClient) -> None:
@@ -74,7 +76,7 @@ def test_stored_specs_and_configs_from_before_the_switches_still_load() -> None:
     tcfg = train_config(RunCreate.model_validate(old_spec))
     assert tcfg == TrainConfig(epochs=3, batch_size=32)
     plain = asdict(TrainConfig())
-    for switch in ("agc", "frozen_bn_epochs", "trainable"):
+    for switch in ("agc", "frozen_bn_epochs", "trainable", "batch_order", "batch_classes"):
         del plain[switch]
     assert TrainConfig(**plain) == TrainConfig()  # a data-parallel job file written before the switches
 
@@ -132,3 +134,43 @@ def test_bad_trainable_is_422(
     client: TestClient, train: dict[str, Any], model: dict[str, Any], named: list[str]
 ) -> None:
     test_bad_switches_are_422_naming_the_field_and_nothing_is_stored(client, train, model, named)
+
+
+@pytest.mark.parametrize(
+    ("train", "k"),
+    [
+        ({"batch_order": "shuffled"}, None),
+        ({"batch_order": "class_sorted"}, None),
+        ({"batch_order": "k_classes", "batch_classes": 3}, 3),
+    ],
+)
+def test_batch_order_is_echoed_and_reaches_the_train_config(
+    client: TestClient, train: dict[str, Any], k: int | None
+) -> None:
+    response = post(client, train)
+    assert response.status_code == 202, response.text
+    spec = response.json()["spec"]
+    assert (spec["train"]["batch_order"], spec["train"]["batch_classes"]) == (train["batch_order"], k)
+    tcfg = train_config(RunCreate.model_validate(spec))
+    assert tcfg.batch_order == train["batch_order"]
+    if k is not None:
+        assert tcfg.batch_classes == k
+
+
+@pytest.mark.parametrize(
+    ("train", "named"),
+    [
+        ({"batch_order": "k_classes"}, ["train.batch_classes", "'k_classes'"]),
+        ({"batch_order": "class_sorted", "batch_classes": 2}, ["train.batch_classes", "'class_sorted'"]),
+        ({"batch_classes": 2}, ["train.batch_classes", "'shuffled'"]),
+        ({"batch_order": "k_classes", "batch_classes": 0}, ["batch_classes"]),
+        ({"batch_order": "k_classes", "batch_classes": 11}, ["batch_classes 11", "10 classes"]),
+        (
+            {"batch_order": "k_classes", "batch_classes": 5, "batch_size": 4},
+            ["batch_classes 5", "batch_size 4"],
+        ),
+        ({"batch_order": "label_sorted"}, ["batch_order"]),
+    ],
+)
+def test_bad_batch_order_is_422(client: TestClient, train: dict[str, Any], named: list[str]) -> None:
+    test_bad_switches_are_422_naming_the_field_and_nothing_is_stored(client, train, {}, named)
