@@ -22,7 +22,7 @@ from service.experiments.schemas import ExperimentCreate, PresetCreate
 from service.ml import training
 from service.ml.datasets import split_sizes
 from service.runs.schemas import BuiltinDatasetName
-from service.runs.spec import model_config
+from service.runs.spec import model_config, train_config
 
 # Seconds per optimiser step, measured through `make run`'s worker (one thread per training process,
 # both processes busy; torch 2.13, 2-core machine): the compiled fast path that MLPs with BN or no
@@ -283,7 +283,9 @@ def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
         n = dataset.limit or (SYNTHETIC_TRAIN_SIZE if dataset.name == "synthetic" else FULL_TRAIN_SIZE)
         n_train, n_val = split_sizes(n, dataset.val_split)
         steps = -(-n_train // train.batch_size)
-        if training.trains_fast(model_config(planned.spec)):
+        # The training switches AGC, FrozenBN and trainable train every network through autograd.
+        fast = not training.needs_autograd(train_config(planned.spec))
+        if fast and training.trains_fast(model_config(planned.spec)):
             step_s = FAST_STEP_FIXED_S + FAST_STEP_PER_SAMPLE_S * train.batch_size
         else:
             step_s = STEP_FIXED_S + STEP_PER_SAMPLE_S * train.batch_size
