@@ -289,3 +289,32 @@ def test_shuffled_is_todays_order_and_sorted_orders_train(small: tuple[ImageData
         result = train(BN, tcfg, *small)
         assert len(result.epochs) == 2
         assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+# --- all switches in a data-parallel run ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["norm_only", "random_subset"])
+def test_switches_in_two_synced_processes_match_one_process(
+    small: tuple[ImageDataset, ImageDataset], which: str
+) -> None:
+    from service.ml.distributed import train_distributed  # noqa: PLC0415  # starts processes: only here
+
+    cfg = ModelConfig(hidden=(32,))
+    tcfg = TrainConfig(
+        epochs=2,
+        batch_size=32,
+        optimizer="sgd",
+        lr=0.1,
+        agc=0.01,
+        frozen_bn_epochs=1,
+        trainable=which,  # type: ignore[arg-type]
+        batch_order="k_classes",
+        batch_classes=2,
+    )
+    single = train(cfg, tcfg, *small).model.state_dict()
+    synced = train_distributed(
+        cfg, replace(tcfg, processes=2, sync_batch_norm=True), *small
+    ).model.state_dict()
+    for key, value in synced.items():
+        torch.testing.assert_close(value, single[key], atol=1e-5, rtol=0, msg=key)
