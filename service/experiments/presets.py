@@ -22,7 +22,7 @@ from service.experiments.schemas import ExperimentCreate, PresetCreate
 from service.ml import training
 from service.ml.datasets import split_sizes
 from service.runs.schemas import BuiltinDatasetName, ModelSpec
-from service.runs.spec import model_config
+from service.runs.spec import model_config, train_config
 
 # Seconds per optimiser step, measured through `make run`'s worker (one thread per training process,
 # both processes busy; torch 2.13, 2-core machine): the compiled fast path that MLPs with BN or no
@@ -297,11 +297,13 @@ def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
         n_train, n_val = split_sizes(n, dataset.val_split)
         steps = -(-n_train // train.batch_size)
         val_s = VAL_PER_SAMPLE_S
+        # The training switches AGC, FrozenBN and trainable train every network through autograd.
+        fast = not training.needs_autograd(train_config(planned.spec))
         if planned.spec.model.arch == "cnn":
             scale = _cnn_macs(planned.spec.model.channels) ** 0.8
             step_s = CNN_STEP_FIXED_S + scale * CNN_STEP_PER_SAMPLE_S * train.batch_size
             val_s = scale * CNN_VAL_PER_SAMPLE_S
-        elif training.trains_fast(model_config(planned.spec)):
+        elif fast and training.trains_fast(model_config(planned.spec)):
             step_s = FAST_STEP_FIXED_S + FAST_STEP_PER_SAMPLE_S * train.batch_size
         else:
             step_s = STEP_FIXED_S + STEP_PER_SAMPLE_S * train.batch_size
