@@ -151,7 +151,9 @@ def test_frozen_bn_epochs_leave_buffers_alone_and_normalise_with_them(
 ) -> None:
     watch = Watch(monkeypatch)
     cfg = replace(BN, dropout=0.1)
-    result = train(cfg, TrainConfig(epochs=3, frozen_bn_epochs=2, seed=2), *small, callbacks=watch)
+    # No epoch-end probes: the gradient probe runs the network with gradients, in train mode.
+    tcfg = TrainConfig(epochs=3, frozen_bn_epochs=2, seed=2, probes=())
+    result = train(cfg, tcfg, *small, callbacks=watch)
     initial, after1, after2, after3 = watch.buffers
     assert not all(torch.equal(initial[k], after1[k]) for k in initial)  # epoch 1 trains BN as usual
     for frozen in (after2, after3):  # the frozen epochs leave every buffer bit-identical
