@@ -535,7 +535,7 @@ IOFFE_2017 = Card(
         "train": {"optimizer": "sgd", "lr": 0.02, "momentum": 0.9},
     },
     parts=(
-        {NORM: ["batch", "batch_renorm"], "train.batch_size": [4, 32], "train.batch_order": ["random"]},
+        {NORM: ["batch", "batch_renorm"], "train.batch_size": [4, 32], "train.batch_order": ["shuffled"]},
         {NORM: ["batch", "batch_renorm"], "train.batch_size": [32], "train.batch_order": ["class_sorted"]},
     ),
     datasets=("fashion-mnist", "synthetic"),
