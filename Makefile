@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint format migrate fuzz loadtest loadtest-short bench bench-serve bench-train bench-scale compose-test clean
+.PHONY: install run test lint format migrate fuzz loadtest loadtest-short bench bench-serve bench-train bench-scale compose-test replications clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: install
 
 migrate: install
 	$(BIN)/bnlab migrate
+
+## Every available replication card at quick scale, one after another, against a running `make run`;
+## writes docs/replications.md and its figures (docs/replications/). Run it on a quiet machine.
+replications: install
+	$(BIN)/bnlab cards run --all --scale quick --write docs/replications.md
 
 ## Lint, types, import contracts, then the whole test suite (needs Postgres and Redis on 127.0.0.1).
 test: install lint

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from service.client.cards import cards
 from service.client.commands import register_client_commands
 from service.config import get_settings
 
@@ -156,6 +157,7 @@ def create_key(scopes: str, name: str) -> None:
 
 
 register_client_commands(cli)
+cli.add_command(cards)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from service.api.errors import (
 )
 from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
 from service.api.security import authorize, mark_public_operations
+from service.cards import routes as card_routes
 from service.config import get_settings
 from service.datasets.routes import upload_router_limits
 from service.experiments import preset_routes
@@ -64,6 +65,8 @@ def create_app() -> FastAPI:
     app.include_router(run_plot_routes.router)
     app.include_router(experiment_routes.router)
     app.include_router(preset_routes.router)
+    app.include_router(card_routes.router)
+    app.include_router(card_routes.replications_router)
     app.include_router(bn_routes.router)
     app.include_router(alias_routes.router)
     app.include_router(**upload_router_limits(settings))  # /api/v1/datasets: its own body limit

@@ -150,10 +150,22 @@ def seeds_for_power(
         raise ValueError("the smallest effect that counts must be positive")
     if spread == 0:
         return 2
-    for n in range(2, MAX_SEEDS_SEARCHED + 1):
-        if _power(n, smallest / spread, paired=paired, alpha=alpha) >= power:
-            return n
-    return None
+
+    def enough(n: int) -> bool:
+        return _power(n, smallest / spread, paired=paired, alpha=alpha) >= power
+
+    # Power grows with n, so double until it is enough, then bisect: about 2·log2(n) evaluations of
+    # the noncentral t instead of n (a report with a wide spread would otherwise search 10 000).
+    high = 2
+    while not enough(high):
+        if high >= MAX_SEEDS_SEARCHED:
+            return None
+        high = min(2 * high, MAX_SEEDS_SEARCHED)
+    low = high // 2  # not enough (or below 2)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return max(high, 2)
 
 
 def _power(n: int, standardized: float, *, paired: bool, alpha: float) -> float:

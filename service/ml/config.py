@@ -57,6 +57,8 @@ ScheduleKind = Literal["none", "step", "cosine"]
 ProbeName = Literal["gradients", "smoothness", "percentiles", "gamma", "statistics_gap"]
 PROBE_NAMES: tuple[ProbeName, ...] = ("gradients", "smoothness", "percentiles", "gamma", "statistics_gap")
 DEFAULT_PROBES: tuple[ProbeName, ...] = ("gradients", "percentiles", "gamma")
+Trainable = Literal["all", "norm_only", "random_subset"]
+BatchOrder = Literal["shuffled", "class_sorted", "k_classes"]
 
 
 @dataclass(frozen=True)
@@ -163,3 +165,15 @@ class TrainConfig:
     sync_batch_norm: bool = False
     # The epoch-end probes to record besides the slot inputs' mean and std (PROBE_NAMES).
     probes: tuple[ProbeName, ...] = DEFAULT_PROBES
+    # Training switches (docs/training-switches.md); each default trains as runs did before it existed.
+    # Adaptive gradient clipping (Brock et al. 2021b) at this λ, all but the head; None: off.
+    agc: float | None = None
+    # FrozenBN (Wu & Johnson 2021) for the last N epochs: BN layers in eval mode while the rest trains.
+    frozen_bn_epochs: int = 0
+    # Which parameters train (Frankle et al. 2021; service/ml/trainable.py): all, norm_only (γ, β and the
+    # output layer) or random_subset (as many randomly chosen scalars, through a gradient mask).
+    trainable: Trainable = "all"
+    # The epoch's sample order (service/ml/batch_order.py): shuffled (uniform), class_sorted, or
+    # k_classes (each batch from `batch_classes` classes).
+    batch_order: BatchOrder = "shuffled"
+    batch_classes: int = 2

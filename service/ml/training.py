@@ -24,7 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from service.ml import batch_order
+from service.ml.agc import agc_parameters, clip_gradients_
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
 from service.ml.fastpath import Batches, MlpStep, supports_optimizer
@@ -39,6 +42,7 @@ from service.ml.probes import (
     probe_slot_inputs,
 )
 from service.ml.resume import TrainingState, restore, save_training_state
+from service.ml.trainable import restrict_trainable
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
 STOP_CHECK_INTERVAL_S = 0.5
@@ -129,6 +133,16 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(state)))
 
 
+def epoch_order(tcfg: TrainConfig, labels: torch.Tensor, epoch: int) -> torch.Tensor:
+    """The sample order of 1-based `epoch` by train.batch_order: the uniform `epoch_permutation`, or a
+    class-structured order (service/ml/batch_order.py); each a function of (labels, seed, epoch)."""
+    if tcfg.batch_order == "shuffled":
+        return epoch_permutation(len(labels), tcfg.seed, epoch)
+    return batch_order.epoch_order(
+        tcfg.batch_order, labels, tcfg.seed, epoch, tcfg.batch_size, tcfg.batch_classes
+    )
+
+
 def resolve_device(name: DeviceName) -> torch.device:
     """The device to train on: cpu, cuda, or auto (cuda when this process sees a GPU, else cpu).
     Called in the process that trains (a pool child), never in a parent that forks: CUDA does not
@@ -197,9 +211,12 @@ def autograd_steps(
     batches: Batches,
     start: int,
     stop: int,
+    agc: float | None = None,
 ) -> None:
     """The autograd step strategy: per batch, gradients of the mean cross-entropy over this process's
-    shard of it, and an optimizer step; each trained sample's results go into `batches`."""
+    shard of it, and an optimizer step; each trained sample's results go into `batches`. With `agc`
+    (train.agc), the gradients are adaptively clipped at that λ between backward and step."""
+    clipped = agc_parameters(unwrapped(model)) if agc is not None else []
     for s in range(start, stop, batches.size):
         e = min(s + batches.size, stop)
         lo, hi = shard.bounds(s, e)
@@ -210,6 +227,8 @@ def autograd_steps(
         loss = F.nll_loss(log_probs, y) * shard.loss_weight(s, e)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        if agc is not None:
+            clip_gradients_(clipped, agc)
         optimizer.step()
         batches.picked[lo:hi] = log_probs.detach().gather(1, y.unsqueeze(1))
         batches.predicted[lo:hi] = logits.detach().argmax(dim=1)
@@ -238,17 +257,55 @@ def _fast_path_supports(cfg: ModelConfig) -> bool:
 
 
 def make_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, shard: Shard = Shard()
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    shard: Shard = Shard(),
+    tcfg: TrainConfig | None = None,
 ) -> Step:
     """The step strategy for this model and machine: the compiled fast path for the MLPs and optimizers
     it supports, trained by one process (its gradients and BN statistics are its own batch's); else
-    autograd, through `model` as given (DDP-wrapped in a data-parallel rank), on `shard` of each batch."""
+    autograd, through `model` as given (DDP-wrapped in a data-parallel rank), on `shard` of each batch.
+    The training switches of `tcfg` that the fast path does not reproduce (`needs_autograd`) pick
+    autograd."""
     alone = shard.world == 1
-    fast = MlpStep.for_model(model) if alone and USE_FAST_PATH and supports_optimizer(optimizer) else None
+    fast = (
+        MlpStep.for_model(model)
+        if alone and USE_FAST_PATH and supports_optimizer(optimizer) and not needs_autograd(tcfg)
+        else None
+    )
     if fast is not None:
         return Step(partial(fast.run, optimizer), fast.steps_per_call(batch_size), fast_path=True)
     steps_per_call = 1 if alone else AGREED_STOP_STEPS
-    return Step(partial(autograd_steps, model, optimizer, shard), steps_per_call, fast_path=False)
+    agc = tcfg.agc if tcfg is not None else None
+    return Step(partial(autograd_steps, model, optimizer, shard, agc=agc), steps_per_call, fast_path=False)
+
+
+def needs_autograd(tcfg: TrainConfig | None) -> bool:
+    """Whether the run's training switches need the autograd step: the compiled fast path computes its
+    gradients itself (no AGC, every parameter trained) and always trains BN with batch statistics (no
+    FrozenBN)."""
+    return tcfg is not None and (tcfg.agc is not None or tcfg.frozen_bn_epochs > 0 or tcfg.trainable != "all")
+
+
+def bn_frozen(tcfg: TrainConfig, epoch: int) -> bool:
+    """Whether 1-based `epoch` is one of the last `frozen_bn_epochs` (FrozenBN, Wu & Johnson 2021)."""
+    return epoch > tcfg.epochs - tcfg.frozen_bn_epochs
+
+
+def freeze_batch_norm(model: nn.Module) -> None:
+    """FrozenBN: every BatchNorm layer in eval mode (normalising with, and leaving alone, its running
+    statistics) while the rest of `model` stays in train mode."""
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.eval()
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The network inside a DDP wrapper (whose parameter names carry a `module.` prefix), else `model`."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    assert isinstance(inner, nn.Module)
+    return inner
 
 
 class Parallelism(Protocol):
@@ -358,13 +415,14 @@ def train(
     """
     check_inputs(cfg, tcfg, train_set, val_set)
     model = build_model(cfg, tcfg.seed).to(device)
+    restrict_trainable(model, tcfg.trainable, tcfg.seed)  # train.trainable; before the optimizer and DDP
     optimizer = make_optimizer(model, tcfg)  # after .to(): the fused kernel runs where its parameters are
     first_epoch = 1
     if resume is not None:
         restore(resume, model, optimizer)
         first_epoch = resume.epoch + 1
     bs = tcfg.batch_size
-    step = make_step(parallel.wrap(model), optimizer, bs, parallel.shard)
+    step = make_step(parallel.wrap(model), optimizer, bs, parallel.shard, tcfg)
     # Converted once and resident for all epochs; flat rows (every net flattens its input first), so
     # a batch is one index_select (advanced indexing of the image-shaped tensor costs ten times more).
     x_all, y_all = to_inputs(train_set.x).flatten(1).to(device), train_set.y.to(device)
@@ -386,9 +444,11 @@ def train(
     for epoch in range(first_epoch, tcfg.epochs + 1):
         started = time.monotonic()
         model.train()  # on purpose: evaluate() left the model in eval mode
+        if bn_frozen(tcfg, epoch):
+            freeze_batch_norm(model)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(tcfg, epoch)
-        order = epoch_permutation(n, tcfg.seed, epoch)[:n_used].to(device)
+        order = epoch_order(tcfg, train_set.y, epoch)[:n_used].to(device)
         batches = Batches.for_epoch(x_all, y_all, order, bs)
         for start in range(0, n_used, rows_per_call):
             if parallel.any_stop(poller.due()):

@@ -17,7 +17,8 @@ from pydantic import (
 
 from service.ml.config import DEFAULT_PROBES, EVAL_BN_KINDS, PROBE_NAMES, NormKind, ProbeName
 from service.ml.datasets import BUILTIN_SHAPES
-from service.runs.spec import ADAM_EPS, shape_problem
+from service.ml.trainable import norm_parameter_count
+from service.runs.spec import ADAM_EPS, model_config, shape_problem
 
 # A job is a declarative spec, never code: unknown fields are refused and floats must be finite.
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -535,6 +536,44 @@ class TrainSpec(BaseModel):
     probes: ProbesSpec = Field(
         default_factory=ProbesSpec, description="The epoch-end probes to record (GET /probes/{probe})."
     )
+    agc: Annotated[float | None, NotBool] = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Adaptive gradient clipping (Brock et al. 2021b): after each backward pass, every output "
+        "unit's gradient G_i of every parameter but the output layer's is rescaled so that "
+        "‖G_i‖/max(‖W_i‖, 1e-3) <= this λ (the paper: 0.01 to 0.16); null: off. Trains through autograd.",
+    )
+    frozen_bn_epochs: Annotated[int, NotBool] = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="FrozenBN for the last N epochs (Wu & Johnson 2021): in those epochs the BatchNorm "
+        "layers normalise with their running statistics in training too and leave them untouched (BN in "
+        "eval mode while the rest trains). At most `epochs`; needs a BatchNorm kind (batch, batch_renorm, "
+        "ghost, noisy_batch) with track_running_stats. 0: off. Trains through autograd.",
+    )
+    trainable: Literal["all", "norm_only", "random_subset"] = Field(
+        "all",
+        description="Which parameters train (Frankle et al. 2021): all; norm_only: only the normalisation "
+        "layers' γ and β and the output layer, the rest keeps its random initial values (needs a norm kind "
+        "with affine parameters); random_subset: as many scalars as norm_only, chosen at random among all "
+        "parameters from the seed, trained through a gradient mask (needs weight_decay 0). Trains through "
+        "autograd.",
+    )
+    batch_order: Literal["shuffled", "class_sorted", "k_classes"] = Field(
+        "shuffled",
+        description="The epoch's sample order. shuffled: uniform. class_sorted: sorted by label (the order "
+        "of the classes and of the samples within each shuffled per epoch), cut into batches: one class per "
+        "batch except where a class ends. k_classes: each batch drawn from `batch_classes` classes (more "
+        "only at the end of an epoch, where the samples left no longer fill a batch from k classes).",
+    )
+    batch_classes: Annotated[int | None, NotBool] = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="k for batch_order k_classes (required there, at most batch_size); null otherwise.",
+    )
 
 
 class RunCreate(BaseModel):
@@ -579,12 +618,60 @@ class RunCreate(BaseModel):
             self.train.adam_eps = ADAM_EPS[self.compat]  # the echo shows what ran
         norm = self.model.norm
         self._check_processes()
+        self._check_switches()
         if norm.kind == "ghost" and self.train.batch_size % norm.virtual_batch_size:
             raise ValueError(
                 f"model.norm.virtual_batch_size {norm.virtual_batch_size} must divide train.batch_size "
                 f"{self.train.batch_size}"
             )
         return self
+
+    def _check_switches(self) -> None:
+        norm, train = self.model.norm, self.train
+        if train.frozen_bn_epochs > train.epochs:
+            raise ValueError(
+                f"train.frozen_bn_epochs {train.frozen_bn_epochs} exceeds train.epochs {train.epochs}"
+            )
+        if train.frozen_bn_epochs and (norm.kind not in EVAL_BN_KINDS or not norm.track_running_stats):
+            raise ValueError(
+                f"train.frozen_bn_epochs freezes BatchNorm's running statistics: it needs norm kind batch, "
+                f"batch_renorm, ghost or noisy_batch with track_running_stats, not {norm.kind!r}"
+                + ("" if norm.track_running_stats else " without running statistics")
+            )
+
+        if (train.batch_order == "k_classes") != (train.batch_classes is not None):
+            raise ValueError(
+                "train.batch_classes is the k of train.batch_order 'k_classes': give it with that order "
+                f"and only then (batch_order {train.batch_order!r}, batch_classes {train.batch_classes})"
+            )
+        if train.batch_classes is not None and train.batch_classes > train.batch_size:
+            raise ValueError(
+                f"train.batch_classes {train.batch_classes} exceeds train.batch_size {train.batch_size}"
+            )
+        shape = BUILTIN_SHAPES.get(self.dataset.name)
+        if train.batch_classes is not None and shape is not None and train.batch_classes > shape.num_classes:
+            raise ValueError(
+                f"train.batch_classes {train.batch_classes} exceeds the {shape.num_classes} classes of "
+                f"dataset {self.dataset.name!r}"
+            )
+        if train.trainable == "norm_only" and self._norm_parameters() == 0:
+            raise ValueError(
+                f"train.trainable 'norm_only' trains the normalisation layers' γ and β: norm kind "
+                f"{norm.kind!r}{'' if norm.affine else ' with affine false'} has no affine parameters"
+            )
+        if train.trainable == "random_subset" and train.weight_decay > 0:
+            raise ValueError(
+                "train.trainable 'random_subset' masks gradients: train.weight_decay must be 0 (torch's "
+                "coupled weight decay would move the masked parameters)"
+            )
+
+    def _norm_parameters(self) -> int | None:
+        """Scalars of the network's norm layers; None when it cannot be built on the default shape (an
+        upload's network is checked against its data at submission)."""
+        try:
+            return norm_parameter_count(model_config(self))
+        except ValueError:
+            return None
 
     def _check_processes(self) -> None:
         norm, train = self.model.norm, self.train

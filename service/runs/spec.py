@@ -59,7 +59,9 @@ def _residual_fields(spec: RunCreate) -> dict[str, Any]:
 
 def train_config(spec: RunCreate) -> TrainConfig:
     train = spec.train
-    fields = train.model_dump(exclude={"schedule", "adam_eps", "probes"})
+    fields = train.model_dump(exclude={"schedule", "adam_eps", "probes", "batch_classes"})
+    if train.batch_classes is not None:  # null unless batch_order is k_classes: the config's default then
+        fields["batch_classes"] = train.batch_classes
     schedule = train.schedule
     adam_eps = ADAM_EPS[spec.compat] if train.adam_eps is None else train.adam_eps
     return TrainConfig(

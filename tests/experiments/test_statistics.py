@@ -103,3 +103,26 @@ def test_identical_sides_and_failed_runs() -> None:
     assert failed().reason == "runs failed"
     with pytest.raises(ValueError, match="at least two"):
         compare([0.5], [0.4, 0.6], paired=False, smallest=0.01)
+
+
+@pytest.mark.parametrize(
+    ("spread", "smallest", "paired"),
+    [(1.0, 1.0, False), (2.0, 1.0, True), (0.3, 0.01, True), (5.0, 1.0, False), (1.0, 3.0, True)],
+)
+def test_the_power_search_finds_the_smallest_n_a_linear_search_finds(
+    spread: float, smallest: float, paired: bool
+) -> None:
+    from service.experiments.statistics import _power
+
+    found = seeds_for_power(spread, smallest, paired=paired)
+    assert found is not None
+    assert _power(found, smallest / spread, paired=paired, alpha=0.05) >= 0.8
+    assert found == 2 or _power(found - 1, smallest / spread, paired=paired, alpha=0.05) < 0.8
+
+
+def test_an_effect_too_small_for_ten_thousand_seeds_is_none_and_quick() -> None:
+    import time
+
+    started = time.perf_counter()
+    assert seeds_for_power(1.0, 0.001, paired=True) is None
+    assert time.perf_counter() - started < 1.0

@@ -105,6 +105,11 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
             "gamma": True,
             "statistics_gap": False,
         },
+        "agc": None,
+        "frozen_bn_epochs": 0,
+        "trainable": "all",
+        "batch_order": "shuffled",
+        "batch_classes": None,
     }
     assert spec["compat"] == "pytorch"
 
