@@ -10,7 +10,15 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
 from service.api.csv import csv_response
-from service.api.deps import LimitQuery, OffsetQuery, RunDep, RunId, SessionDep, SettingsDep
+from service.api.deps import (
+    LimitQuery,
+    OffsetQuery,
+    RunDep,
+    RunId,
+    SessionDep,
+    SettingsDep,
+    resolve_experiment_id,
+)
 from service.api.errors import Message
 from service.api.security import READ, PrincipalDep
 from service.ml import bn_tools
@@ -106,7 +114,10 @@ def list_runs(
     limit: LimitQuery = 20,
     offset: OffsetQuery = 0,
     experiment_id: Annotated[
-        str | None, Query(pattern=r"^[0-9a-f]{32}$", description="Only the runs of this experiment.")
+        str | None,
+        Query(
+            pattern=r"^[0-9a-f]{6,32}$", description="Only the runs of this experiment (id or unique prefix)."
+        ),
     ] = None,
     in_experiment: Annotated[
         bool | None,
@@ -127,7 +138,7 @@ def list_runs(
 ) -> RunsPublic:
     where = run_repo.RunFilter(
         status=status_filter,
-        experiment_id=experiment_id,
+        experiment_id=resolve_experiment_id(experiment_id) if experiment_id else None,
         in_experiment=in_experiment,
         name=name,
         search=q,

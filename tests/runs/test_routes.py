@@ -313,3 +313,5 @@ def test_an_experiment_id_prefix_finds_the_experiment(client: TestClient) -> Non
     found = client.get(f"/api/v1/experiments/{experiment_id[:7]}")
     assert found.status_code == 200, found.text
     assert found.json()["id"] == experiment_id
+    runs = client.get("/api/v1/runs", params={"experiment_id": experiment_id[:6]}).json()
+    assert runs["total"] == 2
