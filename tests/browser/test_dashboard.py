@@ -521,9 +521,14 @@ def test_the_runs_list_pages_sorts_and_searches_past_a_hundred_runs(
     wait_until(lambda: first_row() == ids[-1], 15, "sorted by val loss, highest first")
     assert "sort=val_loss" in browser.current_url
     shot(browser, "runs-list")
-    # Replication cards, where the server has them; this one has not.
+    # The replication cards overview: one row per card the server has.
     browser.get(f"{stack.base_url}/#/cards")
-    wait_until(lambda: browser.find_elements(By.ID, "cards-none"), 15, "the cards page")
+    wait_until(
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#cards-table tbody tr")) >= 16,
+        15,
+        "the cards page",
+    )
+    assert browser.find_elements(By.CSS_SELECTOR, 'tr[data-card="wu-he-2018"]')
     # A card page, on a stand-in for the cards routes (the page itself stays as it is served).
     claim = {"sentence": "BN trains faster", "metric": "final.val_accuracy", "contrast": "batch - none",
              "direction": "positive", "smallest": 0.01}  # fmt: skip
