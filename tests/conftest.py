@@ -16,9 +16,11 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
 from service.config import get_settings
 from service.db import dispose_engines
+from service.main import create_app
 from service.migrate import upgrade_to_head
 from service.queue import producer_app
 
@@ -102,3 +104,10 @@ def use_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Backend],
 
     yield apply
     clear_setting_caches()
+
+
+@pytest.fixture
+def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
+    use_backend(sqlite_backend)
+    with TestClient(create_app()) as test_client:
+        yield test_client

@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from service.cards.model import TEST_LIMIT, TEST_SEEDS, Card, Contrast, FigureSpec, PaperFigure, Sizes, Term
+from service.cards.model import TEST_LIMIT, TEST_SEEDS, Card, Contrast, FigureSpec, PaperFigure, Sizes
 from service.experiments.presets import PRESETS
+from service.experiments.report import Term
 
 NORM = "model.norm.kind"
 ACC = "final.val_accuracy"

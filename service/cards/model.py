@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from service.experiments.report import Term  # one configuration of a contrast and its coefficient
+
 Scale = Literal["test", "quick", "full"]
 SCALES: tuple[Scale, ...] = ("test", "quick", "full")
 # The test scale exercises the wiring only (seconds per card): synthetic data, one epoch, two seeds.
@@ -23,14 +25,6 @@ class Sizes:
     epochs: int
     seeds: tuple[int, ...]
     limit: int | None
-
-
-@dataclass(frozen=True)
-class Term:
-    """One configuration of a contrast (the grid values that pick it out) and its coefficient."""
-
-    match: dict[str, Any]
-    coefficient: float
 
 
 @dataclass(frozen=True)

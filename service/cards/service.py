@@ -30,6 +30,7 @@ from service.cards.schemas import (
 from service.config import Settings
 from service.experiments import grid, presets
 from service.experiments import repository as experiment_repo
+from service.experiments.report import EpochRow
 from service.experiments.schemas import ExperimentCreate
 from service.experiments.service import create_experiment, experiment_or_404
 from service.ml import datasets
@@ -292,7 +293,7 @@ def load_card_run(session: Session, card: Card, run_id: str) -> LoadedRun:
                     seed=int(run.spec["train"]["seed"]),
                     status=run.status,
                     epochs=[
-                        verdicts.Epoch(m.epoch, m.val_accuracy, m.val_loss, m.train_accuracy, m.train_loss)
+                        EpochRow(m.epoch, m.val_accuracy, m.val_loss, m.train_accuracy, m.train_loss)
                         for m in metrics.get(run.id, [])
                     ],
                     slots=[

@@ -15,19 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.cards.model import Card, Contrast, Term
+from service.cards.model import Card, Contrast
 from service.experiments import statistics
+from service.experiments.report import EpochRow, Term
 
 ORDER_OF_MAGNITUDE = 10.0  # effects within a factor of 10 of the paper's are "the same order of magnitude"
-
-
-@dataclass(frozen=True)
-class Epoch:
-    epoch: int
-    val_accuracy: float
-    val_loss: float
-    train_accuracy: float
-    train_loss: float
 
 
 @dataclass(frozen=True)
@@ -57,7 +49,7 @@ class CardRun:
     point: dict[str, Any]
     seed: int
     status: str
-    epochs: list[Epoch] = field(default_factory=list)
+    epochs: list[EpochRow] = field(default_factory=list)
     slots: list[SlotStat] = field(default_factory=list)
     probes: list[ProbeRow] = field(default_factory=list)
 

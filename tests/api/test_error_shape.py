@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
-import pytest
 from fastapi.testclient import TestClient
 
 from service.api.errors import closest_name
-from service.main import create_app
-from tests.conftest import Backend
-
-
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 def test_a_typo_d_field_gets_a_sentence_with_did_you_mean_and_the_list_beside_it(client: TestClient) -> None:

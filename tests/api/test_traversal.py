@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.main import create_app
-from tests.conftest import Backend
 
 # Encoded, double-encoded and backslash forms; a bare ".." segment is resolved by the HTTP client
 # itself (RFC 3986 dot-segment removal) before the request leaves, so it cannot reach the server.
@@ -34,13 +32,6 @@ def routes_with_ids() -> list[tuple[str, str]]:
         if "{" in template
         for method in operations
     ]
-
-
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 @pytest.mark.parametrize(("method", "template"), routes_with_ids())

@@ -8,10 +8,9 @@ import math
 import pytest
 from scipy import stats
 
-from service.cards.model import Card, Contrast, FigureSpec, Sizes, Term
+from service.cards.model import Card, Contrast, FigureSpec, Sizes
 from service.cards.verdicts import (
     CardRun,
-    Epoch,
     SlotStat,
     judge_card,
     metric_value,
@@ -19,6 +18,8 @@ from service.cards.verdicts import (
     summary,
 )
 from service.experiments import statistics
+from service.experiments.report import EpochRow as Epoch
+from service.experiments.report import Term
 
 NORM = "model.norm.kind"
 

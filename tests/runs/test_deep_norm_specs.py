@@ -4,26 +4,16 @@ names the field, and nothing is stored."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
 from service.ml.config import ModelConfig, NormConfig
 from service.runs.schemas import RunCreate
 from service.runs.spec import model_config
-from tests.conftest import Backend
 
 DATA = {"name": "synthetic", "limit": 200}
-
-
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 def submit(client: TestClient, model: dict[str, Any], **train: Any) -> Any:

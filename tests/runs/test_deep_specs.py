@@ -5,28 +5,18 @@ a spec that means the same."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
 from service.ml.datasets import BUILTIN_SHAPES
 from service.ml.nets import parameter_count
 from service.runs.schemas import MAX_PARAMETERS, RunCreate
 from service.runs.spec import model_config
-from tests.conftest import Backend
 
 DATA = {"name": "synthetic", "limit": 200}
 FASHION = {"name": "fashion-mnist", "limit": 1000}
-
-
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 def submit(client: TestClient, model: dict[str, Any], dataset: dict[str, Any] = DATA) -> Any:

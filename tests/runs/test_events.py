@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.client.http import Event, parse_sse
 from service.db import get_engine, session_scope
-from service.main import create_app
 from service.ml.training import EpochMetrics
 from service.models import RunStatus
 from service.runs import repository as run_repo
@@ -30,16 +29,8 @@ from service.runs.events import (
     poll_interval,
 )
 from service.runs.schemas import RunCreate
-from tests.conftest import Backend
 
 SPEC = {"name": "sse", "dataset": {"name": "synthetic", "limit": 200}, "train": {"epochs": 3}}
-
-
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 def new_run() -> str:

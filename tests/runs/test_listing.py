@@ -20,13 +20,6 @@ from service.models import EpochMetric, Run
 from tests.conftest import Backend, postgres_backend_at, sqlite_backend_at
 
 
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def any_client(
     request: pytest.FixtureRequest, tmp_path: Path, use_backend: Callable[[Backend], None]

@@ -6,29 +6,19 @@ trains for real."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.db import session_scope
-from service.main import create_app
 from service.ml.config import PROBE_NAMES
 from service.models import ProbeRecord
 from service.runs.schemas import RunCreate
 from service.runs.spec import train_config
-from tests.conftest import Backend
 
 SPEC = {"name": "probed", "dataset": {"name": "synthetic", "limit": 200}, "train": {"epochs": 2}}
 LAYERS = ["fc1", "fc2", "fc10", "out"]  # natural order: fc10 after fc2
-
-
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 def _values(probe: str, epoch: int) -> list[tuple[str, str, float]]:

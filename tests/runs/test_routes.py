@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,13 +27,6 @@ SMALL_SPEC = {
     "dataset": {"name": "synthetic", "limit": 200},
     "train": {"epochs": 1},
 }
-
-
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 def queued_messages() -> list[Path]:

@@ -4,27 +4,17 @@ and a stored spec from before the switch still loads with its default."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
 from service.ml.config import TrainConfig
 from service.runs.schemas import RunCreate
 from service.runs.spec import train_config
-from tests.conftest import Backend
 
 DATA = {"name": "synthetic", "limit": 200}
-
-
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 def post(client: TestClient, train: dict[str, Any], model: dict[str, Any] | None = None) -> Any:

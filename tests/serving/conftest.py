@@ -7,7 +7,7 @@ configuration and test session, then written with the service's own data functio
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,13 +16,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from service.db import session_scope
-from service.main import create_app
 from service.ml import checkpoints, datasets, training
 from service.models import RunStatus
 from service.runs import repository as run_repo
 from service.runs.schemas import RunCreate
 from service.runs.spec import model_config, train_config
-from tests.conftest import Backend
 
 BN_SPEC: dict[str, Any] = {
     "name": "bn",
@@ -60,13 +58,6 @@ def store_trained_run(spec_fields: dict[str, Any], *, status: RunStatus = RunSta
                 sha256=checkpoints.sha256_hex(weights),
             )
         return run.id
-
-
-@pytest.fixture
-def client(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[TestClient]:
-    use_backend(sqlite_backend)
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 @pytest.fixture
