@@ -28,6 +28,10 @@ from service.models import (
 )
 from service.runs.schemas import RunCreate
 
+# The first key of the two-int advisory locks that serialise one owner's submits on Postgres
+# (count_active_runs); the second is the owner's hash. Any constant no other lock in the database uses.
+_OWNER_LOCK_SPACE = 0x626E6C62  # "bnlb"
+
 
 def create_run(*, session: Session, spec: RunCreate, owner: str | None = None) -> Run:
     # enqueued_at stays empty until the broker has taken the message: the reaper publishes such runs.
@@ -433,6 +437,12 @@ def mark_enqueued(*, session: Session, run_id: str) -> None:
 
 
 def count_active_runs(*, session: Session, owner: str | None) -> int:
+    """Queued and running runs of `owner`. On Postgres the count first takes a transaction-scoped
+    advisory lock for the owner, so that two concurrent submits of one key count and insert one after
+    the other (READ COMMITTED would let both pass the cap); the caller's commit releases it. SQLite
+    needs none: its write transactions (BEGIN IMMEDIATE) are serialised already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_OWNER_LOCK_SPACE, func.hashtext(owner or ""))))
     active = (RunStatus.queued.value, RunStatus.running.value)
     query = select(func.count()).select_from(Run).where(Run.status.in_(active), Run.owner == owner)
     return session.scalar(query) or 0
