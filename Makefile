@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint format migrate fuzz loadtest loadtest-short bench bench-serve bench-train bench-scale compose-test replications clean
+.PHONY: install run test lint format migrate fuzz loadtest loadtest-short bench bench-serve bench-train bench-families bench-scale compose-test replications clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,8 @@ loadtest: install
 loadtest-short: install
 	LOAD_SHORT=1 $(BIN)/python -m tests.load.run_load
 
-## Both benchmarks; each prints a table and asserts nothing (run them on a quiet machine).
-bench: bench-serve bench-train
+## Every benchmark; each prints a table and asserts nothing (run them on a quiet machine).
+bench: bench-serve bench-train bench-families
 
 ## Serving benchmark over HTTP on loopback (about two minutes).
 bench-serve: install
@@ -62,6 +62,11 @@ bench-serve: install
 ## matmul floor; then inference throughput (about a minute on a quiet 2-core machine).
 bench-train: install
 	$(BIN)/python bench/train.py
+
+## Every workload family (CNN, ResNet-20, LSTM with and without recurrent BN, deep MLPs): an
+## idiomatic PyTorch loop, bnlab through the API, and the forward/backward floor, side by side.
+bench-families: install
+	$(BIN)/python bench/families.py
 
 ## Scale curve: training throughput over batch sizes 32-1024 and widths 128-2048 (BN and no-BN, one
 ## thread), then a 16-run grid through the API vs one run alone (about three minutes).
