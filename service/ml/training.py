@@ -538,6 +538,12 @@ def configure_training_process(threads: int) -> None:
     torch.set_flush_denormal(True)
 
 
+def set_threads(threads: int) -> None:
+    """Change this process's intra-op threads between steps (service/runs/cores.py sizes them)."""
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def warm_up() -> None:
     """Train the article's network briefly on generated data, so that what torch and this module set
     up lazily (torch.optim's import of torch._dynamo, about a second; the fast path's compilation)

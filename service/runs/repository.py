@@ -436,6 +436,15 @@ def mark_enqueued(*, session: Session, run_id: str) -> None:
     )
 
 
+def count_training_demand(*, session: Session, node: str) -> int:
+    """Runs that want a training process of worker node `node`: those it trains, and every queued one
+    (an idle training process claims it at once)."""
+    running = Run.status == RunStatus.running.value
+    on_node = and_(running, Run.worker.startswith(f"{node}/", autoescape=True))
+    wanted = or_(on_node, Run.status == RunStatus.queued.value)
+    return session.scalar(select(func.count()).select_from(Run).where(wanted)) or 0
+
+
 def count_active_runs(*, session: Session, owner: str | None) -> int:
     """Queued and running runs of `owner`. On Postgres the count first takes a transaction-scoped
     advisory lock for the owner, so that two concurrent submits of one key count and insert one after

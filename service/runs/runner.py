@@ -23,6 +23,7 @@ from service.ml.config import ModelConfig
 from service.models import RunStatus
 from service.runs import repository as run_repo
 from service.runs.budget import run_time_limit_s
+from service.runs.cores import CoreShare
 from service.runs.schemas import RunCreate
 from service.runs.spec import model_config, train_config
 
@@ -50,6 +51,8 @@ class DatabaseCallbacks:
     started: float = field(default_factory=time.monotonic)
     # Size of the training split, once loaded: stored with each epoch for its throughput.
     train_samples: int | None = None
+    # This process's threads, sized to the node's idle cores while the run trains (single-process runs).
+    cores: CoreShare | None = None
 
     def on_epoch_end(self, metrics: training.EpochMetrics, snapshot: training.Snapshot) -> None:
         try:
@@ -77,6 +80,8 @@ class DatabaseCallbacks:
             return True
         with session_scope() as session:
             signals = run_repo.read_signals(session=session, lease=self.lease)
+            if self.cores is not None:
+                self.cores.resize(session)
         if not signals.held:
             self.stop_reason = StopReason.lease_lost
         elif signals.cancel_requested:
@@ -152,6 +157,9 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
     except Exception as exc:
         log.exception("run %s failed", run_id)
         return _end(lease, RunStatus.failed, describe_error(exc))
+    finally:
+        if callbacks.cores is not None:
+            callbacks.cores.restore()
     return _succeed(lease, config, weights)
 
 
@@ -186,6 +194,8 @@ def _train(
             config, tcfg, train_set, val_set, callbacks, resume=state, device=device
         )
         return result, config
+    if device.type == "cpu":
+        callbacks.cores = CoreShare.for_run(callbacks.lease.worker, config, tcfg)
     result = training.train(config, tcfg, train_set, val_set, callbacks, resume=state, device=device)
     return result, config
 
