@@ -28,7 +28,7 @@ from service.cards.schemas import (
     PaperFigurePublic,
 )
 from service.config import Settings
-from service.experiments import grid, presets
+from service.experiments import cost, grid, presets
 from service.experiments import repository as experiment_repo
 from service.experiments.report import EpochRow
 from service.experiments.schemas import ExperimentCreate
@@ -131,7 +131,7 @@ def unavailable_reason(name: str, dataset: str) -> str | None:
 
 
 def estimate(specs: list[ExperimentCreate], processes: int) -> int:
-    return sum(presets.estimated_seconds(s, processes) for s in specs)
+    return sum(cost.estimated_seconds(s, processes) for s in specs)
 
 
 @cache

@@ -11,7 +11,7 @@ from service.api.deps import SessionDep, SettingsDep
 from service.api.errors import Message
 from service.api.security import PrincipalDep
 from service.config import Settings
-from service.experiments import grid, presets
+from service.experiments import cost, grid, presets
 from service.experiments.schemas import ExperimentPublic, PresetCreate, PresetPublic, PresetsPublic
 from service.experiments.service import create_experiment
 from service.ml import datasets
@@ -55,7 +55,7 @@ def list_presets(settings: SettingsDep) -> PresetsPublic:
                 grid=spec.grid,
                 seeds=spec.seeds,
                 runs=runs,
-                estimated_seconds=presets.estimated_seconds(spec, settings.training_processes),
+                estimated_seconds=cost.estimated_seconds(spec, settings.training_processes),
             )
         )
     return PresetsPublic(items=items)

@@ -16,38 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.experiments.grid import expand
 from service.experiments.report import Claim, Term
 from service.experiments.schemas import ExperimentCreate, PresetCreate
-from service.ml import training
-from service.ml.datasets import split_sizes
-from service.runs.schemas import BuiltinDatasetName, ModelSpec
-from service.runs.spec import model_config, train_config
-
-# Seconds per optimiser step, measured through `make run`'s worker (one thread per training process,
-# both processes busy; torch 2.13, 2-core machine): the compiled fast path that MLPs with BN or no
-# norm train through (service/ml/fastpath.py) ≈ 0.25 ms + 5 µs a sample (0.41 ms at batch 32);
-# autograd, for the other norms, ≈ 0.75 ms + 6 µs a sample.
-FAST_STEP_FIXED_S, FAST_STEP_PER_SAMPLE_S = 0.00025, 0.000005
-STEP_FIXED_S, STEP_PER_SAMPLE_S = 0.00075, 0.000006
-# The small CNN (3 × 3 convs at full resolution), autograd: ≈ 5.5 ms + 1.15 ms a sample for channels
-# (16, 32), one thread, measured on the 2-core machine while other jobs kept its load average near 13:
-# likely 2–4× a quiet machine's figure (the MLP constants above came from a quieter machine);
-# the per-sample cost grows as (Σ c_in·c_out)^0.8 (channels (32, 64): 3.3 ms measured, 3.4 modelled).
-# Validation ≈ 1 ms a sample for (16, 32), on the same scale.
-CNN_STEP_FIXED_S, CNN_STEP_PER_SAMPLE_S, CNN_VAL_PER_SAMPLE_S = 0.0055, 0.00115, 0.001
-CNN_REFERENCE_MACS = 1 * 16 + 16 * 32
-# Deep MLPs (depth × width, resmlp): each hidden layer past the second adds ≈ 0.87 ms a step at batch 64
-# and width 64, measured at load ≈ 10 on the 2-core machine, where the 2-layer MLP's step took 3.9 ms
-# against the 0.57 ms the constants above give: so ≈ 0.12 ms on a quiet machine, 2 µs a sample, scaled
-# by (width / 64)². Validation: a tenth of that.
-DEEP_LAYER_PER_SAMPLE_S = 0.000002
-DEEP_LAYER_VAL_PER_SAMPLE_S = 0.0000002
-# Queue pick-up, loading and recording per run; the validation pass per epoch, per sample.
-RUN_OVERHEAD_S = 0.25
-VAL_PER_SAMPLE_S = 0.000002
-FULL_TRAIN_SIZE = 60_000
-SYNTHETIC_TRAIN_SIZE = 10_000
+from service.runs.schemas import BuiltinDatasetName
 
 
 @dataclass(frozen=True)
@@ -285,47 +256,3 @@ def experiment_spec(
     if overrides.name:
         raw["name"] = overrides.name
     return ExperimentCreate.model_validate(raw)
-
-
-def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
-    """Wall time from the cost model: per run, steps × step cost + validation + overhead, the runs
-    spread over the worker's `processes` training processes."""
-    total = 0.0
-    for planned in expand(spec):
-        dataset, train = planned.spec.dataset, planned.spec.train
-        n = dataset.limit or (SYNTHETIC_TRAIN_SIZE if dataset.name == "synthetic" else FULL_TRAIN_SIZE)
-        n_train, n_val = split_sizes(n, dataset.val_split)
-        steps = -(-n_train // train.batch_size)
-        val_s = VAL_PER_SAMPLE_S
-        # The training switches AGC, FrozenBN and trainable train every network through autograd.
-        fast = not training.needs_autograd(train_config(planned.spec))
-        if planned.spec.model.arch == "cnn":
-            scale = _cnn_macs(planned.spec.model.channels) ** 0.8
-            step_s = CNN_STEP_FIXED_S + scale * CNN_STEP_PER_SAMPLE_S * train.batch_size
-            val_s = scale * CNN_VAL_PER_SAMPLE_S
-        elif fast and training.trains_fast(model_config(planned.spec)):
-            step_s = FAST_STEP_FIXED_S + FAST_STEP_PER_SAMPLE_S * train.batch_size
-        else:
-            step_s = STEP_FIXED_S + STEP_PER_SAMPLE_S * train.batch_size
-        extra = _extra_layer_widths(planned.spec.model)
-        step_s += DEEP_LAYER_PER_SAMPLE_S * train.batch_size * extra
-        val_s += DEEP_LAYER_VAL_PER_SAMPLE_S * extra
-        total += RUN_OVERHEAD_S + train.epochs * (steps * step_s + n_val * val_s)
-    return max(1, round(total / processes))
-
-
-def _cnn_macs(channels: Sequence[int]) -> float:
-    """Σ c_in·c_out over the conv layers, relative to the measured (16, 32) CNN."""
-    widths = [1, *channels]
-    return sum(a * b for a, b in zip(widths, widths[1:], strict=False)) / CNN_REFERENCE_MACS
-
-
-def _extra_layer_widths(model: ModelSpec) -> float:
-    """Σ (width / 64)² over the hidden layers past the second (mlp) or every hidden layer of a resmlp."""
-    if model.arch == "mlp":
-        widths = list(model.hidden)[2:]
-    elif model.arch == "resmlp":
-        widths = [model.width or 0] * max(0, (model.depth or 0) - 2)
-    else:
-        return 0.0
-    return float(sum((w / 64) ** 2 for w in widths))

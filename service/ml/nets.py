@@ -24,6 +24,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -194,26 +195,42 @@ def parameter_count(cfg: ModelConfig) -> int:
         return count_parameters(make_net(cfg))
 
 
+@dataclass(frozen=True)
+class ForwardProfile:
+    """What one sample's forward pass computes: the floating-point operations of Linear layers (2 per
+    multiply-add), of convolutions, and of everything else (ELEMENTWISE_FLOPS per value output by
+    norms, activations, pooling, residual additions), and the calls of layers (what a step's Python
+    and dispatch overhead grows with; a layer called at every time step counts at each)."""
+
+    linear_flops: int
+    conv_flops: int
+    other_flops: int
+    calls: int
+
+    @property
+    def flops(self) -> int:
+        return self.linear_flops + self.conv_flops + self.other_flops
+
+
 @functools.lru_cache(maxsize=1024)
-def forward_flops(cfg: ModelConfig) -> int:
-    """Floating-point operations of one sample's forward pass: 2 per multiply-add of every Linear
-    and Conv, plus a few per value every other layer outputs (norms, activations, pooling).
-    Measured by a forward pass on the meta device, so every architecture is counted the same way."""
-    total = 0
+def forward_profile(cfg: ModelConfig) -> ForwardProfile:
+    """Measured by a forward pass on the meta device (no memory, no random draws), so that every
+    architecture is counted the same way."""
+    counts = {"linear": 0, "conv": 0, "other": 0, "calls": 0}
 
     def count(module: nn.Module, _args: object, output: torch.Tensor) -> None:
-        nonlocal total
+        counts["calls"] += 1
         if isinstance(module, nn.Linear):
-            total += 2 * module.in_features * module.out_features
+            rows = output.numel() // module.out_features  # 1, or one per position it is applied at
+            counts["linear"] += 2 * module.in_features * module.out_features * rows
         elif isinstance(module, nn.Conv2d):
             k = math.prod(module.kernel_size) * module.in_channels // module.groups
-            total += 2 * k * output.numel()
+            counts["conv"] += 2 * k * output.numel()
         elif not isinstance(module, nn.Sequential):
-            total += ELEMENTWISE_FLOPS * output.numel()
+            counts["other"] += ELEMENTWISE_FLOPS * output.numel()
 
     def count_block(module: nn.Module, _args: object, output: torch.Tensor) -> None:
-        nonlocal total  # the addition, α or Fixup's scalars: a few operations per value
-        total += ELEMENTWISE_FLOPS * output.numel()
+        counts["other"] += ELEMENTWISE_FLOPS * output.numel()  # the addition, α or Fixup's scalars
 
     with torch.device("meta"):
         net = make_net(cfg).eval()
@@ -222,7 +239,12 @@ def forward_flops(cfg: ModelConfig) -> int:
         net(torch.empty(1, *cfg.input_shape))
     for handle in handles:
         handle.remove()
-    return total
+    return ForwardProfile(counts["linear"], counts["conv"], counts["other"], counts["calls"])
+
+
+def forward_flops(cfg: ModelConfig) -> int:
+    """Floating-point operations of one sample's forward pass (ForwardProfile)."""
+    return forward_profile(cfg).flops
 
 
 def _counted(module: nn.Module) -> Iterator[nn.Module]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.experiments import presets
+from service.experiments import cost, presets
 from service.experiments.grid import expand, grid_points
 from service.experiments.report import RunResult, report
 from service.experiments.schemas import ExperimentCreate, PresetCreate
@@ -21,7 +21,7 @@ def test_each_preset_expands_into_valid_runs_on_each_of_its_datasets(preset: pre
         assert len(planned) == len(grid_points(spec.grid)) * len(preset.seeds)
         assert {p.spec.dataset.name for p in planned} == {dataset}
         assert {p.seed for p in planned} == set(preset.seeds)
-        assert 0 < presets.estimated_seconds(spec) < 15 * 60
+        assert 0 < cost.estimated_seconds(spec) < 15 * 60
 
 
 @pytest.mark.parametrize("preset", presets.PRESETS.values(), ids=lambda p: p.name)
@@ -70,7 +70,7 @@ def test_the_time_estimate_follows_the_training_path_and_the_processes() -> None
         spec = ExperimentCreate.model_validate(
             {"name": "e", "base": base, "grid": {"model.norm.kind": [kind]}, "seeds": [0, 1, 2, 3]}
         )
-        return presets.estimated_seconds(spec, processes)
+        return cost.estimated_seconds(spec, processes)
 
     assert training.trains_fast(ModelConfig(norm=NormConfig(kind="batch")))
     assert not training.trains_fast(ModelConfig(norm=NormConfig(kind="group", num_groups=16)))

@@ -1,0 +1,88 @@
+"""The cost model: how long an experiment's runs take on a worker, estimated before they start.
+
+A training step through autograd costs a fixed part (the optimizer, the loss, the loop), a part per
+module call (PyTorch's Python and dispatch overhead, forward and backward: what dominates small and
+deep networks) and a part per floating-point operation (what dominates convolutions and wide
+layers); validation costs the module calls and the flops of a forward pass per batch. Module calls
+and flops are counted on the meta device for the exact network (an LSTM's cell once per time step),
+so one set of constants covers every architecture. The MLPs the compiled fast path trains
+(service/ml/fastpath.py) have constants of their own.
+
+The constants are measured by `bench/cost_model.py` (one training process, one thread, as `make
+run`'s workers train a grid), which fits them by least squares and prints them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from service.experiments.grid import expand
+from service.experiments.schemas import ExperimentCreate
+from service.ml import nets, training
+from service.ml.config import ModelConfig
+from service.ml.datasets import BUILTIN_SHAPES, split_sizes
+from service.runs.schemas import RunCreate
+from service.runs.spec import DEFAULT_SHAPE, model_config, train_config
+
+# Measured by bench/cost_model.py: 2 cores of an AMD EPYC (Zen 4), torch 2.13, one thread.
+# Autograd step: fixed + per layer call + per flop of forward and backward (3 forward passes), with
+# a rate of its own for Linear, convolution and elementwise flops.
+STEP_FIXED_S = 0.0005
+STEP_PER_CALL_S = 0.00004
+STEP_PER_LINEAR_FLOP_S = 1 / 30e9
+STEP_PER_CONV_FLOP_S = 1 / 20e9
+STEP_PER_OTHER_FLOP_S = 1 / 2e9
+# The fast path's step: fixed + per sample (the article's MLP: 0.41 ms at batch 32).
+FAST_STEP_FIXED_S, FAST_STEP_PER_SAMPLE_S = 0.00025, 0.000005
+# Validation, per batch of VAL_BATCH: fixed + per layer call; per sample: per flop of the forward pass.
+VAL_BATCH = 1024
+VAL_FIXED_S = 0.0005
+VAL_PER_CALL_S = 0.00001
+VAL_PER_LINEAR_FLOP_S = 1 / 30e9
+VAL_PER_CONV_FLOP_S = 1 / 20e9
+VAL_PER_OTHER_FLOP_S = 1 / 2e9
+# Queue pick-up, loading, probes and recording, per run and per epoch.
+RUN_OVERHEAD_S = 0.5
+EPOCH_OVERHEAD_S = 0.05
+FULL_TRAIN_SIZE = 60_000
+SYNTHETIC_TRAIN_SIZE = 10_000
+
+
+def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
+    """Wall time of the experiment's runs, spread over the worker's `processes` training processes."""
+    total = sum(run_seconds(planned.spec) for planned in expand(spec))
+    return max(1, round(total / processes))
+
+
+def run_seconds(spec: RunCreate) -> float:
+    """One run: its epochs' steps and validation, and the per-run and per-epoch overheads."""
+    dataset, train = spec.dataset, spec.train
+    n = dataset.limit or (SYNTHETIC_TRAIN_SIZE if dataset.name == "synthetic" else FULL_TRAIN_SIZE)
+    n_train, n_val = split_sizes(n, dataset.val_split)
+    steps = math.ceil(n_train / train.batch_size)
+    cfg = model_config(spec, BUILTIN_SHAPES.get(dataset.name, DEFAULT_SHAPE))
+    fast = not training.needs_autograd(train_config(spec)) and training.trains_fast(cfg)
+    epoch_s = steps * step_seconds(cfg, train.batch_size, fast=fast) + validation_seconds(cfg, n_val)
+    return RUN_OVERHEAD_S + train.epochs * (epoch_s + EPOCH_OVERHEAD_S)
+
+
+def step_seconds(cfg: ModelConfig, batch: int, *, fast: bool) -> float:
+    if fast:
+        return FAST_STEP_FIXED_S + FAST_STEP_PER_SAMPLE_S * batch
+    p = nets.forward_profile(cfg)
+    per_sample = (
+        STEP_PER_LINEAR_FLOP_S * p.linear_flops
+        + STEP_PER_CONV_FLOP_S * p.conv_flops
+        + STEP_PER_OTHER_FLOP_S * p.other_flops
+    )
+    return STEP_FIXED_S + STEP_PER_CALL_S * p.calls + 3 * batch * per_sample
+
+
+def validation_seconds(cfg: ModelConfig, samples: int) -> float:
+    p = nets.forward_profile(cfg)
+    per_sample = (
+        VAL_PER_LINEAR_FLOP_S * p.linear_flops
+        + VAL_PER_CONV_FLOP_S * p.conv_flops
+        + VAL_PER_OTHER_FLOP_S * p.other_flops
+    )
+    return math.ceil(samples / VAL_BATCH) * (VAL_FIXED_S + VAL_PER_CALL_S * p.calls) + samples * per_sample
