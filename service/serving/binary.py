@@ -45,10 +45,11 @@ def header_length(value: str | None, body_size: int) -> int | None:
     text = value.strip()
     if not text.isascii() or not text.isdigit():
         raise BinaryError(f"{HEADER_LENGTH} must be a whole number of bytes; got {value!r}")
-    length = int(text)
-    if length > body_size:
-        raise BinaryError(f"{HEADER_LENGTH} is {length}, but the body has only {body_size} bytes")
-    return length
+    # No body has 19 digits of bytes, and int() refuses thousands of digits: compare lengths first.
+    if len(text) > 18 or int(text) > body_size:
+        shown = text if len(text) <= 18 else text[:18] + "…"
+        raise BinaryError(f"{HEADER_LENGTH} is {shown}, but the body has only {body_size} bytes")
+    return int(text)
 
 
 def _size_parameter(tensor: V2InferInput, where: str) -> int | None:

@@ -246,7 +246,8 @@ HEADER = len(header_for())
 BAD_REQUESTS = {
     "header-not-a-number": (BODY, "12abc", "must be a whole number of bytes; got '12abc'"),
     "header-negative": (BODY, "-5", "must be a whole number of bytes"),
-    "header-past-the-body": (BODY, 10**6, "but the body has only"),
+    "header-past-the-body": (BODY, 10**6, "is 1000000, but the body has only"),
+    "header-of-5000-digits": (BODY, "9" * 5000, "but the body has only"),
     "header-cuts-the-json": (BODY, 20, "Invalid JSON"),
     "binary-without-header": (BODY, None, "needs the Inference-Header-Content-Length header"),
     "binary-short": (*framed(header_for(), ONE_IMAGE[:-4]), "add up to 3136 bytes, but 3132 bytes follow"),
