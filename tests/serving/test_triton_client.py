@@ -73,9 +73,9 @@ def predict(server_url: str, run_id: str) -> np.ndarray:
 
 def tensor(datatype: str, shape: list[int], *, binary: bool) -> triton.InferInput:
     values = {"FP32": PIXELS.astype(np.float32), "FP64": PIXELS, "UINT8": SAMPLES}[datatype]
-    tensor = triton.InferInput("input", shape, datatype)
-    tensor.set_data_from_numpy(values.reshape(shape), binary_data=binary)
-    return tensor
+    infer_input = triton.InferInput("input", shape, datatype)
+    infer_input.set_data_from_numpy(values.reshape(shape), binary_data=binary)
+    return infer_input
 
 
 def requested(*, binary: bool) -> list[triton.InferRequestedOutput]:
@@ -154,7 +154,9 @@ def version_stats(client: triton.InferenceServerClient, model: str) -> dict[str,
     return stat
 
 
-def test_statistics_count_every_inference(triton_client: triton.InferenceServerClient, model: str) -> None:
+def test_statistics_count_every_inference(
+    triton_client: triton.InferenceServerClient, server_url: str, model: str
+) -> None:
     before = version_stats(triton_client, model)
     assert (before["inference_count"], before["execution_count"], before["last_inference"]) == (0, 0, 0)
     started_ms = time.time() * 1000
@@ -183,6 +185,10 @@ def test_statistics_count_every_inference(triton_client: triton.InferenceServerC
     assert [s["version"] for s in triton_client.get_inference_statistics(model)["model_stats"]] == ["1"]
     everything = triton_client.get_inference_statistics()["model_stats"]
     assert [s for s in everything if s["name"] == model] == [after]
+    # An alias reports its run's statistics under its own name.
+    httpx.put(f"http://{server_url}/api/v1/models/counted", json={"run_id": model}).raise_for_status()
+    [aliased] = triton_client.get_inference_statistics("counted")["model_stats"]
+    assert aliased == after | {"name": "counted"}
     with pytest.raises(InferenceServerException, match="no model named"):
         triton_client.get_inference_statistics("no-such-model")
     with pytest.raises(InferenceServerException, match="no version 2"):
