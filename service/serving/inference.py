@@ -52,7 +52,7 @@ def _to_model_input(array: np.ndarray, config: ModelConfig) -> torch.Tensor:
     return tensor.reshape(array.shape[0], *config.input_shape)
 
 
-def _contains_boolean(values: list[Any]) -> bool:
+def _contains_boolean(values: list[Any] | np.ndarray) -> bool:
     # numpy would read JSON true/false as 1.0/0.0; a tensor of numbers takes numbers only.
     pending: list[Any] = [values]
     while pending:
@@ -64,7 +64,7 @@ def _contains_boolean(values: list[Any]) -> bool:
     return False
 
 
-def _numbers(values: list[Any], message: str) -> np.ndarray:
+def _numbers(values: list[Any] | np.ndarray, message: str) -> np.ndarray:
     if _contains_boolean(values):
         raise InputError(f"{message}; true/false are not numbers")
     try:
@@ -81,8 +81,11 @@ def inputs_to_tensor(inputs: list[Any], config: ModelConfig) -> torch.Tensor:
     return _to_model_input(array, config)
 
 
-def v2_tensor_to_input(datatype: str, shape: list[int], data: list[Any], config: ModelConfig) -> torch.Tensor:
-    """An Open Inference Protocol input tensor → model input. `data` is flat or nested row-major."""
+def v2_tensor_to_input(
+    datatype: str, shape: list[int], data: list[Any] | np.ndarray, config: ModelConfig
+) -> torch.Tensor:
+    """An Open Inference Protocol input tensor → model input. `data` is flat or nested row-major
+    (or, from binary tensor data, a flat array)."""
     if datatype not in V2_DATATYPES:
         raise InputError(f"datatype {datatype} is not supported; use one of {', '.join(V2_DATATYPES)}")
     if len(shape) < 2 or tuple(shape[1:]) not in accepted_sample_shapes(config):

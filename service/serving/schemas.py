@@ -205,8 +205,12 @@ class V2InferInput(BaseModel):
     name: str = Field(max_length=64)
     shape: list[Annotated[int, Field(ge=0, le=1_000_000)]] = Field(min_length=1, max_length=8)
     datatype: str = Field(max_length=16, description="FP32, FP64 or UINT8.")
-    data: list[Any] = Field(description="Row-major values, flat or nested.")
-    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(
+        None, description="Row-major values, flat or nested; absent for binary data (binary_data_size)."
+    )
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: the input's bytes after the JSON header (binary tensor data)."
+    )
 
 
 class V2RequestedOutput(BaseModel):
@@ -242,3 +246,42 @@ class V2InferResponse(BaseModel):
 
 class V2Error(BaseModel):
     error: str
+
+
+# The statistics extension (Triton's docs/protocol/extension_statistics.md).
+
+
+class V2DurationStat(BaseModel):
+    count: int = Field(description="How many times the step ran.")
+    ns: int = Field(description="Its cumulative duration, in nanoseconds.")
+
+
+class V2InferenceStats(BaseModel):
+    success: V2DurationStat = Field(description="Answered requests: from arrival to answer.")
+    fail: V2DurationStat = Field(description="Requests that failed once their model was known.")
+    queue: V2DurationStat = Field(description="Waiting for an inference thread (and the model's load).")
+    compute_input: V2DurationStat = Field(description="Parsing and converting the request's input.")
+    compute_infer: V2DurationStat = Field(description="The forward pass that answered the request.")
+    compute_output: V2DurationStat = Field(description="Writing the answer.")
+    cache_hit: V2DurationStat = Field(description="Always zero: answers are not cached.")
+
+
+class V2BatchStat(BaseModel):
+    batch_size: int = Field(description="Samples in the forward pass (micro-batched requests together).")
+    compute_input: V2DurationStat
+    compute_infer: V2DurationStat
+    compute_output: V2DurationStat
+
+
+class V2ModelStat(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="Milliseconds since the epoch; 0 before the first inference.")
+    inference_count: int = Field(description="Samples answered (a request of N samples counts N).")
+    execution_count: int = Field(description="Forward passes (one may answer several requests).")
+    inference_stats: V2InferenceStats
+    batch_stats: list[V2BatchStat]
+
+
+class V2ModelStats(BaseModel):
+    model_stats: list[V2ModelStat]

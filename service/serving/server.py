@@ -219,12 +219,24 @@ Prepare = Callable[[LoadedModel], torch.Tensor]  # a request's body → input te
 InferKey = tuple[str, int | None, bool]  # (name, version or None for the default, fused)
 
 
+@dataclass(eq=False)
+class Execution:
+    """One forward pass, shared by the requests it answered: what the statistics extension reports."""
+
+    samples: int
+    requests: int
+    input_ns: int  # preparing the requests' inputs
+    infer_ns: int  # the forward pass
+    output_ns: int = 0  # handing each request its rows
+
+
 @dataclass(frozen=True)
 class Answer:
     resolved: model_repo.ResolvedModel
     loaded: LoadedModel
     probabilities: torch.Tensor  # [N, classes]
     fused: bool  # whether the fused variant answered
+    execution: Execution
 
 
 class ModelServer:
@@ -348,6 +360,7 @@ class ModelServer:
         telemetry.INFERENCE_BATCH_SIZE.labels(model).observe(len(prepares))
         results: list[Answer | BaseException | None] = [None] * len(prepares)
         inputs: list[torch.Tensor] = []
+        started = time.perf_counter_ns()
         for i, prepare in enumerate(prepares):
             try:
                 inputs.append(prepare(loaded))
@@ -357,14 +370,18 @@ class ModelServer:
         if inputs:
             module = loaded.module(fused)
             batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+            prepared = time.perf_counter_ns()
             probabilities = torch.cat(
                 [forward_proba(module, chunk) for chunk in torch.split(batch, MAX_FORWARD_ROWS)]
             )
+            computed = time.perf_counter_ns()
+            execution = Execution(len(batch), len(inputs), prepared - started, computed - prepared)
             rows = iter(torch.split(probabilities, [len(x) for x in inputs]))
             served_fused = fused and loaded.fusion.fused
             for i, result in enumerate(results):
                 if result is None:
-                    results[i] = Answer(resolved, loaded, next(rows), served_fused)
+                    results[i] = Answer(resolved, loaded, next(rows), served_fused, execution)
+            execution.output_ns = time.perf_counter_ns() - computed
             telemetry.INFERENCE_REQUESTS.labels(model, "ok").inc(len(inputs))
         return [r for r in results if r is not None]
 

@@ -8,11 +8,15 @@ serves the alias's pinned version, else the newest. Each model has one input, `i
 `predictions` (INT64 [N]). `?fused=false` serves the unfused model. Every error is
 `{"error": "..."}`: 400 for a bad request (body validation included), 404 for an unknown model.
 Health answers 200 for true and 400 for false, as the protocol says.
+
+Two of Triton's extensions: binary tensor data (inputs and outputs as raw bytes after the JSON
+header; service.serving.binary) and statistics (per model version; service.serving.stats).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -29,21 +33,24 @@ from service.api.bodies import body_docs, inline_schema
 from service.api.health import database_reachable
 from service.api.security import PUBLIC, READ
 from service.db import session_scope
-from service.serving import inference, served
+from service.serving import binary, inference, served
 from service.serving import repository as model_repo
 from service.serving.schemas import (
     V2Error,
     V2InferRequest,
     V2InferResponse,
     V2ModelMetadata,
+    V2ModelStats,
     V2TensorMetadata,
 )
 from service.serving.served import served_model
 from service.serving.server import Answer, LoadedModel, get_model_server
+from service.serving.stats import STATISTICS, ModelKey, RequestTimes
 
 INPUT = "input"
 OUTPUTS = ("probabilities", "predictions")
 PLATFORM = "pytorch"
+EXTENSIONS = ["binary_tensor_data", "statistics"]
 
 
 def describe_errors(errors: list[Any]) -> str:
@@ -116,7 +123,7 @@ FusedQuery = Annotated[
 
 @router.get("", summary="Server metadata", openapi_extra=PUBLIC)
 def server_metadata() -> dict[str, Any]:
-    return {"name": "bnlab", "version": __version__, "extensions": []}
+    return {"name": "bnlab", "version": __version__, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", summary="The server is live", openapi_extra=PUBLIC)
@@ -130,6 +137,44 @@ def ready(response: Response) -> dict[str, bool]:
     if not ok:
         response.status_code = status.HTTP_400_BAD_REQUEST
     return {"ready": ok}
+
+
+# ---------------------------------------------------------------------------------------- statistics
+# Declared before the model routes: /models/stats is the statistics, not a model named "stats".
+
+
+def _resolve(name: str, version: int | None) -> model_repo.ResolvedModel:
+    try:
+        with session_scope() as session:
+            return model_repo.resolve_model(session=session, name=name, version=version)
+    except model_repo.NoQualifyingRun as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
+    except model_repo.NameNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
+
+
+def _stats(name: str, run_id: str, versions: list[int]) -> V2ModelStats:
+    return V2ModelStats(model_stats=[STATISTICS.model_stat(name, (run_id, v)) for v in versions])
+
+
+@router.get("/models/stats", summary="Statistics of every model this process has served", openapi_extra=READ)
+def all_model_stats() -> V2ModelStats:
+    keys = STATISTICS.recorded_keys()
+    return V2ModelStats(model_stats=[STATISTICS.model_stat(run_id, (run_id, v)) for run_id, v in keys])
+
+
+@router.get("/models/{name}/stats", summary="Statistics of every version of a model", openapi_extra=READ)
+def model_stats(name: ModelName) -> V2ModelStats:
+    resolved = _resolve(name, None)
+    return _stats(name, resolved.run_id, resolved.versions)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/stats", summary="Statistics of a model version", openapi_extra=READ
+)
+def model_version_stats(name: ModelName, version: VersionPath) -> V2ModelStats:
+    resolved = _resolve(name, version)
+    return _stats(name, resolved.run_id, [version])
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -214,18 +259,44 @@ def _bad_request(message: str) -> HTTPException:
 
 
 class _InferBody:
-    """An infer request's body, parsed and checked in an inference thread once the model is known."""
+    """An infer request's body (JSON, or a JSON header and binary tensors after it), parsed and
+    checked in an inference thread once the model is known; it keeps its times for the statistics."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, header_length: int | None) -> None:
         self.body = body
+        self.header_length = header_length  # of the JSON header, when binary data may follow it
         self.request: V2InferRequest | None = None
         self.outputs: tuple[str, ...] = OUTPUTS
+        self.binary_outputs: frozenset[str] = frozenset()
+        self.model: ModelKey | None = None  # (run, version), once known
+        self.submitted = time.perf_counter_ns()
+        self.queue_ns = self.input_ns = 0
 
     def __call__(self, loaded: LoadedModel) -> torch.Tensor:
+        started = time.perf_counter_ns()
+        self.model = (loaded.run_id, loaded.version)
+        self.queue_ns = started - self.submitted
         try:
-            self.request = request = V2InferRequest.model_validate_json(self.body)
+            return self._prepare(loaded)
+        finally:
+            self.input_ns = time.perf_counter_ns() - started
+
+    def _parse(self) -> tuple[V2InferRequest, memoryview]:
+        """The JSON header, and the bytes after it."""
+        length = self.header_length
+        json_part = self.body if length is None else self.body[:length]  # the JSON path copies nothing
+        tail = memoryview(self.body)[len(json_part) :]
+        try:
+            return V2InferRequest.model_validate_json(json_part), tail
         except ValidationError as exc:
-            raise _bad_request(describe_errors(list(exc.errors(include_url=False)))) from exc
+            message = describe_errors(list(exc.errors(include_url=False)))
+            if self.header_length is None and "trailing characters" in message:
+                message += f" (binary tensor data needs the {binary.HEADER_LENGTH} header)"
+            raise _bad_request(message) from exc
+
+    def _prepare(self, loaded: LoadedModel) -> torch.Tensor:
+        request, tail = self._parse()
+        self.request = request
         tensor = request.inputs[0]
         if tensor.name != INPUT:
             raise _bad_request(f"unknown input {tensor.name!r}; this model's input is {INPUT!r}")
@@ -237,15 +308,24 @@ class _InferBody:
                 f"unknown output {unknown[0]!r}; this model's outputs are {', '.join(OUTPUTS)}"
             )
         try:
-            return inference.v2_tensor_to_input(tensor.datatype, tensor.shape, tensor.data, loaded.config)
-        except inference.InputError as exc:
+            self.binary_outputs = binary.binary_outputs(request, self.outputs)
+            (raw,) = binary.input_bytes(request, tail)
+        except binary.BinaryError as exc:
+            raise _bad_request(str(exc)) from exc
+        try:
+            data = tensor.data if raw is None else binary.decode(tensor.datatype, tensor.shape, raw)
+            assert data is not None  # input_bytes saw to it: data or binary data, one of them
+            return inference.v2_tensor_to_input(tensor.datatype, tensor.shape, data, loaded.config)
+        except (binary.BinaryError, inference.InputError) as exc:
             raise _bad_request(f"input {INPUT!r}: {exc}") from exc
 
 
-def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse:
+def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse | Response:
     probabilities = answer.probabilities
     if not math.isfinite(float(probabilities.sum())):
         raise HTTPException(status.HTTP_409_CONFLICT, detail="the model produced non-finite outputs")
+    if body.binary_outputs:
+        return _binary_response(name, body, answer)
     n, classes = probabilities.shape
     data: dict[str, dict[str, Any]] = {
         "probabilities": {
@@ -266,24 +346,94 @@ def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse:
     )
 
 
-async def _infer(request: Request, name: str, version: int | None, fused: bool) -> V2InferResponse:
-    body = _InferBody(await request.body())
-    answer = await served.infer(name, version, fused=fused, prepare=body)
-    return _response(name, body, answer)
+def _binary_response(name: str, body: _InferBody, answer: Answer) -> Response:
+    """The answer as a JSON header with the binary outputs' bytes after it."""
+    probabilities = answer.probabilities
+    tensors = {"probabilities": probabilities.numpy(), "predictions": probabilities.argmax(dim=1).numpy()}
+    datatypes = {"probabilities": "FP32", "predictions": "INT64"}
+    outputs = []
+    for output in body.outputs:
+        tensor = tensors[output]
+        described: dict[str, Any] = {
+            "name": output,
+            "shape": list(tensor.shape),
+            "datatype": datatypes[output],
+        }
+        if output not in body.binary_outputs:
+            described["data"] = tensor.reshape(-1).tolist()
+        outputs.append(described)
+    header = {
+        "model_name": name,
+        "model_version": str(answer.resolved.version),
+        "id": body.request.id if body.request else None,
+        "parameters": {"fused": answer.fused, "run_id": answer.resolved.run_id},
+        "outputs": outputs,
+    }
+    return binary.response(header, {o: tensors[o] for o in body.binary_outputs})
 
 
-INFER_DOCS = READ | body_docs({"application/json": inline_schema(V2InferRequest)})
+async def _infer(request: Request, name: str, version: int | None, fused: bool) -> V2InferResponse | Response:
+    arrived = time.perf_counter_ns()
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise _bad_request("compressed request bodies are not supported; send the body uncompressed")
+    content = await request.body()
+    try:
+        header_length = binary.header_length(request.headers.get(binary.HEADER_LENGTH), len(content))
+    except binary.BinaryError as exc:
+        raise _bad_request(str(exc)) from exc
+    body = _InferBody(content, header_length)
+    try:
+        answer = await served.infer(name, version, fused=fused, prepare=body)
+        answered = time.perf_counter_ns()
+        response = _response(name, body, answer)
+    except Exception:
+        if body.model is not None:  # the model was known: a failed inference of that model
+            STATISTICS.record_failure(body.model, time.perf_counter_ns() - arrived)
+        raise
+    done = time.perf_counter_ns()
+    times = RequestTimes(done - arrived, body.queue_ns, body.input_ns, done - answered)
+    key = (answer.resolved.run_id, answer.resolved.version)
+    STATISTICS.record_success(key, len(answer.probabilities), times, answer.execution)
+    return response
 
 
-@router.post("/models/{name}/infer", summary="Inference", openapi_extra=INFER_DOCS)
-async def infer(request: Request, name: ModelName, fused: FusedQuery = True) -> V2InferResponse:
+BINARY_BODY = {
+    "type": "string",
+    "format": "binary",
+    "description": "The JSON request (its length in Inference-Header-Content-Length), then the binary "
+    "inputs' bytes (each input's parameters.binary_data_size), little-endian, row-major.",
+}
+INFER_DOCS = READ | body_docs(
+    {"application/json": inline_schema(V2InferRequest), "application/octet-stream": BINARY_BODY}
+)
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The outputs; with binary outputs asked for, the JSON answer (its length in "
+        "Inference-Header-Content-Length) followed by their bytes (parameters.binary_data_size each).",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference",
+    openapi_extra=INFER_DOCS,
+    response_model=V2InferResponse,
+    responses=INFER_RESPONSES,
+)
+async def infer(request: Request, name: ModelName, fused: FusedQuery = True) -> V2InferResponse | Response:
     return await _infer(request, name, None, fused)
 
 
 @router.post(
-    "/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=INFER_DOCS
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference on one version",
+    openapi_extra=INFER_DOCS,
+    response_model=V2InferResponse,
+    responses=INFER_RESPONSES,
 )
 async def infer_version(
     request: Request, name: ModelName, version: VersionPath, fused: FusedQuery = True
-) -> V2InferResponse:
+) -> V2InferResponse | Response:
     return await _infer(request, name, version, fused)
