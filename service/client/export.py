@@ -58,7 +58,6 @@ def export_mlflow(
         out.print(item.line(), markup=False)
     runs = [item for item in exported if item.kind == "run"]
     created = sum(item.created for item in runs)
-    out.print(
-        f"{len(runs)} runs exported to {tracking_uri} ({created} created, {len(runs) - created} updated)",
-        markup=False,
-    )
+    count = f"{len(runs)} run" + ("" if len(runs) == 1 else "s")
+    summary = f"{count} exported to {tracking_uri} ({created} created, {len(runs) - created} updated)"
+    out.print(summary, markup=False)
