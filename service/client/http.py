@@ -126,6 +126,11 @@ class Client:
         epochs: list[dict[str, Any]] = self.request("GET", f"/api/v1/runs/{run_id}/metrics")["epochs"]
         return epochs
 
+    def get_layer_stats(self, run_id: str) -> list[dict[str, Any]]:
+        """Per epoch (0 = at initialisation), each normalisation slot's input mean and std."""
+        epochs: list[dict[str, Any]] = self.request("GET", f"/api/v1/runs/{run_id}/layer-stats")["epochs"]
+        return epochs
+
     def cancel_run(self, run_id: str) -> dict[str, Any]:
         run: dict[str, Any] = self.request("POST", f"/api/v1/runs/{run_id}/cancel")
         return run

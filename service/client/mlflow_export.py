@@ -6,7 +6,8 @@ database store, a file store). mlflow is imported only here and only when an exp
 does not need the `mlflow` extra.
 
 What one bnlab run becomes: an MLflow run tagged `bnlab.run_id`, with the run spec as parameters
-(dotted keys: `model.norm.kind`, `train.lr`), one metric step per epoch, its status and times, and
+(dotted keys: `model.norm.kind`, `train.lr`), one metric step per epoch (the epoch's figures and
+its layer statistics), its status and times, and
 each stored model version's weights (safetensors) with the config that rebuilds them under
 `model/v<N>/`. An experiment's runs are the children of one parent run, which holds the experiment
 spec as parameters and its report (`report/report.json`, `report/report.csv`, as the API serves them).
@@ -47,6 +48,7 @@ STATUSES = {
     "cancelled": "KILLED",
 }
 # Per-epoch figures (GET /api/v1/runs/{id}/metrics) → MLflow metric keys; the step is the epoch.
+# The layer statistics (internal covariate shift) come along as layer_stats/<slot>/input_mean|std.
 METRICS = {
     "train_loss": "train_loss",
     "train_accuracy": "train_accuracy",
@@ -126,12 +128,12 @@ class RunExported:
     bnlab_id: str
     mlflow_id: str
     created: bool
-    steps_logged: int = 0
+    values_logged: int = 0
     artifacts: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         action = "created" if self.created else "updated"
-        steps = [f"{self.steps_logged} new metric steps"] if self.kind == "run" else []
+        steps = [f"{self.values_logged} new metric values"] if self.kind == "run" else []
         logged = ", ".join([*steps, *self.artifacts]) or "nothing new"
         return f"{self.kind} {self.bnlab_id} -> MLflow run {self.mlflow_id} ({action}): {logged}"
 
@@ -254,7 +256,7 @@ class MlflowExporter:
         self.log_params(mlflow_run, flatten(run["spec"]))
         self.log_tags(mlflow_id, run_tags(run, member), run["notes"])
         exported = RunExported("run", run["id"], mlflow_id, created)
-        exported.steps_logged = self.log_epochs(mlflow_id, run, known_steps=not created)
+        exported.values_logged = self.log_epochs(mlflow_run, run)
         exported.artifacts = self.log_models(mlflow_id, run["id"])
         self.set_status(mlflow_id, run["status"], end=millis(run["finished_at"]))
         return exported
@@ -277,23 +279,24 @@ class MlflowExporter:
         batch = [RunTag(key, value[:MAX_TAG_CHARS]) for key, value in tags.items()]
         self.store.log_batch(run_id, tags=batch)
 
-    def log_epochs(self, mlflow_id: str, run: dict[str, Any], *, known_steps: bool) -> int:
-        """Log the epochs' metrics not logged yet; how many steps were new."""
-        epochs = self.bnlab.get_metrics(run["id"])
-        logged = self.logged_steps(mlflow_id) if known_steps else {}
+    def log_epochs(self, mlflow_run: Run, run: dict[str, Any]) -> int:
+        """Log the per-epoch figures and layer statistics not logged yet; how many values were new."""
+        ends = epoch_ends(self.bnlab.get_metrics(run["id"]), millis(run["started_at"]))
+        logged = self.logged_steps(mlflow_run)
         metrics = [
             metric
-            for metric in epoch_metrics(epochs, millis(run["started_at"]))
+            for metric in [*epoch_metrics(ends), *layer_metrics(self.bnlab.get_layer_stats(run["id"]), ends)]
             if metric.step not in logged.get(metric.key, set())
         ]
         for start in range(0, len(metrics), METRICS_PER_BATCH):
-            self.store.log_batch(mlflow_id, metrics=metrics[start : start + METRICS_PER_BATCH])
-        return len({metric.step for metric in metrics})
+            self.store.log_batch(mlflow_run.info.run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
+        return len(metrics)
 
-    def logged_steps(self, mlflow_id: str) -> dict[str, set[int]]:
+    def logged_steps(self, mlflow_run: Run) -> dict[str, set[int]]:
+        """The steps already logged, per metric key the run has (none for a new run)."""
         return {
-            key: {metric.step for metric in self.store.get_metric_history(mlflow_id, key)}
-            for key in METRICS.values()
+            key: {metric.step for metric in self.store.get_metric_history(mlflow_run.info.run_id, key)}
+            for key in mlflow_run.data.metrics
         }
 
     def log_models(self, mlflow_id: str, run_id: str) -> list[str]:
@@ -345,18 +348,44 @@ def run_tags(run: dict[str, Any], member: Membership | None) -> dict[str, str]:
     return tags
 
 
-def epoch_metrics(epochs: Sequence[dict[str, Any]], started: int | None) -> Iterator[Metric]:
-    """Each epoch's figures at step = epoch, timed at the epoch's end (the run's start plus the
-    epochs' wall time so far), so that MLflow's time axes show the run as it went."""
-    from mlflow.entities import Metric
-
-    elapsed_ms = 0.0
+def epoch_ends(epochs: Sequence[dict[str, Any]], started: int | None) -> list[tuple[dict[str, Any], int]]:
+    """Each epoch's row with the time it ended: the run's start plus the epochs' wall time so far, so
+    that MLflow's time axes show the run as it went."""
+    ends, elapsed_ms = [], 0.0
     for row in epochs:
         elapsed_ms += row["seconds"] * 1000
-        timestamp = (started or 0) + int(elapsed_ms)
+        ends.append((row, (started or 0) + int(elapsed_ms)))
+    return ends
+
+
+def epoch_metrics(ends: Sequence[tuple[dict[str, Any], int]]) -> Iterator[Metric]:
+    """Each epoch's figures at step = epoch."""
+    from mlflow.entities import Metric
+
+    for row, timestamp in ends:
         for name, key in METRICS.items():
             if row.get(name) is not None:
                 yield Metric(key, float(row[name]), timestamp, row["epoch"])
+
+
+def layer_metrics(
+    layer_stats: Sequence[dict[str, Any]], ends: Sequence[tuple[dict[str, Any], int]]
+) -> Iterator[Metric]:
+    """Each normalisation slot's input mean and std (GET /runs/{id}/layer-stats) as
+    `layer_stats/<slot>/input_mean` and `.../input_std`, step = epoch (0: at initialisation). Only the
+    epochs that have ended are logged, so a step is never logged before its epoch's figures."""
+    from mlflow.entities import Metric
+
+    timestamps = {row["epoch"]: timestamp for row, timestamp in ends}
+    if ends:
+        timestamps[0] = ends[0][1] - int(ends[0][0]["seconds"] * 1000)
+    for epoch in layer_stats:
+        if epoch["epoch"] not in timestamps:
+            continue
+        for slot in epoch["layers"]:
+            for name in ("input_mean", "input_std"):
+                key = f"layer_stats/{slot['layer']}/{name}"
+                yield Metric(key, float(slot[name]), timestamps[epoch["epoch"]], epoch["epoch"])
 
 
 def experiment_status(experiment: dict[str, Any]) -> str:

@@ -88,16 +88,29 @@ def mlflow_runs(store: str, experiment_name: str, kind: str) -> list[Run]:
 
 
 def history(store: str, run: Run) -> dict[str, list[tuple[int, float]]]:
+    """Every metric MLflow holds for the run, each step as often as it was logged."""
     client = MlflowClient(tracking_uri=store)
+    keys = client.get_run(run.info.run_id).data.metrics
     return {
         key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        for key in METRIC_KEYS.values()
+        for key in keys
     }
 
 
 def bnlab_history(stack: Stack, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """What bnlab stored: the per-epoch figures and each normalisation slot's input statistics."""
     epochs = stack.client.get(f"/api/v1/runs/{run_id}/metrics").json()["epochs"]
-    return {key: [(row["epoch"], float(row[name])) for row in epochs] for name, key in METRIC_KEYS.items()}
+    figures = {key: [(row["epoch"], float(row[name])) for row in epochs] for name, key in METRIC_KEYS.items()}
+    layers: dict[str, list[tuple[int, float]]] = {}
+    ended = {row["epoch"] for row in epochs} | {0}
+    for epoch in stack.client.get(f"/api/v1/runs/{run_id}/layer-stats").json()["epochs"]:
+        for slot in epoch["layers"]:
+            for name in ("input_mean", "input_std"):
+                if epoch["epoch"] in ended:
+                    layers.setdefault(f"layer_stats/{slot['layer']}/{name}", []).append(
+                        (epoch["epoch"], slot[name])
+                    )
+    return figures | layers
 
 
 def millis(timestamp: str) -> int:
@@ -128,7 +141,7 @@ def test_an_experiment_reads_back_from_mlflow_and_a_second_export_updates_it(
     second = export(stack, store, "--experiment", experiment["id"])
     assert second.returncode == 0, second.stdout + second.stderr
     assert "(0 created, 4 updated)" in second.stdout, second.stdout
-    assert second.stdout.count("0 new metric steps") == 4, second.stdout
+    assert second.stdout.count("0 new metric values") == 4, second.stdout
     again = mlflow_runs(store, "mlflow-grid", "run")
     assert len(mlflow_runs(store, "mlflow-grid", "experiment")) == 1
     assert {run.info.run_id for run in again} == set(steps_before)
@@ -159,7 +172,10 @@ def check_child(
     assert child.info.status == "FINISHED"
     assert child.info.start_time == millis(run["started_at"])
     assert child.info.end_time == millis(run["finished_at"])
-    assert history(store, child) == bnlab_history(stack, run["id"])
+    exported = history(store, child)
+    assert exported == bnlab_history(stack, run["id"])
+    assert [step for step, _ in exported["val_loss"]] == [1, 2]
+    assert [step for step, _ in exported["layer_stats/bn1/input_std"]] == [0, 1, 2]
     check_weights(stack, store, child, run["id"])
 
 
