@@ -246,6 +246,9 @@ def test_a_missing_run_is_a_clear_error(stack: Stack, store: str) -> None:
     missing = export(stack, store, "--run", "0" * 32)
     assert missing.returncode == 3, missing.stdout + missing.stderr
     assert f"run {'0' * 32} not found" in missing.stderr
+    no_experiment = export(stack, store, "--experiment", "f" * 32)
+    assert no_experiment.returncode == 3, no_experiment.stdout + no_experiment.stderr
+    assert "f" * 32 in no_experiment.stderr
     assert export(stack, store).returncode == 2  # neither --run nor --experiment
     client = MlflowClient(tracking_uri=store)
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
