@@ -16,6 +16,7 @@ import click
 
 from service.client.cards import cards
 from service.client.commands import register_client_commands
+from service.client.export import export
 from service.config import get_settings
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def cli() -> None:
     Server roles: api, worker, run, migrate, keys. User commands talk to the API at BNLAB_URL
     (default http://127.0.0.1:8000) with the key in BNLAB_API_KEY. Exit codes: 0 done; 1 a run or
     experiment waited for did not succeed; 2 bad usage; 3 the API refused the request; 4 the API
-    could not be reached.
+    could not be reached; 5 (export) MLflow is missing or its store refused.
     """
 
 
@@ -158,6 +159,7 @@ def create_key(scopes: str, name: str) -> None:
 
 register_client_commands(cli)
 cli.add_command(cards)
+cli.add_command(export)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -126,6 +126,11 @@ class Client:
         epochs: list[dict[str, Any]] = self.request("GET", f"/api/v1/runs/{run_id}/metrics")["epochs"]
         return epochs
 
+    def get_layer_stats(self, run_id: str) -> list[dict[str, Any]]:
+        """Per epoch (0 = at initialisation), each normalisation slot's input mean and std."""
+        epochs: list[dict[str, Any]] = self.request("GET", f"/api/v1/runs/{run_id}/layer-stats")["epochs"]
+        return epochs
+
     def cancel_run(self, run_id: str) -> dict[str, Any]:
         run: dict[str, Any] = self.request("POST", f"/api/v1/runs/{run_id}/cancel")
         return run
@@ -178,7 +183,28 @@ class Client:
         return report
 
     def get_plot(self, experiment_id: str, metric: str) -> bytes:
-        response = self.http.get(f"/api/v1/experiments/{experiment_id}/plot.png", params={"metric": metric})
+        return self.get_bytes(f"/api/v1/experiments/{experiment_id}/plot.png", params={"metric": metric})
+
+    def get_report_file(self, experiment_id: str, fmt: str) -> bytes:
+        """The report as the API serves it, "json" or "csv"."""
+        return self.get_bytes(f"/api/v1/experiments/{experiment_id}/report", params={"format": fmt})
+
+    # -- stored models
+
+    def list_versions(self, run_id: str) -> list[dict[str, Any]]:
+        versions: list[dict[str, Any]] = self.request("GET", f"/api/v1/runs/{run_id}/versions")["items"]
+        return versions
+
+    def get_weights(self, run_id: str, version: int) -> bytes:
+        """A stored model version's weights, as safetensors."""
+        return self.get_bytes(f"/api/v1/runs/{run_id}/versions/{version}/weights.safetensors")
+
+    def get_model_config(self, run_id: str, version: int) -> bytes:
+        """The JSON that rebuilds a stored version's network (its model config, version and sha256)."""
+        return self.get_bytes(f"/api/v1/runs/{run_id}/versions/{version}/config.json")
+
+    def get_bytes(self, path: str, **kwargs: Any) -> bytes:
+        response = self.http.get(path, **kwargs)
         if response.is_error:
             raise ApiError(response.status_code, _detail(response))
         return response.content
