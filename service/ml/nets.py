@@ -9,6 +9,8 @@ the softmax lives in the loss). `make_net` generalises it, every switch a config
   Linear. It needs an image-like input (C, H, W): 1×28×28 and 3×32×32 alike.
 - `resnet` and `resmlp`: residual networks (service/ml/resnets.py): He et al.'s CIFAR ResNet of depth
   6n + 2 and a residual MLP, post- or pre-activation blocks, with Fixup or SkipInit as init options.
+- `rnn`: stacked LSTM or GRU layers over the sample read as a sequence, with the norm inside the cell,
+  and a Linear on the last step's hidden state (service/ml/recurrent.py; slots `cellK.bn1` …).
 
 Dropout (p > 0) sits right before or right after each block's norm slot. Every block has a norm slot
 named `bn{i}` whatever the kind (an Identity for `none` and `weight`), so probes compare runs with
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from service.ml import resnets
+from service.ml import recurrent, resnets
 from service.ml.config import RESIDUAL_ARCHS, ModelConfig
 from service.ml.norms import make_norm, seed_noise, standardize_weights
 
@@ -71,12 +73,14 @@ def _layers(cfg: ModelConfig) -> Block:
         return resnets.resnet(cfg, _ACTIVATIONS[cfg.activation])
     if cfg.arch == "resmlp":
         return resnets.resmlp(cfg, _ACTIVATIONS[cfg.activation])
+    if cfg.arch == "rnn":
+        return recurrent.rnn(cfg)
     return _mlp(cfg) if cfg.arch == "mlp" else _cnn(cfg)
 
 
 def _check(cfg: ModelConfig) -> None:
-    if cfg.arch not in ("mlp", "cnn", *sorted(RESIDUAL_ARCHS)):
-        raise ValueError(f"unknown arch {cfg.arch!r}; expected 'mlp', 'cnn', 'resnet' or 'resmlp'")
+    if cfg.arch not in ("mlp", "cnn", "rnn", *sorted(RESIDUAL_ARCHS)):
+        raise ValueError(f"unknown arch {cfg.arch!r}; expected 'mlp', 'cnn', 'resnet', 'resmlp' or 'rnn'")
     if cfg.residual_init not in ("default", "fixup", "skipinit"):
         raise ValueError(f"unknown residual init {cfg.residual_init!r}")
     if cfg.arch not in RESIDUAL_ARCHS and cfg.residual_init != "default":
@@ -89,6 +93,11 @@ def _check(cfg: ModelConfig) -> None:
         raise ValueError(f"unknown dropout position {cfg.dropout_position!r}")
     if not 0 <= cfg.dropout < 1 or not cfg.init_scale > 0 or cfg.init not in ("pytorch", "glorot"):
         raise ValueError("dropout must be in [0, 1), init_scale > 0, init 'pytorch' or 'glorot'")
+    if cfg.arch == "rnn":
+        recurrent.check(cfg)
+        if cfg.num_classes < 2:
+            raise ValueError("num_classes must be >= 2")
+        return
     if cfg.arch in RESIDUAL_ARCHS:
         resnets.check(cfg)
     elif cfg.norm.kind == "frn" and (cfg.activation != "relu" or cfg.norm.position != "before_activation"):
@@ -203,8 +212,8 @@ def forward_flops(cfg: ModelConfig) -> int:
 
     def count(module: nn.Module, _args: object, output: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Linear):
-            total += 2 * module.in_features * module.out_features
+        if isinstance(module, nn.Linear):  # once per row: an rnn's input product covers all T steps
+            total += 2 * module.in_features * module.out_features * (output.numel() // module.out_features)
         elif isinstance(module, nn.Conv2d):
             k = math.prod(module.kernel_size) * module.in_channels // module.groups
             total += 2 * k * output.numel()
@@ -215,10 +224,16 @@ def forward_flops(cfg: ModelConfig) -> int:
         nonlocal total  # the addition, α or Fixup's scalars: a few operations per value
         total += ELEMENTWISE_FLOPS * output.numel()
 
+    def count_cell(module: nn.Module, _args: object, output: torch.Tensor) -> None:
+        nonlocal total  # an rnn layer's gates and states at every step (output: [1, T, H])
+        assert isinstance(module, recurrent.RecurrentLayer)
+        total += ELEMENTWISE_FLOPS * recurrent.STEP_VALUES[module.cell] * output.numel()
+
     with torch.device("meta"):
         net = make_net(cfg).eval()
         handles = [m.register_forward_hook(count) for m in _counted(net)]
         handles += [m.register_forward_hook(count_block) for m in resnets.blocks(net)]
+        handles += [m.register_forward_hook(count_cell) for m in recurrent.layers(net)]
         net(torch.empty(1, *cfg.input_shape))
     for handle in handles:
         handle.remove()
