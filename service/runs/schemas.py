@@ -301,7 +301,9 @@ class ModelSpec(BaseModel):
     channels: list[Channels] = Field(
         [32, 64], min_length=1, max_length=8, description="cnn: output channels of each conv block."
     )
-    activation: Literal["relu", "sigmoid", "tanh", "gelu"] = Field("relu", description="Hidden activation.")
+    activation: Literal["relu", "sigmoid", "tanh", "gelu"] = Field(
+        "relu", description="Hidden activation (an rnn's cells have their own σ and tanh: leave the default)."
+    )
     dropout: Annotated[float, NotBool] = Field(
         0.0, ge=0, le=0.9, description="Dropout probability in every hidden block (0: no dropout layer)."
     )
@@ -387,11 +389,15 @@ class ModelSpec(BaseModel):
 
     def _resolve_rnn(self) -> None:
         given = [f for f in ("depth", "width", "block", "shortcut") if getattr(self, f) is not None]
-        given += [f for f in ("activation", "hidden", "channels") if f in self.model_fields_set]
         if given:
             raise ValueError(
                 f"model.{given[0]} does not apply to arch 'rnn' (it uses model.cell, model.hidden_size and "
-                "model.layers; the cells have their own σ and tanh)"
+                "model.layers)"
+            )
+        if self.activation != "relu":  # the default, which an echo repeats; an rnn ignores it
+            raise ValueError(
+                f"model.activation {self.activation!r} does not apply to arch 'rnn': its cells have their own "
+                "σ and tanh"
             )
         if self.dropout > 0:
             raise ValueError("model.dropout applies to arch 'mlp' and 'cnn', not to an rnn's cells")
