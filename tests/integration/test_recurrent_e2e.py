@@ -7,6 +7,7 @@ Runs on SQLite with the embedded broker and on Postgres with Redis, as every end
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,3 +64,20 @@ def test_rnns_train_on_sequential_fashion_mnist_and_predict_in_eval_mode(stack: 
         assert {s["layer"] for s in layers} == slots, name
     gradients = stack.client.get(f"/api/v1/runs/{ids['lstm-recurrent-bn']}/probes/gradients").json()
     assert gradients["epochs"], gradients
+
+
+@pytest.mark.timeout(600)
+def test_the_cooijmans_card_runs_at_the_test_scale(stack: Stack) -> None:
+    """The replication card of recurrent BN (LSTM: recurrent BN vs layer norm vs none) runs through the
+    worker at the test scale and reports a verdict per claim (its wiring, not its claims)."""
+    started = stack.client.post("/api/v1/cards/cooijmans-2016", json={"scale": "test"})
+    assert started.status_code == 202, started.text
+    deadline = time.monotonic() + 400
+    report = stack.client.get("/api/v1/cards/cooijmans-2016/report").json()
+    while not report["finished"] and time.monotonic() < deadline:
+        time.sleep(1)
+        report = stack.client.get("/api/v1/cards/cooijmans-2016/report").json()
+    assert report["finished"], report
+    assert report["runs"]["succeeded"] == 6, stack.tail_logs()  # 3 norms × 2 seeds
+    assert {c["verdict"] for c in report["claims"]} <= {"supported", "contradicted", "inconclusive"}
+    assert len(report["claims"]) == 2
