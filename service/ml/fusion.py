@@ -41,8 +41,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from service.ml.recurrent import RecurrentLayer, has_norms
 from service.ml.norms import BatchLayerNorm, FilterResponseNorm, ScaledWeightStandardization
+from service.ml.recurrent import RecurrentLayer, has_norms
 from service.ml.resnets import ResidualBlock
 
 # Identities in eval mode: dropped from the fused copy so BN and its Linear become neighbours.

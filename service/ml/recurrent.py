@@ -148,7 +148,7 @@ class StepIdentity(nn.Module):
 class StepLayerNorm(nn.LayerNorm):
     """Layer normalisation over a step's features, per sample (Ba et al. 2016): the step plays no part."""
 
-    def forward(self, input: torch.Tensor, step: int = 0) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, input: torch.Tensor, step: int = 0) -> torch.Tensor:
         return super().forward(input)
 
 
@@ -289,13 +289,17 @@ def cell_norm(cfg: NormConfig, features: int, max_steps: int, *, product: bool) 
         return RecurrentBatchNorm(features, max_steps, cfg, gamma=RECURRENT_BN_GAMMA, beta=beta)
     if cfg.kind == "layer":
         learns_beta = beta and cfg.learns_beta
-        norm = StepLayerNorm(features, cfg.eps, elementwise_affine=cfg.learns_gamma or learns_beta, bias=learns_beta)
+        norm = StepLayerNorm(
+            features, cfg.eps, elementwise_affine=cfg.learns_gamma or learns_beta, bias=learns_beta
+        )
         if not cfg.learns_gamma and norm.weight is not None:
             norm.register_parameter("weight", None)
         return norm
     if cfg.kind == "batch_layer":
         return RecurrentBatchLayerNorm(features, max_steps, cfg, beta=beta)
-    raise ValueError(f"norm kind {cfg.kind!r} has no recurrent form; an rnn takes {', '.join(CELL_NORM_KINDS)}")
+    raise ValueError(
+        f"norm kind {cfg.kind!r} has no recurrent form; an rnn takes {', '.join(CELL_NORM_KINDS)}"
+    )
 
 
 # --- The layers -----------------------------------------------------------------------------------
@@ -393,5 +397,7 @@ class GRULayer(RecurrentLayer):
 def has_norms(model: nn.Module) -> bool:
     """Whether an rnn's cells normalise (any slot but StepIdentity)."""
     return any(
-        not isinstance(getattr(layer, slot), StepIdentity) for layer in layers(model) for slot in layer.norm_slots
+        not isinstance(getattr(layer, slot), StepIdentity)
+        for layer in layers(model)
+        for slot in layer.norm_slots
     )

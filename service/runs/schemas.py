@@ -293,7 +293,10 @@ class ModelSpec(BaseModel):
         None, description="rnn: the recurrent cell, lstm (the default) or gru. Null for the other archs."
     )
     hidden_size: Annotated[int | None, NotBool] = Field(
-        None, ge=1, le=1024, description="rnn: the hidden state's size (default 128). Null for the other archs."
+        None,
+        ge=1,
+        le=1024,
+        description="rnn: the hidden state's size (default 128). Null for the other archs.",
     )
     layers: Annotated[int | None, NotBool] = Field(
         None, ge=1, le=8, description="rnn: stacked recurrent layers (default 1). Null for the other archs."
@@ -396,8 +399,8 @@ class ModelSpec(BaseModel):
             )
         if self.activation != "relu":  # the default, which an echo repeats; an rnn ignores it
             raise ValueError(
-                f"model.activation {self.activation!r} does not apply to arch 'rnn': its cells have their own "
-                "σ and tanh"
+                f"model.activation {self.activation!r} does not apply to arch 'rnn': its cells have their "
+                "own σ and tanh"
             )
         if self.dropout > 0:
             raise ValueError("model.dropout applies to arch 'mlp' and 'cnn', not to an rnn's cells")

@@ -19,7 +19,12 @@ from tests.integration.stack import Stack, stack_on
 pytestmark = pytest.mark.integration
 
 RNNS: dict[str, dict[str, Any]] = {
-    "lstm-recurrent-bn": {"arch": "rnn", "cell": "lstm", "hidden_size": 32, "norm": {"kind": "batch", "momentum": 0.1}},
+    "lstm-recurrent-bn": {
+        "arch": "rnn",
+        "cell": "lstm",
+        "hidden_size": 32,
+        "norm": {"kind": "batch", "momentum": 0.1},
+    },
     "gru-layer-norm": {"arch": "rnn", "cell": "gru", "hidden_size": 32, "norm": {"kind": "layer"}},
 }
 

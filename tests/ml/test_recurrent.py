@@ -29,7 +29,9 @@ H = 5
 EPS = 1e-3
 
 
-def rnn(cell: str = "lstm", kind: str = "none", *, shape: tuple[int, ...] = (6, 3), **norm: object) -> nn.Sequential:
+def rnn(
+    cell: str = "lstm", kind: str = "none", *, shape: tuple[int, ...] = (6, 3), **norm: object
+) -> nn.Sequential:
     norm_cfg = NormConfig(kind=kind, position="before_activation", bln_batch_size=8, **norm)  # type: ignore[arg-type]
     cfg = ModelConfig(arch="rnn", input_shape=shape, cell=cell, hidden_size=H, layers=1, norm=norm_cfg)  # type: ignore[arg-type]
     torch.manual_seed(0)
@@ -108,7 +110,8 @@ def test_the_init_is_torchs_uniform_bound() -> None:
     bound = 1 / math.sqrt(H)
     for p in (layer.ih.weight, layer.hh.weight, layer.bias, layer.bias_hh):
         assert p is not None
-        assert p.abs().max() <= bound and p.abs().max() > bound / 2
+        assert p.abs().max() <= bound
+        assert p.abs().max() > bound / 2
 
 
 # ---------------------------------------------------------------------------- recurrent BN
@@ -124,7 +127,8 @@ def test_recurrent_bn_starts_at_gamma_point_one_with_one_bias() -> None:
         assert torch.equal(norm.weight, torch.full_like(norm.weight, 0.1))
         assert norm.max_steps == 28  # the default limit: the sequence's length (28 rows)
     # Products without β: the cell's single bias b replaces them; the cell state's BN has its β.
-    assert layer.bn1.bias is None and layer.bn2.bias is None
+    assert layer.bn1.bias is None
+    assert layer.bn2.bias is None
     assert torch.equal(layer.bn3.bias, torch.zeros(H))
 
 
@@ -199,7 +203,8 @@ def test_layer_norm_in_the_cell_is_the_formula() -> None:
     x = sequences()
     expected = hand_lstm(layer, x, lambda slot, value, t: ln_formula(value, getattr(layer, slot)))
     torch.testing.assert_close(layer(x)[:, -1], expected)
-    assert layer.bn1.bias is None and layer.bn3.bias is not None
+    assert layer.bn1.bias is None
+    assert layer.bn3.bias is not None
 
 
 def hand_bln(value: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -213,7 +218,8 @@ def hand_bln(value: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: n
 def test_batch_layer_norm_in_the_cell_is_the_formula_with_per_step_epoch_statistics() -> None:
     net = rnn("lstm", "batch_layer", max_steps=4).train()
     layer = layer_of(net)
-    assert isinstance(layer, LSTMLayer) and isinstance(layer.bn2, RecurrentBatchLayerNorm)
+    assert isinstance(layer, LSTMLayer)
+    assert isinstance(layer.bn2, RecurrentBatchLayerNorm)
     batches = [sequences(seed=s) for s in (1, 2)]
     sums: dict[tuple[str, int], list[torch.Tensor]] = {}
 
@@ -242,7 +248,8 @@ def test_batch_layer_norm_in_the_cell_is_the_formula_with_per_step_epoch_statist
 
 def test_gru_normalises_its_two_products() -> None:
     layer = layer_of(rnn("gru", "layer").train())
-    assert isinstance(layer, GRULayer) and layer.bias_hh is not None
+    assert isinstance(layer, GRULayer)
+    assert layer.bias_hh is not None
     x = sequences()
     h = torch.zeros(8, H, dtype=F64)
     for t in range(6):
@@ -312,7 +319,9 @@ def test_norms_and_errors() -> None:
     assert [name for name, _ in nets.norm_slots(net)] == ["cell1.bn1", "cell1.bn2", "cell1.bn3"]
     assert uses_batch_statistics(layer_of(net).bn1)
     fused, report = fuse_bn(net.eval())
-    assert fused is net and report.reason is not None and "inside its recurrent cell" in report.reason
+    assert fused is net
+    assert report.reason is not None
+    assert "inside its recurrent cell" in report.reason
     plain, plain_report = fuse_bn(rnn("lstm", "none").eval())
     assert plain_report.fused
 

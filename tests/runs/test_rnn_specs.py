@@ -37,7 +37,13 @@ def test_an_rnn_is_echoed_with_its_defaults_and_the_echo_means_the_same(client: 
 
 
 def test_a_gru_stack_with_a_step_limit(client: TestClient) -> None:
-    model = {"arch": "rnn", "cell": "gru", "hidden_size": 32, "layers": 2, "norm": {"kind": "batch", "max_steps": 10}}
+    model = {
+        "arch": "rnn",
+        "cell": "gru",
+        "hidden_size": 32,
+        "layers": 2,
+        "norm": {"kind": "batch", "max_steps": 10},
+    }
     response = submit(client, model)
     assert response.status_code == 202, response.text
     echoed = response.json()["spec"]["model"]
@@ -78,7 +84,9 @@ def test_what_an_rnn_cannot_take_is_a_422_naming_it(
 def upload(client: TestClient, x: np.ndarray) -> str:
     buffer = io.BytesIO()
     np.savez(buffer, x=x, y=np.arange(len(x)) % 2)
-    response = client.post("/api/v1/datasets", files={"file": ("data.npz", buffer.getvalue())}, data={"name": "seq"})
+    response = client.post(
+        "/api/v1/datasets", files={"file": ("data.npz", buffer.getvalue())}, data={"name": "seq"}
+    )
     assert response.status_code == 201, response.text
     dataset_id: str = response.json()["id"]
     return dataset_id
