@@ -341,3 +341,24 @@ def test_probes_see_the_cells() -> None:
     # Per-step running statistics are left out of the per-layer gap; the train/eval gap is measured.
     assert {v.layer for v in gap} == {probes.MODEL}
     assert {v.name for v in gap} >= {"accuracy_gap", "train_accuracy", "eval_accuracy"}
+
+
+def test_a_stored_rnn_config_rebuilds_the_network_and_old_configs_load_unchanged() -> None:
+    norm = NormConfig(kind="batch", position="before_activation", max_steps=7)
+    cfg = ModelConfig(arch="rnn", cell="gru", hidden_size=H, layers=2, norm=norm)
+    stored = cfg.to_dict()
+    assert (stored["cell"], stored["hidden_size"], stored["layers"], stored["norm"]["max_steps"]) == (
+        "gru",
+        H,
+        2,
+        7,
+    )
+    assert ModelConfig.from_dict(stored) == cfg
+    torch.manual_seed(0)
+    net = nets.make_net(cfg)
+    again = nets.make_net(ModelConfig.from_dict(stored))
+    again.load_state_dict(net.state_dict())  # same keys and shapes: running statistics [7, 3H]
+    assert net.state_dict()["cell1.bn1.running_mean"].shape == (7, 3 * H)
+    old = {k: v for k, v in ModelConfig().to_dict().items() if k not in ("cell", "hidden_size", "layers")}
+    del old["norm"]["max_steps"]
+    assert ModelConfig.from_dict(old) == ModelConfig()
