@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.ml.datasets import BUILTIN_SHAPES
+from service.ml.recurrent import sequence_shape
 from service.runs.schemas import RunCreate
 from service.runs.spec import model_config
 
@@ -101,3 +102,21 @@ def test_uploads_are_read_as_sequences_or_refused_with_the_reason(client: TestCl
     refused = submit(client, {"arch": "rnn", "hidden_size": 8}, {"name": "uploaded", "id": too_long})
     assert refused.status_code == 422, refused.text
     assert "at most 1024 steps" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize(("dataset", "steps"), [("mnist1d", 40), ("synthetic", 28)])
+def test_the_built_in_datasets_are_read_as_sequences(client: TestClient, dataset: str, steps: int) -> None:
+    response = submit(client, {"arch": "rnn", "hidden_size": 8, "norm": {"kind": "batch"}}, {"name": dataset})
+    assert response.status_code == 202, response.text
+    spec = RunCreate.model_validate(response.json()["spec"])
+    cfg = model_config(spec, BUILTIN_SHAPES[dataset])
+    assert sequence_shape(cfg.input_shape)[0] == steps
+
+
+def test_cifar10_is_read_as_32_rows_of_96_values() -> None:
+    # Validated without the API, which would first ask for the CIFAR-10 files.
+    spec = RunCreate.model_validate(
+        {"dataset": {"name": "cifar10"}, "model": {"arch": "rnn", "hidden_size": 8}}
+    )
+    cfg = model_config(spec, BUILTIN_SHAPES["cifar10"])
+    assert sequence_shape(cfg.input_shape) == (32, 96)
