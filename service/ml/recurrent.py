@@ -191,8 +191,8 @@ class RecurrentBatchNorm(nn.Module):
         factor = 0.0
         if self.training:
             self.num_batches_tracked[s] += 1
-            count = int(self.num_batches_tracked[s])
-            factor = self.momentum if self.momentum is not None else 1.0 / count
+            # Read the count only for the cumulative average: on a GPU, int() waits for the device.
+            factor = self.momentum if self.momentum is not None else 1.0 / int(self.num_batches_tracked[s])
         # Row s of a [S, C] buffer is a contiguous view: F.batch_norm updates it in place.
         return F.batch_norm(
             x,
