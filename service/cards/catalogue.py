@@ -590,7 +590,7 @@ COOIJMANS_2016 = Card(
     "(statistics per time step, γ = 0.1, momentum 0.1) vs layer norm vs none in the cell, Adam 1e-3, "
     "batch 64; the classifier reads the last step's hidden state.",
     differences="28 steps of rows instead of 784 pixels; Fashion-MNIST; a few epochs; PyTorch's LSTM init "
-    "(uniform ±1/√H) instead of the paper's orthogonal recurrent weights and forget-gate bias 1.",
+    "(every weight and bias uniform in ±1/√H) rather than the paper's own initialisation.",
     base={
         "model": {"arch": "rnn", "cell": "lstm", "hidden_size": 64, "norm": {"momentum": 0.1}},
         "train": {"batch_size": 64, "optimizer": "adam", "lr": 0.001},
