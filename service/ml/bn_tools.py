@@ -156,7 +156,8 @@ def recalibrate(
     if not layers:
         raise ValueError(
             "the model has no BatchNorm layer to recalibrate (only the norm kinds batch, batch_renorm "
-            "and ghost keep running statistics)"
+            "and ghost keep running statistics; an rnn's recurrent BN keeps them per time step and is "
+            "not recalibrated)"
         )
     if any(bn.running_mean is None for _, bn in layers):
         raise ValueError(

@@ -33,7 +33,7 @@ BATCH_STAT_KINDS: frozenset[str] = frozenset({"batch", "batch_renorm", "ghost", 
 EVAL_BN_KINDS: frozenset[str] = frozenset({"batch", "batch_renorm", "ghost", "noisy_batch"})
 NormPosition = Literal["after_activation", "before_activation"]
 Activation = Literal["relu", "sigmoid", "tanh", "gelu"]
-Arch = Literal["mlp", "cnn", "resnet", "resmlp"]
+Arch = Literal["mlp", "cnn", "resnet", "resmlp", "rnn"]
 RESIDUAL_ARCHS: frozenset[str] = frozenset({"resnet", "resmlp"})
 # Residual blocks (docs/deep-lab.md): post_activation is He et al. 2016's v1 (conv-norm-act-conv-norm,
 # add, act), pre_activation their v2 (norm-act-conv-norm-act-conv, add).
@@ -59,6 +59,8 @@ PROBE_NAMES: tuple[ProbeName, ...] = ("gradients", "smoothness", "percentiles", 
 DEFAULT_PROBES: tuple[ProbeName, ...] = ("gradients", "percentiles", "gamma")
 Trainable = Literal["all", "norm_only", "random_subset"]
 BatchOrder = Literal["shuffled", "class_sorted", "k_classes"]
+# rnn (service/ml/recurrent.py): the recurrent cell of each layer.
+Cell = Literal["lstm", "gru"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ class NormConfig:
     # Inference example weighing (Summers & Dinneen 2020): at eval, BN's statistics mix the example's
     # own with weight α and the population's with 1 − α. 0: plain BN (what older configs trained).
     example_weight: float = 0.0
+    # rnn with kind batch or batch_layer: time steps with their own statistics; later steps use the
+    # last one's (Cooijmans et al. 2016). None: the sequence's length.
+    max_steps: int | None = None
 
     @property
     def learns_beta(self) -> bool:
@@ -128,6 +133,10 @@ class ModelConfig:
     block: BlockKind = "post_activation"
     shortcut: Shortcut = "zero_pad"
     residual_init: ResidualInit = "default"
+    # rnn only (the others ignore them): the cell, its hidden state's size and the stacked layers.
+    cell: Cell = "lstm"
+    hidden_size: int = 128
+    layers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

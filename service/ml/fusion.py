@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from service.ml.norms import BatchLayerNorm, FilterResponseNorm, ScaledWeightStandardization
+from service.ml.recurrent import RecurrentLayer, has_norms
 from service.ml.resnets import ResidualBlock
 
 # Identities in eval mode: dropped from the fused copy so BN and its Linear become neighbours.
@@ -132,6 +133,11 @@ def _parametrization(model: nn.Sequential, name: str) -> str:
 
 
 def _cannot_fold(name: str, module: nn.Module) -> str | None:
+    if isinstance(module, RecurrentLayer) and has_norms(module):
+        return (
+            f"{name}'s norms sit inside its recurrent cell, each time step with its own statistics, "
+            "between the two weight products it adds: no single Linear can absorb them"
+        )
     if isinstance(module, _BatchNorm) and getattr(module, "example_weight", 0) > 0:
         return (
             f"{name} weighs each example into its statistics at inference (example_weight > 0): its "

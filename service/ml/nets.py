@@ -9,6 +9,8 @@ the softmax lives in the loss). `make_net` generalises it, every switch a config
   Linear. It needs an image-like input (C, H, W): 1×28×28 and 3×32×32 alike.
 - `resnet` and `resmlp`: residual networks (service/ml/resnets.py): He et al.'s CIFAR ResNet of depth
   6n + 2 and a residual MLP, post- or pre-activation blocks, with Fixup or SkipInit as init options.
+- `rnn`: stacked LSTM or GRU layers over the sample read as a sequence, with the norm inside the cell,
+  and a Linear on the last step's hidden state (service/ml/recurrent.py; slots `cellK.bn1` …).
 
 Dropout (p > 0) sits right before or right after each block's norm slot. Every block has a norm slot
 named `bn{i}` whatever the kind (an Identity for `none` and `weight`), so probes compare runs with
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from service.ml import resnets
+from service.ml import recurrent, resnets
 from service.ml.config import RESIDUAL_ARCHS, ModelConfig
 from service.ml.norms import make_norm, seed_noise, standardize_weights
 
@@ -72,12 +74,14 @@ def _layers(cfg: ModelConfig) -> Block:
         return resnets.resnet(cfg, _ACTIVATIONS[cfg.activation])
     if cfg.arch == "resmlp":
         return resnets.resmlp(cfg, _ACTIVATIONS[cfg.activation])
+    if cfg.arch == "rnn":
+        return recurrent.rnn(cfg)
     return _mlp(cfg) if cfg.arch == "mlp" else _cnn(cfg)
 
 
 def _check(cfg: ModelConfig) -> None:
-    if cfg.arch not in ("mlp", "cnn", *sorted(RESIDUAL_ARCHS)):
-        raise ValueError(f"unknown arch {cfg.arch!r}; expected 'mlp', 'cnn', 'resnet' or 'resmlp'")
+    if cfg.arch not in ("mlp", "cnn", "rnn", *sorted(RESIDUAL_ARCHS)):
+        raise ValueError(f"unknown arch {cfg.arch!r}; expected 'mlp', 'cnn', 'resnet', 'resmlp' or 'rnn'")
     if cfg.residual_init not in ("default", "fixup", "skipinit"):
         raise ValueError(f"unknown residual init {cfg.residual_init!r}")
     if cfg.arch not in RESIDUAL_ARCHS and cfg.residual_init != "default":
@@ -90,6 +94,11 @@ def _check(cfg: ModelConfig) -> None:
         raise ValueError(f"unknown dropout position {cfg.dropout_position!r}")
     if not 0 <= cfg.dropout < 1 or not cfg.init_scale > 0 or cfg.init not in ("pytorch", "glorot"):
         raise ValueError("dropout must be in [0, 1), init_scale > 0, init 'pytorch' or 'glorot'")
+    if cfg.arch == "rnn":
+        recurrent.check(cfg)
+        if cfg.num_classes < 2:
+            raise ValueError("num_classes must be >= 2")
+        return
     if cfg.arch in RESIDUAL_ARCHS:
         resnets.check(cfg)
     elif cfg.norm.kind == "frn" and (cfg.activation != "relu" or cfg.norm.position != "before_activation"):
@@ -219,7 +228,7 @@ def forward_profile(cfg: ModelConfig) -> ForwardProfile:
     counts = {"linear": 0, "conv": 0, "other": 0, "calls": 0}
 
     def count(module: nn.Module, _args: object, output: torch.Tensor) -> None:
-        counts["calls"] += 1
+        counts["calls"] += not isinstance(module, nn.Identity)  # an empty slot costs no dispatch
         if isinstance(module, nn.Linear):
             rows = output.numel() // module.out_features  # 1, or one per position it is applied at
             counts["linear"] += 2 * module.in_features * module.out_features * rows
@@ -232,10 +241,17 @@ def forward_profile(cfg: ModelConfig) -> ForwardProfile:
     def count_block(module: nn.Module, _args: object, output: torch.Tensor) -> None:
         counts["other"] += ELEMENTWISE_FLOPS * output.numel()  # the addition, α or Fixup's scalars
 
+    def count_cell(module: nn.Module, _args: object, output: torch.Tensor) -> None:
+        # An rnn layer's gates and states at every step (output: [1, T, H]).
+        assert isinstance(module, recurrent.RecurrentLayer)
+        counts["other"] += ELEMENTWISE_FLOPS * recurrent.STEP_VALUES[module.cell] * output.numel()
+        counts["calls"] += recurrent.STEP_OPS * output.shape[1]  # the gates' operations at each step
+
     with torch.device("meta"):
         net = make_net(cfg).eval()
         handles = [m.register_forward_hook(count) for m in _counted(net)]
         handles += [m.register_forward_hook(count_block) for m in resnets.blocks(net)]
+        handles += [m.register_forward_hook(count_cell) for m in recurrent.layers(net)]
         net(torch.empty(1, *cfg.input_shape))
     for handle in handles:
         handle.remove()

@@ -405,13 +405,18 @@ class BatchLayerNorm(nn.Module):
 def end_epoch(model: nn.Module) -> None:
     """Tell every layer with per-epoch statistics (BatchLayerNorm) that an epoch of training ended."""
     for module in model.modules():
-        if isinstance(module, BatchLayerNorm):
-            module.end_epoch()
+        # BatchLayerNorm, and an rnn's per-step batch-layer norm (recurrent.RecurrentBatchLayerNorm).
+        finish = getattr(module, "end_epoch", None)
+        if callable(finish):
+            finish()
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
     """Whether `module` normalises with statistics over the batch in train mode."""
-    return isinstance(module, _BatchNorm | BatchLayerNorm)
+    # An rnn's per-step norms (service/ml/recurrent.py) say so with a class attribute.
+    return (
+        isinstance(module, _BatchNorm | BatchLayerNorm) or getattr(module, "batch_statistics", False) is True
+    )
 
 
 class FilterResponseNorm(nn.Module):

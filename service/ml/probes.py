@@ -330,11 +330,14 @@ def probe_gamma(model: nn.Module, epoch: int, threshold: float = GAMMA_NEAR_ZERO
 
 
 def _running_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    # One running statistic per channel: an rnn's recurrent BN keeps one per time step ([steps, C]),
+    # against which one population over all steps says nothing; its layers are left out.
     return [
         (name, m)
         for name, m in model.named_modules()
         if isinstance(getattr(m, "running_mean", None), torch.Tensor)
         and isinstance(getattr(m, "running_var", None), torch.Tensor)
+        and getattr(m, "running_mean").dim() == 1  # noqa: B009  # a buffer
     ]
 
 

@@ -62,7 +62,8 @@ class NormSpec(BaseModel):
         "before_activation; Singh & Krishnan 2020), ws (scaled weight standardization of each hidden "
         "Linear/Conv with the NF-ResNet gain, no norm layer; Brock et al. 2021a), noisy_batch (BN followed "
         "by noise whose mean and scale change every training step, `noise_mean`, `noise_std`; Santurkar "
-        "et al. 2018). "
+        "et al. 2018). arch rnn takes none, batch (recurrent BN, statistics per time step), layer and "
+        "batch_layer, inside the cell. "
         "Formulas: docs/normalizers.md.",
     )
     position: Literal["after_activation", "before_activation"] | None = Field(
@@ -154,6 +155,14 @@ class NormSpec(BaseModel):
         "normalised with statistics that mix its own, weight α, and the population's, 1 − α. 0: plain BN. "
         "A model with α > 0 is served unfused.",
     )
+    max_steps: Annotated[int | None, NotBool] = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="arch rnn with kind batch or batch_layer: the time steps that keep their own statistics "
+        "(Cooijmans et al. 2016); later steps use the last one's running statistics at eval. Null: the "
+        "sequence's length (28 for 28×28 images read row by row).",
+    )
     sync: bool = Field(
         False,
         strict=True,
@@ -231,14 +240,16 @@ Channels = Annotated[int, NotBool, Field(ge=1, le=512)]
 class ModelSpec(BaseModel):
     model_config = STRICT
 
-    arch: Literal["mlp", "cnn", "resnet", "resmlp"] = Field(
+    arch: Literal["mlp", "cnn", "resnet", "resmlp", "rnn"] = Field(
         "mlp",
         description="mlp: Flatten → [Linear → act → norm] × len(hidden) → Linear. cnn: [Conv 3×3 → norm → "
         "act, 2×2 max-pool while the map is ≥ 2×2] × len(channels) → global average pool → Linear; needs "
         "image data (C, H, W). Each uses only its own widths (hidden or channels). resnet: He et al.'s "
         "CIFAR ResNet (3 stages of `width`, 2·`width`, 4·`width` channels, depth = 6n + 2), needs image "
         "data. resmlp: a Linear stem, (depth − 2)/2 residual blocks of two Linear layers at `width`, and "
-        "the classifier.",
+        "the classifier. rnn: `layers` stacked LSTM or GRU layers (`cell`, `hidden_size`) over the sample "
+        "read as a sequence (an image row by row, a vector [L] as L steps of 1, [T, F] as it is), the norm "
+        "inside the cell, and a Linear on the last step's hidden state.",
     )
     hidden: list[Width] = Field(
         [128], min_length=1, max_length=MAX_DEPTH, description="mlp: hidden layer widths."
@@ -278,10 +289,24 @@ class ModelSpec(BaseModel):
         "scalar biases and multiplier, branch scaled by L^(−1/2), last branch layer and classifier zero) or "
         "skipinit (De & Smith 2020: each branch times a learnable α = 0); default: the layers' own init.",
     )
+    cell: Literal["lstm", "gru"] | None = Field(
+        None, description="rnn: the recurrent cell, lstm (the default) or gru. Null for the other archs."
+    )
+    hidden_size: Annotated[int | None, NotBool] = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="rnn: the hidden state's size (default 128). Null for the other archs.",
+    )
+    layers: Annotated[int | None, NotBool] = Field(
+        None, ge=1, le=8, description="rnn: stacked recurrent layers (default 1). Null for the other archs."
+    )
     channels: list[Channels] = Field(
         [32, 64], min_length=1, max_length=8, description="cnn: output channels of each conv block."
     )
-    activation: Literal["relu", "sigmoid", "tanh", "gelu"] = Field("relu", description="Hidden activation.")
+    activation: Literal["relu", "sigmoid", "tanh", "gelu"] = Field(
+        "relu", description="Hidden activation (an rnn's cells have their own σ and tanh: leave the default)."
+    )
     dropout: Annotated[float, NotBool] = Field(
         0.0, ge=0, le=0.9, description="Dropout probability in every hidden block (0: no dropout layer)."
     )
@@ -296,6 +321,8 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _norm_fits_widths(self) -> Self:
         self._resolve_depth_and_width()
+        if self.arch == "rnn":
+            return self  # _resolve_rnn checked its norm
         residual = self.arch in ("resnet", "resmlp")
         if residual and self.norm.position == "after_activation":
             raise ValueError(
@@ -340,8 +367,15 @@ class ModelSpec(BaseModel):
 
     def _resolve_depth_and_width(self) -> None:
         """Fill in depth, width, block, shortcut for the arch, and refuse those that do not apply."""
+        recurrent = [f for f in ("cell", "hidden_size", "layers") if getattr(self, f) is not None]
+        if recurrent and self.arch != "rnn":
+            raise ValueError(f"model.{recurrent[0]} applies to arch 'rnn', not {self.arch!r}")
+        if self.norm.max_steps is not None and self.arch != "rnn":
+            raise ValueError("model.norm.max_steps applies to arch 'rnn' (statistics per time step)")
         if self.arch == "mlp":
             self._resolve_mlp_shorthand()
+        elif self.arch == "rnn":
+            self._resolve_rnn()
         elif self.arch == "cnn":
             given = [f for f in ("depth", "width", "block", "shortcut") if getattr(self, f) is not None]
             if given:
@@ -355,6 +389,39 @@ class ModelSpec(BaseModel):
                 f"model.init {self.init} is the trainable init that replaces normalisation: use it with "
                 f"model.norm.kind none, not {self.norm.kind!r}"
             )
+
+    def _resolve_rnn(self) -> None:
+        given = [f for f in ("depth", "width", "block", "shortcut") if getattr(self, f) is not None]
+        if given:
+            raise ValueError(
+                f"model.{given[0]} does not apply to arch 'rnn' (it uses model.cell, model.hidden_size and "
+                "model.layers)"
+            )
+        if self.activation != "relu":  # the default, which an echo repeats; an rnn ignores it
+            raise ValueError(
+                f"model.activation {self.activation!r} does not apply to arch 'rnn': its cells have their "
+                "own σ and tanh"
+            )
+        if self.dropout > 0:
+            raise ValueError("model.dropout applies to arch 'mlp' and 'cnn', not to an rnn's cells")
+        kinds = ("none", "batch", "layer", "batch_layer")
+        if self.norm.kind not in kinds:
+            raise ValueError(
+                f"model.norm.kind {self.norm.kind!r} has no recurrent form: an rnn's cell takes none, batch "
+                "(recurrent BN, Cooijmans et al. 2016), layer or batch_layer"
+            )
+        if self.norm.position == "after_activation":
+            raise ValueError(
+                "model.norm.position after_activation does not apply to an rnn: its norms act on the weight "
+                "products and the cell state, before the gates' σ and tanh"
+            )
+        if self.norm.example_weight > 0 or self.norm.sync:
+            field = "example_weight" if self.norm.example_weight > 0 else "sync"
+            raise ValueError(f"model.norm.{field} applies to BatchNorm layers, not to an rnn's recurrent BN")
+        self.norm.position = "before_activation"
+        self.cell = self.cell or "lstm"
+        self.hidden_size = self.hidden_size or 128
+        self.layers = self.layers or 1
 
     def _resolve_mlp_shorthand(self) -> None:
         for field in ("block", "shortcut"):
@@ -631,6 +698,11 @@ class RunCreate(BaseModel):
         if train.frozen_bn_epochs > train.epochs:
             raise ValueError(
                 f"train.frozen_bn_epochs {train.frozen_bn_epochs} exceeds train.epochs {train.epochs}"
+            )
+        if train.frozen_bn_epochs and self.model.arch == "rnn":
+            raise ValueError(
+                "train.frozen_bn_epochs freezes BatchNorm layers; an rnn's recurrent BN keeps statistics per "
+                "time step and is not frozen: use 0"
             )
         if train.frozen_bn_epochs and (norm.kind not in EVAL_BN_KINDS or not norm.track_running_stats):
             raise ValueError(

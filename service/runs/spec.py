@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from service.ml import nets
+from service.ml import nets, recurrent
 from service.ml.config import RESIDUAL_ARCHS, ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import BUILTIN_SHAPES, DataShape
 
@@ -45,6 +45,7 @@ def model_config(spec: RunCreate, shape: DataShape = DEFAULT_SHAPE) -> ModelConf
         init="glorot" if spec.compat == "keras" else "pytorch",
         init_scale=model.init_scale,
         **_residual_fields(spec),
+        **_recurrent_fields(spec),
     )
 
 
@@ -55,6 +56,14 @@ def _residual_fields(spec: RunCreate) -> dict[str, Any]:
         return {}
     fields = {"depth": model.depth, "width": model.width, "block": model.block, "residual_init": model.init}
     return fields | ({"shortcut": model.shortcut} if model.shortcut is not None else {})
+
+
+def _recurrent_fields(spec: RunCreate) -> dict[str, Any]:
+    """An rnn's cell, hidden size and layers (ModelSpec resolved them)."""
+    model = spec.model
+    if model.arch != "rnn":
+        return {}
+    return {"cell": model.cell, "hidden_size": model.hidden_size, "layers": model.layers}
 
 
 def train_config(spec: RunCreate) -> TrainConfig:
@@ -77,6 +86,11 @@ def train_config(spec: RunCreate) -> TrainConfig:
 
 def shape_problem(spec: RunCreate, shape: DataShape, *, max_parameters: int) -> str | None:
     """Why the spec's network cannot train on data of this shape within the parameter budget, or None."""
+    if spec.model.arch == "rnn":
+        try:
+            recurrent.sequence_shape(tuple(shape.input_shape))
+        except ValueError as exc:
+            return f"dataset {spec.dataset.name!r}: {exc}"
     if spec.model.arch in ("cnn", "resnet") and len(shape.input_shape) != 3:
         return (
             f"arch {spec.model.arch!r} needs image data [C, H, W]; dataset {spec.dataset.name!r} has "

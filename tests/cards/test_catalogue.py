@@ -20,6 +20,7 @@ AVAILABLE_ON_MAIN = {
     "small-batch",
     "deep-sigmoid",
     "init-scale",
+    "cooijmans-2016",
 }
 
 

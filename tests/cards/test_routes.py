@@ -4,6 +4,7 @@ every available card for real at the test scale."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import xml.etree.ElementTree as ET
@@ -69,10 +70,20 @@ def test_the_cards_list_says_what_each_needs_and_estimates_the_available_ones(cl
     assert client.get("/api/v1/cards/no-such-card").status_code == 404
 
 
-def test_an_unavailable_card_is_409_naming_what_is_missing(client: TestClient) -> None:
-    answer = client.post("/api/v1/cards/cooijmans-2016", json={"scale": "test"})
+def test_an_unavailable_card_is_409_naming_what_is_missing(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every catalogued card runs on this build: a card written for a feature still to come stands in.
+    future = dataclasses.replace(
+        CARDS["cooijmans-2016"],
+        name="future-transformer",
+        needs="the attention archs: model.arch transformer",
+        base={"model": {"arch": "transformer"}},
+    )
+    monkeypatch.setitem(CARDS, future.name, future)
+    answer = client.post(f"/api/v1/cards/{future.name}", json={"scale": "test"})
     assert answer.status_code == 409
-    assert "lstm" in answer.json()["detail"]
+    assert "model.arch transformer" in answer.json()["detail"]
     assert client.get("/api/v1/experiments").json()["total"] == 0
 
 
@@ -141,8 +152,8 @@ def test_a_card_run_reports_paired_verdicts_holm_and_draws_its_figure(client: Te
     overview = {r["card"]: r for r in client.get("/api/v1/replications").json()["items"]}
     assert overview["higher-lr"]["verdicts"]["bn-at-high-lr"] == "supported"
     assert overview["higher-lr"]["measured_seconds"] is not None
-    assert overview["cooijmans-2016"]["available"] is False
-    assert overview["cooijmans-2016"]["last_run"] is None
+    assert overview["cooijmans-2016"]["available"] is True
+    assert overview["cooijmans-2016"]["last_run"] is None  # never run here
     # The card's experiments stay experiments: their own report and plot work.
     experiment = report["experiments"][0]
     assert client.get(f"/api/v1/experiments/{experiment}/report").status_code == 200
