@@ -81,7 +81,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         16 << 20, ge=1024, le=1 << 30, description="Largest request body (413 above)."
     )
-    max_concurrent_requests: int = Field(64, ge=1, le=10_000, description="Requests in flight before 503.")
+    max_concurrent_requests: int = Field(
+        64, ge=1, le=10_000, description="Requests served at once; more wait in the queue below."
+    )
+    max_queued_requests: int = Field(
+        256, ge=0, le=100_000, description="Requests waiting for a slot, first come first served, before 503."
+    )
     max_event_streams: int = Field(
         256, ge=1, le=10_000, description="Open event streams (SSE) before 503; not counted as requests."
     )
