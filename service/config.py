@@ -140,6 +140,11 @@ class Settings(BaseSettings):
     serve_max_wait_ms: float = Field(
         0.0, ge=0, le=100, description="How long a batch may wait for more requests."
     )
+    # A name's lookup (alias → run → newest version) costs more than the article's forward pass.
+    # Changes committed by this process apply at once; others' within this time.
+    serve_name_cache_ms: float = Field(
+        1000.0, ge=0, le=60_000, description="How long a resolved model name is reused; 0: read every batch."
+    )
     serve_cache_mb: int = Field(256, ge=1, le=65536, description="Memory for cached models (both variants).")
     serve_inference_threads: int = Field(
         0, ge=0, le=256, description="Threads running batches; 0 = the cores."

@@ -25,7 +25,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from service import __version__
-from service.api.bodies import body_docs, inline_schema
+from service.api.bodies import body_docs, inline_schema, json_response
 from service.api.health import database_reachable
 from service.api.security import PUBLIC, READ
 from service.db import session_scope
@@ -115,12 +115,12 @@ FusedQuery = Annotated[
 
 
 @router.get("", summary="Server metadata", openapi_extra=PUBLIC)
-def server_metadata() -> dict[str, Any]:
+async def server_metadata() -> dict[str, Any]:
     return {"name": "bnlab", "version": __version__, "extensions": []}
 
 
 @router.get("/health/live", summary="The server is live", openapi_extra=PUBLIC)
-def live() -> dict[str, bool]:
+async def live() -> dict[str, bool]:  # async: no thread hand-off for a probe
     return {"live": True}
 
 
@@ -237,12 +237,15 @@ class _InferBody:
                 f"unknown output {unknown[0]!r}; this model's outputs are {', '.join(OUTPUTS)}"
             )
         try:
-            return inference.v2_tensor_to_input(tensor.datatype, tensor.shape, tensor.data, loaded.config)
+            booleans_possible = inference.could_hold_booleans(self.body)
+            return inference.v2_tensor_to_input(
+                tensor.datatype, tensor.shape, tensor.data, loaded.config, booleans_possible=booleans_possible
+            )
         except inference.InputError as exc:
             raise _bad_request(f"input {INPUT!r}: {exc}") from exc
 
 
-def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse:
+def _response(name: str, body: _InferBody, answer: Answer) -> Response:
     probabilities = answer.probabilities
     if not math.isfinite(float(probabilities.sum())):
         raise HTTPException(status.HTTP_409_CONFLICT, detail="the model produced non-finite outputs")
@@ -255,7 +258,7 @@ def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse:
         },
         "predictions": {"shape": [n], "datatype": "INT64", "data": probabilities.argmax(dim=1).tolist()},
     }
-    return V2InferResponse.model_validate(
+    return json_response(  # V2InferResponse
         {
             "model_name": name,
             "model_version": str(answer.resolved.version),
@@ -266,7 +269,7 @@ def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse:
     )
 
 
-async def _infer(request: Request, name: str, version: int | None, fused: bool) -> V2InferResponse:
+async def _infer(request: Request, name: str, version: int | None, fused: bool) -> Response:
     body = _InferBody(await request.body())
     answer = await served.infer(name, version, fused=fused, prepare=body)
     return _response(name, body, answer)
@@ -275,15 +278,20 @@ async def _infer(request: Request, name: str, version: int | None, fused: bool) 
 INFER_DOCS = READ | body_docs({"application/json": inline_schema(V2InferRequest)})
 
 
-@router.post("/models/{name}/infer", summary="Inference", openapi_extra=INFER_DOCS)
-async def infer(request: Request, name: ModelName, fused: FusedQuery = True) -> V2InferResponse:
+@router.post(
+    "/models/{name}/infer", summary="Inference", openapi_extra=INFER_DOCS, response_model=V2InferResponse
+)
+async def infer(request: Request, name: ModelName, fused: FusedQuery = True) -> Response:
     return await _infer(request, name, None, fused)
 
 
 @router.post(
-    "/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=INFER_DOCS
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference on one version",
+    openapi_extra=INFER_DOCS,
+    response_model=V2InferResponse,
 )
 async def infer_version(
     request: Request, name: ModelName, version: VersionPath, fused: FusedQuery = True
-) -> V2InferResponse:
+) -> Response:
     return await _infer(request, name, version, fused)

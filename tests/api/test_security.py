@@ -230,7 +230,9 @@ def test_requests_past_the_cap_wait_in_order_503_only_past_the_queue_and_health_
     release = asyncio.Event()
     served: list[str] = []
 
-    async def slow_app(scope: dict[str, object], receive: object, send: Callable[[dict[str, object]], object]) -> None:
+    async def slow_app(
+        scope: dict[str, object], receive: object, send: Callable[[dict[str, object]], object]
+    ) -> None:
         path = str(scope["path"])
         served.append(path)
         if "/health/" not in path:
