@@ -9,7 +9,7 @@
   variant (fused or not) and a `prepare` function that turns the request's body into an input
   tensor once the model is known. Requests with the same (name, version, variant) are gathered
   into one batch: up to `max_batch_size` requests, waiting at most `max_wait_ms` after the first.
-  A batch costs one thread hand-off, one database lookup of the name, and one forward pass on the
+  A batch costs one thread hand-off, one lookup of the name (see Names), and one forward pass on the
   concatenated inputs; each request gets its own rows back, or its own error. At most
   `inference_threads` batches run at once: while they run, new requests queue up, so under load the
   next batches are fuller without anyone waiting longer. Answers are identical with or without
