@@ -46,6 +46,7 @@ class ConcurrencyLimitMiddleware:
         self.in_flight = 0  # the event loop is single-threaded: no lock needed
         self.streams = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
+        self._threads_sized_for: asyncio.AbstractEventLoop | None = None  # once per event loop
 
     @property
     def queued(self) -> int:
@@ -55,7 +56,10 @@ class ConcurrencyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ensure_threads(self.max_in_flight + self.max_streams)
+        loop = asyncio.get_running_loop()
+        if loop is not self._threads_sized_for:
+            ensure_threads(self.max_in_flight + self.max_streams)
+            self._threads_sized_for = loop
         path = str(scope.get("path", ""))
         if path.startswith(HEALTH_PREFIXES):
             await self.app(scope, receive, send)
