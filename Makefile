@@ -54,7 +54,9 @@ loadtest-short: install
 ## Every benchmark; each prints a table and asserts nothing (run them on a quiet machine).
 bench: bench-serve bench-train bench-families
 
-## Serving benchmark over HTTP on loopback (about two minutes).
+## Serving benchmark: bnlab beside MLServer (installed on first use into its own virtual environment
+## under /var/cache/bnlab-bench, or BNLAB_BENCH_CACHE), both driven by hey on loopback at 1, 8, 64
+## and 128 clients (about three minutes). Needs hey (Debian: apt-get install hey).
 bench-serve: install
 	$(BIN)/python bench/serve.py
 

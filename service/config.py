@@ -81,7 +81,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         16 << 20, ge=1024, le=1 << 30, description="Largest request body (413 above)."
     )
-    max_concurrent_requests: int = Field(64, ge=1, le=10_000, description="Requests in flight before 503.")
+    max_concurrent_requests: int = Field(
+        64, ge=1, le=10_000, description="Requests served at once; more wait in the queue below."
+    )
+    max_queued_requests: int = Field(
+        256, ge=0, le=100_000, description="Requests waiting for a slot, first come first served, before 503."
+    )
     max_event_streams: int = Field(
         256, ge=1, le=10_000, description="Open event streams (SSE) before 503; not counted as requests."
     )
@@ -134,6 +139,11 @@ class Settings(BaseSettings):
     # 0.6 ms of p50 latency at one client and gained nothing at 64, on the article's model).
     serve_max_wait_ms: float = Field(
         0.0, ge=0, le=100, description="How long a batch may wait for more requests."
+    )
+    # A name's lookup (alias → run → newest version) costs more than the article's forward pass.
+    # Changes committed by this process apply at once; others' within this time.
+    serve_name_cache_ms: float = Field(
+        1000.0, ge=0, le=60_000, description="How long a resolved model name is reused; 0: read every batch."
     )
     serve_cache_mb: int = Field(256, ge=1, le=65536, description="Memory for cached models (both variants).")
     serve_inference_threads: int = Field(

@@ -51,6 +51,7 @@ def create_app() -> FastAPI:
     app.add_middleware(
         ConcurrencyLimitMiddleware,
         max_in_flight=settings.max_concurrent_requests,
+        max_queued=settings.max_queued_requests,
         max_streams=settings.max_event_streams,
     )
     # Outermost: a request id, a log line and metrics for every answer, 413 and 503 included.
@@ -59,7 +60,10 @@ def create_app() -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     for busy in BUSY_ERRORS:  # 503 with Retry-After, not 500, when the database is too busy
         app.add_exception_handler(busy, database_busy_handler)
+    # The serving routes first: a request is matched against each route in turn, and every router
+    # before /v2 cost its inference requests ~10 µs of path matching (routes do not overlap).
     app.include_router(health.router)
+    app.include_router(v2.router)
     app.include_router(run_routes.router)
     app.include_router(model_routes.router)
     app.include_router(run_plot_routes.router)
@@ -70,7 +74,6 @@ def create_app() -> FastAPI:
     app.include_router(bn_routes.router)
     app.include_router(alias_routes.router)
     app.include_router(**upload_router_limits(settings))  # /api/v1/datasets: its own body limit
-    app.include_router(v2.router)
     app.include_router(events.router)
     app.include_router(metrics.router)
     web.install(app)

@@ -1,14 +1,18 @@
-"""Request bodies that routes parse themselves: off the event loop, and documented in OpenAPI.
+"""Request bodies that routes parse themselves: off the event loop, and documented in OpenAPI; and
+answers that routes serialize themselves.
 
 The serving routes read the raw body and validate it in a worker thread (a 1,024-sample request is
 megabytes of JSON), so FastAPI does not see a body parameter; `body_docs` puts the schema back into
-the OpenAPI document.
+the OpenAPI document. They answer with `json_response` (orjson, no second validation of the answer
+against its model), the model named in `response_model=` for the documentation.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
+from fastapi import Response
 from pydantic import BaseModel
 
 
@@ -43,3 +47,9 @@ IMAGE_UPLOAD_SCHEMA: dict[str, Any] = {
     # Only the file: other fields are refused (the form parser caps them), so say so.
     "additionalProperties": False,
 }
+
+
+def json_response(content: dict[str, Any], status_code: int = 200) -> Response:
+    """`content` as JSON bytes: several times cheaper than a response model's validation and
+    serialization for a few hundred floats. NaN and infinity become null, as pydantic writes them."""
+    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")

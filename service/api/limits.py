@@ -1,8 +1,9 @@
 """Limits that keep one client or a burst from taking the service down.
 
-- a cap on requests in flight: past it the API answers 503 at once instead of queueing work; event
+- a cap on requests in flight, and a bounded queue behind it: a request past the cap waits, in order
+  of arrival, for a slot; past the queue too the API answers 503 with Retry-After at once. Event
   streams (SSE, open for as long as a run trains) have a cap of their own, so that open dashboards
-  never use up the slots of ordinary requests;
+  never use up the slots of ordinary requests; health probes are never counted, queued nor refused;
 - a token bucket per API key (per caller on a keyless loopback server): 429 with Retry-After;
 - a thread in the pool for every request and stream admitted (see ensure_threads).
 The body-size cap is Starlette's RequestBodyLimitMiddleware (413, chunked bodies included).
@@ -10,10 +11,12 @@ The body-size cap is Starlette's RequestBodyLimitMiddleware (413, chunked bodies
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import anyio.to_thread
@@ -27,31 +30,75 @@ from service.config import get_settings
 EVENT_STREAM_SUFFIX = "/events"
 
 
-class ConcurrencyLimitMiddleware:
-    """Answer 503 when `max_in_flight` HTTP requests are already being served, or, for an event
-    stream, when `max_streams` streams are already open; streams do not count as requests."""
+# Liveness and readiness probes (/health/*, /v2/health/*): an orchestrator that gets a 503 from a
+# busy server would restart it, so they bypass the cap.
+HEALTH_PREFIXES = ("/health/", "/v2/health/")
 
-    def __init__(self, app: ASGIApp, max_in_flight: int, max_streams: int) -> None:
+
+class ConcurrencyLimitMiddleware:
+    """At most `max_in_flight` HTTP requests served at once; up to `max_queued` more wait, first come
+    first served, for a slot, and past that a request gets 503 with Retry-After. An event stream
+    answers 503 when `max_streams` streams are already open; streams do not count as requests."""
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, max_streams: int, max_queued: int = 0) -> None:
         self.app, self.max_in_flight, self.max_streams = app, max_in_flight, max_streams
+        self.max_queued = max_queued
         self.in_flight = 0  # the event loop is single-threaded: no lock needed
         self.streams = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._threads_sized_for: asyncio.AbstractEventLoop | None = None  # once per event loop
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ensure_threads(self.max_in_flight + self.max_streams)
-        if str(scope.get("path", "")).endswith(EVENT_STREAM_SUFFIX):
+        loop = asyncio.get_running_loop()
+        if loop is not self._threads_sized_for:
+            ensure_threads(self.max_in_flight + self.max_streams)
+            self._threads_sized_for = loop
+        path = str(scope.get("path", ""))
+        if path.startswith(HEALTH_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        if path.endswith(EVENT_STREAM_SUFFIX):
             await self._stream(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
-            await _unavailable(send, "the server is at its concurrency limit; retry shortly")
-            return
-        self.in_flight += 1
+            if len(self._waiting) >= self.max_queued:
+                await _unavailable(send, "the server is at its concurrency limit; retry shortly")
+                return
+            await self._wait_for_slot()  # the slot is handed over by the request that leaves it
+        else:
+            self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self._release()
+
+    async def _wait_for_slot(self) -> None:
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(slot)
+        try:
+            await slot
+        except asyncio.CancelledError:  # the client left while waiting
+            if slot.done() and not slot.cancelled():
+                self._release()  # handed a slot in the same instant: pass it on
+            elif slot in self._waiting:  # (a cancelled slot may already have been skipped)
+                self._waiting.remove(slot)
+            raise
+
+    def _release(self) -> None:
+        """Hand the slot to the longest-waiting request, or free it."""
+        while self._waiting:
+            slot = self._waiting.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+        self.in_flight -= 1
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.streams >= self.max_streams:

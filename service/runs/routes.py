@@ -8,7 +8,7 @@ import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema
+from service.api.bodies import IMAGE_UPLOAD_SCHEMA, body_docs, inline_schema, json_response
 from service.api.csv import csv_response
 from service.api.deps import (
     LimitQuery,
@@ -316,6 +316,7 @@ PREDICT_DOCS = READ | body_docs(
         422: {"model": Message},
     },
     openapi_extra=PREDICT_DOCS,
+    response_model=ServedPredictResponse,
 )
 async def predict(
     request: Request,
@@ -332,7 +333,7 @@ async def predict(
         Invert,
         Query(description="Images: auto inverts dark-on-light images (light border) to light-on-dark."),
     ] = "auto",
-) -> ServedPredictResponse:
+) -> Response:
     body = await read_predict_body(request, invert=invert)
     if mode == "train":
         probabilities, loaded = await run_in_threadpool(_predict_batch_stats, run_id, version, body)
@@ -342,15 +343,17 @@ async def predict(
         probabilities, loaded, served_fused = answer.probabilities, answer.loaded, answer.fused
     predictions = probabilities.argmax(dim=1).tolist()
     names = await served.class_names_of(run_id)
-    return ServedPredictResponse(
-        predictions=predictions,
-        probabilities=probabilities.tolist(),
-        model_version=loaded.version,
-        fused=served_fused,
-        mode=mode,
-        image=body.image_info,
-        labels=[names[c] for c in predictions] if names else None,
-        class_names=names,
+    return json_response(  # ServedPredictResponse, serialized without a second validation
+        {
+            "predictions": predictions,
+            "probabilities": probabilities.tolist(),
+            "model_version": loaded.version,
+            "fused": served_fused,
+            "mode": mode,
+            "image": body.image_info.model_dump() if body.image_info else None,
+            "labels": [names[c] for c in predictions] if names else None,
+            "class_names": names,
+        }
     )
 
 

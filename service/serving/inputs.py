@@ -41,7 +41,8 @@ class PredictBody:
             errors = exc.errors(include_url=False)
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from exc
         try:
-            return inference.inputs_to_tensor(request.inputs, loaded.config)
+            booleans = inference.could_hold_booleans(self._json or b"")
+            return inference.inputs_to_tensor(request.inputs, loaded.config, booleans_possible=booleans)
         except inference.InputError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
 

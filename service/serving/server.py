@@ -9,12 +9,17 @@
   variant (fused or not) and a `prepare` function that turns the request's body into an input
   tensor once the model is known. Requests with the same (name, version, variant) are gathered
   into one batch: up to `max_batch_size` requests, waiting at most `max_wait_ms` after the first.
-  A batch costs one thread hand-off, one database lookup of the name, and one forward pass on the
+  A batch costs one thread hand-off, one lookup of the name (see Names), and one forward pass on the
   concatenated inputs; each request gets its own rows back, or its own error. At most
   `inference_threads` batches run at once: while they run, new requests queue up, so under load the
   next batches are fuller without anyone waiting longer. Answers are identical with or without
   batching: in eval mode a sample's output does not depend on its batch-mates (bn-semantics oracle
   4). Train-mode inference (batch statistics) is never batched with other requests, since it would.
+- **Names.** What a name means (run id or alias, and version) is read from the database once and
+  reused for `serve_name_cache_ms` (1 s by default): a lookup costs more than the article's model's
+  forward pass. Every commit in this process that writes an alias, a model version, a
+  recalibration, or deletes rows drops the reused answers at once; changes made by other processes
+  (an experiment alias's best run as workers finish, another API process) are seen within that time.
 - **Threads.** Everything above runs in a pool of `inference_threads` threads (default: the
   machine's cores), never on the event loop: routes await `asyncio.wrap_future`. Without
   micro-batching each request runs the same steps alone in that pool.
@@ -37,6 +42,8 @@ from itertools import chain
 from typing import Generic, TypeVar
 
 import torch
+from sqlalchemy import event
+from sqlalchemy.orm import ORMExecuteState, Session
 from torch import nn
 
 from service import telemetry
@@ -45,6 +52,7 @@ from service.db import session_scope
 from service.ml import checkpoints
 from service.ml.config import ModelConfig
 from service.ml.fusion import FusionReport, fuse_bn
+from service.models import ModelAlias, ModelArtifact, Recalibration, Run
 from service.serving import repository as model_repo
 
 log = logging.getLogger(__name__)
@@ -173,6 +181,66 @@ class Batcher(Generic[K, T, R]):
             self.largest_batch = max(self.largest_batch, len(live))
 
 
+# ---------------------------------------------------------------------------------------- names
+
+# Rows whose change can change what a name resolves to.
+_NAMING_ROWS = (ModelAlias, ModelArtifact, Recalibration, Run)
+_CHANGED = "bnlab_serving_names_changed"
+
+
+class NameCache:
+    """(name, version) → ResolvedModel for `ttl_s`; `generation` moves on every naming commit of this
+    process (see the listeners below), which empties it. A lookup that started before a commit
+    stores nothing, so an answer read before a change never outlives it."""
+
+    generation = 0  # process-wide: every commit of every session moves it
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[tuple[str, int | None], tuple[model_repo.ResolvedModel, float, int]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, version: int | None) -> model_repo.ResolvedModel | None:
+        entry = self._entries.get((name, version))
+        if entry is None:
+            return None
+        resolved, expires, generation = entry
+        if generation != NameCache.generation or time.monotonic() >= expires:
+            return None
+        return resolved
+
+    def put(self, resolved: model_repo.ResolvedModel, version: int | None, generation: int) -> None:
+        if self.ttl_s <= 0 or generation != NameCache.generation:
+            return
+        with self._lock:
+            if len(self._entries) > 4096:  # many names, most stale: start over
+                self._entries.clear()
+            self._entries[(resolved.name, version)] = (resolved, time.monotonic() + self.ttl_s, generation)
+
+
+@event.listens_for(Session, "after_flush")
+def _note_naming_rows(session: Session, _context: object) -> None:
+    if any(isinstance(row, _NAMING_ROWS) for row in chain(session.new, session.dirty, session.deleted)):
+        session.info[_CHANGED] = True
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _note_bulk_writes(state: ORMExecuteState) -> None:
+    if state.is_update or state.is_delete:  # delete(ModelArtifact)… as delete_runs does; any counts
+        state.session.info[_CHANGED] = True
+
+
+@event.listens_for(Session, "after_commit")
+def _forget_names(session: Session) -> None:
+    if session.info.pop(_CHANGED, False):
+        NameCache.generation += 1
+
+
+@event.listens_for(Session, "after_rollback")
+def _nothing_changed(session: Session) -> None:
+    session.info.pop(_CHANGED, None)
+
+
 # ---------------------------------------------------------------------------------------- models
 
 
@@ -248,6 +316,7 @@ class ModelServer:
         self._bytes = 0
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
+        self.names = NameCache(settings.serve_name_cache_ms / 1000)
         threads = settings.effective_inference_threads()
         self.batcher: Batcher[InferKey, Prepare, Answer] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -310,8 +379,12 @@ class ModelServer:
         request holds the database while it computes. Raises model_repo.NameNotFound (and its
         VersionNotFound), ModelNotFound, or CheckpointError for stored weights that do not load.
         """
-        with session_scope() as session:
-            resolved = model_repo.resolve_model(session=session, name=name, version=version)
+        resolved = self.names.get(name, version)
+        if resolved is None:
+            generation = NameCache.generation
+            with session_scope(read_only=True) as session:  # SQLite: no write lock for a read
+                resolved = model_repo.resolve_model(session=session, name=name, version=version)
+            self.names.put(resolved, version, generation)
         key = (resolved.run_id, resolved.version, resolved.sha256)
         cached = self.lookup(key)
         if cached is not None:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +30,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from service import __version__
-from service.api.bodies import body_docs, inline_schema
+from service.api.bodies import body_docs, inline_schema, json_response
 from service.api.health import database_reachable
 from service.api.security import PUBLIC, READ
 from service.db import session_scope
@@ -122,12 +123,12 @@ FusedQuery = Annotated[
 
 
 @router.get("", summary="Server metadata", openapi_extra=PUBLIC)
-def server_metadata() -> dict[str, Any]:
+async def server_metadata() -> dict[str, Any]:
     return {"name": "bnlab", "version": __version__, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", summary="The server is live", openapi_extra=PUBLIC)
-def live() -> dict[str, bool]:
+async def live() -> dict[str, bool]:  # async: no thread hand-off for a probe
     return {"live": True}
 
 
@@ -313,14 +314,21 @@ class _InferBody:
         except binary.BinaryError as exc:
             raise _bad_request(str(exc)) from exc
         try:
-            data = tensor.data if raw is None else binary.decode(tensor.datatype, tensor.shape, raw)
-            assert data is not None  # input_bytes saw to it: data or binary data, one of them
-            return inference.v2_tensor_to_input(tensor.datatype, tensor.shape, data, loaded.config)
+            if raw is None:
+                assert tensor.data is not None  # input_bytes saw to it: data or binary data, one of them
+                json_part = self.body if self.header_length is None else self.body[: self.header_length]
+                data: list[Any] | np.ndarray = tensor.data
+                booleans_possible = inference.could_hold_booleans(json_part)
+            else:
+                data, booleans_possible = binary.decode(tensor.datatype, tensor.shape, raw), False
+            return inference.v2_tensor_to_input(
+                tensor.datatype, tensor.shape, data, loaded.config, booleans_possible=booleans_possible
+            )
         except (binary.BinaryError, inference.InputError) as exc:
             raise _bad_request(f"input {INPUT!r}: {exc}") from exc
 
 
-def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse | Response:
+def _response(name: str, body: _InferBody, answer: Answer) -> Response:
     probabilities = answer.probabilities
     if not math.isfinite(float(probabilities.sum())):
         raise HTTPException(status.HTTP_409_CONFLICT, detail="the model produced non-finite outputs")
@@ -335,7 +343,7 @@ def _response(name: str, body: _InferBody, answer: Answer) -> V2InferResponse | 
         },
         "predictions": {"shape": [n], "datatype": "INT64", "data": probabilities.argmax(dim=1).tolist()},
     }
-    return V2InferResponse.model_validate(
+    return json_response(  # V2InferResponse
         {
             "model_name": name,
             "model_version": str(answer.resolved.version),
@@ -372,7 +380,7 @@ def _binary_response(name: str, body: _InferBody, answer: Answer) -> Response:
     return binary.response(header, {o: tensors[o] for o in body.binary_outputs})
 
 
-async def _infer(request: Request, name: str, version: int | None, fused: bool) -> V2InferResponse | Response:
+async def _infer(request: Request, name: str, version: int | None, fused: bool) -> Response:
     arrived = time.perf_counter_ns()
     if request.headers.get("content-encoding", "identity").lower() != "identity":
         raise _bad_request("compressed request bodies are not supported; send the body uncompressed")
@@ -422,7 +430,7 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     response_model=V2InferResponse,
     responses=INFER_RESPONSES,
 )
-async def infer(request: Request, name: ModelName, fused: FusedQuery = True) -> V2InferResponse | Response:
+async def infer(request: Request, name: ModelName, fused: FusedQuery = True) -> Response:
     return await _infer(request, name, None, fused)
 
 
@@ -435,5 +443,5 @@ async def infer(request: Request, name: ModelName, fused: FusedQuery = True) -> 
 )
 async def infer_version(
     request: Request, name: ModelName, version: VersionPath, fused: FusedQuery = True
-) -> V2InferResponse | Response:
+) -> Response:
     return await _infer(request, name, version, fused)

@@ -191,7 +191,7 @@ def test_concurrency_limit_answers_503_past_the_cap() -> None:
         await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[misc]
 
     async def scenario() -> list[int]:
-        limited = ConcurrencyLimitMiddleware(slow_app, max_in_flight=2, max_streams=1)  # type: ignore[arg-type]
+        limited = ConcurrencyLimitMiddleware(slow_app, max_in_flight=2, max_streams=1, max_queued=0)  # type: ignore[arg-type]
         statuses: list[int] = []
 
         async def call() -> None:
@@ -213,6 +213,82 @@ def test_concurrency_limit_answers_503_past_the_cap() -> None:
         return statuses
 
     assert sorted(asyncio.run(scenario())) == [200, 200, 503]
+
+
+async def _asgi_call(app: ConcurrencyLimitMiddleware, path: str, statuses: list[int]) -> None:
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(int(message["status"]))  # type: ignore[call-overload]
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    await app({"type": "http", "path": path}, receive, send)  # type: ignore[arg-type]
+
+
+def test_requests_past_the_cap_wait_in_order_503_only_past_the_queue_and_health_never_waits() -> None:
+    release = asyncio.Event()
+    served: list[str] = []
+
+    async def slow_app(
+        scope: dict[str, object], receive: object, send: Callable[[dict[str, object]], object]
+    ) -> None:
+        path = str(scope["path"])
+        served.append(path)
+        if "/health/" not in path:
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[misc]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[misc]
+
+    async def scenario() -> list[int]:
+        limited = ConcurrencyLimitMiddleware(slow_app, max_in_flight=2, max_streams=1, max_queued=3)  # type: ignore[arg-type]
+        statuses: list[int] = []
+        tasks = []
+        for i in range(6):
+            tasks.append(asyncio.create_task(_asgi_call(limited, f"/v2/models/m{i}/infer", statuses)))
+            await asyncio.sleep(0.01)
+        assert statuses == [503]  # two served, three queued, the sixth refused at once
+        assert (limited.in_flight, limited.queued) == (2, 3)
+        for probe in ("/health/live", "/v2/health/live"):  # never queued nor refused
+            answered: list[int] = []
+            await asyncio.wait_for(_asgi_call(limited, probe, answered), timeout=1)
+            assert answered == [200]
+        release.set()
+        await asyncio.gather(*tasks)
+        assert (limited.in_flight, limited.queued) == (0, 0)
+        return statuses
+
+    statuses = asyncio.run(scenario())
+    assert sorted(statuses) == [200] * 5 + [503]
+    infers = [p for p in served if p.startswith("/v2/models/")]
+    assert infers == [f"/v2/models/m{i}/infer" for i in range(5)]  # first come, first served
+
+
+def test_a_client_that_leaves_the_queue_gives_up_its_place() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: object, receive: object, send: Callable[[dict[str, object]], object]) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[misc]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[misc]
+
+    async def scenario() -> None:
+        limited = ConcurrencyLimitMiddleware(slow_app, max_in_flight=1, max_streams=1, max_queued=2)  # type: ignore[arg-type]
+        statuses: list[int] = []
+        first = asyncio.create_task(_asgi_call(limited, "/api/v1/runs", statuses))
+        await asyncio.sleep(0.01)
+        leaving = asyncio.create_task(_asgi_call(limited, "/api/v1/runs", statuses))
+        staying = asyncio.create_task(_asgi_call(limited, "/api/v1/runs", statuses))
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        await asyncio.sleep(0.01)
+        assert (limited.in_flight, limited.queued) == (1, 1)
+        release.set()
+        await asyncio.gather(first, staying)
+        assert statuses == [200, 200]
+        assert (limited.in_flight, limited.queued) == (0, 0)
+
+    asyncio.run(scenario())
 
 
 def test_event_streams_have_their_own_cap_and_leave_request_slots_free() -> None:
