@@ -74,6 +74,11 @@ class EpochMetrics:
     # the initial network's, as layer_stats does.
     probes: tuple[ProbeValue, ...] = ()
 
+    @property
+    def diverged(self) -> bool:
+        """Whether a loss of this epoch is NaN or infinite: the run diverged and stops here."""
+        return not (math.isfinite(self.train_loss) and math.isfinite(self.val_loss))
+
 
 # Returns the training state (model + optimizer) at this epoch boundary as safetensors bytes.
 Snapshot = Callable[[], bytes]
@@ -107,6 +112,11 @@ class TrainResult:
     cancelled: bool = False
     # True when a final batch of a single sample was skipped each epoch (BN cannot train on it).
     dropped_last_batch: bool = False
+
+    @property
+    def diverged_at(self) -> int | None:
+        """The epoch whose loss became non-finite (training stopped after reporting it), or None."""
+        return next((m.epoch for m in self.epochs if m.diverged), None)
 
 
 class StopPoller:
@@ -468,6 +478,10 @@ def train(
             callbacks.on_epoch_end(metrics, partial(save_training_state, model, optimizer, epoch))
         else:
             end_epoch(model)  # as epoch_metrics does on the reporting rank: the ranks' models stay alike
+        # A NaN or infinite loss does not come back: the epoch is reported (what is not finite is
+        # stored as null) and training ends there; the ranks agree, as only one of them validates.
+        if parallel.any_stop(not math.isfinite(totals[0]) or (reports and result.epochs[-1].diverged)):
+            return result
         if epoch < tcfg.epochs and parallel.any_stop(poller.now()):
             result.cancelled = True
             return result
