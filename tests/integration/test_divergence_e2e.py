@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.client.test_cli import bnlab, spec_file
 from tests.integration.stack import Stack, stack_on
 
 pytestmark = pytest.mark.integration
@@ -57,6 +59,14 @@ def test_a_diverged_run_is_recorded_with_nulls_and_ends_failed_saying_where(stac
     assert (
         stack.client.post(f"/api/v1/runs/{run_id}/predict", json={"inputs": [[0.0] * 784]}).status_code == 409
     )
+
+
+def test_the_cli_follows_a_diverging_run_to_its_failure(stack: Stack, tmp_path: Path) -> None:
+    result = bnlab(stack, "submit", spec_file(tmp_path, {"name": "cli-diverges", **DIVERGES}), "--wait")
+    assert result.returncode == 1, result.stdout + result.stderr  # a run waited for failed
+    lines = [line for line in result.stdout.splitlines() if line.startswith("cli-diverges")]
+    assert "epoch 1/3  loss -  val_loss -" in lines[-2], lines  # null losses print as "-"
+    assert "failed: diverged: the loss became non-finite at epoch 1 " in lines[-1], lines
 
 
 def wait_finished(stack: Stack, experiment_id: str, timeout: float = 240) -> dict[str, Any]:
