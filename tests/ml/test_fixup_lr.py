@@ -5,6 +5,7 @@ run's learning rate, through every optimizer bnlab builds, every epoch's schedul
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,11 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
+from service.ml.datasets import make_synthetic, train_val_split
 from service.ml.fastpath import MlpStep, supports_optimizer
 from service.ml.nets import make_net
 from service.ml.resnets import ScalarBias, ScalarScale
 from service.ml.resume import load_training_state, restore, save_training_state
-from service.ml.training import lr_at, make_optimizer, set_learning_rate
+from service.ml.training import (
+    EpochMetrics,
+    NullCallbacks,
+    Snapshot,
+    lr_at,
+    make_optimizer,
+    set_learning_rate,
+    train,
+)
 
 NONE = NormConfig(kind="none")
 SMALL = (1, 12, 12)
@@ -114,3 +124,20 @@ def test_every_epochs_rate_and_a_resumption_keep_the_ratio() -> None:
 
 def test_a_fixup_resmlp_is_not_a_fast_path_mlp() -> None:
     assert MlpStep.for_model(make_net(FIXUP["resmlp"])) is None
+
+
+def test_the_training_loop_sets_each_epochs_rate_on_both_groups() -> None:
+    data = train_val_split(make_synthetic(120, seed=2), 0.25)
+    cfg = dataclasses.replace(FIXUP["resmlp"], input_shape=(1, 28, 28))
+    tcfg = TrainConfig(epochs=2, lr=0.01, schedule="step", step_size=1, gamma=0.5, probes=())
+    states: list[bytes] = []  # taken at each epoch's end (a Snapshot serialises when called)
+
+    class Keep(NullCallbacks):
+        def on_epoch_end(self, metrics: EpochMetrics, snapshot: Snapshot) -> None:
+            states.append(snapshot())
+
+    result = train(cfg, tcfg, *data, Keep())
+    assert all(math.isfinite(m.train_loss) for m in result.epochs)
+    groups = [load_training_state(s).optimizer_state["param_groups"] for s in states]
+    rates = [g["lr"] for epoch in groups for g in epoch]
+    assert rates == pytest.approx([0.01, 0.001, 0.005, 0.0005])  # step decay, scalars at a tenth
