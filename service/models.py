@@ -121,10 +121,11 @@ class EpochMetric(Base):
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
-    train_loss: Mapped[float] = mapped_column(Float)
-    train_accuracy: Mapped[float] = mapped_column(Float)
-    val_loss: Mapped[float] = mapped_column(Float)
-    val_accuracy: Mapped[float] = mapped_column(Float)
+    # Null where the value was NaN or infinite: the epoch a run diverged (migration 0008).
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    train_accuracy: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    val_accuracy: Mapped[float | None] = mapped_column(Float)
     seconds: Mapped[float] = mapped_column(Float)
     # Training samples the epoch went through (its throughput is train_samples / seconds); null in
     # rows written before this column existed.
@@ -145,8 +146,9 @@ class LayerStat(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
     layer: Mapped[str] = mapped_column(String(64), primary_key=True)
-    input_mean: Mapped[float] = mapped_column(Float)
-    input_std: Mapped[float] = mapped_column(Float)
+    # Null where not finite (a diverged network's activations).
+    input_mean: Mapped[float | None] = mapped_column(Float)
+    input_std: Mapped[float | None] = mapped_column(Float)
 
 
 class ProbeRecord(Base):

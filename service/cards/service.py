@@ -293,11 +293,11 @@ def load_card_run(session: Session, card: Card, run_id: str) -> LoadedRun:
                     seed=int(run.spec["train"]["seed"]),
                     status=run.status,
                     epochs=[
-                        EpochRow(m.epoch, m.val_accuracy, m.val_loss, m.train_accuracy, m.train_loss)
+                        EpochRow.stored(m.epoch, m.val_accuracy, m.val_loss, m.train_accuracy, m.train_loss)
                         for m in metrics.get(run.id, [])
                     ],
                     slots=[
-                        verdicts.SlotStat(s.epoch, s.layer, s.input_mean, s.input_std)
+                        verdicts.SlotStat.stored(s.epoch, s.layer, s.input_mean, s.input_std)
                         for s in slots.get(run.id, [])
                     ],
                     probes=[

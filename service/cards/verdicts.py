@@ -29,6 +29,16 @@ class SlotStat:
     input_mean: float
     input_std: float
 
+    @classmethod
+    def stored(cls, epoch: int, layer: str, input_mean: float | None, input_std: float | None) -> SlotStat:
+        """The row from the database, where a value that was not finite is null (NaN here)."""
+        return cls(
+            epoch,
+            layer,
+            math.nan if input_mean is None else input_mean,
+            math.nan if input_std is None else input_std,
+        )
+
 
 @dataclass(frozen=True)
 class ProbeRow:

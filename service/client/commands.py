@@ -145,10 +145,11 @@ class RunProgress:
     def update(self, run_id: str, event: Event) -> None:
         data, task = event.data, self.tasks[run_id]
         if event.type == "epoch":
+            # null (not finite) in the epoch a run diverged: shown as "-"
             values = {
-                "loss": f"{data['train_loss']:.4f}",
-                "val_loss": f"{data['val_loss']:.4f}",
-                "acc": f"{data['val_accuracy']:.4f}",
+                "loss": _num(data["train_loss"]),
+                "val_loss": _num(data["val_loss"]),
+                "acc": _num(data["val_accuracy"]),
             }
             self.progress.update(task, completed=data["epoch"])
             self.progress.update(task, loss=values["loss"], val_loss=values["val_loss"], acc=values["acc"])

@@ -29,11 +29,30 @@ from service.experiments.schemas import (
 
 @dataclass(frozen=True)
 class EpochRow:
+    """One epoch's metrics; NaN where the stored value is null (not finite: the run diverged)."""
+
     epoch: int
     val_accuracy: float
     val_loss: float
     train_accuracy: float
     train_loss: float
+
+    @classmethod
+    def stored(
+        cls,
+        epoch: int,
+        val_accuracy: float | None,
+        val_loss: float | None,
+        train_accuracy: float | None,
+        train_loss: float | None,
+    ) -> EpochRow:
+        """The row from the database's columns, where a diverged epoch's values are null."""
+        values = (val_accuracy, val_loss, train_accuracy, train_loss)
+        return cls(epoch, *(math.nan if v is None else v for v in values))
+
+    @property
+    def diverged(self) -> bool:
+        return not (math.isfinite(self.train_loss) and math.isfinite(self.val_loss))
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,11 @@ class RunResult:
     seed: int
     status: str
     epochs: list[EpochRow] = field(default_factory=list)
+
+
+def diverged(run: RunResult) -> bool:
+    """A run whose loss became NaN or infinite: the worker stopped it there and it ended failed."""
+    return any(e.diverged for e in run.epochs)
 
 
 def _finite(value: float) -> float | None:
@@ -70,6 +94,15 @@ def best_of(epochs: Sequence[EpochRow], metric: str) -> float:
     return max(finite) if higher_is_better(metric) else min(finite)
 
 
+def _final(run: RunResult, metric: str) -> float:
+    return math.nan if diverged(run) else float(getattr(run.epochs[-1], metric))
+
+
+def _best(run: RunResult, metric: str) -> float:
+    # A diverged seed's best value before it diverged would flatter its configuration.
+    return math.nan if diverged(run) else best_of(run.epochs, metric)
+
+
 def epochs_to_target(epochs: Sequence[EpochRow], target: float) -> int | None:
     """The first epoch whose validation accuracy reaches the target, or None."""
     return next((e.epoch for e in epochs if e.val_accuracy >= target), None)
@@ -77,6 +110,12 @@ def epochs_to_target(epochs: Sequence[EpochRow], target: float) -> int | None:
 
 def _config_report(point: dict[str, Any], runs: list[RunResult], target: float) -> ExperimentReportConfig:
     done = sorted((r for r in runs if r.status == "succeeded" and r.epochs), key=lambda r: r.seed)
+    # A diverged seed is a result, not an accident: it enters the statistics as a non-finite value,
+    # which makes the configuration's mean null (dropping it would average only the seeds that
+    # survived). It still counts as failed: no model was stored.
+    counted = sorted(
+        (r for r in runs if (r.status == "succeeded" and r.epochs) or diverged(r)), key=lambda r: r.seed
+    )
     reached = {str(r.seed): epochs_to_target(r.epochs, target) for r in done}
     hits = [e for e in reached.values() if e is not None]
     return ExperimentReportConfig(
@@ -86,8 +125,9 @@ def _config_report(point: dict[str, Any], runs: list[RunResult], target: float) 
         succeeded=len(done),
         unfinished=sum(r.status in ("queued", "running") for r in runs),
         failed=sum(r.status in ("failed", "cancelled") for r in runs),
-        final={m: stat([getattr(r.epochs[-1], m) for r in done]) for m in METRICS},
-        best={m: stat([best_of(r.epochs, m) for r in done]) for m in METRICS},
+        diverged=sum(diverged(r) for r in runs),
+        final={m: stat([_final(r, m) for r in counted]) for m in METRICS},
+        best={m: stat([_best(r, m) for r in counted]) for m in METRICS},
         epochs_to_target=ExperimentReportEpochs(
             target=target,
             per_seed=reached,

@@ -171,11 +171,19 @@ class ExperimentReportConfig(BaseModel):
     config: str = Field(description="The configuration's label.")
     grid_point: dict[str, Any] = Field(description="Its grid values (dotted path → value).")
     runs: int = Field(description="Its runs (one per seed).")
-    succeeded: int = Field(description="Runs that succeeded: the statistics are over these.")
+    succeeded: int = Field(
+        description="Runs that succeeded: the statistics are over these (and the diverged)."
+    )
     unfinished: int = Field(description="Runs still queued or running.")
     failed: int = Field(description="Runs that failed or were cancelled.")
+    diverged: int = Field(
+        0,
+        description="Of the failed runs, those whose loss became NaN or infinite: they enter `final` and "
+        "`best` as null values, so the configuration's mean is null.",
+    )
     final: dict[str, ExperimentReportStat] = Field(
-        description="Last-epoch val_accuracy, val_loss, train_accuracy, train_loss over the seeds."
+        description="Last-epoch val_accuracy, val_loss, train_accuracy, train_loss over the succeeded and "
+        "diverged seeds."
     )
     best: dict[str, ExperimentReportStat] = Field(
         description="Best epoch per seed (max accuracy, min loss), then mean ± std over the seeds."

@@ -124,13 +124,7 @@ def results(session: Session, experiment: Experiment) -> list[report.RunResult]:
             seed=int(run.spec["train"]["seed"]),
             status=run.status,
             epochs=[
-                report.EpochRow(
-                    epoch=m.epoch,
-                    val_accuracy=m.val_accuracy,
-                    val_loss=m.val_loss,
-                    train_accuracy=m.train_accuracy,
-                    train_loss=m.train_loss,
-                )
+                report.EpochRow.stored(m.epoch, m.val_accuracy, m.val_loss, m.train_accuracy, m.train_loss)
                 for m in metrics.get(run.id, [])
             ],
         )

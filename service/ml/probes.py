@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,8 +90,6 @@ GAMMA_NEAR_ZERO = 0.01
 # statistics_gap's exact population statistics: over the first this-many samples of the training split.
 STATISTICS_SAMPLES = 8192
 STATISTICS_CHUNK = 1024
-# torch.quantile refuses inputs over 2**24 values: larger slot inputs are subsampled evenly.
-_QUANTILE_LIMIT = 2**24
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -266,10 +265,12 @@ def probe_smoothness(
 
 
 def _quantiles(values: torch.Tensor, qs: Sequence[float]) -> list[float]:
-    flat = values.detach().reshape(-1).double()
-    if flat.numel() > _QUANTILE_LIMIT:
-        flat = flat[:: math.ceil(flat.numel() / _QUANTILE_LIMIT)]
-    return torch.quantile(flat, torch.tensor(qs, dtype=flat.dtype, device=flat.device)).tolist()
+    """The `qs` quantiles of every value, exactly, with torch.quantile's linear interpolation (numpy's
+    default method computes the same numbers). numpy selects them (introselect, linear time) where
+    torch.quantile sorts all values, several times slower on a deep network's hundred slots, and it
+    has no size limit (torch.quantile refuses more than 2**24 values)."""
+    flat = values.detach().reshape(-1).to("cpu", torch.float64).numpy()
+    return [float(v) for v in np.quantile(flat, qs)]
 
 
 def probe_percentiles(

@@ -255,3 +255,19 @@ def initialise(net: nn.Module, cfg: ModelConfig) -> None:
         assert isinstance(head, nn.Linear)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
+
+
+# Fixup's learning rate for its scalars, as a fraction of the run's: the authors' cifar_train.py and
+# imagenet_train.py give `base_lr/10.` to the parameters whose names hold "bias" or "scale", in
+# their own param groups that follow the same schedule as the rest.
+FIXUP_SCALAR_LR_FACTOR = 0.1
+
+
+def fixup_scalar_parameters(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a Fixup network trains at FIXUP_SCALAR_LR_FACTOR × the learning rate, by the
+    authors' rule (name holds "bias" or "scale"): every scalar bias and multiplier, and the
+    classifier's bias (the rule takes `fc.bias` too; Fixup layers have no other bias). Empty for a
+    network without Fixup's scalars."""
+    if not any(isinstance(m, ScalarBias | ScalarScale) for m in net.modules()):
+        return []
+    return [(name, p) for name, p in net.named_parameters() if "bias" in name or "scale" in name]

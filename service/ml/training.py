@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import cache, partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from service.ml.probes import (
     SlotStatistics,
     probe_slot_inputs,
 )
+from service.ml.resnets import FIXUP_SCALAR_LR_FACTOR, fixup_scalar_parameters
 from service.ml.resume import TrainingState, restore, save_training_state
 from service.ml.trainable import restrict_trainable
 
@@ -73,6 +74,11 @@ class EpochMetrics:
     # The probes the run switched on (TrainConfig.probes), after this epoch; epoch 1 also carries
     # the initial network's, as layer_stats does.
     probes: tuple[ProbeValue, ...] = ()
+
+    @property
+    def diverged(self) -> bool:
+        """Whether a loss of this epoch is NaN or infinite: the run diverged and stops here."""
+        return not (math.isfinite(self.train_loss) and math.isfinite(self.val_loss))
 
 
 # Returns the training state (model + optimizer) at this epoch boundary as safetensors bytes.
@@ -107,6 +113,11 @@ class TrainResult:
     cancelled: bool = False
     # True when a final batch of a single sample was skipped each epoch (BN cannot train on it).
     dropped_last_batch: bool = False
+
+    @property
+    def diverged_at(self) -> int | None:
+        """The epoch whose loss became non-finite (training stopped after reporting it), or None."""
+        return next((m.epoch for m in self.epochs if m.diverged), None)
 
 
 class StopPoller:
@@ -168,19 +179,46 @@ def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
 def make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer a run's config asks for, over all of `model`'s parameters (distributed ranks and
     the benchmark build theirs here too)."""
+    params = param_groups(model, tcfg.lr)
     # weight_decay is torch's: an L2 term added to the gradient (coupled, also for Adam), on every
     # parameter; adam_eps is 1e-8 in PyTorch and 1e-7 in Keras (the spec's compat picks).
     if tcfg.optimizer == "adam":
         # fused: one kernel per step for all parameters instead of a dozen foreach passes (a fifth
         # of the article's step time); its state is the same, so checkpoints and resumption are too.
         return torch.optim.Adam(
-            model.parameters(), lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, fused=True
+            params, lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, fused=True
         )
     if tcfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay
-        )
+        return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     raise ValueError(f"unknown optimizer {tcfg.optimizer!r}; expected 'adam' or 'sgd'")
+
+
+# A param group's learning rate is the epoch's (lr_at) times its LR_FACTOR (1 when absent).
+LR_FACTOR = "lr_factor"
+
+
+def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]] | Iterator[nn.Parameter]:
+    """The optimizer's parameters: one group of all of them, except in a Fixup network, whose scalar
+    biases and multipliers (and classifier bias) train at a tenth of the rate in a second group, as
+    in the authors' code (resnets.fixup_scalar_parameters)."""
+    scalars = fixup_scalar_parameters(model)
+    if not scalars:
+        return model.parameters()
+    slow = {id(p) for _, p in scalars}
+    return [
+        {"params": [p for p in model.parameters() if id(p) not in slow]},
+        {
+            "params": [p for _, p in scalars],
+            "lr": lr * FIXUP_SCALAR_LR_FACTOR,
+            LR_FACTOR: FIXUP_SCALAR_LR_FACTOR,
+        },
+    ]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The epoch's rate on every group, scaled by the group's LR_FACTOR (Fixup's scalars: 0.1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get(LR_FACTOR, 1.0)
 
 
 @dataclass(frozen=True)
@@ -446,8 +484,7 @@ def train(
         model.train()  # on purpose: evaluate() left the model in eval mode
         if bn_frozen(tcfg, epoch):
             freeze_batch_norm(model)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(tcfg, epoch)
+        set_learning_rate(optimizer, lr_at(tcfg, epoch))
         order = epoch_order(tcfg, train_set.y, epoch)[:n_used].to(device)
         batches = Batches.for_epoch(x_all, y_all, order, bs)
         for start in range(0, n_used, rows_per_call):
@@ -468,6 +505,10 @@ def train(
             callbacks.on_epoch_end(metrics, partial(save_training_state, model, optimizer, epoch))
         else:
             end_epoch(model)  # as epoch_metrics does on the reporting rank: the ranks' models stay alike
+        # A NaN or infinite loss does not come back: the epoch is reported (what is not finite is
+        # stored as null) and training ends there; the ranks agree, as only one of them validates.
+        if parallel.any_stop(not math.isfinite(totals[0]) or (reports and result.epochs[-1].diverged)):
+            return result
         if epoch < tcfg.epochs and parallel.any_stop(poller.now()):
             result.cancelled = True
             return result

@@ -10,6 +10,7 @@ statistics, a probe switched off) answers 409 with what is missing.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -75,7 +76,9 @@ def _activations(session: Session, run: Run) -> Figure:
         raise _nothing_yet(run, "layer statistics", " (they are written as each epoch ends)")
     layers: dict[str, list[tuple[int, float, float]]] = {}
     for row in rows:
-        layers.setdefault(row.layer, []).append((row.epoch, row.input_mean, row.input_std))
+        # Null (not finite: the run diverged) is drawn as a gap.
+        mean, std = (math.nan if v is None else v for v in (row.input_mean, row.input_std))
+        layers.setdefault(row.layer, []).append((row.epoch, mean, std))
     series = [
         (
             layer,

@@ -316,6 +316,12 @@ def resume_point(*, session: Session, run_id: str) -> RunCheckpoint | None:
     return checkpoint
 
 
+def finite_or_none(value: float) -> float | None:
+    """A measured value as stored: NaN and infinity (a diverged run's) become NULL on every database.
+    SQLite would store NaN as NULL anyway, Postgres as NaN, and JSON carries neither."""
+    return value if math.isfinite(value) else None
+
+
 def record_epoch(
     *,
     session: Session,
@@ -332,17 +338,18 @@ def record_epoch(
         EpochMetric(
             run_id=lease.run_id,
             epoch=metrics.epoch,
-            train_loss=metrics.train_loss,
-            train_accuracy=metrics.train_accuracy,
-            val_loss=metrics.val_loss,
-            val_accuracy=metrics.val_accuracy,
+            train_loss=finite_or_none(metrics.train_loss),
+            train_accuracy=finite_or_none(metrics.train_accuracy),
+            val_loss=finite_or_none(metrics.val_loss),
+            val_accuracy=finite_or_none(metrics.val_accuracy),
             seconds=metrics.seconds,
             train_samples=train_samples,
         )
     )
     # merge: a run resumed after a crash may probe an epoch again (epoch 0 comes with epoch 1).
     for stat in metrics.layer_stats:
-        session.merge(LayerStat(run_id=lease.run_id, **asdict(stat)))  # the dataclass fields are the columns
+        values = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(stat).items()}
+        session.merge(LayerStat(run_id=lease.run_id, **values))  # the dataclass fields are the columns
     # The same for the other probes, replaced as a block: hundreds of values in a deep network.
     if metrics.probes:
         epochs = {value.epoch for value in metrics.probes}
@@ -352,7 +359,7 @@ def record_epoch(
         session.add_all(
             ProbeRecord(
                 run_id=lease.run_id,
-                **{**asdict(value), "value": value.value if math.isfinite(value.value) else None},
+                **{**asdict(value), "value": finite_or_none(value.value)},
             )
             for value in metrics.probes
         )

@@ -130,6 +130,16 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def diverged_error(result: training.TrainResult) -> str:
+    """The error of a run whose loss became NaN or infinite: where, and what it means for the run."""
+    last = result.epochs[-1]
+    return (
+        f"diverged: the loss became non-finite at epoch {result.diverged_at} (training loss "
+        f"{last.train_loss}, validation loss {last.val_loss}); training stopped there, the epochs up to "
+        "it are stored (non-finite values as null) and no model was saved"
+    )
+
+
 def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
     """Train run `run_id` to its end. Returns the final status, or None if this delivery did not
     end the run (not queued, handed back on shutdown, or lease lost)."""
@@ -153,6 +163,8 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
             result, config = _train(spec, callbacks, start_state)
         if result.cancelled:
             return _stop(lease, callbacks.stop_reason or StopReason.cancelled)
+        if result.diverged_at is not None:
+            return _end(lease, RunStatus.failed, diverged_error(result))
         weights = checkpoints.save_checkpoint(result.model, config)
     except Exception as exc:
         log.exception("run %s failed", run_id)

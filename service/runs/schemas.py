@@ -3,6 +3,7 @@ OpenAPI page at /docs documents the API by itself."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
@@ -32,6 +33,16 @@ def _not_a_boolean(value: Any) -> Any:
 
 
 NotBool = BeforeValidator(_not_a_boolean)
+
+
+def _finite_or_null(value: Any) -> Any:
+    # NaN and infinity are not JSON: a diverged epoch's values answer null (rows Postgres stored as
+    # NaN before they were written as NULL included).
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# A measured value (a loss, an accuracy, an activation statistic): null where it was not finite.
+Measured = Annotated[float | None, BeforeValidator(_finite_or_null)]
 
 MAX_PARAMETERS = 20_000_000
 MAX_PREDICT_SAMPLES = 1024
@@ -766,10 +777,18 @@ RunStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 class RunSummary(BaseModel):
     epochs_done: int = Field(description="Epochs finished so far.")
     epochs_total: int = Field(description="Epochs asked for.")
-    train_loss: float | None = Field(None, description="Training loss of the last finished epoch.")
-    train_accuracy: float | None = Field(None, description="Training accuracy of the last finished epoch.")
-    val_loss: float | None = Field(None, description="Validation loss of the last finished epoch.")
-    val_accuracy: float | None = Field(None, description="Validation accuracy of the last finished epoch.")
+    train_loss: Measured = Field(
+        None, description="Training loss of the last finished epoch (null: none yet, or not finite)."
+    )
+    train_accuracy: Measured = Field(
+        None, description="Training accuracy of the last finished epoch (null: none yet, or not finite)."
+    )
+    val_loss: Measured = Field(
+        None, description="Validation loss of the last finished epoch (null: none yet, or not finite)."
+    )
+    val_accuracy: Measured = Field(
+        None, description="Validation accuracy of the last finished epoch (null: none yet, or not finite)."
+    )
 
 
 # Names, tags and notes a user may change later (PATCH): the same characters as at submission.
@@ -828,10 +847,12 @@ class EpochMetricPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     epoch: int = Field(description="1-based epoch number.")
-    train_loss: float
-    train_accuracy: float
-    val_loss: float = Field(description="Validation loss in eval mode (running statistics).")
-    val_accuracy: float
+    train_loss: Measured = Field(description="Mean training loss (null: not finite, the run diverged).")
+    train_accuracy: Measured
+    val_loss: Measured = Field(
+        description="Validation loss in eval mode (running statistics; null: not finite)."
+    )
+    val_accuracy: Measured
     seconds: float = Field(description="Wall time of the epoch, validation included.")
     train_samples: int | None = Field(
         None, description="Training samples the epoch went through (samples/s = train_samples / seconds)."
@@ -844,8 +865,10 @@ class RunMetricsPublic(BaseModel):
 
 class SlotStatisticPublic(BaseModel):
     layer: str = Field(description="The normalisation slot by module name (bn1, …), identity if no norm.")
-    input_mean: float = Field(description="Mean of the slot's input, before normalising, on the probe batch.")
-    input_std: float = Field(description="Standard deviation of the same values.")
+    input_mean: Measured = Field(
+        description="Mean of the slot's input, before normalising, on the probe batch (null: not finite)."
+    )
+    input_std: Measured = Field(description="Standard deviation of the same values.")
 
 
 class EpochSlotStatisticsPublic(BaseModel):

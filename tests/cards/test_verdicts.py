@@ -119,6 +119,24 @@ def test_a_failed_run_drops_its_seed_and_two_failures_leave_the_claim_failed() -
     assert result.judgement == statistics.failed()
 
 
+def test_a_diverged_run_drops_its_seed_like_a_failed_one() -> None:
+    """What the worker leaves of a run whose loss became NaN: failed, its last epoch's losses null in the
+    database (NaN here), its accuracy a number; the seed is dropped, not averaged as that number."""
+    rows = runs()
+    rows[11] = CardRun(
+        point={NORM: "none", "train.lr": 0.01},
+        seed=1,
+        status="failed",
+        epochs=[Epoch(1, 0.7, 0.9, 0.7, 0.9), Epoch.stored(2, 0.1, None, 0.1, None)],
+        slots=[SlotStat(0, "bn1", 0.0, 1.0), SlotStat.stored(2, "bn1", None, None)],
+    )
+    assert (rows[11].seed, rows[11].point) == (runs()[11].seed, runs()[11].point)  # the run it replaces
+    assert math.isnan(rows[11].slots[1].input_mean)
+    (result,) = judge_card(card(contrast("big", 0.01)), rows, finished=True)
+    assert result.dropped == [1]
+    assert sorted(result.per_seed) == [0, 2, 3, 4]
+
+
 def test_unfinished_runs_leave_verdicts_pending() -> None:
     (result,) = judge_card(card(contrast("big", 0.01)), runs(), finished=False)
     assert result.judgement is None

@@ -84,8 +84,44 @@ def test_a_diverged_seed_makes_the_mean_null_not_nan() -> None:
     got = make_report(rows).configurations[0]
     assert got.final["val_loss"].mean is None
     assert got.final["val_loss"].values[0] is None
-    assert got.final["val_accuracy"].mean == pytest.approx((0.1 + 0.5 + 0.5) / 3)
+    # Its accuracy is the argmax of non-finite logits: no number of it is averaged with the others.
+    assert got.final["val_accuracy"].mean is None
     assert got.model_dump_json()  # JSON-safe: no NaN anywhere
+
+
+def test_a_diverged_run_counts_as_failed_and_diverged_and_makes_its_configuration_null() -> None:
+    """What the worker leaves of a diverged seed: status failed, finite epochs, then the epoch whose
+    losses were stored as null (read back through EpochRow.stored)."""
+    rows = results([[0.5, 0.6]] * 3, [[0.8, 0.9]] * 3)
+    diverged_epochs = [row(1, 0.7, 0.4), EpochRow.stored(2, 0.1, None, 0.1, None)]
+    rows[1] = RunResult(NONE, 1, "failed", diverged_epochs)
+    rows.append(RunResult(NONE, 3, "failed", [row(1, 0.95, 0.05)]))  # failed for another reason
+    claim = Claim(
+        "BN raises the accuracy", "final.val_accuracy", (Term(BATCH, 1.0), Term(NONE, -1.0)), "b − n"
+    )
+    got = make_report(rows, claims=(claim,))
+    none = got.configurations[0]
+    assert (none.runs, none.succeeded, none.failed, none.diverged) == (4, 2, 2, 1)
+    for section in (none.final, none.best):
+        for metric in ("val_accuracy", "val_loss", "train_accuracy", "train_loss"):
+            # Seeds 0, 1, 2: the diverged seed is a null value, not its last or best number; seed 3
+            # (failed without diverging) is not counted at all.
+            assert section[metric].n == 3
+            assert section[metric].values[1] is None
+            assert section[metric].mean is None
+    assert got.configurations[1].diverged == 0
+    assert got.claims[0].verdict == "inconclusive"
+    assert "non-finite value (diverged)" in got.claims[0].evidence
+    assert "final.val_accuracy" not in {w.metric for w in got.winners if w.config == "norm=none"}
+    assert "NaN" not in got.model_dump_json()
+
+
+def test_stored_rows_read_null_as_nan_and_only_non_finite_losses_diverge() -> None:
+    assert math.isnan(EpochRow.stored(3, None, 0.5, 0.5, 0.5).val_accuracy)
+    assert not EpochRow.stored(3, None, 0.5, 0.5, 0.5).diverged  # an accuracy alone does not diverge
+    assert EpochRow.stored(3, 0.5, 0.5, 0.5, None).diverged
+    assert EpochRow(1, 0.5, math.inf, 0.5, 0.5).diverged
+    assert not row(1, 0.5, 0.5).diverged
 
 
 def test_winners_pick_the_best_mean_per_metric() -> None:

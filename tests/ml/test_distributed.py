@@ -294,6 +294,20 @@ def test_a_stop_request_reaches_every_process(small: tuple[ImageDataset, ImageDa
     assert len(recorder.epochs) < 200
 
 
+def test_a_diverging_run_stops_every_process_at_the_epoch_it_diverged(
+    small: tuple[ImageDataset, ImageDataset],
+) -> None:
+    # Weights 100x their init without a norm: the first SGD steps overflow them to NaN. Only rank 0
+    # validates, so the ranks must agree to stop, or the others would wait at the next collective.
+    cfg = ModelConfig(hidden=(100, 100, 100), init_scale=100.0, norm=NormConfig(kind="none"))
+    tcfg = TrainConfig(epochs=5, batch_size=32, optimizer="sgd", lr=0.1, processes=2)
+    recorder = Recorder()
+    result = train_distributed(cfg, tcfg, *small, recorder)
+    assert [m.epoch for m in recorder.epochs] == [1]
+    assert result.diverged_at == 1
+    assert not result.cancelled
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -138,6 +138,16 @@ def test_percentiles_of_an_evenly_spaced_input_are_exact() -> None:
     assert got == pytest.approx({("bn1", "p15"): 15.0, ("bn1", "p50"): 50.0, ("bn1", "p85"): 85.0}, abs=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(7, 3), (256, 128), (16, 8, 5, 5), (1, 2)])
+def test_percentiles_are_torch_quantiles_linear_interpolation_exactly(shape: tuple[int, ...]) -> None:
+    # Selected, not sorted: the same numbers as torch.quantile over every value, in float64.
+    net = identity_slot()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 5 + 2
+    got = as_dict(probe_percentiles(net, norm_slots(net), x, epoch=0))
+    want = torch.quantile(x.reshape(-1).double(), torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
+    assert [got["bn1", f"p{q}"] for q in (15, 50, 85)] == want.tolist()
+
+
 def test_percentiles_of_a_standard_normal_input() -> None:
     net = identity_slot()
     x = torch.randn(256, 784, generator=torch.Generator().manual_seed(0))
