@@ -11,7 +11,8 @@ on what else runs on it (the load average is printed next to each part).
 Each family trains on the first `samples` of Fashion-MNIST's training split (the last 20 % held out,
 as bnlab splits it), Adam 1e-3, batch 64:
 
-(a) idiomatic: the same network (bnlab's `make_net`, so that only the loop differs), trained by the
+(a) idiomatic: the same network (bnlab's `make_net`, so that only the loop differs; for the LSTM
+    without norm, torch.nn.LSTM, as a user writes it), trained by the
     loop a PyTorch user writes: a DataLoader over float tensors (shuffle), zero_grad / backward /
     step, validation after each epoch, torch's default threads (every core);
 (b) bnlab: the same spec POSTed alone to a real `bnlab api` + `bnlab worker` (SQLite, the embedded
@@ -38,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,12 +50,31 @@ from bench.train import Stack, load, say, wait_succeeded, warm_up  # noqa: E402
 BATCH, LR = 64, 1e-3
 
 
+class TorchLSTM(nn.Module):
+    """What a PyTorch user writes for an LSTM over image rows: torch.nn.LSTM (its fused kernel) and a
+    Linear on the last step's hidden state; the same function as bnlab's rnn with norm none."""
+
+    def __init__(self, rows: int = 28, features: int = 28, hidden: int = 128, classes: int = 10) -> None:
+        super().__init__()
+        self.rows, self.features = rows, features
+        self.lstm = nn.LSTM(features, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.lstm(x.reshape(x.shape[0], self.rows, self.features))
+        out: torch.Tensor = self.out(hidden[:, -1])
+        return out
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     model: dict[str, Any]
     samples: int
     epochs: int
+    # The idiomatic loop's own network where a user would not write bnlab's (torch.nn.LSTM); None:
+    # the same network as bnlab's (make_net), so that only the loop differs.
+    idiomatic_model: Callable[[], nn.Module] | None = None
 
 
 BN_BEFORE = {"kind": "batch", "position": "before_activation"}
@@ -65,6 +86,7 @@ FAMILIES = (
         {"arch": "rnn", "cell": "lstm", "hidden_size": 128, "norm": {"kind": "none"}},
         20_000,
         3,
+        TorchLSTM,
     ),  # fmt: skip
     Family(
         "lstm 128, recurrent BN",
@@ -116,10 +138,10 @@ def prepare(spec: dict[str, Any]) -> Prepared:
     )
 
 
-def idiomatic(prepared: Prepared) -> tuple[float, float]:
+def idiomatic(family: Family, prepared: Prepared) -> tuple[float, float]:
     """(a): seconds and final validation accuracy."""
     torch.manual_seed(0)
-    model = prepared.build()
+    model = family.idiomatic_model() if family.idiomatic_model else prepared.build()
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     loader = DataLoader(prepared.train, batch_size=BATCH, shuffle=True)
     accuracy = float("nan")
@@ -204,7 +226,7 @@ def main() -> None:
                 size = f"{len(prepared.train):,} samples x {prepared.epochs} epochs"
                 say(f"load {load()}: {family.name}: {size}")
                 floors = {t: floor_step_s(prepared, t) * steps for t in sorted({bnlab_threads, cores})}
-                idiomatic_s, idiomatic_acc = idiomatic(prepared)
+                idiomatic_s, idiomatic_acc = idiomatic(family, prepared)
                 api_s, api_acc = through_api(client, spec)
                 rows.append((family.name, idiomatic_s, idiomatic_acc, api_s, api_acc, floors))
     say()
