@@ -224,7 +224,14 @@ class SearchPublic(BaseModel):
     best: TrialPublic | None = Field(description="The best complete trial by the objective.")
     trials: list[TrialPublic] = Field(description="Every trial asked so far, by number.")
     importances: dict[str, float] | None = Field(
-        None, description="fANOVA parameter importances (sum 1); with ≥ 2 complete trials, on the report."
+        None,
+        description="Parameter importances (sum 1), most important first; with ≥ 2 complete trials, on "
+        "GET /api/v1/searches/{id} only.",
+    )
+    importance_method: Literal["fanova", "ped-anova"] | None = Field(
+        None,
+        description="fanova (Optuna's fANOVA, when scikit-learn is installed) or ped-anova (Optuna's "
+        "PED-ANOVA, which needs nothing more).",
     )
 
 

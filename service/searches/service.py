@@ -189,7 +189,7 @@ def _advance_once(search_id: str) -> None:
     study = optuna.load_study(
         study_name=study_name,
         storage=storage(),
-        sampler=space.make_sampler(spec),
+        sampler=space.make_sampler(spec, asked),
         pruner=space.make_pruner(spec),
     )
     in_flight = sum(not _settle(search_id, spec, study, trial) for trial in running)
@@ -416,6 +416,7 @@ def search_public(*, session: Session, search: Search, importances: bool = False
     complete = [t for t in trials if t.state == "complete" and t.value is not None]
     pick = max if spec.direction() == "maximize" else min
     best = pick(complete, key=lambda t: t.value or 0.0) if complete else None
+    ranked = parameter_importances(search) if importances and len(complete) >= 2 else None
     return SearchPublic.model_validate(
         {
             "id": search.id,
@@ -429,7 +430,8 @@ def search_public(*, session: Session, search: Search, importances: bool = False
             "trial_counts": counts,
             "best": best,
             "trials": trials,
-            "importances": parameter_importances(search) if importances and len(complete) >= 2 else None,
+            "importances": ranked[0] if ranked else None,
+            "importance_method": ranked[1] if ranked else None,
         }
     )
 
@@ -457,12 +459,20 @@ def load_study(search: Search) -> optuna.Study:
     return optuna.load_study(study_name=search.study_name, storage=storage())
 
 
-def parameter_importances(search: Search) -> dict[str, float] | None:
-    """fANOVA importances of the complete trials (None when Optuna cannot tell, e.g. one value)."""
+def parameter_importances(search: Search) -> tuple[dict[str, float], str] | None:
+    """Parameter importances of the complete trials and the method: fANOVA (Optuna's, which needs
+    scikit-learn) where it is installed, else PED-ANOVA (Optuna's own, no extra dependency). None
+    when Optuna cannot tell (e.g. every trial tried the same values)."""
     try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        evaluator: optuna.importance.BaseImportanceEvaluator = optuna.importance.FanovaImportanceEvaluator(
+            seed=0
+        )
+        method = "fanova"
+    except ImportError:
+        evaluator, method = optuna.importance.PedAnovaImportanceEvaluator(), "ped-anova"
+    try:
         found = optuna.importance.get_param_importances(load_study(search), evaluator=evaluator)
     except (RuntimeError, ValueError) as exc:
         log.info("search %s: no importances (%s)", search.id, exc)
         return None
-    return {name: float(value) for name, value in found.items()}
+    return {name: float(value) for name, value in found.items()}, method

@@ -63,8 +63,11 @@ def grid_size(spec: SearchCreate) -> int:
     return size
 
 
-def make_sampler(spec: SearchCreate) -> optuna.samplers.BaseSampler:
-    seed = spec.sampler.seed
+def make_sampler(spec: SearchCreate, asked: int) -> optuna.samplers.BaseSampler:
+    """The spec's sampler for asking trial number `asked` onwards. Every pass of a search builds a
+    new sampler (in whichever process advances it), so a fixed seed is offset by the trials asked:
+    the same seed every time would draw the same "random" values for every trial."""
+    seed = None if spec.sampler.seed is None else spec.sampler.seed + asked
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler.kind == "cmaes":
