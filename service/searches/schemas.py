@@ -139,9 +139,9 @@ class SearchCreate(BaseModel):
     seeds: list[Annotated[int, NotBool, Field(ge=0, le=2**31 - 1)]] = Field(
         [0, 1, 2], min_length=1, max_length=16, description="train.seed of each trial's runs."
     )
-    objective: Objective = Field(default_factory=Objective)  # type: ignore[arg-type]
-    sampler: Sampler = Field(default_factory=Sampler)  # type: ignore[arg-type]
-    pruner: Pruner = Field(default_factory=Pruner)  # type: ignore[arg-type]
+    objective: Objective = Field(default_factory=Objective)
+    sampler: Sampler = Field(default_factory=Sampler)
+    pruner: Pruner = Field(default_factory=Pruner)
     max_in_flight: Annotated[int, NotBool] = Field(
         2, ge=1, le=32, description="Trials training at once (each with all its seeds)."
     )

@@ -31,6 +31,7 @@ from service.experiments import repository as experiment_repo
 from service.models import Run, RunStatus, Search, SearchTrial, utcnow
 from service.queue import BrokerUnavailable
 from service.runs import repository as run_repo
+from service.runs.schemas import RunCreate
 from service.runs.service import publish_runs, require_dataset
 from service.searches import repository as search_repo
 from service.searches import space
@@ -334,10 +335,10 @@ def _ask(search_id: str, spec: SearchCreate, study: optuna.Study) -> bool:
     return True
 
 
-def _publish(runs: list[tuple[str, object]]) -> None:
+def _publish(runs: list[tuple[str, RunCreate]]) -> None:
     with session_scope() as session:
         try:
-            publish_runs(session=session, runs=runs)  # type: ignore[arg-type]
+            publish_runs(session=session, runs=runs)
         except BrokerUnavailable:  # queued and committed: the reaper publishes them later
             log.warning("broker unreachable: %d runs of a search trial left for the reaper", len(runs))
 
@@ -444,7 +445,7 @@ def _trial_public(session: Session, spec: SearchCreate, trial: SearchTrial) -> T
         values = [float(getattr(last[r.id], spec.objective.metric)) if r.id in last else None for r in runs]
     return TrialPublic(
         number=trial.number,
-        state=trial.state,  # type: ignore[arg-type]
+        state=trial.state,
         params=trial.params,
         experiment_id=trial.experiment_id,
         value=trial.value,

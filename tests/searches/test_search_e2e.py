@@ -57,6 +57,15 @@ class SearchStack:
         )
         return out.stdout.strip()
 
+    def cli(self, *args: str) -> str:
+        """`bnlab ARGS --url <the API>`; its output (it must exit 0)."""
+        command = [sys.executable, "-m", "service.cli", *args, "--url", self.stack.base_url]
+        done = subprocess.run(
+            command, env=self.env | {"COLUMNS": "200"}, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
     def wait(self, search_id: str, statuses: set[str], timeout: float = 300) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -133,6 +142,8 @@ def test_a_search_trains_its_trials_and_its_best_trial_matches_the_runs(searches
         else:
             assert plot.content.lstrip().startswith(b"<?xml")
     assert_dashboard_lists(url, search["study_name"], trials=4)
+    shown = searches.cli("search", "show", search["id"][:8])
+    assert f"best: trial {best['number']}" in shown
 
 
 def assert_dashboard_lists(url: str, study_name: str, trials: int) -> None:
@@ -167,7 +178,9 @@ def assert_dashboard_lists(url: str, study_name: str, trials: int) -> None:
 
 
 @pytest.mark.parametrize("searches", ["sqlite"], indirect=True)
-def test_the_median_pruner_prunes_a_trial_whose_seeds_fall_behind(searches: SearchStack) -> None:
+def test_the_median_pruner_prunes_a_trial_whose_seeds_fall_behind(
+    searches: SearchStack, tmp_path: Path
+) -> None:
     # A good learning rate first, then one too small to learn anything in an epoch: after its
     # seeds' first epoch the second trial is below the median of the first, and is pruned.
     spec = {
@@ -180,9 +193,14 @@ def test_the_median_pruner_prunes_a_trial_whose_seeds_fall_behind(searches: Sear
         "start_with": [{"train.lr": 0.01}, {"train.lr": 1e-7}],
         "pruner": {"kind": "median", "startup_trials": 1},
     }
-    submitted = searches.client.post("/api/v1/searches", json=spec)
-    assert submitted.status_code == 202, submitted.text
-    search = searches.wait(submitted.json()["id"], {"finished"})
+    # Through the CLI, as a user would: start it, follow it to its end.
+    spec_file = tmp_path / "search.json"
+    spec_file.write_text(json.dumps(spec))
+    started = searches.cli("search", "start", str(spec_file))
+    search_id = started.split()[1]
+    followed = searches.cli("search", "follow", search_id, "--interval", "0.5")
+    assert "trial 1 pruned: train.lr=1e-07" in followed
+    search = searches.client.get(f"/api/v1/searches/{search_id}").json()
     first, second = search["trials"]
     assert (first["state"], second["state"]) == ("complete", "pruned"), search
     assert second["params"] == {"train.lr": 1e-7}
