@@ -1209,7 +1209,7 @@ async function searchPage(view, signal, searchId) {
     if (complete > 0 && complete !== plotted) {
       plotted = complete;
       const images = await Promise.all(["history", "parallel", "slice"].map((kind) =>
-        authorisedImage(`/api/v1/searches/${search.id}/plots/${kind}.png`, `${kind} plot of search ${search.name}`, signal)));
+        authorisedImage(`/api/v1/searches/${search.id}/plots/${kind}.png?trials=${complete}`, `${kind} plot of search ${search.name}`, signal)));
       plotsBox.replaceChildren(...images);
     }
     if (search.status !== "running") return;
