@@ -16,6 +16,7 @@ its writes need the same database lock.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -61,6 +62,11 @@ def validate_space(*, session: Session, settings: Settings, spec: SearchCreate) 
         variants = [space.planned_runs(spec, spec.name, p)[0].spec for p in space.corner_points(spec)]
     except space.SpaceError as exc:
         raise unprocessable(str(exc)) from exc
+    if spec.sampler.kind == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        raise unprocessable(
+            "the cmaes sampler needs the `cmaes` package, which this server does not have: use tpe or "
+            "random, or install cmaes next to bnlab"
+        )
     if spec.sampler.kind == "grid" and space.grid_size(spec) < spec.trials:
         raise unprocessable(
             f"the grid sampler has {space.grid_size(spec)} points but trials is {spec.trials}: "
@@ -225,11 +231,17 @@ def _settle(search_id: str, spec: SearchCreate, study: optuna.Study, trial: Tria
     handle = optuna.trial.Trial(study, trial.trial_id)
     common = min((len(c) for c in live), default=0)
     new_steps = [step for step in range(1, common + 1) if step not in reported]
+    prune = False
     for step in new_steps:
         handle.report(sum(c[step - 1] for c in live) / len(live), step)
+        # After every step, as in an objective function, and even for a trial whose seeds all
+        # ended: Hyperband records a trial's rungs only when it asks, and judges later trials by them.
+        prune = spec.pruner.kind != "none" and handle.should_prune()
+        if prune:
+            break
     if all(ended):
         return _finish(search_id, spec, study, trial)
-    if new_steps and spec.pruner.kind != "none" and handle.should_prune():
+    if prune:
         return _prune(search_id, study, trial, common)
     return False
 

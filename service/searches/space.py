@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -63,17 +63,35 @@ def grid_size(spec: SearchCreate) -> int:
     return size
 
 
+class AskAndTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its stop: it calls `study.stop()` after the grid's last trial,
+    which only works inside `study.optimize` (a RuntimeError on ask-and-tell's `tell`). A search's
+    budget is its `trials`, checked at submit to be no larger than the grid."""
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: optuna.trial.TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        return None
+
+
 def make_sampler(spec: SearchCreate, asked: int) -> optuna.samplers.BaseSampler:
     """The spec's sampler for asking trial number `asked` onwards. Every pass of a search builds a
     new sampler (in whichever process advances it), so a fixed seed is offset by the trials asked:
-    the same seed every time would draw the same "random" values for every trial."""
+    the same seed every time would draw the same "random" values for every trial. The grid sampler
+    keeps its seed as given."""
     seed = None if spec.sampler.seed is None else spec.sampler.seed + asked
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler.kind == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if spec.sampler.kind == "grid":
-        return optuna.samplers.GridSampler(grid_space(spec), seed=seed)
+        # Not offset: the seed shuffles the grid, and every pass must number it the same way
+        # (the trials' grid ids in the storage say which points are taken).
+        return AskAndTellGridSampler(grid_space(spec), seed=spec.sampler.seed)
     return optuna.samplers.TPESampler(seed=seed)
 
 

@@ -4,6 +4,7 @@ API on SQLite; no worker (tests/searches/test_search_e2e.py trains for real)."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import pytest
@@ -119,3 +120,11 @@ def test_defaults_and_the_optuna_space() -> None:
     ).objective
     value, mean, std = space.aggregate(robust, [0.5, 0.7])
     assert value == pytest.approx(0.6 - 2 * 0.1414213562)
+
+
+def test_cmaes_needs_its_package(client: TestClient) -> None:
+    spec = search(sampler={"kind": "cmaes"})
+    if importlib.util.find_spec("cmaes") is None:
+        assert "the cmaes sampler needs the `cmaes` package" in refused(client, spec)
+    else:
+        assert client.post("/api/v1/searches", json=spec).status_code == 202
