@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -484,7 +485,10 @@ def parameter_importances(search: Search) -> tuple[dict[str, float], str] | None
     except ImportError:
         evaluator, method = optuna.importance.PedAnovaImportanceEvaluator(), "ped-anova"
     try:
-        found = optuna.importance.get_param_importances(load_study(search), evaluator=evaluator)
+        with warnings.catch_warnings():
+            # e.g. "importances will be equal" when every trial scored the same: the numbers say so.
+            warnings.simplefilter("ignore", UserWarning)
+            found = optuna.importance.get_param_importances(load_study(search), evaluator=evaluator)
     except (RuntimeError, ValueError) as exc:
         log.info("search %s: no importances (%s)", search.id, exc)
         return None
