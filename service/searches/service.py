@@ -16,6 +16,7 @@ its writes need the same database lock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import warnings
@@ -430,7 +431,11 @@ def search_public(*, session: Session, search: Search, importances: bool = False
     complete = [t for t in trials if t.state == "complete" and t.value is not None]
     pick = max if spec.direction() == "maximize" else min
     best = pick(complete, key=lambda t: t.value or 0.0) if complete else None
-    ranked = parameter_importances(search) if importances and len(complete) >= 2 else None
+    ranked = (
+        cached_importances(search.id, search.study_name, len(complete))
+        if importances and len(complete) >= 2
+        else None
+    )
     return SearchPublic.model_validate(
         {
             "id": search.id,
@@ -473,7 +478,14 @@ def load_study(search: Search) -> optuna.Study:
     return optuna.load_study(study_name=search.study_name, storage=storage())
 
 
-def parameter_importances(search: Search) -> tuple[dict[str, float], str] | None:
+@functools.lru_cache(maxsize=64)
+def cached_importances(search_id: str, study_name: str, complete: int) -> tuple[dict[str, float], str] | None:
+    """Importances change only when a trial completes: a dashboard polling a running search (every
+    few seconds) computes them once per completed trial, not once per poll."""
+    return parameter_importances(search_id, study_name)
+
+
+def parameter_importances(search_id: str, study_name: str) -> tuple[dict[str, float], str] | None:
     """Parameter importances of the complete trials and the method: fANOVA (Optuna's, which needs
     scikit-learn) where it is installed, else PED-ANOVA (Optuna's own, no extra dependency). None
     when Optuna cannot tell (e.g. every trial tried the same values)."""
@@ -488,8 +500,9 @@ def parameter_importances(search: Search) -> tuple[dict[str, float], str] | None
         with warnings.catch_warnings():
             # e.g. "importances will be equal" when every trial scored the same: the numbers say so.
             warnings.simplefilter("ignore", UserWarning)
-            found = optuna.importance.get_param_importances(load_study(search), evaluator=evaluator)
+            study = optuna.load_study(study_name=study_name, storage=storage())
+            found = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except (RuntimeError, ValueError) as exc:
-        log.info("search %s: no importances (%s)", search.id, exc)
+        log.info("search %s: no importances (%s)", search_id, exc)
         return None
     return {name: float(value) for name, value in found.items()}, method
