@@ -19,6 +19,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -253,7 +254,16 @@ def _finish(search_id: str, spec: SearchCreate, study: optuna.Study, trial: Tria
     if failed:
         why = "; ".join(f"a seed {s}" + (f": {e}" if e else "") for s, e in failed)
         return _tell(search_id, study, trial, TrialState.FAIL, error=why[:2000])
-    finals = [c[-1] for c in trial.curves]
+    finals = [c[-1] if c else math.nan for c in trial.curves]
+    if not all(math.isfinite(v) for v in finals):  # a diverged seed: no score to compare
+        shown = ", ".join(f"{v:g}" for v in finals)
+        return _tell(
+            search_id,
+            study,
+            trial,
+            TrialState.FAIL,
+            error=f"a seed's {spec.objective.metric} is not finite ({shown})",
+        )
     value, mean, std = space.aggregate(spec.objective, finals)
     return _tell(search_id, study, trial, TrialState.COMPLETE, value=value, mean=mean, std=std)
 

@@ -40,17 +40,21 @@ def api(request: pytest.FixtureRequest, use_backend: Callable[[Backend], None]) 
         yield client
 
 
-def finish_runs(accuracy_of: Callable[[int], float]) -> list[str]:
+def finish_runs(
+    accuracy_of: Callable[[int], float], loss_of: Callable[[int], float] = lambda _: 1.0
+) -> list[str]:
     """End every running trial's runs as a worker would: one epoch each, then succeeded."""
     with session_scope() as session:
         trials = session.query(SearchTrial).filter(SearchTrial.state == "running").all()
         runs = session.query(Run).filter(Run.experiment_id.in_([t.experiment_id for t in trials])).all()
         for run in runs:
             seed = int(run.spec["train"]["seed"])
+            metrics = {"val_loss": loss_of(seed), "val_accuracy": accuracy_of(seed)}
             session.add(
-                EpochMetric(run_id=run.id, epoch=1, train_loss=1.0, train_accuracy=0.5, val_loss=1.0,
-                            val_accuracy=accuracy_of(seed), seconds=0.1)
-            )  # fmt: skip
+                EpochMetric(
+                    run_id=run.id, epoch=1, train_loss=1.0, train_accuracy=0.5, seconds=0.1, **metrics
+                )
+            )
             run.status, run.epochs_done = RunStatus.succeeded.value, 1
         return [run.id for run in runs]
 
@@ -81,3 +85,16 @@ def test_runs_ending_together_tell_each_trial_once_and_keep_the_budget(api: Test
         assert session.query(Run).count() == 0
     with pytest.raises(KeyError):
         optuna.load_study(study_name=search["study_name"], storage=storage())
+
+
+def test_a_diverged_seed_fails_its_trial(api: TestClient) -> None:
+    spec = SEARCH | {"trials": 1, "seeds": [0, 1], "objective": {"metric": "val_loss"}}
+    search_id = api.post("/api/v1/searches", json=spec).json()["id"]
+    for run_id in finish_runs(lambda _: 0.5, lambda seed: float("inf") if seed else 0.7):
+        on_run_event(run_id)
+    search = api.get(f"/api/v1/searches/{search_id}").json()
+    assert search["status"] == "finished"
+    assert search["best"] is None
+    (trial,) = search["trials"]
+    assert trial["state"] == "failed"
+    assert trial["error"] == "a seed's val_loss is not finite (0.7, inf)"
