@@ -23,6 +23,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Literal
 
 import optuna
 from fastapi import HTTPException, status
@@ -103,9 +104,10 @@ def create_search(*, session: Session, settings: Settings, owner: str | None, sp
     """Validate, store the search, create its study, then ask (and publish) its first trials."""
     validate_space(session=session, settings=settings, spec=spec)
     require_budget(session=session, settings=settings, owner=owner, spec=spec)
-    search = search_repo.create_search(
-        session=session, name=spec.name, spec=spec.model_dump(mode="json"), owner=owner
-    )
+    # The base as the client wrote it: every pass, in any process, applies the trial's values to it
+    # (the normalised base has fields derived from others, e.g. model.width from model.hidden).
+    stored = spec.model_dump(mode="json") | {"base": spec.submitted_base()}
+    search = search_repo.create_search(session=session, name=spec.name, spec=stored, owner=owner)
     session.commit()  # Optuna writes through its own connections: nothing of ours may hold the lock
     try:
         study = optuna.create_study(
@@ -204,10 +206,11 @@ def _advance_once(search_id: str) -> None:
     )
     in_flight = sum(not _settle(search_id, spec, study, trial) for trial in running)
     while in_flight < spec.max_in_flight and asked < spec.trials:
-        if not _ask(search_id, spec, study):
-            return  # cancelled meanwhile
+        outcome = _ask(search_id, spec, study)
+        if outcome == "cancelled":
+            return
         asked += 1
-        in_flight += 1
+        in_flight += outcome == "training"
     if in_flight == 0 and asked >= spec.trials:
         with session_scope() as session:
             search = search_repo.get_search(session=session, search_id=search_id, lock=True)
@@ -306,8 +309,11 @@ def _record_end(search_id: str, trial: TrialRuns, state: TrialState, **fields: o
     return True
 
 
-def _ask(search_id: str, spec: SearchCreate, study: optuna.Study) -> bool:
-    """Ask Optuna for a trial and train it; False when the search was cancelled meanwhile."""
+def _ask(
+    search_id: str, spec: SearchCreate, study: optuna.Study
+) -> Literal["training", "failed", "cancelled"]:
+    """Ask Optuna for a trial and train it: "training", or "failed" when its values make no valid
+    run (the trial counts, and the next is asked), or "cancelled" when the search was meanwhile."""
     asked = study.ask(fixed_distributions=space.distributions(spec))
     params = space.decode(spec, asked.params)
     study_id = storage().get_study_id_from_name(study.study_name)
@@ -348,15 +354,15 @@ def _ask(search_id: str, spec: SearchCreate, study: optuna.Study) -> bool:
                 to_publish = [(run.id, p.spec) for run, p in zip(runs, planned, strict=True)]
     if cancelled:
         study.tell(asked, state=TrialState.FAIL)
-        return False
+        return "cancelled"
     if not planned:  # the sampled values make no valid run: a failed trial, and the next is asked
         storage().set_trial_user_attr(trial_id, "error", trial.error)
         study.tell(asked, state=TrialState.FAIL)
-        return True
+        return "failed"
     asked.set_user_attr("experiment_id", experiment.id)
     log.info("search %s: trial %d asks %s", search_id, asked.number, params)
     _publish(to_publish)
-    return True
+    return "training"
 
 
 def _publish(runs: list[tuple[str, RunCreate]]) -> None:

@@ -98,3 +98,29 @@ def test_a_diverged_seed_fails_its_trial(api: TestClient) -> None:
     (trial,) = search["trials"]
     assert trial["state"] == "failed"
     assert trial["error"] == "a seed's val_loss is not finite (0.7, inf)"
+
+
+def test_values_that_make_no_valid_run_fail_their_trial_and_the_search_goes_on(api: TestClient) -> None:
+    # Each value is valid with the others' first values, but 4 groups cannot split 30 features.
+    spec = SEARCH | {
+        "base": SEARCH["base"] | {"model": {"hidden": [32], "norm": {"kind": "none", "num_groups": 4}}},
+        "space": {
+            "model.norm.kind": {"type": "categorical", "choices": ["none", "group"]},
+            "model.hidden": {"type": "categorical", "choices": [[32], [30]]},
+        },
+        "sampler": {"kind": "grid", "seed": 0},
+        "max_in_flight": 1,
+        "seeds": [0],
+    }
+    submitted = api.post("/api/v1/searches", json=spec)
+    assert submitted.status_code == 202, submitted.text
+    for _ in range(4):
+        for run_id in finish_runs(lambda _: 0.5):
+            on_run_event(run_id)
+    search = api.get(f"/api/v1/searches/{submitted.json()['id']}").json()
+    assert search["status"] == "finished", search["trials"]
+    assert search["trial_counts"] == {"running": 0, "complete": 3, "pruned": 0, "failed": 1}
+    (failed,) = [t for t in search["trials"] if t["state"] == "failed"]
+    assert failed["params"] == {"model.norm.kind": "group", "model.hidden": [30]}
+    assert failed["experiment_id"] is None
+    assert "must divide every model.hidden width" in failed["error"]
