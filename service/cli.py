@@ -17,6 +17,7 @@ import click
 from service.client.cards import cards
 from service.client.commands import register_client_commands
 from service.client.export import export
+from service.client.searches import search
 from service.config import get_settings
 
 if TYPE_CHECKING:
@@ -160,6 +161,7 @@ def create_key(scopes: str, name: str) -> None:
 register_client_commands(cli)
 cli.add_command(cards)
 cli.add_command(export)
+cli.add_command(search)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -30,6 +30,7 @@ from service.ml.nets import warm_up_meta_device
 from service.runs import events
 from service.runs import plot_routes as run_plot_routes
 from service.runs import routes as run_routes
+from service.searches import routes as search_routes
 from service.serving import alias_routes, bn_routes, model_routes, v2
 
 
@@ -69,6 +70,7 @@ def create_app() -> FastAPI:
     app.include_router(run_plot_routes.router)
     app.include_router(experiment_routes.router)
     app.include_router(preset_routes.router)
+    app.include_router(search_routes.router)
     app.include_router(card_routes.router)
     app.include_router(card_routes.replications_router)
     app.include_router(bn_routes.router)

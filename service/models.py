@@ -185,6 +185,54 @@ class Experiment(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
+class Search(Base):
+    """A hyperparameter search: Optuna's study (in this same database, `study_name`) asks for
+    trials; each trial trains as an experiment of one configuration × the search's seeds."""
+
+    __tablename__ = "searches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    owner: Mapped[str | None] = mapped_column(String(100), index=True)
+    # The normalised search spec (base run spec, space, trials, seeds, objective, sampler, pruner).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # running, finished, cancelled or failed (the study could not be created).
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    error: Mapped[str | None] = mapped_column(Text)
+    study_name: Mapped[str] = mapped_column(String(200), unique=True)
+    # Trials asked of the study so far (the budget is spec.trials).
+    trials_asked: Mapped[int] = mapped_column(Integer, default=0)
+    # Advancing the search (tell, ask) is done by one process at a time: whoever holds this lease.
+    # Every run event bumps `pokes`; the holder releases only if nobody poked while it worked.
+    advancing_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pokes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class SearchTrial(Base):
+    """One trial of a search: Optuna's trial `number`, its parameters, the experiment that trains
+    them (null when they made no valid run spec, or the experiment was deleted) and its outcome."""
+
+    __tablename__ = "search_trials"
+
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(Integer)
+    experiment_id: Mapped[str | None] = mapped_column(
+        ForeignKey("experiments.id", ondelete="SET NULL"), index=True
+    )
+    # running, complete, pruned or failed (Optuna's states; failed covers cancelled trials too).
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # The objective told to Optuna, and the seeds' mean and sample std of the metric behind it.
+    value: Mapped[float | None] = mapped_column(Float)
+    mean: Mapped[float | None] = mapped_column(Float)
+    std: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Dataset(Base):
     """A user's dataset, uploaded as .npz and stored validated, in the database, so that every API
     and worker process sees it without a shared disk. Referenced from run specs by its id."""

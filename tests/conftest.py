@@ -23,6 +23,7 @@ from service.db import dispose_engines
 from service.main import create_app
 from service.migrate import upgrade_to_head
 from service.queue import producer_app
+from service.searches.storage import dispose_storages
 
 POSTGRES_ADMIN_URL = os.environ.get("BNLAB_TEST_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("BNLAB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -40,6 +41,7 @@ def clear_setting_caches() -> None:
     get_settings.cache_clear()
     producer_app.cache_clear()
     dispose_engines()  # before a test's database is dropped: no pooled connection outlives it
+    dispose_storages()  # Optuna's, for searches
 
 
 def bnlab_free_environ() -> dict[str, str]:

@@ -22,6 +22,8 @@ from service.ml import nets, training
 from service.queue import celery_config
 from service.runs import repository as run_repo
 from service.runs.reaper import reap_once
+from service.runs.runner import notify
+from service.searches.service import on_run_event
 from service.telemetry import configure_logging
 from workers import pool_processes
 
@@ -76,11 +78,17 @@ def _configure_torch(**_: Any) -> None:
     loading.preload(get_settings())
 
 
+def _reap() -> None:
+    report = reap_once()
+    for run_id in report.failed:  # ended here, not by a worker: a search's trial must still hear of it
+        notify(on_run_event, run_id)
+
+
 def _reap_forever() -> None:
     interval = get_settings().reaper_interval_s
     while not _reaper_stop.wait(interval):
         try:
-            reap_once()
+            _reap()
         except Exception:  # a database or broker blip must not end the loop: the next pass retries
             log.exception("reaper pass failed")
 
@@ -88,7 +96,7 @@ def _reap_forever() -> None:
 @worker_ready.connect
 def _start_reaper(**_: Any) -> None:
     # The reaper runs in the worker's main process (no torch there: only database and broker calls).
-    reap_once()  # at start-up: runs orphaned by a previous crash, runs queued while the broker was down
+    _reap()  # at start-up: runs orphaned by a previous crash, runs queued while the broker was down
     threading.Thread(target=_reap_forever, name="bnlab-reaper", daemon=True).start()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -53,6 +54,8 @@ class DatabaseCallbacks:
     train_samples: int | None = None
     # This process's threads, sized to the node's idle cores while the run trains (single-process runs).
     cores: CoreShare | None = None
+    # Called with the run id once an epoch is stored (the worker passes the searches' hook).
+    on_epoch: Callable[[str], None] | None = None
 
     def on_epoch_end(self, metrics: training.EpochMetrics, snapshot: training.Snapshot) -> None:
         try:
@@ -69,6 +72,8 @@ class DatabaseCallbacks:
             self.lease_lost.set()
             return
         log.info("run %s epoch %d: val_accuracy=%.4f", self.lease.run_id, metrics.epoch, metrics.val_accuracy)
+        if self.on_epoch is not None:
+            notify(self.on_epoch, self.lease.run_id)
 
     def should_stop(self) -> bool:
         # Celery's soft time limit does the same, but only for messages that carry it; this one
@@ -89,6 +94,14 @@ class DatabaseCallbacks:
         elif signals.release_requested:
             self.stop_reason = StopReason.released
         return self.stop_reason is not None
+
+
+def notify(hook: Callable[[str], None], run_id: str) -> None:
+    """Call a run-event hook; its failure is logged, never the run's."""
+    try:
+        hook(run_id)
+    except Exception:
+        log.exception("run %s: the run-event hook %s failed", run_id, getattr(hook, "__name__", hook))
 
 
 class Heartbeat:
@@ -140,9 +153,12 @@ def diverged_error(result: training.TrainResult) -> str:
     )
 
 
-def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
+def execute_run(
+    run_id: str, *, worker: str, on_epoch: Callable[[str], None] | None = None
+) -> RunStatus | None:
     """Train run `run_id` to its end. Returns the final status, or None if this delivery did not
-    end the run (not queued, handed back on shutdown, or lease lost)."""
+    end the run (not queued, handed back on shutdown, or lease lost). `on_epoch` is called with the
+    run id after each stored epoch."""
     with session_scope() as session:
         raw_spec = run_repo.get_run_spec(session=session, run_id=run_id)
         if raw_spec is None:
@@ -157,7 +173,7 @@ def execute_run(run_id: str, *, worker: str) -> RunStatus | None:
         checkpoint = run_repo.resume_point(session=session, run_id=run_id)
         start_state = checkpoint.state if checkpoint else None
     log.info("run %s attempt %d started on %s", run_id, lease.attempt, worker)
-    callbacks = DatabaseCallbacks(lease, limit_s)
+    callbacks = DatabaseCallbacks(lease, limit_s, on_epoch=on_epoch)
     try:
         with Heartbeat(lease, callbacks.lease_lost):
             result, config = _train(spec, callbacks, start_state)

@@ -1148,6 +1148,77 @@ async function experimentCurves(experimentId, signal) {
   return box;
 }
 
+// ------------------------------------------------------------------------------------ searches
+
+// Optuna searches (GET /api/v1/searches): each trial trains as an experiment over the seeds.
+async function searchesPage(view, signal) {
+  view.append(el("h1", { text: "Searches" }));
+  let page;
+  try {
+    page = await api("/api/v1/searches?limit=100", { signal });
+  } catch (error) {
+    if (error.status !== 404) throw error;
+    view.append(el("p", { class: "muted", text: "This server has no searches API." }));
+    return;
+  }
+  if (!page.items.length) {
+    view.append(el("p", { class: "muted", id: "searches-none", text: "No searches yet (`bnlab search start spec.json`)." }));
+    return;
+  }
+  const rows = page.items.map((s) => el("tr", { "data-search-id": s.id },
+    nameCell(s.name, `#/searches/${s.id}`), el("td", {}, statusBadge(s.status)),
+    el("td", { class: "num", text: `${s.trials.length - s.trial_counts.running}/${s.spec.trials}` }),
+    numCell(s.best ? s.best.value : null), el("td", { text: shortDate(s.created_at) })));
+  view.append(table("searches-table", ["search", "status", "trials", "best", "created"], rows));
+}
+
+function paramsText(params) {
+  return Object.entries(params).map(([k, v]) => `${k}=${typeof v === "number" ? Number(v.toPrecision(3)) : JSON.stringify(v)}`).join(" ");
+}
+
+function meanStd(mean, std) {
+  return mean === null ? "–" : `${fmt(mean)}${std === null ? "" : ` ± ${fmt(std)}`}`;
+}
+
+async function searchPage(view, signal, searchId) {
+  const load = () => api(`/api/v1/searches/${searchId}`, { signal });
+  let search = await load();
+  const summary = el("div", { id: "search-summary" });
+  const trialsBox = el("div", { id: "search-trials" });
+  const plotsBox = el("div", { id: "search-plots", class: "charts" });
+  const objective = search.spec.objective;
+  view.append(
+    el("h1", { class: "title" }, `Search ${search.name} `, el("span", { class: "muted id", text: search.id })),
+    el("p", { class: "muted", text: `${search.spec.trials} trials × ${search.spec.seeds.length} seeds · ${objective.aggregate} of ${objective.metric} (${objective.direction}) · sampler ${search.spec.sampler.kind} · pruner ${search.spec.pruner.kind} · Optuna study ${search.study_name}` }),
+    summary, el("h2", { text: "Trials" }), trialsBox, el("h2", { text: "Plots" }), plotsBox);
+  let plotted = -1;
+  for (;;) {
+    const best = search.best;
+    summary.replaceChildren(
+      el("p", {}, statusBadge(search.status), " ",
+        best ? el("span", { id: "search-best" }, `best: trial ${best.number}, ${paramsText(best.params)}: ${fmt(best.value)} (seeds ${meanStd(best.mean, best.std)})`) : "no complete trial yet"),
+      search.importances ? el("p", { id: "search-importances" }, `importances (${search.importance_method}): `,
+        Object.entries(search.importances).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(", ")) : "");
+    const rows = search.trials.map((t) => el("tr", { "data-trial": t.number },
+      el("td", { class: "num", text: t.number }), el("td", {}, statusBadge(t.state)), el("td", { text: paramsText(t.params) }),
+      numCell(t.value), el("td", { class: "num", text: meanStd(t.mean, t.std) }),
+      el("td", { class: "num", text: t.values.map((v) => (v === null ? "–" : fmt(v))).join(" ") }),
+      el("td", {}, t.experiment_id ? el("a", { href: `#/experiments/${t.experiment_id}`, text: "runs" }) : (t.error || ""))));
+    trialsBox.replaceChildren(table("search-trials-table", ["#", "state", "params", "value", "mean ± std", "per seed", ""], rows));
+    const complete = search.trial_counts.complete;
+    if (complete > 0 && complete !== plotted) {
+      plotted = complete;
+      const images = await Promise.all(["history", "parallel", "slice"].map((kind) =>
+        authorisedImage(`/api/v1/searches/${search.id}/plots/${kind}.png?trials=${complete}`, `${kind} plot of search ${search.name}`, signal)));
+      plotsBox.replaceChildren(...images);
+    }
+    if (search.status !== "running") return;
+    await sleep(3000, signal);
+    if (signal.aborted) return;
+    search = await load();
+  }
+}
+
 // ------------------------------------------------------------------------------------ routing
 
 const ROUTES = [
@@ -1157,6 +1228,8 @@ const ROUTES = [
   [/^#\/experiments\/([0-9a-f]{6,32})$/, experimentPage],
   [/^#\/compare()$/, comparePage],
   [/^#\/cards$/, cardsPage],
+  [/^#\/searches$/, searchesPage],
+  [/^#\/searches\/([0-9a-f]{6,32})$/, searchPage],
   [/^#\/cards\/([a-z0-9_-]{1,80})$/, cardPage],
 ];
 
