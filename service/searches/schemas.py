@@ -228,10 +228,8 @@ class SearchPublic(BaseModel):
         description="Parameter importances (sum 1), most important first; with ≥ 2 complete trials, on "
         "GET /api/v1/searches/{id} only.",
     )
-    importance_method: Literal["fanova", "ped-anova"] | None = Field(
-        None,
-        description="fanova (Optuna's fANOVA, when scikit-learn is installed) or ped-anova (Optuna's "
-        "PED-ANOVA, which needs nothing more).",
+    importance_method: Literal["fanova"] | None = Field(
+        None, description="How the importances were computed: fanova, Optuna's fANOVA evaluator."
     )
 
 

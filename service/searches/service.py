@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import math
 import warnings
@@ -66,11 +65,6 @@ def validate_space(*, session: Session, settings: Settings, spec: SearchCreate) 
         variants = [space.planned_runs(spec, spec.name, p)[0].spec for p in space.corner_points(spec)]
     except space.SpaceError as exc:
         raise unprocessable(str(exc)) from exc
-    if spec.sampler.kind == "cmaes" and importlib.util.find_spec("cmaes") is None:
-        raise unprocessable(
-            "the cmaes sampler needs the `cmaes` package, which this server does not have: use tpe or "
-            "random, or install cmaes next to bnlab"
-        )
     if spec.sampler.kind == "grid" and space.grid_size(spec) < spec.trials:
         raise unprocessable(
             f"the grid sampler has {space.grid_size(spec)} points but trials is {spec.trials}: "
@@ -502,16 +496,9 @@ def cached_importances(search_id: str, study_name: str, complete: int) -> tuple[
 
 
 def parameter_importances(search_id: str, study_name: str) -> tuple[dict[str, float], str] | None:
-    """Parameter importances of the complete trials and the method: fANOVA (Optuna's, which needs
-    scikit-learn) where it is installed, else PED-ANOVA (Optuna's own, no extra dependency). None
+    """Parameter importances of the complete trials by Optuna's fANOVA, and the method's name. None
     when Optuna cannot tell (e.g. every trial tried the same values)."""
-    try:
-        evaluator: optuna.importance.BaseImportanceEvaluator = optuna.importance.FanovaImportanceEvaluator(
-            seed=0
-        )
-        method = "fanova"
-    except ImportError:
-        evaluator, method = optuna.importance.PedAnovaImportanceEvaluator(), "ped-anova"
+    evaluator, method = optuna.importance.FanovaImportanceEvaluator(seed=0), "fanova"
     try:
         with warnings.catch_warnings():
             # e.g. "importances will be equal" when every trial scored the same: the numbers say so.
