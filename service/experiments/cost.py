@@ -44,8 +44,6 @@ VAL_PER_OTHER_FLOP_S = 1 / 2e9
 # Queue pick-up, loading, probes and recording, per run and per epoch.
 RUN_OVERHEAD_S = 0.5
 EPOCH_OVERHEAD_S = 0.05
-FULL_TRAIN_SIZE = 60_000
-SYNTHETIC_TRAIN_SIZE = 10_000
 
 
 def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
@@ -57,10 +55,11 @@ def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
 def run_seconds(spec: RunCreate) -> float:
     """One run: its epochs' steps and validation, and the per-run and per-epoch overheads."""
     dataset, train = spec.dataset, spec.train
-    n = dataset.limit or (SYNTHETIC_TRAIN_SIZE if dataset.name == "synthetic" else FULL_TRAIN_SIZE)
+    shape = BUILTIN_SHAPES.get(dataset.name, DEFAULT_SHAPE)  # an upload: priced as Fashion-MNIST
+    n = dataset.limit or shape.train_samples
     n_train, n_val = split_sizes(n, dataset.val_split)
     steps = math.ceil(n_train / train.batch_size)
-    cfg = model_config(spec, BUILTIN_SHAPES.get(dataset.name, DEFAULT_SHAPE))
+    cfg = model_config(spec, shape)
     fast = not training.needs_autograd(train_config(spec)) and training.trains_fast(cfg)
     epoch_s = steps * step_seconds(cfg, train.batch_size, fast=fast) + validation_seconds(cfg, n_val)
     return RUN_OVERHEAD_S + train.epochs * (epoch_s + EPOCH_OVERHEAD_S)

@@ -10,13 +10,16 @@ from service.config import get_settings
 from service.datasets import loading
 from service.ml.config import ModelConfig
 from service.ml.datasets import split_sizes
-from service.ml.nets import forward_flops
+from service.ml.nets import forward_profile
 from service.runs.schemas import RunCreate
 from service.runs.spec import model_config
 
 # Generous on purpose: the limit exists to catch hung jobs, not to race slow machines.
 STARTUP_ALLOWANCE_S = 300
 SECONDS_PER_STEP_OVERHEAD = 0.02
+# Per layer call of a step (forward and backward): dispatch overhead, what dominates deep and recurrent
+# networks (an rnn calls its cell's layers at every time step); five times the cost model's figure.
+SECONDS_PER_CALL = 0.0002
 # One pessimistic GFLOP/s for the flops of a training step.
 FLOPS_PER_SECOND = 1e9
 # A training step costs its forward pass and a backward pass of about twice that (for an mlp this is
@@ -34,8 +37,9 @@ def time_limit_s(spec: RunCreate, *, cap_s: int, model: ModelConfig, train_sampl
     """`model`: the spec's network on its data (shape included); `train_samples` the size of that data."""
     samples = spec.dataset.limit or train_samples
     steps_per_epoch = math.ceil(split_sizes(samples, spec.dataset.val_split)[0] / spec.train.batch_size)
-    step_flops = FORWARD_AND_BACKWARD * forward_flops(model) * spec.train.batch_size
-    step_s = SECONDS_PER_STEP_OVERHEAD + step_flops / FLOPS_PER_SECOND
+    profile = forward_profile(model)
+    step_flops = FORWARD_AND_BACKWARD * profile.flops * spec.train.batch_size
+    step_s = SECONDS_PER_STEP_OVERHEAD + profile.calls * SECONDS_PER_CALL + step_flops / FLOPS_PER_SECOND
     training_s = spec.train.epochs * (steps_per_epoch * step_s + 5)
     if spec.train.processes > 1:
         training_s = training_s * DISTRIBUTED_SLOWDOWN + DISTRIBUTED_STARTUP_S

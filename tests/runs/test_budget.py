@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.experiments import cost
 from service.ml.datasets import BUILTIN_SHAPES
 from service.runs.budget import STARTUP_ALLOWANCE_S, time_limit_s
 from service.runs.schemas import RunCreate
@@ -34,3 +35,22 @@ def test_data_parallel_runs_get_their_measured_slowdown() -> None:
 
 def test_the_cap_wins() -> None:
     assert limit({"train": {"epochs": 1000}}, cap_s=600) == 600
+
+
+def test_the_hard_limit_stays_above_the_cost_models_estimate() -> None:
+    """A run the cost model prices at an hour must not be killed at half an hour: deep and recurrent
+    networks cost per layer call (an rnn's at every time step), which the flops alone miss."""
+    specs = [
+        {},
+        {"model": {"arch": "cnn", "channels": [32, 64]}, "train": {"batch_size": 64}},
+        {"model": {"arch": "resnet", "depth": 20}, "train": {"epochs": 2}},
+        {"model": {"hidden": [64] * 100}, "train": {"batch_size": 16}},
+        {"model": {"arch": "rnn", "layers": 8, "hidden_size": 16}, "train": {"batch_size": 16, "epochs": 5}},
+        {
+            "model": {"arch": "rnn", "hidden_size": 128, "norm": {"kind": "batch"}},
+            "train": {"batch_size": 64},
+        },
+    ]
+    for spec in specs:
+        estimate = cost.run_seconds(RunCreate.model_validate(spec))
+        assert limit(spec) > estimate, (spec, limit(spec), estimate)
