@@ -20,6 +20,12 @@ hidden-to-hidden product W_h·h_{t−1} (separately) and, in an LSTM, the cell s
 - `batch_layer`: batch-layer normalisation (norms.BatchLayerNorm's formula) with its batch part's
   statistics per time step, as recurrent BN's, and per-epoch population averages per step.
 
+With norm `none` and nothing observing the cell (no hooks on its products or slots, no export
+tracing it) a layer runs torch's fused kernel (`torch.lstm`, `torch.gru`) with its own parameters: the
+same recurrence, equal to the step loop up to float rounding (the products are summed in another
+order), and several times faster. Probes, the flops count and ONNX export hook or trace the cell, and
+so see the step loop, slot by slot, as before.
+
 Each layer of the stack is a module `cellK` holding its weight products (`ih`, `hh`: Linears without
 bias, so the gradient probe and the flops count find them) and its norm slots `bn1` (input product),
 `bn2` (hidden product) and, in an LSTM, `bn3` (cell state), whatever the kind (`StepIdentity` for
@@ -35,6 +41,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from service.ml.config import ModelConfig, NormConfig
 from service.ml.norms import BLN_OFFSET
@@ -52,6 +59,9 @@ STEP_VALUES = {"lstm": 6, "gru": 4}
 # Tensor operations of a cell's step outside its Linear and norm modules (the gates' additions,
 # chunk, sigmoids, tanhs, products): each costs a dispatch, which dominates small hidden sizes.
 STEP_OPS = 12
+# Plain cells (norm `none`) run torch's fused kernels when nothing observes them; False keeps every
+# cell on the step loop (tests compare the two).
+USE_FUSED_KERNELS = True
 # A sequence longer than this is refused: one step is one Python iteration of the autograd loop.
 MAX_SEQUENCE_STEPS = 1024
 
@@ -340,6 +350,23 @@ class RecurrentLayer(nn.Module):
     def norm_slots(self) -> list[str]:
         return ["bn1", "bn2"]
 
+    def runs_fused(self) -> bool:
+        """Whether this forward may run torch's fused kernel: a plain cell (every slot StepIdentity)
+        whose products and slots nobody observes. Hooks (the probes record a slot's input, the flops
+        count a product's calls) and export tracing need the step loop, which calls them per step."""
+        if not USE_FUSED_KERNELS or torch.compiler.is_compiling():
+            return False
+        observed = (self.ih, self.hh, *(getattr(self, slot) for slot in self.norm_slots))
+        if any(not isinstance(getattr(self, slot), StepIdentity) for slot in self.norm_slots):
+            return False
+        return not (
+            _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in observed)  # noqa: SLF001
+        )
+
+    def initial_state(self, x: torch.Tensor) -> torch.Tensor:
+        """h_0 (and an LSTM's c_0) for the fused kernel: zeros [layers = 1, N, H]."""
+        return x.new_zeros(1, x.shape[0], self.hidden_size)
+
 
 class LSTMLayer(RecurrentLayer):
     """An LSTM layer (torch.nn.LSTM's gate order i, f, g, o) with norms N (Cooijmans et al. eq. 6–8):
@@ -357,6 +384,8 @@ class LSTMLayer(RecurrentLayer):
         return ["bn1", "bn2", "bn3"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_fused():
+            return self.fused(x)
         n, steps, _ = x.shape
         wx = self.ih(x)
         h = x.new_zeros(n, self.hidden_size)
@@ -370,6 +399,14 @@ class LSTMLayer(RecurrentLayer):
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain cell through torch.lstm: the single bias b as torch's b_ih, zeros as its b_hh
+        (b_ih + b_hh is all the cell adds)."""
+        params = [self.ih.weight, self.hh.weight, self.bias, torch.zeros_like(self.bias, requires_grad=False)]
+        h0 = self.initial_state(x)
+        output, _, _ = torch.lstm(x, (h0, h0), params, True, 1, 0.0, self.training, False, True)
+        return output
+
 
 class GRULayer(RecurrentLayer):
     """A GRU layer (torch.nn.GRU's equations, gate order r, z, n) with norms on the two products:
@@ -382,6 +419,8 @@ class GRULayer(RecurrentLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.bias_hh is not None
+        if self.runs_fused():
+            return self.fused(x, self.bias_hh)
         n, steps, _ = x.shape
         wx = self.ih(x)
         h = x.new_zeros(n, self.hidden_size)
@@ -395,6 +434,17 @@ class GRULayer(RecurrentLayer):
             h = (1 - z) * candidate + z * h
             outputs.append(h)
         return torch.stack(outputs, dim=1)
+
+    def fused(self, x: torch.Tensor, bias_hh: torch.Tensor) -> torch.Tensor:
+        """The plain cell through torch.gru, whose b_ih and b_hh are this layer's two biases."""
+        params = [self.ih.weight, self.hh.weight, self.bias, bias_hh]
+        output, _ = torch.gru(x, self.initial_state(x), params, True, 1, 0.0, self.training, False, True)
+        return output
+
+
+def _global_hooks() -> bool:
+    """Whether hooks on every module are registered (register_module_forward_hook)."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)  # noqa: SLF001
 
 
 def has_norms(model: nn.Module) -> bool:
