@@ -62,6 +62,9 @@ STEP_OPS = 12
 # Plain cells (norm `none`) run torch's fused kernels when nothing observes them; False keeps every
 # cell on the step loop (tests compare the two).
 USE_FUSED_KERNELS = True
+# The input product's norm (bn1) normalises all steps in one call where its statistics allow
+# (`normalise_all_steps`); False calls it step by step (tests compare the two).
+NORMALISE_STEPS_AT_ONCE = True
 # A sequence longer than this is refused: one step is one Python iteration of the autograd loop.
 MAX_SEQUENCE_STEPS = 1024
 
@@ -218,6 +221,28 @@ class RecurrentBatchNorm(nn.Module):
             self.eps,
         )
 
+    def all_steps(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every step of `x` [N, T, C] normalised as `forward` would step by step, in one call, or None
+        where that cannot be: x read as N samples of T·C features, whose batch statistics are each
+        step's own, and slots 0 … T−1's running statistics, rows of [max_steps, C], one contiguous
+        [T·C] view that F.batch_norm updates in place. Not beyond max_steps (later steps share the last
+        slot), nor while training under the cumulative average (each slot's factor is its own count)."""
+        n, steps, c = x.shape
+        tracking = self.running_mean is not None and self.running_var is not None
+        if steps > self.max_steps or (self.training and tracking and self.momentum is None):
+            return None
+        weight = self.weight.repeat(steps) if self.weight is not None else None
+        bias = self.bias.repeat(steps) if self.bias is not None else None
+        flat = x.reshape(n, steps * c)
+        if self.running_mean is None or self.running_var is None or self.num_batches_tracked is None:
+            y = F.batch_norm(flat, None, None, weight, bias, True, 0.0, self.eps)
+        else:
+            if self.training:
+                self.num_batches_tracked[:steps] += 1
+            mean, var = self.running_mean[:steps].view(-1), self.running_var[:steps].view(-1)
+            y = F.batch_norm(flat, mean, var, weight, bias, self.training, self.momentum or 0.0, self.eps)
+        return y.view(n, steps, c)
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, max_steps={self.max_steps}, eps={self.eps}, momentum={self.momentum}"
 
@@ -290,6 +315,21 @@ class RecurrentBatchLayerNorm(nn.Module):
             self.epoch_mean_sum.zero_()
             self.epoch_var_sum.zero_()
             self.epoch_batches.zero_()
+
+
+def normalise_all_steps(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """`norm`'s output for every step of `x` [N, T, C] at once, as its per-step calls would give it (up
+    to float rounding in γ's and β's gradients, summed over the steps in another order), or None
+    where it goes step by step: a layer or batch-layer norm, a recurrent BN that cannot
+    (`all_steps`), or a hooked norm (the probes record a slot's per-step input)."""
+    if not NORMALISE_STEPS_AT_ONCE or norm._forward_hooks or norm._forward_pre_hooks or _global_hooks():  # noqa: SLF001
+        return None
+    if isinstance(norm, StepIdentity):
+        return x
+    # Layer norm is left step by step: at once it measured no faster.
+    if isinstance(norm, RecurrentBatchNorm):
+        return norm.all_steps(x)
+    return None
 
 
 def cell_norm(cfg: NormConfig, features: int, max_steps: int, *, product: bool) -> nn.Module:
@@ -367,6 +407,13 @@ class RecurrentLayer(nn.Module):
             _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in observed)  # noqa: SLF001
         )
 
+    def input_products(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """W_x·x_t for every step, one view each (unbound: see the class), and whether they are already
+        normalised by bn1 (`normalise_all_steps`), which then need not be called step by step."""
+        wx = self.ih(x)
+        normalised = normalise_all_steps(self.bn1, wx)
+        return (wx if normalised is None else normalised).unbind(1), normalised is not None
+
     def initial_state(self, x: torch.Tensor) -> torch.Tensor:
         """h_0 (and an LSTM's c_0) for the fused kernel: zeros [layers = 1, N, H]."""
         return x.new_zeros(1, x.shape[0], self.hidden_size)
@@ -391,12 +438,12 @@ class LSTMLayer(RecurrentLayer):
         if self.runs_fused():
             return self.fused(x)
         n, steps, _ = x.shape
-        wx = self.ih(x).unbind(1)  # one view per step (RecurrentLayer)
+        wx, normalised = self.input_products(x)
         h = x.new_zeros(n, self.hidden_size)
         c = x.new_zeros(n, self.hidden_size)
         outputs = []
         for t in range(steps):
-            gates = self.bn1(wx[t], t) + self.bn2(self.hh(h), t) + self.bias
+            gates = (wx[t] if normalised else self.bn1(wx[t], t)) + self.bn2(self.hh(h), t) + self.bias
             i, f, g, o = gates.chunk(4, dim=1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(self.bn3(c, t))
@@ -426,11 +473,11 @@ class GRULayer(RecurrentLayer):
         if self.runs_fused():
             return self.fused(x, self.bias_hh)
         n, steps, _ = x.shape
-        wx = self.ih(x).unbind(1)  # one view per step (RecurrentLayer)
+        wx, normalised = self.input_products(x)
         h = x.new_zeros(n, self.hidden_size)
         outputs = []
         for t in range(steps):
-            a_r, a_z, a_n = (self.bn1(wx[t], t) + self.bias).chunk(3, dim=1)
+            a_r, a_z, a_n = ((wx[t] if normalised else self.bn1(wx[t], t)) + self.bias).chunk(3, dim=1)
             u_r, u_z, u_n = (self.bn2(self.hh(h), t) + self.bias_hh).chunk(3, dim=1)
             r = torch.sigmoid(a_r + u_r)
             z = torch.sigmoid(a_z + u_z)

@@ -198,6 +198,57 @@ def test_weights_saved_by_the_step_loop_load_and_run_fused(
         torch.testing.assert_close(new(x), expected, rtol=0, atol=1e-6)
 
 
+def run_and_differentiate(
+    net: nn.Module, x: torch.Tensor, *, at_once: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and every parameter's gradient (train mode) or the logits alone (eval), and the buffers."""
+    monkeypatch.setattr(recurrent, "NORMALISE_STEPS_AT_ONCE", at_once)
+    net.zero_grad(set_to_none=True)
+    logits = net(x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    if net.training:
+        weights = torch.linspace(-1, 2, logits.numel(), dtype=logits.dtype).reshape(logits.shape)
+        (logits * weights).sum().backward()
+        state |= {f"grad {n}": p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return logits.detach(), state
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("max_steps", [None, 4], ids=["a-slot-per-step", "slots-shared-beyond-4"])
+def test_recurrent_bn_of_the_input_product_over_all_steps_at_once_is_step_by_steps(
+    cell: str, max_steps: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bn1 normalises the T steps' W_x·x_t in one call (training: each step's own batch statistics,
+    its running statistics moved; eval: each step's running statistics) as T calls would; beyond
+    max_steps (a shared slot) it goes step by step."""
+    x = sequences()
+    results = []
+    for at_once in (False, True):
+        net = rnn(cell, "batch", momentum=0.3, max_steps=max_steps)
+        bn1 = layer_of(net).bn1
+        assert isinstance(bn1, RecurrentBatchNorm)
+        assert (bn1.all_steps(torch.zeros(2, 6, bn1.num_features, dtype=F64)) is None) == (max_steps == 4)
+        trained = [
+            run_and_differentiate(net, x + k, at_once=at_once, monkeypatch=monkeypatch) for k in range(2)
+        ]
+        net.eval()
+        results.append((trained, run_and_differentiate(net, x, at_once=at_once, monkeypatch=monkeypatch)))
+    (step_by_step, step_eval), (at_once, once_eval) = results
+    for (logits, state), (expected_logits, expected_state) in zip(at_once, step_by_step, strict=True):
+        torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-12)
+        assert state.keys() == expected_state.keys()
+        for key in state:
+            torch.testing.assert_close(state[key], expected_state[key], rtol=0, atol=1e-12)
+    torch.testing.assert_close(once_eval[0], step_eval[0], rtol=0, atol=1e-12)
+
+
+def test_recurrent_bn_under_the_cumulative_average_trains_step_by_step() -> None:
+    norm = layer_of(rnn("lstm", "batch", momentum=None)).bn1
+    assert isinstance(norm, RecurrentBatchNorm)
+    assert norm.all_steps(torch.zeros(2, 6, 4 * H, dtype=F64)) is None
+    assert norm.eval().all_steps(torch.zeros(2, 6, 4 * H, dtype=F64)) is not None
+
+
 def test_the_init_is_torchs_uniform_bound() -> None:
     layer = layer_of(rnn("gru"))
     bound = 1 / math.sqrt(H)
