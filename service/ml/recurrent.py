@@ -20,6 +20,12 @@ hidden-to-hidden product W_h·h_{t−1} (separately) and, in an LSTM, the cell s
 - `batch_layer`: batch-layer normalisation (norms.BatchLayerNorm's formula) with its batch part's
   statistics per time step, as recurrent BN's, and per-epoch population averages per step.
 
+With norm `none` and nothing observing the cell (no hooks on its products or slots, no export
+tracing it) a layer runs torch's fused kernel (`torch.lstm`, `torch.gru`) with its own parameters: the
+same recurrence, equal to the step loop up to float rounding (the products are summed in another
+order), and several times faster. Probes, the flops count and ONNX export hook or trace the cell, and
+so see the step loop, slot by slot, as before.
+
 Each layer of the stack is a module `cellK` holding its weight products (`ih`, `hh`: Linears without
 bias, so the gradient probe and the flops count find them) and its norm slots `bn1` (input product),
 `bn2` (hidden product) and, in an LSTM, `bn3` (cell state), whatever the kind (`StepIdentity` for
@@ -35,6 +41,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from service.ml.config import ModelConfig, NormConfig
 from service.ml.norms import BLN_OFFSET
@@ -52,6 +59,12 @@ STEP_VALUES = {"lstm": 6, "gru": 4}
 # Tensor operations of a cell's step outside its Linear and norm modules (the gates' additions,
 # chunk, sigmoids, tanhs, products): each costs a dispatch, which dominates small hidden sizes.
 STEP_OPS = 12
+# Plain cells (norm `none`) run torch's fused kernels when nothing observes them; False keeps every
+# cell on the step loop (tests compare the two).
+USE_FUSED_KERNELS = True
+# The input product's norm (bn1) normalises all steps in one call where its statistics allow
+# (`normalise_all_steps`); False calls it step by step (tests compare the two).
+NORMALISE_STEPS_AT_ONCE = True
 # A sequence longer than this is refused: one step is one Python iteration of the autograd loop.
 MAX_SEQUENCE_STEPS = 1024
 
@@ -208,6 +221,28 @@ class RecurrentBatchNorm(nn.Module):
             self.eps,
         )
 
+    def all_steps(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every step of `x` [N, T, C] normalised as `forward` would step by step, in one call, or None
+        where that cannot be: x read as N samples of T·C features, whose batch statistics are each
+        step's own, and slots 0 … T−1's running statistics, rows of [max_steps, C], one contiguous
+        [T·C] view that F.batch_norm updates in place. Not beyond max_steps (later steps share the last
+        slot), nor while training under the cumulative average (each slot's factor is its own count)."""
+        n, steps, c = x.shape
+        tracking = self.running_mean is not None and self.running_var is not None
+        if steps > self.max_steps or (self.training and tracking and self.momentum is None):
+            return None
+        weight = self.weight.repeat(steps) if self.weight is not None else None
+        bias = self.bias.repeat(steps) if self.bias is not None else None
+        flat = x.reshape(n, steps * c)
+        if self.running_mean is None or self.running_var is None or self.num_batches_tracked is None:
+            y = F.batch_norm(flat, None, None, weight, bias, True, 0.0, self.eps)
+        else:
+            if self.training:
+                self.num_batches_tracked[:steps] += 1
+            mean, var = self.running_mean[:steps].view(-1), self.running_var[:steps].view(-1)
+            y = F.batch_norm(flat, mean, var, weight, bias, self.training, self.momentum or 0.0, self.eps)
+        return y.view(n, steps, c)
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, max_steps={self.max_steps}, eps={self.eps}, momentum={self.momentum}"
 
@@ -282,6 +317,21 @@ class RecurrentBatchLayerNorm(nn.Module):
             self.epoch_batches.zero_()
 
 
+def normalise_all_steps(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """`norm`'s output for every step of `x` [N, T, C] at once, as its per-step calls would give it (up
+    to float rounding in γ's and β's gradients, summed over the steps in another order), or None
+    where it goes step by step: a layer or batch-layer norm, a recurrent BN that cannot
+    (`all_steps`), or a hooked norm (the probes record a slot's per-step input)."""
+    if not NORMALISE_STEPS_AT_ONCE or norm._forward_hooks or norm._forward_pre_hooks or _global_hooks():  # noqa: SLF001
+        return None
+    if isinstance(norm, StepIdentity):
+        return x
+    # Layer norm is left step by step: at once it measured no faster.
+    if isinstance(norm, RecurrentBatchNorm):
+        return norm.all_steps(x)
+    return None
+
+
 def cell_norm(cfg: NormConfig, features: int, max_steps: int, *, product: bool) -> nn.Module:
     """One norm slot of a cell: on a weight product (`product`: no β, the cell's bias replaces it) or on
     the cell state (with β)."""
@@ -310,7 +360,11 @@ def cell_norm(cfg: NormConfig, features: int, max_steps: int, *, product: bool) 
 
 class RecurrentLayer(nn.Module):
     """One layer of the stack: [N, T, F] → [N, T, H], every step's hidden state, from h_0 = c_0 = 0.
-    Its input product W_x·x_t is one matmul over all steps; the recurrence runs step by step."""
+    Its input product W_x·x_t is one matmul over all steps, unbound into one view per step; the
+    recurrence runs step by step. Unbound, not indexed (`wx[:, t]`): indexing's backward writes each
+    step's gradient into a zeroed tensor the size of all of W_x·x (T full-size fills and additions a
+    step, a third of recurrent BN's training time at 28 steps), unbind's stacks the T gradients once;
+    the values are the same."""
 
     cell: str = ""
     # GRU: torch's two biases b_ih and b_hh (b_hn sits inside r⊙·); LSTM: one bias b.
@@ -340,6 +394,30 @@ class RecurrentLayer(nn.Module):
     def norm_slots(self) -> list[str]:
         return ["bn1", "bn2"]
 
+    def runs_fused(self) -> bool:
+        """Whether this forward may run torch's fused kernel: a plain cell (every slot StepIdentity)
+        whose products and slots nobody observes. Hooks (the probes record a slot's input, the flops
+        count a product's calls) and export tracing need the step loop, which calls them per step."""
+        if not USE_FUSED_KERNELS or torch.compiler.is_compiling():
+            return False
+        observed = (self.ih, self.hh, *(getattr(self, slot) for slot in self.norm_slots))
+        if any(not isinstance(getattr(self, slot), StepIdentity) for slot in self.norm_slots):
+            return False
+        return not (
+            _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in observed)  # noqa: SLF001
+        )
+
+    def input_products(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """W_x·x_t for every step, one view each (unbound: see the class), and whether they are already
+        normalised by bn1 (`normalise_all_steps`), which then need not be called step by step."""
+        wx = self.ih(x)
+        normalised = normalise_all_steps(self.bn1, wx)
+        return (wx if normalised is None else normalised).unbind(1), normalised is not None
+
+    def initial_state(self, x: torch.Tensor) -> torch.Tensor:
+        """h_0 (and an LSTM's c_0) for the fused kernel: zeros [layers = 1, N, H]."""
+        return x.new_zeros(1, x.shape[0], self.hidden_size)
+
 
 class LSTMLayer(RecurrentLayer):
     """An LSTM layer (torch.nn.LSTM's gate order i, f, g, o) with norms N (Cooijmans et al. eq. 6–8):
@@ -357,18 +435,28 @@ class LSTMLayer(RecurrentLayer):
         return ["bn1", "bn2", "bn3"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_fused():
+            return self.fused(x)
         n, steps, _ = x.shape
-        wx = self.ih(x)
+        wx, normalised = self.input_products(x)
         h = x.new_zeros(n, self.hidden_size)
         c = x.new_zeros(n, self.hidden_size)
         outputs = []
         for t in range(steps):
-            gates = self.bn1(wx[:, t], t) + self.bn2(self.hh(h), t) + self.bias
+            gates = (wx[t] if normalised else self.bn1(wx[t], t)) + self.bn2(self.hh(h), t) + self.bias
             i, f, g, o = gates.chunk(4, dim=1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(self.bn3(c, t))
             outputs.append(h)
         return torch.stack(outputs, dim=1)
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain cell through torch.lstm: the single bias b as torch's b_ih, zeros as its b_hh
+        (b_ih + b_hh is all the cell adds)."""
+        params = [self.ih.weight, self.hh.weight, self.bias, torch.zeros_like(self.bias, requires_grad=False)]
+        h0 = self.initial_state(x)
+        output, _, _ = torch.lstm(x, (h0, h0), params, True, 1, 0.0, self.training, False, True)
+        return output
 
 
 class GRULayer(RecurrentLayer):
@@ -382,12 +470,14 @@ class GRULayer(RecurrentLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.bias_hh is not None
+        if self.runs_fused():
+            return self.fused(x, self.bias_hh)
         n, steps, _ = x.shape
-        wx = self.ih(x)
+        wx, normalised = self.input_products(x)
         h = x.new_zeros(n, self.hidden_size)
         outputs = []
         for t in range(steps):
-            a_r, a_z, a_n = (self.bn1(wx[:, t], t) + self.bias).chunk(3, dim=1)
+            a_r, a_z, a_n = ((wx[t] if normalised else self.bn1(wx[t], t)) + self.bias).chunk(3, dim=1)
             u_r, u_z, u_n = (self.bn2(self.hh(h), t) + self.bias_hh).chunk(3, dim=1)
             r = torch.sigmoid(a_r + u_r)
             z = torch.sigmoid(a_z + u_z)
@@ -395,6 +485,17 @@ class GRULayer(RecurrentLayer):
             h = (1 - z) * candidate + z * h
             outputs.append(h)
         return torch.stack(outputs, dim=1)
+
+    def fused(self, x: torch.Tensor, bias_hh: torch.Tensor) -> torch.Tensor:
+        """The plain cell through torch.gru, whose b_ih and b_hh are this layer's two biases."""
+        params = [self.ih.weight, self.hh.weight, self.bias, bias_hh]
+        output, _ = torch.gru(x, self.initial_state(x), params, True, 1, 0.0, self.training, False, True)
+        return output
+
+
+def _global_hooks() -> bool:
+    """Whether hooks on every module are registered (register_module_forward_hook)."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)  # noqa: SLF001
 
 
 def has_norms(model: nn.Module) -> bool:

@@ -51,6 +51,10 @@ STOP_CHECK_INTERVAL_S = 0.5
 # about twice as fast at the article's size); False trains every model through autograd (tests compare).
 USE_FAST_PATH = True
 
+# A convolutional network trains in channels-last layout on the CPU when it trains alone
+# (`to_channels_last`); False keeps torch's default layout (tests compare the two).
+USE_CHANNELS_LAST = True
+
 # Data-parallel processes agree on stopping (one tiny all_reduce) before every call of this many steps.
 AGREED_STOP_STEPS = 16
 
@@ -319,6 +323,22 @@ def make_step(
     return Step(partial(autograd_steps, model, optimizer, shard, agc=agc), steps_per_call, fast_path=False)
 
 
+def to_channels_last(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A convolutional `model`'s 4-D weights (and so its activations) in channels-last layout, in place:
+    oneDNN's convolutions and their gradients run faster on it on the CPU (a third less step time for
+    the cnn family, a sixth for ResNet-20, on one thread). The same values, summed in another order:
+    equal to the default layout's up to float rounding. The optimizer's 4-D state (a resumed run's,
+    loaded in the default layout) follows its parameter, since fused Adam reads a parameter and its
+    moments as one layout. Saving is unchanged: checkpoints store contiguous copies."""
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # documented, not in the stubs
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 4:
+                state[key] = value.contiguous(memory_format=torch.channels_last)
+
+
 def needs_autograd(tcfg: TrainConfig | None) -> bool:
     """Whether the run's training switches need the autograd step: the compiled fast path computes its
     gradients itself (no AGC, every parameter trained) and always trains BN with batch statistics (no
@@ -459,6 +479,8 @@ def train(
     if resume is not None:
         restore(resume, model, optimizer)
         first_epoch = resume.epoch + 1
+    if USE_CHANNELS_LAST and device.type == "cpu" and parallel.shard.world == 1:
+        to_channels_last(model, optimizer)
     bs = tcfg.batch_size
     step = make_step(parallel.wrap(model), optimizer, bs, parallel.shard, tcfg)
     # Converted once and resident for all epochs; flat rows (every net flattens its input first), so

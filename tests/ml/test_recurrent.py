@@ -9,9 +9,10 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load, save
 from torch import nn
 
-from service.ml import nets, probes
+from service.ml import nets, probes, recurrent
 from service.ml.config import ModelConfig, NormConfig
 from service.ml.fusion import fuse_bn
 from service.ml.norms import BLN_OFFSET, end_epoch, uses_batch_statistics
@@ -103,6 +104,149 @@ def test_plain_cells_equal_torch_given_the_same_weights(cell: str) -> None:
     outputs, _ = reference(x)
     expected = net.get_submodule("out")(outputs[:, -1])
     torch.testing.assert_close(net(x), expected)
+
+
+def plain(cell: str, dtype: torch.dtype) -> nn.Sequential:
+    cfg = ModelConfig(
+        arch="rnn", input_shape=(7, 3), cell=cell, hidden_size=H, layers=2, norm=NormConfig(kind="none")
+    )  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    return nets.make_net(cfg).to(dtype)
+
+
+def outputs_and_gradients(
+    net: nn.Module, x: torch.Tensor, *, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits on `x` and the gradients of a loss that weighs every logit differently."""
+    monkeypatch.setattr(recurrent, "USE_FUSED_KERNELS", fused)
+    net.zero_grad(set_to_none=True)
+    logits = net(x)
+    weights = torch.linspace(-1, 2, logits.numel(), dtype=logits.dtype).reshape(logits.shape)
+    (logits * weights).sum().backward()
+    return logits.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(F64, 1e-12), (torch.float32, 1e-6)], ids=["f64", "f32"])
+def test_the_fused_kernel_computes_what_the_step_loop_does(
+    cell: str, train: bool, dtype: torch.dtype, tolerance: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.lstm / torch.gru on the layer's own parameters: outputs and every parameter's gradient as
+    the step loop's, up to float rounding (the products are summed in another order)."""
+    net = plain(cell, dtype).train(train)
+    assert all(layer.runs_fused() for layer in recurrent.layers(net))
+    x = sequences(steps=7).to(dtype)
+    loop, loop_grads = outputs_and_gradients(net, x, fused=False, monkeypatch=monkeypatch)
+    fused, fused_grads = outputs_and_gradients(net, x, fused=True, monkeypatch=monkeypatch)
+    assert len(fused_grads) == len(loop_grads) == len(list(net.parameters()))
+    torch.testing.assert_close(fused, loop, rtol=0, atol=tolerance)
+    for got, expected in zip(fused_grads, loop_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+    with torch.inference_mode():  # how evaluate and serving call it
+        torch.testing.assert_close(net(x), loop, rtol=0, atol=tolerance)
+
+
+def test_normalised_or_observed_cells_run_the_step_loop() -> None:
+    """Only a plain cell nobody hooks runs fused: a norm in the cell, or a hook on a product or a slot
+    (what the probes and the flops count register), needs each step's call."""
+    assert not any(layer.runs_fused() for layer in recurrent.layers(rnn("lstm", "batch")))
+    layer = layer_of(plain("lstm", F64))
+    assert layer.runs_fused()
+    for module in (layer.ih, layer.hh, layer.bn1, layer.bn3):
+        handle = module.register_forward_pre_hook(lambda *_: None)
+        assert not layer.runs_fused()
+        handle.remove()
+    assert layer.runs_fused()
+
+
+def test_probes_of_a_plain_cell_see_the_last_steps_slot_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = plain("lstm", torch.float32)
+    x = torch.randn(16, 7, 3)
+    slots = nets.norm_slots(net)
+    seen = probes.probe_slot_inputs(net, slots, x, epoch=1)
+    monkeypatch.setattr(recurrent, "USE_FUSED_KERNELS", False)
+    assert probes.probe_slot_inputs(net, slots, x, epoch=1) == seen
+    assert [s.layer for s in seen] == [f"cell{k}.bn{j}" for k in (1, 2) for j in (1, 2, 3)]
+    # bn1's input at the last step is W_x·x_T, which the recorded mean is of.
+    last = net.get_submodule("cell1").ih(x[:, -1]).detach().double()
+    assert seen[0].input_mean == pytest.approx(last.mean().item())
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_weights_saved_by_the_step_loop_load_and_run_fused(
+    cell: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint's keys are the cell's own (no flat torch.nn.LSTM weights): old ones load unchanged."""
+    monkeypatch.setattr(recurrent, "USE_FUSED_KERNELS", False)
+    old = plain(cell, torch.float32).eval()
+    x = torch.randn(4, 7, 3)
+    with torch.no_grad():
+        expected = old(x)
+    biases = ["bias", "bias_hh"] if cell == "gru" else ["bias"]
+    keys = [f"cell{k}.{name}" for k in (1, 2) for name in ("ih.weight", "hh.weight", *biases)]
+    assert sorted(old.state_dict()) == sorted([*keys, "out.weight", "out.bias"])
+    monkeypatch.setattr(recurrent, "USE_FUSED_KERNELS", True)
+    torch.manual_seed(1)
+    new = nets.make_net(
+        ModelConfig(
+            arch="rnn", input_shape=(7, 3), cell=cell, hidden_size=H, layers=2, norm=NormConfig(kind="none")
+        )  # type: ignore[arg-type]
+    ).eval()
+    new.load_state_dict(load(save(old.state_dict())))
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), expected, rtol=0, atol=1e-6)
+
+
+def run_and_differentiate(
+    net: nn.Module, x: torch.Tensor, *, at_once: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and every parameter's gradient (train mode) or the logits alone (eval), and the buffers."""
+    monkeypatch.setattr(recurrent, "NORMALISE_STEPS_AT_ONCE", at_once)
+    net.zero_grad(set_to_none=True)
+    logits = net(x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    if net.training:
+        weights = torch.linspace(-1, 2, logits.numel(), dtype=logits.dtype).reshape(logits.shape)
+        (logits * weights).sum().backward()
+        state |= {f"grad {n}": p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return logits.detach(), state
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("max_steps", [None, 4], ids=["a-slot-per-step", "slots-shared-beyond-4"])
+def test_recurrent_bn_of_the_input_product_over_all_steps_at_once_is_step_by_steps(
+    cell: str, max_steps: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bn1 normalises the T steps' W_x·x_t in one call (training: each step's own batch statistics,
+    its running statistics moved; eval: each step's running statistics) as T calls would; beyond
+    max_steps (a shared slot) it goes step by step."""
+    x = sequences()
+    results = []
+    for at_once in (False, True):
+        net = rnn(cell, "batch", momentum=0.3, max_steps=max_steps)
+        bn1 = layer_of(net).bn1
+        assert isinstance(bn1, RecurrentBatchNorm)
+        assert (bn1.all_steps(torch.zeros(2, 6, bn1.num_features, dtype=F64)) is None) == (max_steps == 4)
+        trained = [
+            run_and_differentiate(net, x + k, at_once=at_once, monkeypatch=monkeypatch) for k in range(2)
+        ]
+        net.eval()
+        results.append((trained, run_and_differentiate(net, x, at_once=at_once, monkeypatch=monkeypatch)))
+    (step_by_step, step_eval), (at_once, once_eval) = results
+    for (logits, state), (expected_logits, expected_state) in zip(at_once, step_by_step, strict=True):
+        torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-12)
+        assert state.keys() == expected_state.keys()
+        for key in state:
+            torch.testing.assert_close(state[key], expected_state[key], rtol=0, atol=1e-12)
+    torch.testing.assert_close(once_eval[0], step_eval[0], rtol=0, atol=1e-12)
+
+
+def test_recurrent_bn_under_the_cumulative_average_trains_step_by_step() -> None:
+    norm = layer_of(rnn("lstm", "batch", momentum=None)).bn1
+    assert isinstance(norm, RecurrentBatchNorm)
+    assert norm.all_steps(torch.zeros(2, 6, 4 * H, dtype=F64)) is None
+    assert norm.eval().all_steps(torch.zeros(2, 6, 4 * H, dtype=F64)) is not None
 
 
 def test_the_init_is_torchs_uniform_bound() -> None:

@@ -94,3 +94,21 @@ def test_a_decoded_state_encodes_to_bytes_that_decode_to_it_again() -> None:
             got = again.optimizer_state["state"][index]
             assert got.keys() == entry.keys()
             assert all(torch.equal(got[k], v) for k, v in entry.items()), (optimizer, index)
+
+
+def test_a_resumed_cnn_with_adam_is_bit_identical_in_channels_last_layout() -> None:
+    """A cnn trains in channels-last layout (training.to_channels_last); a resumed run's Adam moments,
+    stored contiguous, follow their parameters' layout, without which fused Adam misreads them."""
+    cfg = ModelConfig(arch="cnn", channels=(4, 8), norm=NormConfig(kind="batch"))
+    data = train_val_split(make_synthetic(200, seed=2), 0.25)
+    two = TrainConfig(epochs=2, seed=4, optimizer="adam")
+    straight = Recorder()
+    whole = train(cfg, two, *data, callbacks=straight)
+    assert whole.model.get_submodule("conv2").weight.is_contiguous(memory_format=torch.channels_last)
+    first = Recorder()
+    train(cfg, replace(two, epochs=1), *data, callbacks=first)
+    rest = Recorder()
+    resumed = train(cfg, two, *data, callbacks=rest, resume=load_training_state(first.snapshots[0]))
+    assert [without_time(m) for m in rest.epochs] == [without_time(m) for m in straight.epochs[1:]]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -291,3 +291,32 @@ def test_a_training_process_flushes_subnormal_floats_to_zero() -> None:
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)
     assert (subnormal * 1.0)[0].item() != 0.0  # and the test leaves the process as it found it
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(arch="cnn", channels=(4, 8)),
+        ModelConfig(arch="resnet", depth=8, width=4, norm=NormConfig(kind="batch")),
+    ],
+    ids=["cnn", "resnet"],
+)
+def test_channels_last_layout_trains_what_the_default_layout_does(
+    cfg: ModelConfig, small: tuple[ImageDataset, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conv net trains in channels-last layout on the CPU (training.to_channels_last): the same
+    computation, its sums in another order, so the weights after an epoch agree to float rounding."""
+    tcfg = TrainConfig(epochs=1, seed=3, optimizer="adam")
+    fast = train(cfg, tcfg, *small)
+    monkeypatch.setattr(training, "USE_CHANNELS_LAST", False)
+    default = train(cfg, tcfg, *small)
+    weights = [n for n, p in fast.model.named_parameters() if p.dim() == 4]
+    assert weights
+    assert all(fast.model.get_parameter(n).is_contiguous(memory_format=torch.channels_last) for n in weights)
+    assert not all(
+        default.model.get_parameter(n).is_contiguous(memory_format=torch.channels_last) for n in weights
+    )
+    a, b = fast.model.state_dict(), default.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert fast.epochs[0].val_loss == pytest.approx(default.epochs[0].val_loss, rel=1e-5)

@@ -17,7 +17,9 @@ SHAPE = (1, 6, 4)  # 6 steps of 4 values
 
 
 @pytest.mark.parametrize(
-    ("cell", "kind"), [("lstm", "batch"), ("gru", "layer")], ids=["lstm-recurrent-bn", "gru-layer-norm"]
+    ("cell", "kind"),
+    [("lstm", "batch"), ("gru", "layer"), ("lstm", "none"), ("gru", "none")],
+    ids=["lstm-recurrent-bn", "gru-layer-norm", "lstm-plain", "gru-plain"],
 )
 def test_an_rnn_exports_to_onnx_and_runs_like_pytorch(cell: str, kind: str) -> None:
     norm = NormConfig(kind=kind, position="before_activation", momentum=0.5, max_steps=4)  # type: ignore[arg-type]
