@@ -394,6 +394,10 @@ class RecurrentLayer(nn.Module):
     def norm_slots(self) -> list[str]:
         return ["bn1", "bn2"]
 
+    def is_plain(self) -> bool:
+        """No norm in the cell (every slot StepIdentity): the layer is torch's LSTM or GRU."""
+        return all(isinstance(getattr(self, slot), StepIdentity) for slot in self.norm_slots)
+
     def runs_fused(self) -> bool:
         """Whether this forward may run torch's fused kernel: a plain cell (every slot StepIdentity)
         whose products and slots nobody observes. Hooks (the probes record a slot's input, the flops
@@ -401,7 +405,7 @@ class RecurrentLayer(nn.Module):
         if not USE_FUSED_KERNELS or torch.compiler.is_compiling():
             return False
         observed = (self.ih, self.hh, *(getattr(self, slot) for slot in self.norm_slots))
-        if any(not isinstance(getattr(self, slot), StepIdentity) for slot in self.norm_slots):
+        if not self.is_plain():
             return False
         return not (
             _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in observed)  # noqa: SLF001
