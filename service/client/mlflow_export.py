@@ -167,8 +167,8 @@ class MlflowExporter:
 
     def export_experiment(self, experiment_id: str) -> list[RunExported]:
         """The experiment as a parent run with its report, and each of its runs as a child."""
-        experiment = self.bnlab.get_experiment(experiment_id)
         with mlflow_errors(self.tracking_uri):
+            experiment = self.bnlab.get_experiment(experiment_id)
             mlflow_experiment = self.mlflow_experiment(experiment["name"])
             parent = self.export_parent(mlflow_experiment, experiment)
             children = [
@@ -179,19 +179,19 @@ class MlflowExporter:
 
     def export_run(self, run_id: str) -> list[RunExported]:
         """One run; a run of an experiment goes under the experiment's parent run, as above."""
-        run = self.bnlab.get_run(run_id)
-        experiment = self.bnlab.get_experiment(run["experiment_id"]) if run["experiment_id"] else None
         with mlflow_errors(self.tracking_uri):
+            run = self.bnlab.get_run(run_id)
+            experiment = self.bnlab.get_experiment(run["experiment_id"]) if run["experiment_id"] else None
             if experiment is None:
                 return [self.export_one(self.mlflow_experiment(None), run["id"], None)]
-            mlflow_experiment = self.mlflow_experiment(experiment["name"])
-            parent = self.export_parent(mlflow_experiment, experiment)
             listed = [item for item in experiment["runs"] if item["id"] == run["id"]]
-            if len(listed) != 1:
+            if len(listed) != 1:  # checked before anything is written
                 raise ExportError(
                     f"run {run['id']} names experiment {experiment['id']} as its own, but the experiment "
                     f"lists it {len(listed)} times (expected once): the bnlab API's answers disagree"
                 )
+            mlflow_experiment = self.mlflow_experiment(experiment["name"])
+            parent = self.export_parent(mlflow_experiment, experiment)
             child = self.export_one(
                 mlflow_experiment, run["id"], self.membership(experiment, listed[0], parent)
             )

@@ -346,3 +346,4 @@ def test_a_run_its_experiment_does_not_list_is_a_clear_export_error(
     with pytest.raises(ExportError, match=f"run {run_id} names experiment {experiment['id']} as its own"):
         exporter.export_run(run_id)
     bnlab.close()
+    assert MlflowClient(tracking_uri=store).get_experiment_by_name("mlflow-grid") is None  # nothing written
