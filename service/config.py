@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=0, le=100_000, description="Requests waiting for a slot, first come first served, before 503."
     )
+    max_queue_wait_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest a queued request waits for a slot before 503 with Retry-After.",
+    )
     max_event_streams: int = Field(
         256, ge=1, le=10_000, description="Open event streams (SSE) before 503; not counted as requests."
     )

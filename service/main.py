@@ -53,6 +53,7 @@ def create_app() -> FastAPI:
         ConcurrencyLimitMiddleware,
         max_in_flight=settings.max_concurrent_requests,
         max_queued=settings.max_queued_requests,
+        max_queue_wait_s=settings.max_queue_wait_s,
         max_streams=settings.max_event_streams,
     )
     # Outermost: a request id, a log line and metrics for every answer, 413 and 503 included.

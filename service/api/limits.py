@@ -3,7 +3,9 @@
 - a cap on requests in flight, and a bounded queue behind it: a request past the cap waits, in order
   of arrival, for a slot; past the queue too the API answers 503 with Retry-After at once. Event
   streams (SSE, open for as long as a run trains) have a cap of their own, so that open dashboards
-  never use up the slots of ordinary requests; health probes are never counted, queued nor refused;
+  never use up the slots of ordinary requests; a request that waits longer than `max_queue_wait_s`
+  gets 503 with Retry-After too. The liveness probes are never counted, queued nor refused; the
+  readiness probes are (they use a thread and a database connection, and they are public);
 - a token bucket per API key (per caller on a keyless loopback server): 429 with Retry-After;
 - a thread in the pool for every request and stream admitted (see ensure_threads).
 The body-size cap is Starlette's RequestBodyLimitMiddleware (413, chunked bodies included).
@@ -30,19 +32,31 @@ from service.config import get_settings
 EVENT_STREAM_SUFFIX = "/events"
 
 
-# Liveness and readiness probes (/health/*, /v2/health/*): an orchestrator that gets a 503 from a
-# busy server would restart it, so they bypass the cap.
-HEALTH_PREFIXES = ("/health/", "/v2/health/")
+# The liveness probes: an orchestrator that gets a 503 from a busy server would restart it, so they
+# bypass the cap. They are async and touch nothing (no thread, no connection), so a flood of them
+# costs little. The readiness probes are not exempt: they are sync, open a database connection and
+# reach the broker, and they are public (no rate limit); under the cap, a flood of them waits like any
+# request instead of taking a thread and a connection each. A busy server answering 503 to a readiness
+# probe is taken out of rotation, not restarted, which is what a readiness probe is for.
+LIVENESS_PATHS = frozenset({"/health/live", "/v2/health/live"})
 
 
 class ConcurrencyLimitMiddleware:
     """At most `max_in_flight` HTTP requests served at once; up to `max_queued` more wait, first come
-    first served, for a slot, and past that a request gets 503 with Retry-After. An event stream
+    first served, for a slot, up to `max_queue_wait_s` seconds each; past the queue, or past that
+    wait, a request gets 503 with Retry-After. An event stream
     answers 503 when `max_streams` streams are already open; streams do not count as requests."""
 
-    def __init__(self, app: ASGIApp, max_in_flight: int, max_streams: int, max_queued: int = 0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_in_flight: int,
+        max_streams: int,
+        max_queued: int = 0,
+        max_queue_wait_s: float = 30.0,
+    ) -> None:
         self.app, self.max_in_flight, self.max_streams = app, max_in_flight, max_streams
-        self.max_queued = max_queued
+        self.max_queued, self.max_queue_wait_s = max_queued, max_queue_wait_s
         self.in_flight = 0  # the event loop is single-threaded: no lock needed
         self.streams = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
@@ -61,7 +75,7 @@ class ConcurrencyLimitMiddleware:
             ensure_threads(self.max_in_flight + self.max_streams)
             self._threads_sized_for = loop
         path = str(scope.get("path", ""))
-        if path.startswith(HEALTH_PREFIXES):
+        if path in LIVENESS_PATHS:
             await self.app(scope, receive, send)
             return
         if path.endswith(EVENT_STREAM_SUFFIX):
@@ -71,7 +85,14 @@ class ConcurrencyLimitMiddleware:
             if len(self._waiting) >= self.max_queued:
                 await _unavailable(send, "the server is at its concurrency limit; retry shortly")
                 return
-            await self._wait_for_slot()  # the slot is handed over by the request that leaves it
+            # The slot is handed over by the request that leaves it.
+            if not await self._wait_for_slot():
+                await _unavailable(
+                    send,
+                    f"the server is at its concurrency limit and no slot freed up in "
+                    f"{self.max_queue_wait_s:g} s; retry shortly",
+                )
+                return
         else:
             self.in_flight += 1
         try:
@@ -79,17 +100,26 @@ class ConcurrencyLimitMiddleware:
         finally:
             self._release()
 
-    async def _wait_for_slot(self) -> None:
+    async def _wait_for_slot(self) -> bool:
+        """Wait in the queue for a slot: True once handed one, False after `max_queue_wait_s`."""
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(slot)
         try:
-            await slot
+            async with asyncio.timeout(self.max_queue_wait_s):
+                await slot
+        except TimeoutError:
+            self._leave_queue(slot)
+            return False
         except asyncio.CancelledError:  # the client left while waiting
-            if slot.done() and not slot.cancelled():
-                self._release()  # handed a slot in the same instant: pass it on
-            elif slot in self._waiting:  # (a cancelled slot may already have been skipped)
-                self._waiting.remove(slot)
+            self._leave_queue(slot)
             raise
+        return True
+
+    def _leave_queue(self, slot: asyncio.Future[None]) -> None:
+        if slot.done() and not slot.cancelled():
+            self._release()  # handed a slot in the same instant: pass it on
+        elif slot in self._waiting:  # (a cancelled slot may already have been skipped)
+            self._waiting.remove(slot)
 
     def _release(self) -> None:
         """Hand the slot to the longest-waiting request, or free it."""

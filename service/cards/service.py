@@ -4,7 +4,6 @@ time estimate, and its report (statistics and verdicts over every run of its exp
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -34,6 +33,7 @@ from service.experiments.report import EpochRow
 from service.experiments.schemas import ExperimentCreate
 from service.experiments.service import create_experiment, experiment_or_404
 from service.ml import datasets
+from service.ml.finite import finite_or_none
 from service.models import Experiment, RunStatus
 from service.runs.service import require_capacity
 
@@ -319,10 +319,6 @@ def load_card_run(session: Session, card: Card, run_id: str) -> LoadedRun:
     )
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
 def claim_report(result: verdicts.ClaimResult) -> ClaimReport:
     c, cmp, j = result.contrast, result.comparison, result.judgement
     return ClaimReport(
@@ -335,14 +331,14 @@ def claim_report(result: verdicts.ClaimResult) -> ClaimReport:
         per_seed={str(k): v for k, v in result.per_seed.items()},
         dropped_seeds=result.dropped,
         n=len(result.per_seed),
-        effect=_finite(cmp.effect) if cmp else None,
-        ci_low=_finite(cmp.ci_low) if cmp else None,
-        ci_high=_finite(cmp.ci_high) if cmp else None,
-        bootstrap_low=_finite(cmp.bootstrap_low) if cmp else None,
-        bootstrap_high=_finite(cmp.bootstrap_high) if cmp else None,
-        p_value=_finite(cmp.p_value) if cmp else None,
-        adjusted_p=_finite(j.adjusted_p) if j else None,
-        hedges_g=_finite(cmp.hedges_g) if cmp else None,
+        effect=finite_or_none(cmp.effect) if cmp else None,
+        ci_low=finite_or_none(cmp.ci_low) if cmp else None,
+        ci_high=finite_or_none(cmp.ci_high) if cmp else None,
+        bootstrap_low=finite_or_none(cmp.bootstrap_low) if cmp else None,
+        bootstrap_high=finite_or_none(cmp.bootstrap_high) if cmp else None,
+        p_value=finite_or_none(cmp.p_value) if cmp else None,
+        adjusted_p=finite_or_none(j.adjusted_p) if j else None,
+        hedges_g=finite_or_none(cmp.hedges_g) if cmp else None,
         seeds_for_power=cmp.seeds_for_power if cmp else None,
         verdict=j.verdict if j else None,
         reason=j.reason if j else None,

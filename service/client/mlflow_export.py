@@ -30,7 +30,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.client.http import Client
+import httpx
+
+from service.client.http import ApiError, Client
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric, Run
@@ -66,7 +68,8 @@ ID_PATTERN = re.compile(r"^[\w-]+$")
 
 
 class ExportError(Exception):
-    """The export cannot go on: MLflow is missing, refused a write, or the store is unusable."""
+    """The export cannot go on: MLflow is missing, refused a write, the store is unusable, or the
+    export met something it did not expect."""
 
 
 def open_tracking_store(tracking_uri: str) -> MlflowClient:
@@ -84,13 +87,21 @@ def open_tracking_store(tracking_uri: str) -> MlflowClient:
 
 @contextmanager
 def mlflow_errors(tracking_uri: str) -> Iterator[None]:
-    """MLflow's refusals as ExportErrors that name the store."""
+    """MLflow's refusals, and anything else unexpected, as ExportErrors that name the store (exit 5,
+    not a traceback); the API's own errors keep their exit codes."""
     from mlflow.exceptions import MlflowException
 
     try:
         yield
+    except (ExportError, ApiError, httpx.TransportError):
+        raise
     except MlflowException as exc:
         raise ExportError(f"MLflow at {tracking_uri} refused the export: {exc.message}") from exc
+    except Exception as exc:  # a bug or an answer the exporter did not expect: say so, do not crash
+        raise ExportError(
+            f"the export to {tracking_uri} stopped on an unexpected error ({type(exc).__name__}: {exc}); "
+            "what it wrote before stays, and exporting again resumes it"
+        ) from exc
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -156,8 +167,8 @@ class MlflowExporter:
 
     def export_experiment(self, experiment_id: str) -> list[RunExported]:
         """The experiment as a parent run with its report, and each of its runs as a child."""
-        experiment = self.bnlab.get_experiment(experiment_id)
         with mlflow_errors(self.tracking_uri):
+            experiment = self.bnlab.get_experiment(experiment_id)
             mlflow_experiment = self.mlflow_experiment(experiment["name"])
             parent = self.export_parent(mlflow_experiment, experiment)
             children = [
@@ -168,15 +179,22 @@ class MlflowExporter:
 
     def export_run(self, run_id: str) -> list[RunExported]:
         """One run; a run of an experiment goes under the experiment's parent run, as above."""
-        run = self.bnlab.get_run(run_id)
-        experiment = self.bnlab.get_experiment(run["experiment_id"]) if run["experiment_id"] else None
         with mlflow_errors(self.tracking_uri):
+            run = self.bnlab.get_run(run_id)
+            experiment = self.bnlab.get_experiment(run["experiment_id"]) if run["experiment_id"] else None
             if experiment is None:
                 return [self.export_one(self.mlflow_experiment(None), run["id"], None)]
+            listed = [item for item in experiment["runs"] if item["id"] == run["id"]]
+            if len(listed) != 1:  # checked before anything is written
+                raise ExportError(
+                    f"run {run['id']} names experiment {experiment['id']} as its own, but the experiment "
+                    f"lists it {len(listed)} times (expected once): the bnlab API's answers disagree"
+                )
             mlflow_experiment = self.mlflow_experiment(experiment["name"])
             parent = self.export_parent(mlflow_experiment, experiment)
-            (listed,) = [item for item in experiment["runs"] if item["id"] == run["id"]]
-            child = self.export_one(mlflow_experiment, run["id"], self.membership(experiment, listed, parent))
+            child = self.export_one(
+                mlflow_experiment, run["id"], self.membership(experiment, listed[0], parent)
+            )
         return [parent, child]
 
     # -- the MLflow experiment and the runs in it
@@ -223,11 +241,13 @@ class MlflowExporter:
         if experiment["preset"]:
             tags["bnlab.preset"] = experiment["preset"]
         self.log_tags(run_id, tags, experiment["notes"])
-        report = self.log_report(run_id, experiment["id"])
+        # The status before the uploads: an export that stops part way leaves bnlab's status, not
+        # the RUNNING of a run MLflow just created.
         status = experiment_status(experiment)
         self.set_status(
             run_id, status, end=self.experiment_end(experiment) if experiment["finished"] else None
         )
+        report = self.log_report(run_id, experiment["id"])
         return RunExported("experiment", experiment["id"], run_id, created, artifacts=[report])
 
     def experiment_end(self, experiment: dict[str, Any]) -> int | None:
@@ -255,10 +275,12 @@ class MlflowExporter:
         mlflow_id = mlflow_run.info.run_id
         self.log_params(mlflow_run, flatten(run["spec"]))
         self.log_tags(mlflow_id, run_tags(run, member), run["notes"])
+        # The status before the metrics and weights: an export that stops part way leaves bnlab's
+        # status, not the RUNNING of a run MLflow just created (MLflow logs to an ended run alike).
+        self.set_status(mlflow_id, run["status"], end=millis(run["finished_at"]))
         exported = RunExported("run", run["id"], mlflow_id, created)
         exported.values_logged = self.log_epochs(mlflow_run, run)
         exported.artifacts = self.log_models(mlflow_id, run["id"])
-        self.set_status(mlflow_id, run["status"], end=millis(run["finished_at"]))
         return exported
 
     def log_params(self, run: Run, params: dict[str, str]) -> None:
@@ -373,7 +395,8 @@ def layer_metrics(
 ) -> Iterator[Metric]:
     """Each normalisation slot's input mean and std (GET /runs/{id}/layer-stats) as
     `layer_stats/<slot>/input_mean` and `.../input_std`, step = epoch (0: at initialisation). Only the
-    epochs that have ended are logged, so a step is never logged before its epoch's figures."""
+    epochs that have ended are logged, so a step is never logged before its epoch's figures; a null
+    value (a diverged network's non-finite statistic) is left out, as epoch_metrics does."""
     from mlflow.entities import Metric
 
     timestamps = {row["epoch"]: timestamp for row, timestamp in ends}
@@ -384,6 +407,8 @@ def layer_metrics(
             continue
         for slot in epoch["layers"]:
             for name in ("input_mean", "input_std"):
+                if slot.get(name) is None:
+                    continue
                 key = f"layer_stats/{slot['layer']}/{name}"
                 yield Metric(key, float(slot[name]), timestamps[epoch["epoch"]], epoch["epoch"])
 

@@ -25,6 +25,7 @@ from service.experiments.schemas import (
     ExperimentReportStat,
     ExperimentReportWinner,
 )
+from service.ml.finite import finite_or_none
 
 
 @dataclass(frozen=True)
@@ -70,14 +71,10 @@ def diverged(run: RunResult) -> bool:
     return any(e.diverged for e in run.epochs)
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def stat(values: Sequence[float]) -> ExperimentReportStat:
     """Mean and sample std (ddof=1); null std below 2 values, null mean if any value is not finite
     (a diverged seed has no meaningful average with the others)."""
-    clean = [_finite(v) for v in values]
+    clean = [finite_or_none(v) for v in values]
     if not values or any(v is None for v in clean):
         return ExperimentReportStat(mean=None, std=None, n=len(values), values=clean)
     std = statistics.stdev(values) if len(values) > 1 else None

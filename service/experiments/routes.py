@@ -207,7 +207,17 @@ def report_columns() -> list[str]:
         for metric in METRICS
         for part in ("mean", "std")
     ]
-    return ["config", "runs", "succeeded", "unfinished", "failed", *stats, "epochs_to_target_mean", "reached"]
+    return [
+        "config",
+        "runs",
+        "succeeded",
+        "unfinished",
+        "failed",
+        "diverged",  # of the failed: the runs whose loss became non-finite
+        *stats,
+        "epochs_to_target_mean",
+        "reached",
+    ]
 
 
 def report_rows(answer: ExperimentReportPublic) -> list[dict[str, Any]]:
@@ -219,6 +229,7 @@ def report_rows(answer: ExperimentReportPublic) -> list[dict[str, Any]]:
             "succeeded": c.succeeded,
             "unfinished": c.unfinished,
             "failed": c.failed,
+            "diverged": c.diverged,
             "epochs_to_target_mean": c.epochs_to_target.mean,
             "reached": c.epochs_to_target.reached,
         }

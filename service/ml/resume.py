@@ -82,11 +82,31 @@ def load_training_state(data: bytes) -> TrainingState:
 
 def restore(state: TrainingState, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load both state dicts; a mismatch (another architecture or optimizer) is a ResumeError."""
+    _check_param_groups(state, optimizer)
     try:
         model.load_state_dict(state.model_state, strict=True)
         optimizer.load_state_dict(state.optimizer_state)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ResumeError(f"training state does not fit this run: {exc}") from exc
+
+
+def _check_param_groups(state: TrainingState, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a state whose optimizer had another number of param groups, saying why it happens.
+
+    The one case a user meets: a Fixup network's training state saved by a bnlab that trained its
+    scalars in the one group with its weights. Mapping it into this bnlab's two groups would be
+    possible, but the run would then have trained its scalars at the full rate until the restart and
+    at a tenth of it after: neither recipe. It is refused, and the run is submitted again."""
+    stored, built = len(state.optimizer_state["param_groups"]), len(optimizer.param_groups)
+    if stored == built:
+        return
+    raise ResumeError(
+        f"training state does not fit this run: it was saved with {stored} optimizer param group(s) "
+        f"and this run's optimizer has {built}. A Fixup network saved by an older bnlab, which trained "
+        "its scalar biases and multipliers in one group with the weights, cannot resume now that they "
+        "train in a group of their own at a tenth of the rate (the run would mix both recipes): "
+        "submit the run again"
+    )
 
 
 def _metadata(data: bytes) -> dict[str, str]:

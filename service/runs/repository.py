@@ -4,7 +4,6 @@ the caller (the request dependency or a task's session_scope) owns the transacti
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -13,6 +12,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, String, and_, cast, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from service.ml.finite import finite_or_none
 from service.ml.training import EpochMetrics
 from service.models import (
     EpochMetric,
@@ -314,12 +314,6 @@ def resume_point(*, session: Session, run_id: str) -> RunCheckpoint | None:
         .execution_options(synchronize_session=False)
     )
     return checkpoint
-
-
-def finite_or_none(value: float) -> float | None:
-    """A measured value as stored: NaN and infinity (a diverged run's) become NULL on every database.
-    SQLite would store NaN as NULL anyway, Postgres as NaN, and JSON carries neither."""
-    return value if math.isfinite(value) else None
 
 
 def record_epoch(

@@ -3,7 +3,6 @@ OpenAPI page at /docs documents the API by itself."""
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
@@ -18,6 +17,7 @@ from pydantic import (
 
 from service.ml.config import DEFAULT_PROBES, EVAL_BN_KINDS, PROBE_NAMES, NormKind, ProbeName
 from service.ml.datasets import BUILTIN_SHAPES
+from service.ml.finite import finite_or_none
 from service.ml.trainable import norm_parameter_count
 from service.runs.spec import ADAM_EPS, model_config, shape_problem
 
@@ -37,8 +37,8 @@ NotBool = BeforeValidator(_not_a_boolean)
 
 def _finite_or_null(value: Any) -> Any:
     # NaN and infinity are not JSON: a diverged epoch's values answer null (rows Postgres stored as
-    # NaN before they were written as NULL included).
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    # NaN before they were written as NULL included). Anything but a float is left to the validator.
+    return finite_or_none(value) if isinstance(value, float) else value
 
 
 # A measured value (a loss, an accuracy, an activation statistic): null where it was not finite.

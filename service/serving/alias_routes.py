@@ -23,6 +23,10 @@ from service.serving.schemas import AliasesPublic, AliasPublic, AliasPut, AliasT
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
+# Names an alias cannot take: `/v2/models/stats` is Triton's statistics of every model, declared
+# before `/v2/models/{name}`, so a model named `stats` could never be reached there.
+RESERVED_ALIASES = {"stats": "it is reserved for Triton's statistics route, GET /v2/models/stats"}
+
 AliasPath = Annotated[
     str,
     Path(
@@ -75,6 +79,11 @@ def put_alias(alias: AliasPath, body: AliasPut, session: SessionDep, response: R
     if model_repo.RUN_ID.match(alias):
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, detail="an alias cannot look like a run id (32 hex digits)"
+        )
+    if alias in RESERVED_ALIASES:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"an alias cannot be named {alias!r}: {RESERVED_ALIASES[alias]}",
         )
     if isinstance(body, AliasToExperiment):
         _require_experiment_model(session, body)

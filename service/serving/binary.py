@@ -21,17 +21,22 @@ import numpy as np
 import orjson
 from fastapi import Response
 
+from service.serving.inference import V2_DATATYPES
 from service.serving.schemas import V2InferInput, V2InferRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-# The input datatypes accepted as binary (what the JSON route accepts), and the outputs' encodings.
-INPUT_DTYPES: dict[str, np.dtype[Any]] = {
+# The Open Inference Protocol's datatypes as bytes travel: little-endian, as Triton sends them.
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
     "UINT8": np.dtype("u1"),
+    "INT64": np.dtype("<i8"),
 }
-OUTPUT_DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
+# The input datatypes accepted as binary: exactly those the JSON route accepts (inference.V2_DATATYPES).
+INPUT_DTYPES: dict[str, np.dtype[Any]] = {name: WIRE_DTYPES[name] for name in V2_DATATYPES}
+# The outputs' encodings: probabilities and predictions.
+OUTPUT_DTYPES: dict[str, np.dtype[Any]] = {name: WIRE_DTYPES[name] for name in ("FP32", "INT64")}
 
 
 class BinaryError(ValueError):

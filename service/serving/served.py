@@ -52,7 +52,9 @@ def require_succeeded_run(run_id: str) -> None:
             )
 
 
-def _http_error(name: str, exc: Exception) -> HTTPException:
+def http_error(name: str, exc: Exception) -> HTTPException:
+    """The serving layer's lookup and load errors as HTTP ones: 409 for a model that exists but
+    cannot answer (weights that do not load, an experiment alias with no model yet), else 404."""
     if isinstance(exc, CheckpointError):  # stored weights that do not load: the model is not servable
         return HTTPException(status.HTTP_409_CONFLICT, detail=f"model {name} cannot be loaded: {exc}")
     if isinstance(exc, model_repo.NoQualifyingRun):  # the alias exists; its experiment has no model yet
@@ -66,7 +68,7 @@ def served_model(name: str, version: int | None) -> tuple[model_repo.ResolvedMod
     try:
         return open_model(name, version)
     except (model_repo.NameNotFound, ModelNotFound, CheckpointError) as exc:
-        raise _http_error(name, exc) from exc
+        raise http_error(name, exc) from exc
 
 
 def served_run_model(run_id: str, version: int | None) -> LoadedModel:
@@ -85,4 +87,4 @@ async def infer(
     except (model_repo.NameNotFound, ModelNotFound, CheckpointError) as exc:
         if is_run_id and isinstance(exc, model_repo.NameNotFound):
             await run_in_threadpool(require_succeeded_run, name)
-        raise _http_error(name, exc) from exc
+        raise http_error(name, exc) from exc

@@ -146,12 +146,10 @@ def ready(response: Response) -> dict[str, bool]:
 
 def _resolve(name: str, version: int | None) -> model_repo.ResolvedModel:
     try:
-        with session_scope() as session:
+        with session_scope(read_only=True) as session:  # a lookup: no write lock on SQLite
             return model_repo.resolve_model(session=session, name=name, version=version)
-    except model_repo.NoQualifyingRun as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
     except model_repo.NameNotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
+        raise served.http_error(name, exc) from exc
 
 
 def _stats(name: str, run_id: str, versions: list[int]) -> V2ModelStats:
@@ -228,7 +226,7 @@ def _model_ready(name: str, version: int | None, response: Response) -> dict[str
 
 
 def _name_exists(name: str) -> bool:
-    with session_scope() as session:
+    with session_scope(read_only=True) as session:
         try:
             model_repo.resolve_model(session=session, name=name, version=None)
         except model_repo.VersionNotFound:
@@ -282,13 +280,13 @@ class _InferBody:
         finally:
             self.input_ns = time.perf_counter_ns() - started
 
-    def _parse(self) -> tuple[V2InferRequest, memoryview]:
-        """The JSON header, and the bytes after it."""
+    def _parse(self) -> tuple[V2InferRequest, bytes, memoryview]:
+        """The JSON header parsed, its bytes, and the bytes after it."""
         length = self.header_length
         json_part = self.body if length is None else self.body[:length]  # the JSON path copies nothing
         tail = memoryview(self.body)[len(json_part) :]
         try:
-            return V2InferRequest.model_validate_json(json_part), tail
+            return V2InferRequest.model_validate_json(json_part), json_part, tail
         except ValidationError as exc:
             message = describe_errors(list(exc.errors(include_url=False)))
             if self.header_length is None and "trailing characters" in message:
@@ -296,7 +294,7 @@ class _InferBody:
             raise _bad_request(message) from exc
 
     def _prepare(self, loaded: LoadedModel) -> torch.Tensor:
-        request, tail = self._parse()
+        request, json_part, tail = self._parse()
         self.request = request
         tensor = request.inputs[0]
         if tensor.name != INPUT:
@@ -316,7 +314,6 @@ class _InferBody:
         try:
             if raw is None:
                 assert tensor.data is not None  # input_bytes saw to it: data or binary data, one of them
-                json_part = self.body if self.header_length is None else self.body[: self.header_length]
                 data: list[Any] | np.ndarray = tensor.data
                 booleans_possible = inference.could_hold_booleans(json_part)
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -336,3 +337,91 @@ def test_the_routes_counted_as_event_streams_are_exactly_the_event_streams() -> 
     ending = {t for t in create_app().openapi()["paths"] if t.endswith(EVENT_STREAM_SUFFIX)}
     streams = {route.path for route in events.router.routes}  # type: ignore[attr-defined]
     assert ending == streams == {"/api/v1/runs/{run_id}/events", "/api/v1/experiments/{experiment_id}/events"}
+
+
+def test_readiness_probes_wait_under_the_cap_and_only_liveness_probes_bypass_it() -> None:
+    # /health/ready and /v2/health/ready are sync and open a database connection: a public flood of
+    # them must not take a thread and a connection each, so they are counted, queued and refused.
+    release = asyncio.Event()
+
+    async def slow_app(scope: object, receive: object, send: Callable[[dict[str, object]], object]) -> None:
+        if not str(scope["path"]).endswith("/live"):  # type: ignore[index]
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[misc]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[misc]
+
+    async def scenario() -> None:
+        limited = ConcurrencyLimitMiddleware(slow_app, max_in_flight=1, max_streams=1, max_queued=1)  # type: ignore[arg-type]
+        statuses: list[int] = []
+        first = asyncio.create_task(_asgi_call(limited, "/health/ready", statuses))
+        queued = asyncio.create_task(_asgi_call(limited, "/v2/health/ready", statuses))
+        await asyncio.sleep(0.01)
+        assert (limited.in_flight, limited.queued) == (1, 1)
+        for probe in ("/health/ready", "/v2/health/ready"):  # the queue is full: refused at once
+            refused: list[int] = []
+            await asyncio.wait_for(_asgi_call(limited, probe, refused), timeout=1)
+            assert refused == [503]
+        for probe in ("/health/live", "/v2/health/live"):  # never queued nor refused
+            answered: list[int] = []
+            await asyncio.wait_for(_asgi_call(limited, probe, answered), timeout=1)
+            assert answered == [200]
+        release.set()
+        await asyncio.gather(first, queued)
+        assert statuses == [200, 200]
+        assert (limited.in_flight, limited.queued) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_queued_past_the_wait_limit_gets_503_with_retry_after() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: object, receive: object, send: Callable[[dict[str, object]], object]) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[misc]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[misc]
+
+    async def scenario() -> list[dict[str, object]]:
+        limited = ConcurrencyLimitMiddleware(
+            slow_app,  # type: ignore[arg-type]
+            max_in_flight=1,
+            max_streams=1,
+            max_queued=5,
+            max_queue_wait_s=0.1,
+        )
+        held: list[int] = []
+        holder = asyncio.create_task(_asgi_call(limited, "/api/v1/runs", held))
+        await asyncio.sleep(0.01)
+        messages: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            messages.append(message)
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b""}
+
+        waited = asyncio.get_running_loop().time()
+        await asyncio.wait_for(limited({"type": "http", "path": "/api/v1/runs"}, receive, send), timeout=2)  # type: ignore[arg-type]
+        assert asyncio.get_running_loop().time() - waited >= 0.1
+        assert (limited.in_flight, limited.queued) == (1, 0)  # it left the queue; the holder still in
+        release.set()
+        await holder
+        assert held == [200]
+        assert (limited.in_flight, limited.queued) == (0, 0)
+        return messages
+
+    start, body = asyncio.run(scenario())
+    assert start["status"] == 503
+    assert (b"retry-after", b"1") in start["headers"]  # type: ignore[operator]
+    assert json.loads(body["body"]) == {  # type: ignore[arg-type]
+        "detail": "the server is at its concurrency limit and no slot freed up in 0.1 s; retry shortly",
+        "errors": [],
+    }
+
+
+def test_the_queue_wait_limit_is_a_typed_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BNLAB_MAX_QUEUE_WAIT_S", "2.5")
+    assert Settings().max_queue_wait_s == 2.5
+    monkeypatch.setenv("BNLAB_MAX_QUEUE_WAIT_S", "0")
+    with pytest.raises(ValidationError):
+        Settings()

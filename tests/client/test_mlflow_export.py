@@ -18,8 +18,11 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load, load_file
 
+from service.client.http import Client
+from service.client.mlflow_export import ExportError, MlflowExporter, open_tracking_store
 from tests.conftest import bnlab_free_environ, sqlite_backend_at
 from tests.integration.stack import Stack, start_stack
+from tests.integration.test_divergence_e2e import DIVERGES
 
 pytestmark = pytest.mark.integration
 
@@ -98,15 +101,20 @@ def history(store: str, run: Run) -> dict[str, list[tuple[int, float]]]:
 
 
 def bnlab_history(stack: Stack, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """What bnlab stored: the per-epoch figures and each normalisation slot's input statistics."""
+    """What bnlab stored: the per-epoch figures and each normalisation slot's input statistics,
+    without the null values (a diverged epoch's), which MLflow cannot hold."""
     epochs = stack.client.get(f"/api/v1/runs/{run_id}/metrics").json()["epochs"]
-    figures = {key: [(row["epoch"], float(row[name])) for row in epochs] for name, key in METRIC_KEYS.items()}
+    figures = {
+        key: [(row["epoch"], float(row[name])) for row in epochs if row[name] is not None]
+        for name, key in METRIC_KEYS.items()
+    }
+    figures = {key: steps for key, steps in figures.items() if steps}
     layers: dict[str, list[tuple[int, float]]] = {}
     ended = {row["epoch"] for row in epochs} | {0}
     for epoch in stack.client.get(f"/api/v1/runs/{run_id}/layer-stats").json()["epochs"]:
         for slot in epoch["layers"]:
             for name in ("input_mean", "input_std"):
-                if epoch["epoch"] in ended:
+                if epoch["epoch"] in ended and slot[name] is not None:
                     layers.setdefault(f"layer_stats/{slot['layer']}/{name}", []).append(
                         (epoch["epoch"], slot[name])
                     )
@@ -278,3 +286,64 @@ def test_without_mlflow_the_core_runs_and_export_says_what_to_install(stack: Sta
     )  # fmt: skip
     assert result.returncode == 5, result.stdout + result.stderr
     assert "install bnlab[mlflow]" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def diverged_run(stack: Stack) -> str:
+    run_id = stack.submit({"name": "mlflow-diverges", **DIVERGES})
+    assert stack.wait_for(run_id, {"succeeded", "failed"})["status"] == "failed", stack.tail_logs()
+    return run_id
+
+
+def test_a_diverged_run_exports_without_its_null_values_and_ends_failed(
+    stack: Stack, diverged_run: str, store: str
+) -> None:
+    result = export(stack, store, "--run", diverged_run)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (exported,) = mlflow_runs(store, "bnlab", "run")
+    assert exported.info.status == "FAILED"
+    assert exported.data.tags["bnlab.error"].startswith("diverged: ")
+    logged = history(store, exported)
+    assert logged == bnlab_history(stack, diverged_run)
+    assert "train_loss" not in logged  # epoch 1's loss is null: not logged
+    assert logged["epoch_seconds"][0][0] == 1
+    # The initial network's statistics (step 0) are numbers and are there.
+    assert any(steps[0][0] == 0 for key, steps in logged.items() if key.startswith("layer_stats/"))
+
+
+class LayerStatsFail(Client):
+    """The bnlab client, with one answer turned into something the exporter cannot read."""
+
+    def get_layer_stats(self, run_id: str) -> list[dict[str, Any]]:
+        return [{"epoch": 1, "layers": [{"layer": "x", "input_mean": "not a number", "input_std": 1.0}]}]
+
+
+class UnlistedRun(Client):
+    """The bnlab client, with the experiment's answer missing its runs (an API that disagrees)."""
+
+    def get_experiment(self, experiment_id: str) -> dict[str, Any]:
+        return super().get_experiment(experiment_id) | {"runs": []}
+
+
+def test_an_unexpected_failure_is_an_export_error_and_leaves_bnlab_s_status(
+    stack: Stack, diverged_run: str, store: str
+) -> None:
+    bnlab = LayerStatsFail(stack.base_url)
+    exporter = MlflowExporter(bnlab, open_tracking_store(store), store, None)
+    with pytest.raises(ExportError, match=r"unexpected error \(ValueError: could not convert"):
+        exporter.export_run(diverged_run)
+    bnlab.close()
+    (exported,) = mlflow_runs(store, "bnlab", "run")
+    assert exported.info.status == "FAILED"  # bnlab's status, not the RUNNING of a new MLflow run
+
+
+def test_a_run_its_experiment_does_not_list_is_a_clear_export_error(
+    stack: Stack, experiment: dict[str, Any], store: str
+) -> None:
+    run_id = experiment["runs"][0]["id"]
+    bnlab = UnlistedRun(stack.base_url)
+    exporter = MlflowExporter(bnlab, open_tracking_store(store), store, None)
+    with pytest.raises(ExportError, match=f"run {run_id} names experiment {experiment['id']} as its own"):
+        exporter.export_run(run_id)
+    bnlab.close()
+    assert MlflowClient(tracking_uri=store).get_experiment_by_name("mlflow-grid") is None  # nothing written

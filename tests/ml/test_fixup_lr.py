@@ -17,7 +17,7 @@ from service.ml.datasets import make_synthetic, train_val_split
 from service.ml.fastpath import MlpStep, supports_optimizer
 from service.ml.nets import make_net
 from service.ml.resnets import ScalarBias, ScalarScale
-from service.ml.resume import load_training_state, restore, save_training_state
+from service.ml.resume import ResumeError, load_training_state, restore, save_training_state
 from service.ml.training import (
     EpochMetrics,
     NullCallbacks,
@@ -120,6 +120,19 @@ def test_every_epochs_rate_and_a_resumption_keep_the_ratio() -> None:
     restore(state, make_net(FIXUP["resmlp"]), fresh)
     set_learning_rate(fresh, lr_at(tcfg, 3))
     assert [g["lr"] for g in fresh.param_groups] == pytest.approx([0.05, 0.005])
+
+
+def test_a_fixup_state_saved_with_one_param_group_is_refused_naming_the_cause() -> None:
+    # What an older bnlab saved for a Fixup net: every parameter in one group, scalars at the full rate.
+    tcfg = TrainConfig(optimizer="sgd", lr=0.2, momentum=0.9)
+    old_net = make_net(FIXUP["resmlp"])
+    one_group = torch.optim.SGD(old_net.parameters(), lr=0.2, momentum=0.9)
+    F.cross_entropy(old_net(torch.randn(4, *SMALL)), torch.arange(4)).backward()  # type: ignore[no-untyped-call]
+    one_group.step()  # momentum buffers in the state, as after an epoch
+    state = load_training_state(save_training_state(old_net, one_group, epoch=2))
+    net = make_net(FIXUP["resmlp"])
+    with pytest.raises(ResumeError, match=r"saved with 1 optimizer param group\(s\).* has 2\. A Fixup"):
+        restore(state, net, make_optimizer(net, tcfg))
 
 
 def test_a_fixup_resmlp_is_not_a_fast_path_mlp() -> None:

@@ -63,6 +63,17 @@ def finish(run_id: str, val_losses: list[float]) -> None:
         run.status = "succeeded"
 
 
+def diverge(run_id: str) -> None:
+    """The run as a worker leaves a diverged one: its first epoch's losses null, the run failed."""
+    with session_scope() as session:
+        run = session.get(Run, run_id)
+        assert run is not None
+        session.add(EpochMetric(run_id=run_id, epoch=1, seconds=0.25, train_samples=160))
+        run.epochs_done = 1
+        run.status = "failed"
+        run.error = "diverged: the loss became non-finite at epoch 1"
+
+
 def ids(page: dict[str, Any]) -> list[str]:
     return [run["id"] for run in page["items"]]
 
@@ -194,3 +205,18 @@ def test_experiment_csvs_and_the_experiments_list_search(client: TestClient) -> 
     assert client.get("/api/v1/runs", params={"in_experiment": "false"}).json()["total"] == 0
     assert {r["experiment_id"] for r in runs["items"]} == {body["id"]}
     assert client.get("/api/v1/experiments", params={"sort": "runs"}).status_code == 422
+
+
+def test_the_report_csv_counts_the_diverged_runs_after_the_failed(client: TestClient) -> None:
+    body = client.post("/api/v1/experiments", json=EXPERIMENT).json()
+    for r in body["runs"]:
+        if r["config"] == "norm=none" and r["seed"] == 1:
+            diverge(r["id"])
+        else:
+            finish(r["id"], [0.8, 0.4])
+    report = client.get(f"/api/v1/experiments/{body['id']}/report.csv").text
+    header = report.splitlines()[0].split(",")
+    assert header[header.index("failed") + 1] == "diverged"
+    rows = {r["config"]: r for r in csv.DictReader(io.StringIO(report))}
+    assert (rows["norm=none"]["failed"], rows["norm=none"]["diverged"]) == ("1", "1")
+    assert (rows["norm=batch"]["failed"], rows["norm=batch"]["diverged"]) == ("0", "0")

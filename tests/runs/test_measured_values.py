@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from service.runs.repository import finite_or_none
+from service.ml.finite import finite_or_none
 from service.runs.schemas import EpochMetricPublic, RunSummary, SlotStatisticPublic
 
 
@@ -31,3 +31,13 @@ def test_finite_values_pass_unchanged() -> None:
         ).val_loss
         == 0.25
     )
+
+
+def test_one_helper_maps_non_finite_to_none_for_runs_reports_and_cards() -> None:
+    # Runs, experiment reports and cards share service.ml.finite's helper: None passes through too
+    # (a card's missing comparison), and the report's statistics treat NaN the same way.
+    from service.experiments.report import stat
+
+    assert finite_or_none(None) is None
+    assert finite_or_none(-math.inf) is None
+    assert stat([math.nan, 1.0]).values == [None, 1.0]

@@ -48,6 +48,17 @@ def test_alias_lifecycle(client: TestClient, bn_run: str, no_bn_run: str) -> Non
     assert client.get(f"/api/v1/runs/{bn_run}").status_code == 200  # the run stays
 
 
+def test_stats_is_reserved_for_tritons_statistics_route(client: TestClient, bn_run: str) -> None:
+    # /v2/models/stats is every model's statistics: a model named `stats` could never be reached.
+    refused = client.put("/api/v1/models/stats", json={"run_id": bn_run})
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == (
+        "an alias cannot be named 'stats': it is reserved for Triton's statistics route, GET /v2/models/stats"
+    )
+    assert client.get("/api/v1/models/stats").status_code == 404  # nothing half-written
+    assert client.put("/api/v1/models/stats-bn", json={"run_id": bn_run}).status_code == 201
+
+
 def test_pinned_alias_keeps_its_version_while_a_free_one_follows_the_newest(
     client: TestClient, bn_run: str
 ) -> None:

@@ -58,3 +58,17 @@ def test_a_lookup_that_began_before_a_commit_is_not_reused(client: TestClient, b
     assert names.get(bn_run, None) is None
     names.put(resolved, None, NameCache.generation)
     assert names.get(bn_run, None) == resolved
+
+
+def test_statistics_and_readiness_lookups_never_wait_for_a_writer(client: TestClient, bn_run: str) -> None:
+    # They only read: on SQLite a read-only session takes no write lock, so a worker's open write
+    # (here: this session's) does not hold them up to the busy timeout (15 s, then a 503).
+    assert client.put("/api/v1/models/prod", json={"run_id": bn_run}).status_code == 201
+    with session_scope() as writer:
+        writer.execute(text("UPDATE model_aliases SET version = NULL WHERE name = 'nobody'"))  # lock taken
+        started = time.monotonic()
+        assert client.get("/v2/models/prod/stats").status_code == 200
+        assert client.get(f"/v2/models/{bn_run}/versions/1/stats").status_code == 200
+        assert client.get("/v2/models/nobody/stats").status_code == 404
+        assert client.get("/v2/models/nobody/ready").status_code == 404
+        assert time.monotonic() - started < 5

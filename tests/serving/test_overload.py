@@ -1,5 +1,5 @@
 """128 concurrent clients against a real `bnlab api`: past the in-flight cap requests wait in the
-queue and are all answered 200; past the queue too they get 503 with Retry-After, and the health
+queue and are all answered 200; past the queue too they get 503 with Retry-After, and the liveness
 probes answer 200 throughout. Load from hey (a compiled load generator), bounded to a few seconds,
 on loopback; the API is a real process started here and stopped by its PID."""
 
