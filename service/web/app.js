@@ -1176,7 +1176,7 @@ function paramsText(params) {
   return Object.entries(params).map(([k, v]) => `${k}=${typeof v === "number" ? Number(v.toPrecision(3)) : JSON.stringify(v)}`).join(" ");
 }
 
-function meanStd(mean, std) {
+function meanPlusMinus(mean, std) {
   return mean === null ? "–" : `${fmt(mean)}${std === null ? "" : ` ± ${fmt(std)}`}`;
 }
 
@@ -1196,12 +1196,12 @@ async function searchPage(view, signal, searchId) {
     const best = search.best;
     summary.replaceChildren(
       el("p", {}, statusBadge(search.status), " ",
-        best ? el("span", { id: "search-best" }, `best: trial ${best.number}, ${paramsText(best.params)}: ${fmt(best.value)} (seeds ${meanStd(best.mean, best.std)})`) : "no complete trial yet"),
+        best ? el("span", { id: "search-best" }, `best: trial ${best.number}, ${paramsText(best.params)}: ${fmt(best.value)} (seeds ${meanPlusMinus(best.mean, best.std)})`) : "no complete trial yet"),
       search.importances ? el("p", { id: "search-importances" }, `importances (${search.importance_method}): `,
         Object.entries(search.importances).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(", ")) : "");
     const rows = search.trials.map((t) => el("tr", { "data-trial": t.number },
       el("td", { class: "num", text: t.number }), el("td", {}, statusBadge(t.state)), el("td", { text: paramsText(t.params) }),
-      numCell(t.value), el("td", { class: "num", text: meanStd(t.mean, t.std) }),
+      numCell(t.value), el("td", { class: "num", text: meanPlusMinus(t.mean, t.std) }),
       el("td", { class: "num", text: t.values.map((v) => (v === null ? "–" : fmt(v))).join(" ") }),
       el("td", {}, t.experiment_id ? el("a", { href: `#/experiments/${t.experiment_id}`, text: "runs" }) : (t.error || ""))));
     trialsBox.replaceChildren(table("search-trials-table", ["#", "state", "params", "value", "mean ± std", "per seed", ""], rows));
