@@ -41,7 +41,7 @@ def networks() -> list[tuple[str, ModelConfig, tuple[int, ...]]]:
         ("mlp 2x128 LN", ModelConfig(hidden=(128, 128), norm=ln), (32, 256)),
         ("mlp 10x128 BN", ModelConfig(hidden=(128,) * 10, norm=bn), (32, 128)),
         ("mlp 50x64 BN", ModelConfig(hidden=(64,) * 50, norm=bn), (64,)),
-        ("mlp 3x1024 none", ModelConfig(hidden=(1024,) * 3, norm=NormConfig(kind="group")), (64,)),
+        ("mlp 3x1024 GN", ModelConfig(hidden=(1024,) * 3, norm=NormConfig(kind="group")), (64,)),
         ("cnn 16,32 BN", ModelConfig(arch="cnn", channels=(16, 32), norm=bn), (8, 64)),
         ("cnn 32,64 GN", ModelConfig(arch="cnn", channels=(32, 64), norm=NormConfig(kind="group")), (32,)),
         ("resnet-8 BN", ModelConfig(arch="resnet", depth=8, norm=NormConfig(kind="batch")), (32,)),
@@ -52,10 +52,13 @@ def networks() -> list[tuple[str, ModelConfig, tuple[int, ...]]]:
             (64,),
         ),
     ]
-    if "rnn" in ModelConfig.__annotations__.get("arch", ""):
-        found += [
-            ("lstm 64", ModelConfig(arch="rnn", norm=NormConfig(kind="none")), (64,)),  # type: ignore[arg-type]
-        ]
+    rnn = {"arch": "rnn", "hidden_size": 64}
+    found += [
+        ("lstm 64 none", ModelConfig(**rnn, norm=NormConfig(kind="none")), (64,)),  # type: ignore[arg-type]
+        ("lstm 64 BN", ModelConfig(**rnn, norm=NormConfig(kind="batch")), (64,)),  # type: ignore[arg-type]
+        ("lstm 64 LN", ModelConfig(**rnn, norm=NormConfig(kind="layer")), (64,)),  # type: ignore[arg-type]
+        ("gru 128 LN", ModelConfig(arch="rnn", cell="gru", norm=NormConfig(kind="layer")), (32,)),
+    ]
     return found
 
 

@@ -27,22 +27,22 @@ from service.runs.spec import DEFAULT_SHAPE, model_config, train_config
 # Measured by bench/cost_model.py: 2 cores of an AMD EPYC (Zen 4), torch 2.13, one thread.
 # Autograd step: fixed + per layer call + per flop of forward and backward (3 forward passes), with
 # a rate of its own for Linear, convolution and elementwise flops.
-STEP_FIXED_S = 0.0005
-STEP_PER_CALL_S = 0.00004
-STEP_PER_LINEAR_FLOP_S = 1 / 30e9
-STEP_PER_CONV_FLOP_S = 1 / 20e9
-STEP_PER_OTHER_FLOP_S = 1 / 2e9
+STEP_FIXED_S = 0.00045
+STEP_PER_CALL_S = 0.0000213
+STEP_PER_LINEAR_FLOP_S = 1 / 104.9e9
+STEP_PER_CONV_FLOP_S = 1 / 68.5e9
+STEP_PER_OTHER_FLOP_S = 1 / 15.3e9
 # The fast path's step: fixed + per sample (the article's MLP: 0.41 ms at batch 32).
 FAST_STEP_FIXED_S, FAST_STEP_PER_SAMPLE_S = 0.00025, 0.000005
 # Validation, per batch of VAL_BATCH: fixed + per layer call; per sample: per flop of the forward pass.
 VAL_BATCH = 1024
-VAL_FIXED_S = 0.0005
-VAL_PER_CALL_S = 0.00001
-VAL_PER_LINEAR_FLOP_S = 1 / 30e9
-VAL_PER_CONV_FLOP_S = 1 / 20e9
-VAL_PER_OTHER_FLOP_S = 1 / 2e9
+VAL_FIXED_S = 0.0
+VAL_PER_CALL_S = 0.0000323
+VAL_PER_LINEAR_FLOP_S = 1 / 99.7e9
+VAL_PER_CONV_FLOP_S = 1 / 25.3e9
+VAL_PER_OTHER_FLOP_S = 1 / 18.5e9
 # Queue pick-up, loading, probes and recording, per run and per epoch.
-RUN_OVERHEAD_S = 0.5
+RUN_OVERHEAD_S = 0.3
 EPOCH_OVERHEAD_S = 0.05
 
 
