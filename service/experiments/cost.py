@@ -15,35 +15,45 @@ run`'s workers train a grid), which fits them by least squares and prints them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from service.experiments.grid import expand
 from service.experiments.schemas import ExperimentCreate
-from service.ml import nets, training
+from service.ml import nets, probes, training
 from service.ml.config import ModelConfig
 from service.ml.datasets import BUILTIN_SHAPES, split_sizes
 from service.runs.schemas import RunCreate
 from service.runs.spec import DEFAULT_SHAPE, model_config, train_config
 
 # Measured by bench/cost_model.py: 2 cores of an AMD EPYC (Zen 4), torch 2.13, one thread.
-# Autograd step: fixed + per layer call + per flop of forward and backward (3 forward passes), with
+# Autograd step: fixed + per torch call (nets.forward_profile counts them) + per flop of forward and backward (3 forward passes), with
 # a rate of its own for Linear, convolution and elementwise flops.
-STEP_FIXED_S = 0.00045
-STEP_PER_CALL_S = 0.0000213
-STEP_PER_LINEAR_FLOP_S = 1 / 104.9e9
-STEP_PER_CONV_FLOP_S = 1 / 68.5e9
-STEP_PER_OTHER_FLOP_S = 1 / 15.3e9
-# The fast path's step: fixed + per sample (the article's MLP: 0.41 ms at batch 32).
-FAST_STEP_FIXED_S, FAST_STEP_PER_SAMPLE_S = 0.00025, 0.000005
-# Validation, per batch of VAL_BATCH: fixed + per layer call; per sample: per flop of the forward pass.
+STEP_FIXED_S = 0.00039
+STEP_PER_CALL_S = 0.000018
+STEP_PER_LINEAR_FLOP_S = 1 / 99e9
+STEP_PER_CONV_FLOP_S = 1 / 81e9
+STEP_PER_OTHER_FLOP_S = 1 / 7.1e9
+# The fast path's step (MLPs, service/ml/fastpath.py): fixed + per hidden layer + per flop (the
+# article's MLP: 0.34 ms at batch 32).
+FAST_STEP_FIXED_S = 0.000073
+FAST_STEP_PER_LAYER_S = 0.0000255
+FAST_STEP_PER_LINEAR_FLOP_S = 1 / 126e9
+FAST_STEP_PER_OTHER_FLOP_S = 1 / 5.57e9
+# Validation, per batch of VAL_BATCH: fixed + per torch call; per sample: per flop of the forward pass.
 VAL_BATCH = 1024
 VAL_FIXED_S = 0.0
-VAL_PER_CALL_S = 0.0000323
-VAL_PER_LINEAR_FLOP_S = 1 / 99.7e9
-VAL_PER_CONV_FLOP_S = 1 / 25.3e9
-VAL_PER_OTHER_FLOP_S = 1 / 18.5e9
-# Queue pick-up, loading, probes and recording, per run and per epoch.
-RUN_OVERHEAD_S = 0.3
-EPOCH_OVERHEAD_S = 0.05
+VAL_PER_CALL_S = 0.0000184
+VAL_PER_LINEAR_FLOP_S = 1 / 85e9
+VAL_PER_CONV_FLOP_S = 1 / 23.5e9
+VAL_PER_OTHER_FLOP_S = 1 / 20e9
+# The probes against the passes they make (measured in-process on MLPs of 10 and 100 layers, a
+# residual MLP and a CNN): the gradients probe's per-layer norms and the percentiles probe's
+# quantiles per slot cost about as much again as the passes themselves.
+PROBE_GRADIENTS_FACTOR = 1.8
+PROBE_PERCENTILES_FACTOR = 2.5
+# Queue pick-up, loading and recording, per run and per epoch.
+RUN_OVERHEAD_S = 0.1
+EPOCH_OVERHEAD_S = 0.02
 
 
 def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
@@ -61,20 +71,41 @@ def run_seconds(spec: RunCreate) -> float:
     steps = math.ceil(n_train / train.batch_size)
     cfg = model_config(spec, shape)
     fast = not training.needs_autograd(train_config(spec)) and training.trains_fast(cfg)
+    tcfg = train_config(spec)
     epoch_s = steps * step_seconds(cfg, train.batch_size, fast=fast) + validation_seconds(cfg, n_val)
-    return RUN_OVERHEAD_S + train.epochs * (epoch_s + EPOCH_OVERHEAD_S)
+    # The probes run at initialisation (epoch 0) and after every epoch.
+    probes_s = (train.epochs + 1) * probe_seconds(cfg, tcfg.probes, min(n_train, probes.STATISTICS_SAMPLES))
+    return RUN_OVERHEAD_S + train.epochs * (epoch_s + EPOCH_OVERHEAD_S) + probes_s
 
 
 def step_seconds(cfg: ModelConfig, batch: int, *, fast: bool) -> float:
-    if fast:
-        return FAST_STEP_FIXED_S + FAST_STEP_PER_SAMPLE_S * batch
     p = nets.forward_profile(cfg)
+    if fast:
+        per_sample = FAST_STEP_PER_LINEAR_FLOP_S * p.linear_flops + FAST_STEP_PER_OTHER_FLOP_S * p.other_flops
+        return FAST_STEP_FIXED_S + FAST_STEP_PER_LAYER_S * len(cfg.hidden) + 3 * batch * per_sample
     per_sample = (
         STEP_PER_LINEAR_FLOP_S * p.linear_flops
         + STEP_PER_CONV_FLOP_S * p.conv_flops
         + STEP_PER_OTHER_FLOP_S * p.other_flops
     )
     return STEP_FIXED_S + STEP_PER_CALL_S * p.calls + 3 * batch * per_sample
+
+
+def probe_seconds(cfg: ModelConfig, names: Sequence[str], training_samples: int) -> float:
+    """One round of the probes (service/ml/probes.py) on the PROBE_SAMPLES probe batch: the slots'
+    inputs and the percentiles a forward pass each, the gradients a forward and backward pass, the
+    smoothness one per step size and one more, the statistics gap a forward pass over the training
+    samples it reads and two over the probe batch."""
+    forward = validation_seconds(cfg, probes.PROBE_SAMPLES)
+    backward = step_seconds(cfg, probes.PROBE_SAMPLES, fast=False)
+    costs = {
+        "gradients": PROBE_GRADIENTS_FACTOR * backward,
+        "smoothness": (1 + len(probes.STEP_FRACTIONS)) * PROBE_GRADIENTS_FACTOR * backward,
+        "percentiles": PROBE_PERCENTILES_FACTOR * forward,
+        "gamma": 0.0,
+        "statistics_gap": validation_seconds(cfg, training_samples) + 2 * forward,
+    }
+    return forward + sum(costs[name] for name in names)
 
 
 def validation_seconds(cfg: ModelConfig, samples: int) -> float:

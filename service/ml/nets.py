@@ -25,12 +25,14 @@ import functools
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+from torch.overrides import TorchFunctionMode
 
 from service.ml import recurrent, resnets
 from service.ml.config import RESIDUAL_ARCHS, ModelConfig
@@ -223,12 +225,11 @@ class ForwardProfile:
 
 @functools.lru_cache(maxsize=1024)
 def forward_profile(cfg: ModelConfig) -> ForwardProfile:
-    """Measured by a forward pass on the meta device (no memory, no random draws), so that every
+    """Measured by forward passes on the meta device (no memory, no random draws), so that every
     architecture is counted the same way."""
-    counts = {"linear": 0, "conv": 0, "other": 0, "calls": 0}
+    counts = {"linear": 0, "conv": 0, "other": 0}
 
     def count(module: nn.Module, _args: object, output: torch.Tensor) -> None:
-        counts["calls"] += not isinstance(module, nn.Identity)  # an empty slot costs no dispatch
         if isinstance(module, nn.Linear):
             rows = output.numel() // module.out_features  # 1, or one per position it is applied at
             counts["linear"] += 2 * module.in_features * module.out_features * rows
@@ -245,11 +246,6 @@ def forward_profile(cfg: ModelConfig) -> ForwardProfile:
         # An rnn layer's gates and states at every step (output: [1, T, H]).
         assert isinstance(module, recurrent.RecurrentLayer)
         counts["other"] += ELEMENTWISE_FLOPS * recurrent.STEP_VALUES[module.cell] * output.numel()
-        steps = output.shape[1]
-        if module.is_plain():  # torch's fused kernel: one dispatch, not the hooked hidden product's T
-            counts["calls"] -= steps - 1
-        else:
-            counts["calls"] += recurrent.STEP_OPS * steps  # the gates' operations at each step
 
     with torch.device("meta"):
         net = make_net(cfg).eval()
@@ -257,9 +253,41 @@ def forward_profile(cfg: ModelConfig) -> ForwardProfile:
         handles += [m.register_forward_hook(count_block) for m in resnets.blocks(net)]
         handles += [m.register_forward_hook(count_cell) for m in recurrent.layers(net)]
         net(torch.empty(1, *cfg.input_shape))
-    for handle in handles:
-        handle.remove()
-    return ForwardProfile(counts["linear"], counts["conv"], counts["other"], counts["calls"])
+        for handle in handles:
+            handle.remove()
+        calls = _dispatches(net, cfg)
+    return ForwardProfile(counts["linear"], counts["conv"], counts["other"], calls)
+
+
+class _Dispatches(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called: each is a trip through PyTorch's
+    Python layer and dispatcher, the fixed cost that dominates small, deep and recurrent networks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _dispatches(net: nn.Module, cfg: ModelConfig) -> int:
+    """Torch calls of one training-mode forward pass (a batch of two, as BN needs), without hooks,
+    so that every layer takes the path training takes (an rnn's fused kernel, its all-steps BN);
+    eval mode where training mode cannot run on the meta device (batch renorm reads a number)."""
+    sample = torch.empty(2, *cfg.input_shape)
+    for train in (True, False):
+        counter = _Dispatches()
+        try:
+            with counter:
+                net.train(train)(sample)
+        except RuntimeError:
+            continue
+        return counter.count
+    raise AssertionError("a forward pass in eval mode runs on the meta device")
 
 
 def forward_flops(cfg: ModelConfig) -> int:

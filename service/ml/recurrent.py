@@ -56,9 +56,6 @@ GATES = {"lstm": 4, "gru": 3}
 # Values a cell computes per step and hidden unit besides its products (gates, states): what the
 # flops count charges ELEMENTWISE_FLOPS each.
 STEP_VALUES = {"lstm": 6, "gru": 4}
-# Tensor operations of a cell's step outside its Linear and norm modules (the gates' additions,
-# chunk, sigmoids, tanhs, products): each costs a dispatch, which dominates small hidden sizes.
-STEP_OPS = 12
 # Plain cells (norm `none`) run torch's fused kernels when nothing observes them; False keeps every
 # cell on the step loop (tests compare the two).
 USE_FUSED_KERNELS = True
