@@ -536,9 +536,17 @@ def main() -> None:
         help="instead: the scale curve (`make bench-scale`): throughput over batch sizes and widths, "
         "then a 16-run grid through the API vs one run alone",
     )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="instead: only the 20-run grid through the API vs one run alone, and its utilisation",
+    )
     args = parser.parse_args()
     if args.scale:
         scale(args.synthetic)
+        return
+    if args.grid:
+        scale_grid("synthetic" if args.synthetic else "fashion-mnist")
         return
     dataset = "synthetic" if args.synthetic else "fashion-mnist"
     threads = torch.get_num_threads()

@@ -26,8 +26,8 @@ from service.runs.schemas import RunCreate
 from service.runs.spec import DEFAULT_SHAPE, model_config, train_config
 
 # Measured by bench/cost_model.py: 2 cores of an AMD EPYC (Zen 4), torch 2.13, one thread.
-# Autograd step: fixed + per torch call (nets.forward_profile counts them) + per flop of forward and backward (3 forward passes), with
-# a rate of its own for Linear, convolution and elementwise flops.
+# Autograd step: fixed + per torch call (nets.forward_profile counts them) + per flop of forward and
+# backward (3 forward passes), with a rate of its own for Linear, convolution and elementwise flops.
 STEP_FIXED_S = 0.00039
 STEP_PER_CALL_S = 0.000018
 STEP_PER_LINEAR_FLOP_S = 1 / 99e9
@@ -53,13 +53,17 @@ PROBE_GRADIENTS_FACTOR = 1.8
 PROBE_PERCENTILES_FACTOR = 2.5
 # Queue pick-up, loading and recording, per run and per epoch.
 RUN_OVERHEAD_S = 0.1
+# Creating the experiment, publishing its runs, and the last run's report.
+EXPERIMENT_OVERHEAD_S = 1.0
 EPOCH_OVERHEAD_S = 0.02
 
 
 def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
-    """Wall time of the experiment's runs, spread over the worker's `processes` training processes."""
-    total = sum(run_seconds(planned.spec) for planned in expand(spec))
-    return max(1, round(total / processes))
+    """Wall time of the experiment's runs, spread over the worker's `processes` training processes:
+    their total shared out, but never less than its longest run (which one process trains alone),
+    and the experiment's own start and end."""
+    runs = [run_seconds(planned.spec) for planned in expand(spec)]
+    return max(1, round(EXPERIMENT_OVERHEAD_S + max(sum(runs) / processes, max(runs))))
 
 
 def run_seconds(spec: RunCreate) -> float:
