@@ -249,8 +249,9 @@ def main() -> None:
     for name, idiomatic_s, idiomatic_acc, api_s, api_acc, floors, threads in rows:
         floor = floors[threads]
         accuracies = f"{idiomatic_acc:>10.4f} {api_acc:>10.4f}"
-        say(f"{name:26} {idiomatic_s:>11.2f} {api_s:>8.2f} {idiomatic_s / api_s:>8.2f}x {threads:>7} {floor:>8.2f}"
-            f" {api_s / floor:>8.2f}x {floors[1]:>12.2f} {accuracies}")  # fmt: skip
+        speed = f"{idiomatic_s:>11.2f} {api_s:>8.2f} {idiomatic_s / api_s:>8.2f}x"
+        say(f"{name:26} {speed} {threads:>7} {floor:>8.2f} {api_s / floor:>8.2f}x {floors[1]:>12.2f}"
+            f" {accuracies}")  # fmt: skip
     say(f"threads: what (b)'s training process used alone (service/runs/cores.py); (a) used"
         f" {torch.get_num_threads()}; the floor is on (b)'s threads.")  # fmt: skip
     say(f"load at the end: {load()}")
