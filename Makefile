@@ -71,7 +71,7 @@ bench-families: install
 	$(BIN)/python bench/families.py
 
 ## Scale curve: training throughput over batch sizes 32-1024 and widths 128-2048 (BN and no-BN, one
-## thread), then a 16-run grid through the API vs one run alone (about three minutes).
+## thread), then a 20-run grid through the API vs one run alone, and its utilisation (about three minutes).
 bench-scale: install
 	$(BIN)/python bench/train.py --scale
 
