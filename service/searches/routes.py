@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
+from pydantic import ValidationError
 
 from service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, full_id
 from service.api.errors import Message
@@ -18,10 +19,18 @@ from service.api.images import IMAGE_RESPONSES, PlotFormat
 from service.api.security import PrincipalDep
 from service.experiments.plots import CONTENT_TYPES
 from service.runs.service import refuse_if_aliased
-from service.searches import plots
+from service.searches import plots, presets
 from service.searches import repository as search_repo
 from service.searches import service as searches
-from service.searches.schemas import SearchCreate, SearchesPublic, SearchPublic
+from service.searches.schemas import (
+    SearchCreate,
+    SearchesPublic,
+    SearchPresetCreate,
+    SearchPresetPublic,
+    SearchPresetsPublic,
+    SearchPresetStarted,
+    SearchPublic,
+)
 
 router = APIRouter(prefix="/api/v1/searches", tags=["searches"])
 
@@ -63,6 +72,46 @@ def submit_search(
     search = searches.create_search(session=session, settings=settings, owner=principal.name, spec=spec)
     response.headers["Location"] = f"/api/v1/searches/{search.id}"
     return searches.search_public(session=session, search=search)
+
+
+@router.get("/presets", summary="Named searches: an article claim asked as searches")
+def list_search_presets() -> SearchPresetsPublic:
+    return SearchPresetsPublic(
+        items=[
+            SearchPresetPublic(name=p.name, claim=p.claim, searches=list(p.searches))
+            for p in presets.SEARCH_PRESETS.values()
+        ]
+    )
+
+
+@router.post(
+    "/presets/{name}",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Start a preset's searches, with optional trials, seeds, dataset, limit or epochs",
+    responses={404: {"model": Message}, 422: {"model": Message}, 429: {"model": Message}},
+)
+def start_search_preset(
+    name: Annotated[str, Path(pattern=r"^[a-z0-9-]{1,64}$")],
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    overrides: SearchPresetCreate | None = None,
+) -> SearchPresetStarted:
+    preset = presets.SEARCH_PRESETS.get(name)
+    if preset is None:
+        known = ", ".join(presets.SEARCH_PRESETS)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no search preset {name!r}; known: {known}")
+    try:
+        specs = presets.preset_searches(preset, overrides or SearchPresetCreate())
+    except ValidationError as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"the overrides make an invalid search: {exc}"
+        ) from exc
+    started = []
+    for spec in specs:  # each validated, budgeted and committed as POST /api/v1/searches does
+        search = searches.create_search(session=session, settings=settings, owner=principal.name, spec=spec)
+        started.append(searches.search_public(session=session, search=search))
+    return SearchPresetStarted(preset=name, searches=started)
 
 
 @router.get("", summary="List searches, newest first")

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, Field, ModelWrapValidatorHandler, PrivateAttr, model_validator
 
 from service.experiments.schemas import GridPath, GridValue
-from service.runs.schemas import LABEL_PATTERN, STRICT, NotBool, RunCreate
+from service.runs.schemas import LABEL_PATTERN, STRICT, BuiltinDatasetName, NotBool, RunCreate
 
 MAX_TRIALS = 200
 MAX_SEARCH_RUNS = 400  # trials × seeds
@@ -238,3 +238,36 @@ class SearchesPublic(BaseModel):
     total: int = Field(description="Searches in all.")
     limit: int = Field(description="Page size asked for.")
     offset: int = Field(description="Searches skipped.")
+
+
+class SearchPresetCreate(BaseModel):
+    """What a preset's searches may change, each the same way (all optional)."""
+
+    model_config = STRICT
+
+    trials: Annotated[int, NotBool] | None = Field(
+        None, ge=1, le=MAX_TRIALS, description="Trials per search."
+    )
+    seeds: list[Annotated[int, NotBool, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        None, min_length=1, max_length=16, description="train.seed of each trial's runs."
+    )
+    dataset: BuiltinDatasetName | None = Field(
+        None, description="A built-in dataset instead of the preset's."
+    )
+    limit: Annotated[int, NotBool] | None = Field(None, ge=2, description="Use the first N samples.")
+    epochs: Annotated[int, NotBool] | None = Field(None, ge=1, le=1000, description="Epochs of every run.")
+
+
+class SearchPresetPublic(BaseModel):
+    name: str
+    claim: str = Field(description="The claim the preset asks, and how.")
+    searches: list[dict[str, Any]] = Field(description="The searches it starts (SearchCreate specs).")
+
+
+class SearchPresetsPublic(BaseModel):
+    items: list[SearchPresetPublic]
+
+
+class SearchPresetStarted(BaseModel):
+    preset: str
+    searches: list[SearchPublic] = Field(description="The searches started, in the preset's order.")
