@@ -72,6 +72,7 @@ def create_app() -> FastAPI:
     app.include_router(experiment_routes.router)
     app.include_router(preset_routes.router)
     app.include_router(search_routes.router)
+    app.include_router(search_routes.preset_router)
     app.include_router(card_routes.router)
     app.include_router(card_routes.replications_router)
     app.include_router(bn_routes.router)

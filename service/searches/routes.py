@@ -33,6 +33,8 @@ from service.searches.schemas import (
 )
 
 router = APIRouter(prefix="/api/v1/searches", tags=["searches"])
+# Their own prefix: under /api/v1/searches, "presets" would also match /{search_id}'s routes.
+preset_router = APIRouter(prefix="/api/v1/search-presets", tags=["searches"])
 
 SearchIdPath = Annotated[
     str,
@@ -74,7 +76,7 @@ def submit_search(
     return searches.search_public(session=session, search=search)
 
 
-@router.get("/presets", summary="Named searches: an article claim asked as searches")
+@preset_router.get("", summary="Named searches: an article claim asked as searches")
 def list_search_presets() -> SearchPresetsPublic:
     return SearchPresetsPublic(
         items=[
@@ -84,8 +86,8 @@ def list_search_presets() -> SearchPresetsPublic:
     )
 
 
-@router.post(
-    "/presets/{name}",
+@preset_router.post(
+    "/{name}",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Start a preset's searches, with optional trials, seeds, dataset, limit or epochs",
     responses={404: {"model": Message}, 422: {"model": Message}, 429: {"model": Message}},

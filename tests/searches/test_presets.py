@@ -15,7 +15,7 @@ TINY = {"trials": 2, "seeds": [0, 1], "dataset": "synthetic", "limit": 200, "epo
 
 
 def test_presets_are_listed_with_their_claim_and_searches(client: TestClient) -> None:
-    items = client.get("/api/v1/searches/presets").json()["items"]
+    items = client.get("/api/v1/search-presets").json()["items"]
     (preset,) = [p for p in items if p["name"] == "best-lr-with-and-without-bn"]
     assert "higher learning rates" in preset["claim"]
     kinds = [s["base"]["model"]["norm"]["kind"] for s in preset["searches"]]
@@ -24,7 +24,7 @@ def test_presets_are_listed_with_their_claim_and_searches(client: TestClient) ->
 
 
 def test_a_preset_starts_its_searches_with_the_overrides(client: TestClient) -> None:
-    response = client.post("/api/v1/searches/presets/best-lr-with-and-without-bn", json=TINY)
+    response = client.post("/api/v1/search-presets/best-lr-with-and-without-bn", json=TINY)
     assert response.status_code == 202, response.text
     started = response.json()["searches"]
     assert [s["spec"]["base"]["model"]["norm"]["kind"] for s in started] == ["batch", "none"]
@@ -44,10 +44,10 @@ def test_a_preset_starts_its_searches_with_the_overrides(client: TestClient) -> 
 
 
 def test_an_unknown_preset_or_a_bad_override_is_refused_and_starts_nothing(client: TestClient) -> None:
-    unknown = client.post("/api/v1/searches/presets/no-such-preset", json={})
+    unknown = client.post("/api/v1/search-presets/no-such-preset", json={})
     assert unknown.status_code == 404
     assert "best-lr-with-and-without-bn" in unknown.json()["detail"]
-    bad = client.post("/api/v1/searches/presets/best-lr-with-and-without-bn", json={"trials": 0})
+    bad = client.post("/api/v1/search-presets/best-lr-with-and-without-bn", json={"trials": 0})
     assert bad.status_code == 422
     with session_scope() as session:
         assert session.query(Run).count() == 0
