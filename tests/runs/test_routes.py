@@ -78,6 +78,7 @@ def test_omitted_fields_default_to_the_articles_keras_experiment(client: TestCli
         "noise_mean": 0.5,
         "noise_std": 1.0,
         "example_weight": 0.0,
+        "max_steps": None,
         "sync": False,
     }
     assert spec["train"] == {
