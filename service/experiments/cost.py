@@ -84,14 +84,10 @@ def run_seconds(spec: RunCreate) -> float:
 
 def step_seconds(cfg: ModelConfig, batch: int, *, fast: bool) -> float:
     p = nets.forward_profile(cfg)
-    if fast:
-        per_sample = FAST_STEP_PER_LINEAR_FLOP_S * p.linear_flops + FAST_STEP_PER_OTHER_FLOP_S * p.other_flops
+    if fast:  # the fast path trains MLPs: no convolutions
+        per_sample = _flop_seconds(p, FAST_STEP_PER_LINEAR_FLOP_S, 0.0, FAST_STEP_PER_OTHER_FLOP_S)
         return FAST_STEP_FIXED_S + FAST_STEP_PER_LAYER_S * len(cfg.hidden) + 3 * batch * per_sample
-    per_sample = (
-        STEP_PER_LINEAR_FLOP_S * p.linear_flops
-        + STEP_PER_CONV_FLOP_S * p.conv_flops
-        + STEP_PER_OTHER_FLOP_S * p.other_flops
-    )
+    per_sample = _flop_seconds(p, STEP_PER_LINEAR_FLOP_S, STEP_PER_CONV_FLOP_S, STEP_PER_OTHER_FLOP_S)
     return STEP_FIXED_S + STEP_PER_CALL_S * p.calls + 3 * batch * per_sample
 
 
@@ -114,9 +110,10 @@ def probe_seconds(cfg: ModelConfig, names: Sequence[str], training_samples: int)
 
 def validation_seconds(cfg: ModelConfig, samples: int) -> float:
     p = nets.forward_profile(cfg)
-    per_sample = (
-        VAL_PER_LINEAR_FLOP_S * p.linear_flops
-        + VAL_PER_CONV_FLOP_S * p.conv_flops
-        + VAL_PER_OTHER_FLOP_S * p.other_flops
-    )
+    per_sample = _flop_seconds(p, VAL_PER_LINEAR_FLOP_S, VAL_PER_CONV_FLOP_S, VAL_PER_OTHER_FLOP_S)
     return math.ceil(samples / VAL_BATCH) * (VAL_FIXED_S + VAL_PER_CALL_S * p.calls) + samples * per_sample
+
+
+def _flop_seconds(p: nets.ForwardProfile, linear: float, conv: float, other: float) -> float:
+    """Seconds of one sample's forward flops at the given seconds per Linear, conv and other flop."""
+    return linear * p.linear_flops + conv * p.conv_flops + other * p.other_flops
