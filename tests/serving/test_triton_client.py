@@ -7,7 +7,6 @@ Every answer is compared with bnlab's own /api/v1/runs/{id}/predict on the same 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,15 +15,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-import uvicorn
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
-from service.db import get_engine
 from service.main import create_app
 from service.ml import datasets
 from tests.conftest import Backend
-from tests.integration.stack import free_port
+from tests.runs.test_concurrent_submits import serving
 from tests.serving.conftest import BN_SPEC, store_trained_run
 
 SAMPLES = datasets.make_synthetic(4, seed=11).x.numpy()  # uint8 [4, 28, 28]
@@ -33,21 +30,8 @@ PIXELS = SAMPLES.astype(np.float64) / 255.0
 
 @pytest.fixture
 def server_url(sqlite_backend: Backend, use_backend: Callable[[Backend], None]) -> Iterator[str]:
-    use_backend(sqlite_backend)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        get_engine().dispose()
+    with serving(sqlite_backend, {}, use_backend) as url:
+        yield url.removeprefix("http://")  # tritonclient takes host:port
 
 
 @pytest.fixture
