@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
@@ -122,6 +123,14 @@ def create_search(*, session: Session, settings: Settings, owner: str | None, sp
 
 
 # ----------------------------------------------------------------------------------- advancing
+
+
+def epoch_hook(run_id: str) -> Callable[[str], None] | None:
+    """What a run's epochs should call: `on_run_event` when the run is a search's trial (its
+    pruner reads every epoch), None for the rest, which then pay no lookup per epoch."""
+    with session_scope() as session:
+        search_id = search_repo.search_of_run(session=session, run_id=run_id)
+    return on_run_event if search_id is not None else None
 
 
 def on_run_event(run_id: str) -> None:
