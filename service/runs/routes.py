@@ -336,17 +336,18 @@ async def predict(
 ) -> Response:
     body = await read_predict_body(request, invert=invert)
     if mode == "train":
-        probabilities, loaded = await run_in_threadpool(_predict_batch_stats, run_id, version, body)
+        tensor, loaded = await run_in_threadpool(_predict_batch_stats, run_id, version, body)
+        probabilities, predictions = tensor.tolist(), tensor.argmax(dim=1).tolist()
         served_fused = False
     else:
         answer = await served.infer(run_id, version, fused=fused, prepare=body, is_run_id=True)
-        probabilities, loaded, served_fused = answer.probabilities, answer.loaded, answer.fused
-    predictions = probabilities.argmax(dim=1).tolist()
+        probabilities, predictions = answer.rows, answer.predictions
+        loaded, served_fused = answer.loaded, answer.fused
     names = await served.class_names_of(run_id)
     return json_response(  # ServedPredictResponse, serialized without a second validation
         {
             "predictions": predictions,
-            "probabilities": probabilities.tolist(),
+            "probabilities": probabilities,
             "model_version": loaded.version,
             "fused": served_fused,
             "mode": mode,

@@ -15,10 +15,10 @@ header; service.serving.binary) and statistics (per model version; service.servi
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from itertools import chain
 from typing import Annotated, Any
 
 import numpy as np
@@ -326,19 +326,18 @@ class _InferBody:
 
 
 def _response(name: str, body: _InferBody, answer: Answer) -> Response:
-    probabilities = answer.probabilities
-    if not math.isfinite(float(probabilities.sum())):
+    if not answer.finite:
         raise HTTPException(status.HTTP_409_CONFLICT, detail="the model produced non-finite outputs")
     if body.binary_outputs:
         return _binary_response(name, body, answer)
-    n, classes = probabilities.shape
+    n, classes = answer.probabilities.shape
     data: dict[str, dict[str, Any]] = {
         "probabilities": {
             "shape": [n, classes],
             "datatype": "FP32",
-            "data": probabilities.reshape(-1).tolist(),
+            "data": list(chain.from_iterable(answer.rows)),
         },
-        "predictions": {"shape": [n], "datatype": "INT64", "data": probabilities.argmax(dim=1).tolist()},
+        "predictions": {"shape": [n], "datatype": "INT64", "data": answer.predictions},
     }
     return json_response(  # V2InferResponse
         {
