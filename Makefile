@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint format migrate fuzz loadtest loadtest-short bench bench-serve bench-train bench-families bench-scale compose-test replications clean
+.PHONY: install run test lint format migrate fuzz loadtest loadtest-short bench bench-serve bench-train bench-families bench-grid bench-scale compose-test replications clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,7 @@ loadtest-short: install
 	LOAD_SHORT=1 $(BIN)/python -m tests.load.run_load
 
 ## Every benchmark; each prints a table and asserts nothing (run them on a quiet machine).
-bench: bench-serve bench-train bench-families
+bench: bench-serve bench-train bench-families bench-grid
 
 ## Serving benchmark: bnlab beside MLServer (installed on first use into its own virtual environment
 ## under /var/cache/bnlab-bench, or BNLAB_BENCH_CACHE), both driven by hey on loopback at 1, 8, 64
@@ -69,6 +69,11 @@ bench-train: install
 ## idiomatic PyTorch loop, bnlab through the API, and the forward/backward floor, side by side.
 bench-families: install
 	$(BIN)/python bench/families.py
+
+## A 4 × 5 grid of small runs through the API against one run alone: the share of the cores' time
+## spent in training steps (about a minute).
+bench-grid: install
+	$(BIN)/python bench/train.py --grid
 
 ## Scale curve: training throughput over batch sizes 32-1024 and widths 128-2048 (BN and no-BN, one
 ## thread), then a 20-run grid through the API vs one run alone, and its utilisation (about three minutes).
