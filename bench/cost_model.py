@@ -5,13 +5,17 @@ training step and the validation pass of networks that span the architectures: s
 CNNs, residual nets (and recurrent ones where the build has them), each at a few batch sizes. Then
 fits step = fixed + per call × module calls + per flop × 3 × forward flops × batch (non-negative least
 squares), and the same for validation, and prints the constants with each network's measured and
-modelled times. A benchmark: run it on a quiet machine and paste its constants into cost.py.
+modelled times. Then the compiled fast path's step (service/ml/fastpath.py) on the MLPs it trains:
+fixed + per hidden layer (and per normalised one) + per flop, fitted the same way. Every step is
+timed with Adam and with SGD: the update adds a cost per parameter. A benchmark: run it on a quiet machine
+and paste its constants into cost.py.
 
     .venv/bin/python bench/cost_model.py
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -26,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.ml import nets, training  # noqa: E402
-from service.ml.config import ModelConfig, NormConfig, TrainConfig  # noqa: E402
+from service.ml.config import ModelConfig, NormConfig, OptimizerName, TrainConfig  # noqa: E402
 from service.ml.datasets import ImageDataset  # noqa: E402
 from service.ml.fastpath import Batches  # noqa: E402
 
@@ -38,8 +42,8 @@ def networks() -> list[tuple[str, ModelConfig, tuple[int, ...]]]:
     """(name, config, batch sizes) spanning what the cards train."""
     bn, ln = NormConfig(kind="batch", position="before_activation"), NormConfig(kind="layer")
     found = [
-        ("mlp 2x128 LN", ModelConfig(hidden=(128, 128), norm=ln), (32, 256)),
-        ("mlp 10x128 BN", ModelConfig(hidden=(128,) * 10, norm=bn), (32, 128)),
+        ("mlp 2x128 LN", ModelConfig(hidden=(128, 128), norm=ln), (2, 32, 256)),
+        ("mlp 10x128 BN", ModelConfig(hidden=(128,) * 10, norm=bn), (2, 32, 128)),
         ("mlp 50x64 BN", ModelConfig(hidden=(64,) * 50, norm=bn), (64,)),
         ("mlp 3x1024 GN", ModelConfig(hidden=(1024,) * 3, norm=NormConfig(kind="group")), (64,)),
         ("cnn 16,32 BN", ModelConfig(arch="cnn", channels=(16, 32), norm=bn), (8, 64)),
@@ -79,9 +83,12 @@ def median_s(step: Callable[[], object], budget_s: float = 0.6) -> float:
     return statistics.median(samples)
 
 
-def step_time(cfg: ModelConfig, batch: int) -> float:
+OPTIMIZERS: tuple[OptimizerName, ...] = ("adam", "sgd")  # SGD with momentum, as most cards train
+
+
+def step_time(cfg: ModelConfig, batch: int, optimizer_name: OptimizerName) -> float:
     model = training.build_model(cfg, 0).train()
-    optimizer = training.make_optimizer(model, TrainConfig(batch_size=batch))
+    optimizer = training.make_optimizer(model, TrainConfig(batch_size=batch, optimizer=optimizer_name))
     x, y = torch.rand(SAMPLES, *cfg.input_shape), torch.randint(0, 10, (SAMPLES,))
     batches = Batches.for_epoch(x, y, torch.randperm(SAMPLES), batch)
     position = 0
@@ -93,6 +100,34 @@ def step_time(cfg: ModelConfig, batch: int) -> float:
         position += 1
 
     return median_s(one)
+
+
+def fast_networks() -> list[tuple[str, ModelConfig, tuple[int, ...]]]:
+    """MLPs the fast path trains, shallow to deep, narrow to wide, ReLU and sigmoid."""
+    bn, none = NormConfig(kind="batch", position="before_activation"), NormConfig(kind="none")
+    return [
+        ("mlp 2x100 BN", ModelConfig(hidden=(100, 100), norm=bn), (32, 128)),
+        ("mlp 2x100 none", ModelConfig(hidden=(100, 100), norm=none), (32,)),
+        ("mlp 3x100 sigmoid BN", ModelConfig(hidden=(100,) * 3, activation="sigmoid", norm=bn), (60,)),
+        ("mlp 3x100 sigmoid none", ModelConfig(hidden=(100,) * 3, activation="sigmoid", norm=none), (60,)),
+        ("mlp 8x256 none", ModelConfig(hidden=(256,) * 8, norm=none), (64,)),
+        ("mlp 8x256 BN", ModelConfig(hidden=(256,) * 8, norm=bn), (64,)),
+        ("mlp 20x100 BN", ModelConfig(hidden=(100,) * 20, norm=bn), (32,)),
+        ("mlp 2x1024 BN", ModelConfig(hidden=(1024,) * 2, norm=bn), (128,)),
+    ]
+
+
+def fast_step_time(cfg: ModelConfig, batch: int, optimizer_name: OptimizerName) -> float:
+    model = training.build_model(cfg, 0).train()
+    optimizer = training.make_optimizer(model, TrainConfig(batch_size=batch, optimizer=optimizer_name))
+    step = training.make_step(model, optimizer, batch)
+    if not step.fast_path:
+        raise SystemExit(f"the fast path does not train {cfg}")
+    # The fast path reads flat rows, as the training loop hands them to it.
+    x, y = torch.rand(SAMPLES, math.prod(cfg.input_shape)), torch.randint(0, 10, (SAMPLES,))
+    batches = Batches.for_epoch(x, y, torch.randperm(SAMPLES), batch)
+    k = step.steps_per_call  # the loop hands the fast path this many batches a call
+    return median_s(lambda: step.run(batches, 0, k * batch)) / k  # run takes sample positions
 
 
 def validation_time(cfg: ModelConfig) -> float:
@@ -119,13 +154,15 @@ def main() -> None:
         p = nets.forward_profile(cfg)
         flops = [float(p.linear_flops), float(p.conv_flops), float(p.other_flops)]
         calls = p.calls
+        params = nets.parameter_count(cfg)
         for batch in batches:
-            seconds = step_time(cfg, batch)
-            step_rows.append([1.0, calls, *(3.0 * f * batch for f in flops)])
-            step_s.append(seconds)
-            names.append(f"{name}, batch {batch}")
-            counted = f"{calls} calls, {p.flops:,} flops"
-            say(f"  step  {name:18} batch {batch:>4}: {seconds * 1e3:8.3f} ms  ({counted})")
+            for optimizer in OPTIMIZERS:
+                seconds = step_time(cfg, batch, optimizer)
+                step_rows.append([1.0, calls, *(3.0 * f * batch for f in flops), *updated(params, optimizer)])
+                step_s.append(seconds)
+                names.append(f"{name}, batch {batch}, {optimizer}")
+                counted = f"{calls} calls, {p.flops:,} flops, {params:,} parameters"
+                say(f"  step  {name:18} batch {batch:>4} {optimizer:4}: {seconds * 1e3:8.3f} ms  ({counted})")
         per_sample = validation_time(cfg)
         # Per sample: the fixed and per-call parts of a batch of 1024, and the flops.
         val_rows.append([1 / 1024, calls / 1024, *flops])
@@ -137,14 +174,56 @@ def main() -> None:
     for prefix, coef in (("STEP", step), ("VAL", val)):
         say(f"{prefix}_FIXED_S = {coef[0]:.6f}")
         say(f"{prefix}_PER_CALL_S = {coef[1]:.7f}")
-        for kind, value in zip(("LINEAR", "CONV", "OTHER"), coef[2:], strict=True):
+        for kind, value in zip(("LINEAR", "CONV", "OTHER"), coef[2:5], strict=True):
             rate = f"1 / {1 / value:.3e}" if value > 0 else "0.0"
             say(f"{prefix}_PER_{kind}_FLOP_S = {rate}")
+    say(f"STEP_PER_PARAMETER_S = {per_parameter(step[5:])}")
     say()
-    say(f"{'network':32} {'measured ms':>12} {'modelled ms':>12} {'ratio':>6}")
-    for name, row, seconds in zip(names, step_rows, step_s, strict=True):
-        modelled = float(np.dot(row, step))
-        say(f"{name:32} {seconds * 1e3:>12.3f} {modelled * 1e3:>12.3f} {modelled / seconds:>6.2f}")
+    show_fit(names, step_rows, step_s, step)
+    fast_rows, fast_s, fast_names = [], [], []
+    say()
+    say("the fast path's step")
+    for name, cfg, batches in fast_networks():
+        p = nets.forward_profile(cfg)
+        params = nets.parameter_count(cfg)
+        flops = [3.0 * p.linear_flops, 3.0 * p.other_flops]
+        for batch in batches:
+            for optimizer in OPTIMIZERS:
+                seconds = fast_step_time(cfg, batch, optimizer)
+                layers = [len(cfg.hidden), len(cfg.hidden) if cfg.norm.kind != "none" else 0]
+                fast_rows.append([1.0, *layers, *(f * batch for f in flops), *updated(params, optimizer)])
+                fast_s.append(seconds)
+                fast_names.append(f"{name}, batch {batch}, {optimizer}")
+                say(f"  step  {name:22} batch {batch:>4} {optimizer:4}: {seconds * 1e3:8.3f} ms")
+    fast = fit(fast_rows, fast_s)
+    say()
+    say(f"FAST_STEP_FIXED_S = {fast[0]:.6f}")
+    say(f"FAST_STEP_PER_LAYER_S = {fast[1]:.7f}")
+    say(f"FAST_STEP_PER_NORM_LAYER_S = {fast[2]:.7f}")
+    for kind, value in zip(("LINEAR", "OTHER"), fast[3:5], strict=True):
+        rate = f"1 / {1 / value:.3e}" if value > 0 else "0.0"
+        say(f"FAST_STEP_PER_{kind}_FLOP_S = {rate}")
+    say(f"FAST_STEP_PER_PARAMETER_S = {per_parameter(fast[5:])}")
+    say()
+    show_fit(fast_names, fast_rows, fast_s, fast)
+
+
+def updated(params: int, optimizer: OptimizerName) -> list[float]:
+    """The optimizer's columns: its update touches every parameter, Adam's at more cost than SGD's."""
+    return [float(params) if optimizer == name else 0.0 for name in OPTIMIZERS]
+
+
+def per_parameter(coef: np.ndarray) -> str:
+    return (
+        "{" + ", ".join(f'"{name}": {value:.3e}' for name, value in zip(OPTIMIZERS, coef, strict=True)) + "}"
+    )
+
+
+def show_fit(names: list[str], rows: list[list[float]], seconds: list[float], coef: np.ndarray) -> None:
+    print(f"{'network':32} {'measured ms':>12} {'modelled ms':>12} {'ratio':>6}")  # noqa: T201
+    for name, row, measured in zip(names, rows, seconds, strict=True):
+        modelled = float(np.dot(row, coef))
+        print(f"{name:32} {measured * 1e3:>12.3f} {modelled * 1e3:>12.3f} {modelled / measured:>6.2f}")  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -17,53 +17,67 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from service.config import get_settings
 from service.experiments.grid import expand
 from service.experiments.schemas import ExperimentCreate
 from service.ml import nets, probes, training
-from service.ml.config import ModelConfig
+from service.ml.config import ModelConfig, OptimizerName, TrainConfig
 from service.ml.datasets import BUILTIN_SHAPES, split_sizes
 from service.runs.schemas import RunCreate
 from service.runs.spec import DEFAULT_SHAPE, model_config, train_config
 
-# Measured by bench/cost_model.py: 2 cores of an AMD EPYC (Zen 4), torch 2.13, one thread.
+# Measured by bench/cost_model.py: 2 cores of an Intel Xeon, torch 2.13, one thread.
 # Autograd step: fixed + per torch call (nets.forward_profile counts them) + per flop of forward and
 # backward (3 forward passes), with a rate of its own for Linear, convolution and elementwise flops.
-STEP_FIXED_S = 0.00039
-STEP_PER_CALL_S = 0.000018
-STEP_PER_LINEAR_FLOP_S = 1 / 99e9
-STEP_PER_CONV_FLOP_S = 1 / 81e9
-STEP_PER_OTHER_FLOP_S = 1 / 7.1e9
-# The fast path's step (MLPs, service/ml/fastpath.py): fixed + per hidden layer + per flop (the
-# article's MLP: 0.34 ms at batch 32).
-FAST_STEP_FIXED_S = 0.000073
-FAST_STEP_PER_LAYER_S = 0.0000255
-FAST_STEP_PER_LINEAR_FLOP_S = 1 / 126e9
-FAST_STEP_PER_OTHER_FLOP_S = 1 / 5.57e9
+STEP_FIXED_S = 0.000270
+STEP_PER_CALL_S = 0.0000122
+STEP_PER_LINEAR_FLOP_S = 1 / 3.518e11
+STEP_PER_CONV_FLOP_S = 1 / 9.651e10
+STEP_PER_OTHER_FLOP_S = 1 / 8.130e09
+# The optimizer's update, per trainable parameter (zero for the probes' passes, which update nothing).
+STEP_PER_PARAMETER_S: dict[OptimizerName, float] = {"adam": 3.063e-09, "sgd": 2.873e-09}
+# The fast path's step (MLPs, service/ml/fastpath.py): fixed + per hidden layer (more when it is
+# normalised) + per flop + the update per parameter (the article's MLP: 0.29-0.32 ms at batch 32).
+FAST_STEP_FIXED_S = 0.000006
+FAST_STEP_PER_LAYER_S = 0.0000132
+FAST_STEP_PER_NORM_LAYER_S = 0.0000272
+FAST_STEP_PER_LINEAR_FLOP_S = 1 / 1.885e11
+FAST_STEP_PER_OTHER_FLOP_S = 1 / 1.555e10
+FAST_STEP_PER_PARAMETER_S: dict[OptimizerName, float] = {"adam": 1.148e-09, "sgd": 9.325e-10}
 # Validation, per batch of VAL_BATCH: fixed + per torch call; per sample: per flop of the forward pass.
 VAL_BATCH = 1024
-VAL_FIXED_S = 0.0
-VAL_PER_CALL_S = 0.0000184
-VAL_PER_LINEAR_FLOP_S = 1 / 85e9
-VAL_PER_CONV_FLOP_S = 1 / 23.5e9
-VAL_PER_OTHER_FLOP_S = 1 / 20e9
+VAL_FIXED_S = 0.000000
+VAL_PER_CALL_S = 0.0000120
+VAL_PER_LINEAR_FLOP_S = 1 / 1.566e11
+VAL_PER_CONV_FLOP_S = 1 / 3.562e10
+VAL_PER_OTHER_FLOP_S = 1 / 1.656e10
 # The probes against the passes they make (measured in-process on MLPs of 10 and 100 layers, a
 # residual MLP and a CNN): the gradients probe's per-layer norms and the percentiles probe's
 # quantiles per slot cost about as much again as the passes themselves.
 PROBE_GRADIENTS_FACTOR = 1.8
 PROBE_PERCENTILES_FACTOR = 2.5
-# Queue pick-up, loading and recording, per run and per epoch.
-RUN_OVERHEAD_S = 0.1
-# Creating the experiment, publishing its runs, and the last run's report.
-EXPERIMENT_OVERHEAD_S = 1.0
-EPOCH_OVERHEAD_S = 0.02
+# Measured on the replication cards' runs (their rows' timestamps): a run's set-up and end outside its
+# epochs take about 0.03 s and a worker's pick-up of the next run 0.04 s; between two epochs, besides
+# the probes, recording the epoch takes about 0.01 s.
+RUN_OVERHEAD_S = 0.07
+EPOCH_OVERHEAD_S = 0.01
+# Each epoch's training state (weights and optimizer moments, BNLAB_KEEP_CHECKPOINTS=epoch), serialised
+# and written to the database: measured 3-6 ns a byte (MLPs of 0.1-1.8 M parameters, SQLite).
+STATE_PER_BYTE_S = 4.5e-9
+# Creating the experiment and publishing its runs, and the report at its end.
+EXPERIMENT_OVERHEAD_S = 0.3
 
 
 def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
     """Wall time of the experiment's runs, spread over the worker's `processes` training processes:
     their total shared out, but never less than its longest run (which one process trains alone),
-    and the experiment's own start and end."""
+    and the experiment's own start and end. Shared out run by run, the processes do not finish
+    together: at the end the others wait for the last one, on average half a run each, which puts
+    the end (processes − 1) / processes of half a run after an even share."""
     runs = [run_seconds(planned.spec) for planned in expand(spec)]
-    return max(1, round(EXPERIMENT_OVERHEAD_S + max(sum(runs) / processes, max(runs))))
+    half_run = sum(runs) / len(runs) / 2
+    shared = sum(runs) / processes + (processes - 1) / processes * half_run
+    return max(1, round(EXPERIMENT_OVERHEAD_S + max(shared, max(runs))))
 
 
 def run_seconds(spec: RunCreate) -> float:
@@ -76,19 +90,35 @@ def run_seconds(spec: RunCreate) -> float:
     cfg = model_config(spec, shape)
     fast = not training.needs_autograd(train_config(spec)) and training.trains_fast(cfg)
     tcfg = train_config(spec)
-    epoch_s = steps * step_seconds(cfg, train.batch_size, fast=fast) + validation_seconds(cfg, n_val)
+    step_s = step_seconds(cfg, train.batch_size, fast=fast, optimizer=tcfg.optimizer)
+    epoch_s = steps * step_s + validation_seconds(cfg, n_val)
     # The probes run at initialisation (epoch 0) and after every epoch.
     probes_s = (train.epochs + 1) * probe_seconds(cfg, tcfg.probes, min(n_train, probes.STATISTICS_SAMPLES))
-    return RUN_OVERHEAD_S + train.epochs * (epoch_s + EPOCH_OVERHEAD_S) + probes_s
+    return RUN_OVERHEAD_S + train.epochs * (epoch_s + EPOCH_OVERHEAD_S + state_seconds(cfg, tcfg)) + probes_s
 
 
-def step_seconds(cfg: ModelConfig, batch: int, *, fast: bool) -> float:
+def state_seconds(cfg: ModelConfig, tcfg: TrainConfig) -> float:
+    """Storing an epoch's training state: float32 weights and the optimizer's moments (Adam two,
+    SGD one with momentum), when epochs' states are kept."""
+    if get_settings().keep_checkpoints != "epoch":
+        return 0.0
+    moments = 2 if tcfg.optimizer == "adam" else int(tcfg.momentum > 0)
+    return STATE_PER_BYTE_S * 4 * (1 + moments) * nets.parameter_count(cfg)
+
+
+def step_seconds(cfg: ModelConfig, batch: int, *, fast: bool, optimizer: OptimizerName | None) -> float:
+    """A training step's forward and backward pass, and the optimizer's update unless it is None."""
     p = nets.forward_profile(cfg)
     if fast:  # the fast path trains MLPs: no convolutions
         per_sample = _flop_seconds(p, FAST_STEP_PER_LINEAR_FLOP_S, 0.0, FAST_STEP_PER_OTHER_FLOP_S)
-        return FAST_STEP_FIXED_S + FAST_STEP_PER_LAYER_S * len(cfg.hidden) + 3 * batch * per_sample
-    per_sample = _flop_seconds(p, STEP_PER_LINEAR_FLOP_S, STEP_PER_CONV_FLOP_S, STEP_PER_OTHER_FLOP_S)
-    return STEP_FIXED_S + STEP_PER_CALL_S * p.calls + 3 * batch * per_sample
+        update = FAST_STEP_PER_PARAMETER_S[optimizer] if optimizer else 0.0
+        per_layer = FAST_STEP_PER_LAYER_S + (FAST_STEP_PER_NORM_LAYER_S if cfg.norm.kind != "none" else 0.0)
+        passes = FAST_STEP_FIXED_S + per_layer * len(cfg.hidden) + 3 * batch * per_sample
+    else:
+        per_sample = _flop_seconds(p, STEP_PER_LINEAR_FLOP_S, STEP_PER_CONV_FLOP_S, STEP_PER_OTHER_FLOP_S)
+        update = STEP_PER_PARAMETER_S[optimizer] if optimizer else 0.0
+        passes = STEP_FIXED_S + STEP_PER_CALL_S * p.calls + 3 * batch * per_sample
+    return passes + update * nets.parameter_count(cfg)
 
 
 def probe_seconds(cfg: ModelConfig, names: Sequence[str], training_samples: int) -> float:
@@ -97,7 +127,7 @@ def probe_seconds(cfg: ModelConfig, names: Sequence[str], training_samples: int)
     smoothness one per step size and one more, the statistics gap a forward pass over the training
     samples it reads and two over the probe batch."""
     forward = validation_seconds(cfg, probes.PROBE_SAMPLES)
-    backward = step_seconds(cfg, probes.PROBE_SAMPLES, fast=False)
+    backward = step_seconds(cfg, probes.PROBE_SAMPLES, fast=False, optimizer=None)
     costs = {
         "gradients": PROBE_GRADIENTS_FACTOR * backward,
         "smoothness": (1 + len(probes.STEP_FRACTIONS)) * PROBE_GRADIENTS_FACTOR * backward,
