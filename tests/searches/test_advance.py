@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from service.db import session_scope
 from service.main import create_app
 from service.models import EpochMetric, Run, RunStatus, SearchTrial
-from service.searches.service import on_run_event
+from service.searches.service import epoch_hook, on_run_event
 from service.searches.storage import storage
 from tests.conftest import Backend
 
@@ -124,3 +124,14 @@ def test_values_that_make_no_valid_run_fail_their_trial_and_the_search_goes_on(a
     assert failed["params"] == {"model.norm.kind": "group", "model.hidden": [30]}
     assert failed["experiment_id"] is None
     assert "must divide every model.hidden width" in failed["error"]
+
+
+def test_only_a_search_trials_runs_call_the_search_hook_after_each_epoch(api: TestClient) -> None:
+    assert api.post("/api/v1/searches", json=SEARCH).status_code == 202
+    plain = api.post("/api/v1/runs", json=SEARCH["base"])
+    assert plain.status_code == 202, plain.text
+    with session_scope() as session:
+        trial_runs = [r.id for r in session.query(Run).filter(Run.experiment_id.is_not(None))]
+    assert len(trial_runs) == 6  # two trials in flight × three seeds
+    assert all(epoch_hook(run_id) is on_run_event for run_id in trial_runs)
+    assert epoch_hook(plain.json()["id"]) is None  # no lookup per epoch for a run outside any search

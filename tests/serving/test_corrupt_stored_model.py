@@ -65,3 +65,29 @@ def test_a_corrupt_stored_model_is_409_and_the_api_stays_up(
         )
         assert 400 <= v2.status_code < 500, v2.text
         assert client.get("/health/live").status_code == 200
+
+
+def test_a_model_whose_outputs_overflow_is_409_on_v2(
+    sqlite_backend: Backend, use_backend: Callable[[Backend], None]
+) -> None:
+    use_backend(sqlite_backend)
+    spec = RunCreate.model_validate({"dataset": {"name": "synthetic"}})
+    net = make_net(model_config(spec))
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.fill_(3e38)  # finite weights, infinite logits: softmax gives NaN
+    weights = save_checkpoint(net, model_config(spec))
+    with session_scope() as session:
+        run = run_repo.create_run(session=session, spec=spec)
+        session.flush()
+        session.get(Run, run.id).status = RunStatus.succeeded.value  # type: ignore[union-attr]
+        run_repo.save_artifact(
+            session=session, run_id=run.id, weights=weights,
+            model_config=model_config(spec).to_dict(), sha256=sha256_hex(weights),
+        )  # fmt: skip
+        run_id = run.id
+    body = {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]}
+    with TestClient(create_app()) as client:
+        v2 = client.post(f"/v2/models/{run_id}/infer", json=body)
+        assert v2.status_code == 409, v2.text
+        assert v2.json()["error"] == "the model produced non-finite outputs"
