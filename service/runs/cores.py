@@ -54,7 +54,8 @@ class CoreShare:
             return
         self.checked_at = time.monotonic()
         node = self.worker.rpartition("/")[0]
-        demand = run_repo.count_training_demand(session=session, node=node)
+        enough = get_settings().training_processes
+        demand = run_repo.count_training_demand(session=session, node=node, enough=enough)
         training.set_threads(threads_for(demand))
 
     def restore(self) -> None:
@@ -64,9 +65,9 @@ class CoreShare:
 
 
 def threads_for(demand: int) -> int:
-    """Threads for one of `demand` runs that want the node's training processes (this one included):
-    the cores divided among them, never fewer than the process's own share."""
+    """Threads for one of `demand` processes that want the node's cores (this one included): the
+    cores divided among them, never fewer than the process's own share."""
     settings = get_settings()
     cores = os.cpu_count() or 1
-    sharing = min(settings.training_processes, max(1, demand))
+    sharing = max(1, demand)
     return max(settings.effective_torch_threads(), cores // sharing)

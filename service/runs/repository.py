@@ -437,13 +437,15 @@ def mark_enqueued(*, session: Session, run_id: str) -> None:
     )
 
 
-def count_training_demand(*, session: Session, node: str) -> int:
-    """Runs that want a training process of worker node `node`: those it trains, and every queued one
-    (an idle training process claims it at once)."""
+def count_training_demand(*, session: Session, node: str, enough: int) -> int:
+    """Processes that the runs wanting worker node `node` train with: the runs it trains, and every
+    queued one (an idle training process claims it at once), a data-parallel run counting each of its
+    `train.processes`. Counting stops past `enough` runs: more cannot ask for fewer threads."""
     running = Run.status == RunStatus.running.value
     on_node = and_(running, Run.worker.startswith(f"{node}/", autoescape=True))
     wanted = or_(on_node, Run.status == RunStatus.queued.value)
-    return session.scalar(select(func.count()).select_from(Run).where(wanted)) or 0
+    specs = session.scalars(select(Run.spec).where(wanted).limit(enough))
+    return sum(max(1, int(spec.get("train", {}).get("processes", 1))) for spec in specs)
 
 
 def count_active_runs(*, session: Session, owner: str | None) -> int:

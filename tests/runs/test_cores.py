@@ -35,9 +35,10 @@ def keep_threads() -> object:
     torch.set_num_threads(threads)
 
 
-def add_run(status: RunStatus, worker: str | None = None) -> None:
+def add_run(status: RunStatus, worker: str | None = None, processes: int = 1) -> None:
+    spec = RunCreate.model_validate({"train": {"processes": processes}})
     with session_scope() as session:
-        run = run_repo.create_run(session=session, spec=RunCreate.model_validate({}))
+        run = run_repo.create_run(session=session, spec=spec)
         run.status, run.worker = status.value, worker
 
 
@@ -81,3 +82,14 @@ def test_a_lone_run_takes_the_idle_cores_and_gives_them_back_when_others_arrive(
 
     share.restore()
     assert torch.get_num_threads() == 1  # the process's own share, for its next run
+
+
+@pytest.mark.usefixtures("four_cores")
+def test_a_data_parallel_run_on_the_node_counts_each_of_its_processes() -> None:
+    add_run(RunStatus.running, "node-a/10")  # this run
+    add_run(RunStatus.running, "node-a/11", processes=2)  # its two ranks use two of the four cores
+    share = cores.CoreShare.for_run("node-a/10", CNN, TrainConfig(batch_size=64))
+    with session_scope() as session:
+        assert run_repo.count_training_demand(session=session, node="node-a", enough=4) == 3
+        share.resize(session)
+    assert torch.get_num_threads() == 1  # four cores among three processes: one each
