@@ -340,11 +340,21 @@ def record_epoch(
             train_samples=train_samples,
         )
     )
-    # merge: a run resumed after a crash may probe an epoch again (epoch 0 comes with epoch 1).
-    for stat in metrics.layer_stats:
-        values = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(stat).items()}
-        session.merge(LayerStat(run_id=lease.run_id, **values))  # the dataclass fields are the columns
-    # The same for the other probes, replaced as a block: hundreds of values in a deep network.
+    # Replaced as blocks, per epoch: a run resumed after a crash may probe an epoch again (epoch 0
+    # comes with epoch 1), and a deep network has hundreds of rows an epoch (merging them one by one
+    # cost a read each).
+    if metrics.layer_stats:
+        epochs = {stat.epoch for stat in metrics.layer_stats}
+        session.execute(
+            delete(LayerStat).where(LayerStat.run_id == lease.run_id, LayerStat.epoch.in_(epochs))
+        )
+        session.add_all(
+            LayerStat(  # the dataclass fields are the columns
+                run_id=lease.run_id,
+                **{k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(stat).items()},
+            )
+            for stat in metrics.layer_stats
+        )
     if metrics.probes:
         epochs = {value.epoch for value in metrics.probes}
         session.execute(

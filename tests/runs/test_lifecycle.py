@@ -260,3 +260,26 @@ def test_aliases_still_block_nothing_once_deleted(client: TestClient) -> None:
     assert client.delete(f"/api/v1/runs/{run_id}").status_code == 204
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(ModelAlias)) == 0
+
+
+def test_an_epoch_recorded_again_replaces_its_layer_statistics(client: TestClient) -> None:
+    """A run resumed after a crash probes its last epochs again (epoch 0 comes with epoch 1)."""
+    run_id = str(client.post("/api/v1/runs", json=SPEC).json()["id"])
+    lease = claim(run_id)
+    for mean in (0.0, 0.5):
+        stats = tuple(
+            SlotStatistics(epoch=epoch, layer=layer, input_mean=mean, input_std=1.0)
+            for epoch in (0, 1)
+            for layer in ("bn1", "bn2")
+        )
+        with session_scope() as session:
+            run_repo.record_epoch(
+                session=session, lease=lease, metrics=EpochMetrics(1, 0.5, 0.8, 0.6, 0.7, 0.1, stats),
+                training_state=None,
+            )  # fmt: skip
+            session.query(EpochMetric).filter_by(run_id=run_id).delete()  # as resume_point drops it
+    with session_scope() as session:
+        rows = session.query(LayerStat).filter_by(run_id=run_id).all()
+        assert sorted((r.epoch, r.layer, r.input_mean) for r in rows) == [
+            (0, "bn1", 0.5), (0, "bn2", 0.5), (1, "bn1", 0.5), (1, "bn2", 0.5)
+        ]  # fmt: skip
