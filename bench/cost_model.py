@@ -3,12 +3,12 @@
 Times, in this process on one thread (as `make run`'s training processes train a grid), the autograd
 training step and the validation pass of networks that span the architectures: small and deep MLPs,
 CNNs, residual nets (and recurrent ones where the build has them), each at a few batch sizes. Then
-fits step = fixed + per call × module calls + per flop × 3 × forward flops × batch (non-negative least
-squares), and the same for validation, and prints the constants with each network's measured and
-modelled times. Then the compiled fast path's step (service/ml/fastpath.py) on the MLPs it trains:
-fixed + per hidden layer (and per normalised one) + per flop, fitted the same way. Every step is
-timed with Adam and with SGD: the update adds a cost per parameter. A benchmark: run it on a quiet machine
-and paste its constants into cost.py.
+fits step = fixed + per call × module calls + per convolution + per flop × 3 × forward flops × batch
++ per parameter (non-negative least squares), and the same for validation, and prints the constants
+with each network's measured and modelled times. Then the compiled fast path's step
+(service/ml/fastpath.py) on the MLPs it trains: fixed + per hidden layer (and per normalised one) +
+per flop, fitted the same way. Every step is timed with Adam and with SGD: the update adds a cost per
+parameter. A benchmark: run it on a quiet machine and paste its constants into cost.py.
 
     .venv/bin/python bench/cost_model.py
 """
@@ -41,12 +41,14 @@ SAMPLES = 2048
 def networks() -> list[tuple[str, ModelConfig, tuple[int, ...]]]:
     """(name, config, batch sizes) spanning what the cards train."""
     bn, ln = NormConfig(kind="batch", position="before_activation"), NormConfig(kind="layer")
+    gn8 = NormConfig(kind="group", num_groups=8)
     found = [
         ("mlp 2x128 LN", ModelConfig(hidden=(128, 128), norm=ln), (2, 32, 256)),
         ("mlp 10x128 BN", ModelConfig(hidden=(128,) * 10, norm=bn), (2, 32, 128)),
         ("mlp 50x64 BN", ModelConfig(hidden=(64,) * 50, norm=bn), (64,)),
         ("mlp 3x1024 GN", ModelConfig(hidden=(1024,) * 3, norm=NormConfig(kind="group")), (64,)),
-        ("cnn 16,32 BN", ModelConfig(arch="cnn", channels=(16, 32), norm=bn), (8, 64)),
+        ("cnn 16,32 BN", ModelConfig(arch="cnn", channels=(16, 32), norm=bn), (2, 8, 64)),
+        ("cnn 16,32 GN", ModelConfig(arch="cnn", channels=(16, 32), norm=gn8), (2, 32)),
         ("cnn 32,64 GN", ModelConfig(arch="cnn", channels=(32, 64), norm=NormConfig(kind="group")), (32,)),
         ("resnet-8 BN", ModelConfig(arch="resnet", depth=8, norm=NormConfig(kind="batch")), (32,)),
         ("resnet-20 BN", ModelConfig(arch="resnet", depth=20, norm=NormConfig(kind="batch")), (64,)),
@@ -158,7 +160,8 @@ def main() -> None:
         for batch in batches:
             for optimizer in OPTIMIZERS:
                 seconds = step_time(cfg, batch, optimizer)
-                step_rows.append([1.0, calls, *(3.0 * f * batch for f in flops), *updated(params, optimizer)])
+                per_step = [1.0, calls, p.conv_layers]
+                step_rows.append([*per_step, *(3.0 * f * batch for f in flops), *updated(params, optimizer)])
                 step_s.append(seconds)
                 names.append(f"{name}, batch {batch}, {optimizer}")
                 counted = f"{calls} calls, {p.flops:,} flops, {params:,} parameters"
@@ -174,10 +177,12 @@ def main() -> None:
     for prefix, coef in (("STEP", step), ("VAL", val)):
         say(f"{prefix}_FIXED_S = {coef[0]:.6f}")
         say(f"{prefix}_PER_CALL_S = {coef[1]:.7f}")
-        for kind, value in zip(("LINEAR", "CONV", "OTHER"), coef[2:5], strict=True):
+        flop_rates = coef[3:6] if prefix == "STEP" else coef[2:5]
+        for kind, value in zip(("LINEAR", "CONV", "OTHER"), flop_rates, strict=True):
             rate = f"1 / {1 / value:.3e}" if value > 0 else "0.0"
             say(f"{prefix}_PER_{kind}_FLOP_S = {rate}")
-    say(f"STEP_PER_PARAMETER_S = {per_parameter(step[5:])}")
+    say(f"STEP_PER_CONV_LAYER_S = {step[2]:.7f}")
+    say(f"STEP_PER_PARAMETER_S = {per_parameter(step[6:])}")
     say()
     show_fit(names, step_rows, step_s, step)
     fast_rows, fast_s, fast_names = [], [], []

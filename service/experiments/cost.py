@@ -29,28 +29,30 @@ from service.runs.spec import DEFAULT_SHAPE, model_config, train_config
 # Measured by bench/cost_model.py: 2 cores of an Intel Xeon, torch 2.13, one thread.
 # Autograd step: fixed + per torch call (nets.forward_profile counts them) + per flop of forward and
 # backward (3 forward passes), with a rate of its own for Linear, convolution and elementwise flops.
-STEP_FIXED_S = 0.000270
+STEP_FIXED_S = 0.000202
 STEP_PER_CALL_S = 0.0000122
-STEP_PER_LINEAR_FLOP_S = 1 / 3.518e11
-STEP_PER_CONV_FLOP_S = 1 / 9.651e10
-STEP_PER_OTHER_FLOP_S = 1 / 8.130e09
+STEP_PER_LINEAR_FLOP_S = 1 / 3.852e11
+STEP_PER_CONV_FLOP_S = 1 / 1.024e11
+STEP_PER_OTHER_FLOP_S = 1 / 7.729e09
+# Each convolution's set-up of its kernels, forward and backward, whatever its size.
+STEP_PER_CONV_LAYER_S = 0.0005367
 # The optimizer's update, per trainable parameter (zero for the probes' passes, which update nothing).
-STEP_PER_PARAMETER_S: dict[OptimizerName, float] = {"adam": 3.063e-09, "sgd": 2.873e-09}
+STEP_PER_PARAMETER_S: dict[OptimizerName, float] = {"adam": 3.479e-09, "sgd": 3.283e-09}
 # The fast path's step (MLPs, service/ml/fastpath.py): fixed + per hidden layer (more when it is
 # normalised) + per flop + the update per parameter (the article's MLP: 0.29-0.32 ms at batch 32).
-FAST_STEP_FIXED_S = 0.000006
-FAST_STEP_PER_LAYER_S = 0.0000132
-FAST_STEP_PER_NORM_LAYER_S = 0.0000272
-FAST_STEP_PER_LINEAR_FLOP_S = 1 / 1.885e11
-FAST_STEP_PER_OTHER_FLOP_S = 1 / 1.555e10
-FAST_STEP_PER_PARAMETER_S: dict[OptimizerName, float] = {"adam": 1.148e-09, "sgd": 9.325e-10}
+FAST_STEP_FIXED_S = 0.000007
+FAST_STEP_PER_LAYER_S = 0.0000124
+FAST_STEP_PER_NORM_LAYER_S = 0.0000290
+FAST_STEP_PER_LINEAR_FLOP_S = 1 / 1.844e11
+FAST_STEP_PER_OTHER_FLOP_S = 1 / 1.466e10
+FAST_STEP_PER_PARAMETER_S: dict[OptimizerName, float] = {"adam": 1.148e-09, "sgd": 9.938e-10}
 # Validation, per batch of VAL_BATCH: fixed + per torch call; per sample: per flop of the forward pass.
 VAL_BATCH = 1024
 VAL_FIXED_S = 0.000000
-VAL_PER_CALL_S = 0.0000120
-VAL_PER_LINEAR_FLOP_S = 1 / 1.566e11
-VAL_PER_CONV_FLOP_S = 1 / 3.562e10
-VAL_PER_OTHER_FLOP_S = 1 / 1.656e10
+VAL_PER_CALL_S = 0.0000098
+VAL_PER_LINEAR_FLOP_S = 1 / 1.647e11
+VAL_PER_CONV_FLOP_S = 1 / 3.273e10
+VAL_PER_OTHER_FLOP_S = 1 / 1.516e10
 # The probes against the passes they make (measured in-process on MLPs of 10 and 100 layers, a
 # residual MLP and a CNN): the gradients probe's per-layer norms and the percentiles probe's
 # quantiles per slot cost about as much again as the passes themselves.
@@ -117,7 +119,8 @@ def step_seconds(cfg: ModelConfig, batch: int, *, fast: bool, optimizer: Optimiz
     else:
         per_sample = _flop_seconds(p, STEP_PER_LINEAR_FLOP_S, STEP_PER_CONV_FLOP_S, STEP_PER_OTHER_FLOP_S)
         update = STEP_PER_PARAMETER_S[optimizer] if optimizer else 0.0
-        passes = STEP_FIXED_S + STEP_PER_CALL_S * p.calls + 3 * batch * per_sample
+        per_step = STEP_FIXED_S + STEP_PER_CALL_S * p.calls + STEP_PER_CONV_LAYER_S * p.conv_layers
+        passes = per_step + 3 * batch * per_sample
     return passes + update * nets.parameter_count(cfg)
 
 

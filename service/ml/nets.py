@@ -211,12 +211,14 @@ class ForwardProfile:
     """What one sample's forward pass computes: the floating-point operations of Linear layers (2 per
     multiply-add), of convolutions, and of everything else (ELEMENTWISE_FLOPS per value output by
     norms, activations, pooling, residual additions), and the calls of layers (what a step's Python
-    and dispatch overhead grows with; a layer called at every time step counts at each)."""
+    and dispatch overhead grows with; a layer called at every time step counts at each), and the
+    convolutions (each sets up oneDNN's kernels forward and backward, whatever its size)."""
 
     linear_flops: int
     conv_flops: int
     other_flops: int
     calls: int
+    conv_layers: int = 0
 
     @property
     def flops(self) -> int:
@@ -227,7 +229,7 @@ class ForwardProfile:
 def forward_profile(cfg: ModelConfig) -> ForwardProfile:
     """Measured by forward passes on the meta device (no memory, no random draws), so that every
     architecture is counted the same way."""
-    counts = {"linear": 0, "conv": 0, "other": 0}
+    counts = {"linear": 0, "conv": 0, "other": 0, "conv_layers": 0}
 
     def count(module: nn.Module, _args: object, output: torch.Tensor) -> None:
         if isinstance(module, nn.Linear):
@@ -236,6 +238,7 @@ def forward_profile(cfg: ModelConfig) -> ForwardProfile:
         elif isinstance(module, nn.Conv2d):
             k = math.prod(module.kernel_size) * module.in_channels // module.groups
             counts["conv"] += 2 * k * output.numel()
+            counts["conv_layers"] += 1
         elif not isinstance(module, nn.Sequential):
             counts["other"] += ELEMENTWISE_FLOPS * output.numel()
 
@@ -256,7 +259,7 @@ def forward_profile(cfg: ModelConfig) -> ForwardProfile:
         for handle in handles:
             handle.remove()
         calls = _dispatches(net, cfg)
-    return ForwardProfile(counts["linear"], counts["conv"], counts["other"], calls)
+    return ForwardProfile(counts["linear"], counts["conv"], counts["other"], calls, counts["conv_layers"])
 
 
 class _Dispatches(TorchFunctionMode):

@@ -14,6 +14,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from service.ml.checkpoints import tensor_bytes
+
 FORMAT = "bnlab-training-state-v1"
 
 
@@ -37,13 +39,13 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoc
 def encode_training_state(state: TrainingState) -> bytes:
     """The bytes `load_training_state` decodes: a state taken from a model and its optimizer, or one
     decoded before (the data-parallel launcher hands a resume state on to its ranks this way)."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.model_state.items()}
+    tensors = {f"model.{k}": v for k, v in state.model_state.items()}
     optim = state.optimizer_state
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in optim["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optim.{index}.{key}"] = value
             else:
                 scalars.setdefault(str(index), {})[key] = value
     metadata = {
@@ -52,8 +54,7 @@ def encode_training_state(state: TrainingState) -> bytes:
         "param_groups": json.dumps(optim["param_groups"]),
         "state_scalars": json.dumps(scalars),
     }
-    data: bytes = safetensors.torch.save(tensors, metadata=metadata)
-    return data
+    return tensor_bytes(tensors, metadata)
 
 
 def load_training_state(data: bytes) -> TrainingState:

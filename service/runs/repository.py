@@ -9,10 +9,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, and_, cast, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, cast, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.ml.finite import finite_or_none
+from service.ml.probes import ProbeValue, SlotStatistics
 from service.ml.training import EpochMetrics
 from service.models import (
     EpochMetric,
@@ -341,36 +342,33 @@ def record_epoch(
         )
     )
     # Replaced as blocks, per epoch: a run resumed after a crash may probe an epoch again (epoch 0
-    # comes with epoch 1), and a deep network has hundreds of rows an epoch (merging them one by one
-    # cost a read each).
+    # comes with epoch 1). A deep network has hundreds of rows an epoch: one bulk insert each, with
+    # no ORM object per row (merged one by one, each row cost a read).
     if metrics.layer_stats:
         epochs = {stat.epoch for stat in metrics.layer_stats}
         session.execute(
             delete(LayerStat).where(LayerStat.run_id == lease.run_id, LayerStat.epoch.in_(epochs))
         )
-        session.add_all(
-            LayerStat(  # the dataclass fields are the columns
-                run_id=lease.run_id,
-                **{k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(stat).items()},
-            )
-            for stat in metrics.layer_stats
+        session.execute(
+            insert(LayerStat),
+            [_row(lease.run_id, stat) for stat in metrics.layer_stats],  # the fields are the columns
         )
     if metrics.probes:
         epochs = {value.epoch for value in metrics.probes}
         session.execute(
             delete(ProbeRecord).where(ProbeRecord.run_id == lease.run_id, ProbeRecord.epoch.in_(epochs))
         )
-        session.add_all(
-            ProbeRecord(
-                run_id=lease.run_id,
-                **{**asdict(value), "value": finite_or_none(value.value)},
-            )
-            for value in metrics.probes
-        )
+        session.execute(insert(ProbeRecord), [_row(lease.run_id, value) for value in metrics.probes])
     if training_state is not None:
         session.merge(
             RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())
         )
+
+
+def _row(run_id: str, value: SlotStatistics | ProbeValue) -> dict[str, object]:
+    """A probe dataclass as its table's row: non-finite floats stored as NULL."""
+    fields = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(value).items()}
+    return {"run_id": run_id, **fields}
 
 
 def finish_held_run(*, session: Session, lease: Lease, status: RunStatus, error: str | None = None) -> bool:

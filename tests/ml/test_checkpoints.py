@@ -18,6 +18,7 @@ from service.ml.checkpoints import (
     load_checkpoint,
     save_checkpoint,
     sha256_hex,
+    tensor_bytes,
 )
 from service.ml.config import ModelConfig, NormConfig
 from service.ml.nets import make_net
@@ -157,3 +158,20 @@ def _past_the_end(header: dict[str, Any]) -> None:
 def test_forged_offsets_are_refused(model: nn.Module, edit: Callable[[dict[str, Any]], None]) -> None:
     with pytest.raises(CheckpointError):
         load_checkpoint(_with_header(save_checkpoint(model, CFG), edit))
+
+
+def test_tensor_bytes_are_torch_writers_bytes_for_every_dtype() -> None:
+    """Through numpy where it can, through torch's writer for the rest: the same file either way."""
+    tensors = {
+        "weight": torch.randn(3, 4),
+        "steps": torch.tensor(7),
+        "mask": torch.tensor([True, False]),
+        "half": torch.randn(2, dtype=torch.float16),
+        "transposed": torch.randn(4, 3).t(),  # not contiguous: written as its contiguous copy
+    }
+    metadata = {"format": "x"}
+    expected = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    assert tensor_bytes(tensors, metadata) == expected
+    brain = tensors | {"bf16": torch.randn(2, dtype=torch.bfloat16)}  # numpy has no bfloat16
+    expected = safetensors.torch.save({k: v.contiguous() for k, v in brain.items()}, metadata=metadata)
+    assert tensor_bytes(brain, metadata) == expected
