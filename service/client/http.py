@@ -38,6 +38,7 @@ def default_url(environ: Mapping[str, str] = os.environ) -> str:
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 POLL_INTERVAL_S = 1.0
 RECONNECT_DELAYS_S = (0.5, 1.0, 2.0, 4.0)  # then it polls
+MAX_RETRY_WAIT_S = 60.0  # the most a request waits in all for the API's Retry-After
 
 
 class ApiError(Exception):
@@ -55,6 +56,16 @@ class Event:
     type: str
     data: dict[str, Any]
     id: str | None = None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait before sending again, where the API asked for it (429, 503 + Retry-After)."""
+    if response.status_code not in (429, 503):
+        return None
+    try:
+        return max(0.0, float(response.headers["Retry-After"]))
+    except (KeyError, ValueError):  # no header, or an HTTP date: not ours
+        return None
 
 
 def _detail(response: httpx.Response) -> str:
@@ -102,10 +113,25 @@ class Client:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, path, **kwargs)
+        response = self._send(method, path, **kwargs)
+        return None if response.status_code == 204 else response.json()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer to a request; raises ApiError on an error status. A read (GET) refused with
+        429 (the key's rate limit) or 503 (a full queue) and Retry-After is sent again after the wait
+        it names, for up to MAX_RETRY_WAIT_S in all: a long export or listing slows down instead of
+        failing halfway. Writes are not repeated: their refusal reaches the caller at once."""
+        waited = 0.0
+        while True:
+            response = self.http.request(method, path, **kwargs)
+            wait = _retry_after(response) if method.upper() == "GET" else None
+            if wait is None or waited + wait > MAX_RETRY_WAIT_S:
+                break
+            time.sleep(wait)
+            waited += wait
         if response.is_error:
             raise ApiError(response.status_code, _detail(response))
-        return None if response.status_code == 204 else response.json()
+        return response
 
     # -- runs
 
@@ -204,10 +230,7 @@ class Client:
         return self.get_bytes(f"/api/v1/runs/{run_id}/versions/{version}/config.json")
 
     def get_bytes(self, path: str, **kwargs: Any) -> bytes:
-        response = self.http.get(path, **kwargs)
-        if response.is_error:
-            raise ApiError(response.status_code, _detail(response))
-        return response.content
+        return self._send("GET", path, **kwargs).content
 
     # -- live progress
 
