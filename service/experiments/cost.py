@@ -89,9 +89,8 @@ def run_seconds(spec: RunCreate) -> float:
     n = dataset.limit or shape.train_samples
     n_train, n_val = split_sizes(n, dataset.val_split)
     steps = math.ceil(n_train / train.batch_size)
-    cfg = model_config(spec, shape)
-    fast = not training.needs_autograd(train_config(spec)) and training.trains_fast(cfg)
-    tcfg = train_config(spec)
+    cfg, tcfg = model_config(spec, shape), train_config(spec)
+    fast = not training.needs_autograd(tcfg) and training.trains_fast(cfg)
     step_s = step_seconds(cfg, train.batch_size, fast=fast, optimizer=tcfg.optimizer)
     epoch_s = steps * step_s + validation_seconds(cfg, n_val)
     # The probes run at initialisation (epoch 0) and after every epoch.

@@ -344,31 +344,33 @@ def record_epoch(
     # Replaced as blocks, per epoch: a run resumed after a crash may probe an epoch again (epoch 0
     # comes with epoch 1). A deep network has hundreds of rows an epoch: one bulk insert each, with
     # no ORM object per row (merged one by one, each row cost a read).
-    if metrics.layer_stats:
-        epochs = {stat.epoch for stat in metrics.layer_stats}
-        session.execute(
-            delete(LayerStat).where(LayerStat.run_id == lease.run_id, LayerStat.epoch.in_(epochs))
-        )
-        session.execute(
-            insert(LayerStat),
-            [_row(lease.run_id, stat) for stat in metrics.layer_stats],  # the fields are the columns
-        )
-    if metrics.probes:
-        epochs = {value.epoch for value in metrics.probes}
-        session.execute(
-            delete(ProbeRecord).where(ProbeRecord.run_id == lease.run_id, ProbeRecord.epoch.in_(epochs))
-        )
-        session.execute(insert(ProbeRecord), [_row(lease.run_id, value) for value in metrics.probes])
+    _replace_epochs(session, LayerStat, lease.run_id, metrics.layer_stats)
+    _replace_epochs(session, ProbeRecord, lease.run_id, metrics.probes)
     if training_state is not None:
         session.merge(
             RunCheckpoint(run_id=lease.run_id, epoch=metrics.epoch, state=training_state, created_at=utcnow())
         )
 
 
-def _row(run_id: str, value: SlotStatistics | ProbeValue) -> dict[str, object]:
-    """A probe dataclass as its table's row: non-finite floats stored as NULL."""
-    fields = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(value).items()}
-    return {"run_id": run_id, **fields}
+def _stored(value: object) -> object:
+    """A probe field as the database keeps it: a non-finite float as NULL."""
+    return finite_or_none(value) if isinstance(value, float) else value
+
+
+def _replace_epochs(
+    session: Session,
+    table: type[LayerStat] | type[ProbeRecord],
+    run_id: str,
+    values: Sequence[SlotStatistics] | Sequence[ProbeValue],
+) -> None:
+    """The run's rows of `table` for the epochs in `values` become `values` (the dataclass fields
+    are the columns; non-finite floats stored as NULL)."""
+    if not values:
+        return
+    epochs = {value.epoch for value in values}
+    session.execute(delete(table).where(table.run_id == run_id, table.epoch.in_(epochs)))
+    rows = [{"run_id": run_id} | {k: _stored(v) for k, v in asdict(value).items()} for value in values]
+    session.execute(insert(table), rows)
 
 
 def finish_held_run(*, session: Session, lease: Lease, status: RunStatus, error: str | None = None) -> bool:
