@@ -40,7 +40,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "control_folder": str(folder / "control"),
             # The worker polls the folder and takes one message a poll, so the interval bounds the
             # pick-up rate too: 0.05 s (20 messages/s; a listing of a small folder, negligible CPU).
-            "polling_interval": 0.05,
+            "polling_interval": 0.01,
         }
     # Fail fast when a networked broker is down instead of hanging the caller.
     return {

@@ -340,7 +340,9 @@ async def predict(
         probabilities, predictions = tensor.tolist(), tensor.argmax(dim=1).tolist()
         served_fused = False
     else:
-        answer = await served.infer(run_id, version, fused=fused, prepare=body, is_run_id=True)
+        answer = await served.infer(
+            run_id, version, fused=fused, prepare=body, body_bytes=body.json_bytes, is_run_id=True
+        )
         probabilities, predictions = answer.rows, answer.predictions
         loaded, served_fused = answer.loaded, answer.fused
     names = await served.class_names_of(run_id)

@@ -32,6 +32,11 @@ class PredictBody:
         self._json, self._image, self._invert = json, image, invert
         self.image_info: ImageInfoPublic | None = None
 
+    @property
+    def json_bytes(self) -> int | None:
+        """The JSON body's size; None for an image."""
+        return None if self._json is None else len(self._json)
+
     def __call__(self, loaded: LoadedModel) -> torch.Tensor:
         if self._image is not None:
             return self._decode_image(self._image, loaded)

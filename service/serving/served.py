@@ -78,12 +78,20 @@ def served_run_model(run_id: str, version: int | None) -> LoadedModel:
 
 
 async def infer(
-    name: str, version: int | None, *, fused: bool, prepare: Prepare, is_run_id: bool = False
+    name: str,
+    version: int | None,
+    *,
+    fused: bool,
+    prepare: Prepare,
+    body_bytes: int | None,
+    is_run_id: bool = False,
 ) -> Answer:
     """Answer one request through the model server (micro-batched when on), errors as HTTP ones.
-    With `is_run_id`, a run without a model is explained (404 unknown run, 409 not succeeded)."""
+    `body_bytes`: the JSON body's size (None for an image). With `is_run_id`, a run without a model
+    is explained (404 unknown run, 409 not succeeded)."""
+    server = get_model_server()
     try:
-        return await get_model_server().infer(name, version, fused=fused, prepare=prepare)
+        return await server.infer(name, version, fused=fused, prepare=prepare, body_bytes=body_bytes)
     except (model_repo.NameNotFound, ModelNotFound, CheckpointError) as exc:
         if is_run_id and isinstance(exc, model_repo.NameNotFound):
             await run_in_threadpool(require_succeeded_run, name)

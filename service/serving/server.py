@@ -21,8 +21,10 @@
   recalibration, or deletes rows drops the reused answers at once; changes made by other processes
   (an experiment alias's best run as workers finish, another API process) are seen within that time.
 - **Threads.** Everything above runs in a pool of `inference_threads` threads (default: the
-  machine's cores), never on the event loop: routes await `asyncio.wrap_future`. Without
-  micro-batching each request runs the same steps alone in that pool.
+  machine's cores): routes await `asyncio.wrap_future`. Without micro-batching each request runs
+  the same steps alone in that pool. One exception: a request that is alone (no batch waits or
+  runs, no other request arrived meanwhile) for a cached model whose two-sample forward pass takes at
+  most `inline_max_us` is answered on the event loop, the same steps without the hand-offs.
 
 Settings come from BNLAB_SERVE_* environment variables (config.Settings' serve_* fields).
 """
@@ -56,6 +58,10 @@ from service.models import ModelAlias, ModelArtifact, Recalibration, Run
 from service.serving import repository as model_repo
 
 log = logging.getLogger(__name__)
+
+# A request answered on the event loop has its body parsed there too: only small ones (the article's
+# model's one-image V2 body is about 10 KiB; 64 KiB of JSON parse in a fraction of a millisecond).
+INLINE_MAX_BODY_BYTES = 64 * 1024
 
 # Rows per forward pass, at most: a batch of large requests runs in chunks of this many samples.
 MAX_FORWARD_ROWS = 1024
@@ -116,6 +122,7 @@ class Batcher(Generic[K, T, R]):
         self.batches = 0  # batches processed
         self.requests = 0  # items answered
         self.largest_batch = 0
+        self._running = 0  # batches being processed
         self._threads = [
             threading.Thread(target=self._work, name=f"batcher-{i}", daemon=True) for i in range(workers)
         ]
@@ -131,6 +138,11 @@ class Batcher(Generic[K, T, R]):
             self._cond.notify()
         return future
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waits and nothing runs (read without the lock: a hint, stale by a moment at most)."""
+        return not self._pending and not self._running
+
     def close(self, timeout: float | None = None) -> None:
         """Stop once every item already submitted has been answered."""
         with self._cond:
@@ -141,7 +153,11 @@ class Batcher(Generic[K, T, R]):
 
     def _work(self) -> None:
         while (taken := self._take()) is not None:
-            self._run(*taken)
+            try:
+                self._run(*taken)
+            finally:
+                with self._cond:
+                    self._running -= 1
 
     def _take(self) -> tuple[K, list[_Pending[T, R]]] | None:
         with self._cond:
@@ -159,6 +175,7 @@ class Batcher(Generic[K, T, R]):
                         del self._pending[key]
                     if self._pending:
                         self._cond.notify()  # more is waiting: another free worker may take it
+                    self._running += 1
                     return key, batch
                 self._cond.wait(remaining)
 
@@ -258,6 +275,9 @@ class LoadedModel:
     fused: nn.Module  # the unfused module itself when fusion was impossible
     fusion: FusionReport
     nbytes: int
+    # Seconds of a two-sample forward pass through the variant served by default, timed at load (two:
+    # a BN without running statistics normalises each batch by itself, and cannot take one sample).
+    small_forward_s: float = float("inf")
 
     def module(self, fused: bool) -> nn.Module:
         return self.fused if fused and self.fusion.fused else self.unfused
@@ -269,8 +289,9 @@ def load_model(
     unfused, model_config = checkpoints.load_checkpoint(weights, ModelConfig.from_dict(config))
     assert isinstance(unfused, nn.Sequential)
     fused, report = fuse_bn(unfused)
+    two = torch.zeros(2, *model_config.input_shape)
     for module in {id(unfused): unfused, id(fused): fused}.values():
-        forward_proba(module, torch.zeros(2, *model_config.input_shape))  # warm: first call allocates
+        forward_proba(module, two)  # warm: first call allocates
     return LoadedModel(
         run_id=run_id,
         version=version,
@@ -280,7 +301,14 @@ def load_model(
         fused=fused,
         fusion=report,
         nbytes=module_bytes(unfused, fused),
+        small_forward_s=min(_seconds(forward_proba, fused, two) for _ in range(5)),
     )
+
+
+def _seconds(call: Callable[..., object], *args: object) -> float:
+    started = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - started
 
 
 Prepare = Callable[[LoadedModel], torch.Tensor]  # a request's body → input tensor, once the model is known
@@ -305,8 +333,8 @@ class Answer:
     probabilities: torch.Tensor  # [N, classes]
     fused: bool  # whether the fused variant answered
     execution: Execution
-    # The same rows as Python values, made by the batch's thread in one call per batch (per
-    # request, on the event loop, these torch calls were a fifth of its time under load).
+    # The same rows as Python values, made in one call per batch by whoever ran it (per request,
+    # on the event loop under load, these torch calls were a fifth of its time).
     rows: list[list[float]]
     predictions: list[int]  # each row's argmax
     finite: bool  # every value finite
@@ -335,6 +363,7 @@ class ModelServer:
                 max_wait_s=settings.serve_max_wait_ms / 1000,
             )
         self.loads = 0
+        self._arrivals = 0  # inference requests so far (on the event loop: no lock)
 
     # -- cache
 
@@ -414,11 +443,42 @@ class ModelServer:
         assert self._pool is not None
         return self._pool.submit(self._process_one, key, prepare)
 
-    async def infer(self, name: str, version: int | None, *, fused: bool, prepare: Prepare) -> Answer:
+    async def infer(
+        self, name: str, version: int | None, *, fused: bool, prepare: Prepare, body_bytes: int | None = None
+    ) -> Answer:
+        """Answer one request on the event loop's behalf. `body_bytes`: the size of what `prepare`
+        parses, when a JSON body (None: never on the event loop, say an image to decode)."""
         started = time.perf_counter()
-        answer = await asyncio.wrap_future(self.submit(name, version, fused=fused, prepare=prepare))
+        self._arrivals += 1
+        small = body_bytes is not None and body_bytes <= INLINE_MAX_BODY_BYTES
+        if small and await self._answer_inline(name, version):
+            answer = self._process_one((name, version, fused), prepare)
+        else:
+            answer = await asyncio.wrap_future(self.submit(name, version, fused=fused, prepare=prepare))
         telemetry.INFERENCE_LATENCY.labels(answer.loaded.run_id).observe(time.perf_counter() - started)
         return answer
+
+    async def _answer_inline(self, name: str, version: int | None) -> bool:
+        """Whether to run this small request on the event loop: its model is cached, cheap (a two-sample
+        forward pass within serve_inline_max_us) and nothing else is being inferred, not even a
+        request read in the same turn of the loop (those run first while this one yields once).
+        A lone client then skips the two thread hand-offs, a third of its latency for the article's
+        model; under load every request still goes to the batcher, which keeps the p99 fair."""
+        if not self._cheap_and_idle(name, version):
+            return False
+        arrivals = self._arrivals
+        await asyncio.sleep(0)
+        return arrivals == self._arrivals and self._cheap_and_idle(name, version)
+
+    def _cheap_and_idle(self, name: str, version: int | None) -> bool:
+        limit = self.settings.serve_inline_max_us / 1e6
+        if limit <= 0 or self.batcher is None or not self.batcher.idle:
+            return False
+        resolved = self.names.get(name, version)  # never the database on the event loop
+        if resolved is None:
+            return False
+        loaded = self.lookup((resolved.run_id, resolved.version, resolved.sha256))
+        return loaded is not None and loaded.small_forward_s <= limit
 
     def _process_one(self, key: InferKey, prepare: Prepare) -> Answer:
         (result,) = self._process(key, [prepare])

@@ -387,7 +387,7 @@ async def _infer(request: Request, name: str, version: int | None, fused: bool) 
         raise _bad_request(str(exc)) from exc
     body = _InferBody(content, header_length)
     try:
-        answer = await served.infer(name, version, fused=fused, prepare=body)
+        answer = await served.infer(name, version, fused=fused, prepare=body, body_bytes=len(content))
         answered = time.perf_counter_ns()
         response = _response(name, body, answer)
     except Exception:

@@ -274,3 +274,73 @@ def test_invalid_serving_settings_stop_the_api_at_start_up(
     finally:
         get_settings.cache_clear()
         server.get_model_server.cache_clear()
+
+
+class Recording:
+    """A prepare function that returns `pixels` and records the thread it ran on."""
+
+    def __init__(self, pixels: torch.Tensor) -> None:
+        self.pixels = pixels
+        self.threads: list[str] = []
+
+    def __call__(self, _loaded: object) -> torch.Tensor:
+        self.threads.append(threading.current_thread().name)
+        return self.pixels
+
+
+def infer_alone(model_server: ModelServer, run_id: str, prepare: Recording, body_bytes: int | None) -> None:
+    answer = asyncio.run(model_server.infer(run_id, None, fused=True, prepare=prepare, body_bytes=body_bytes))
+    expected = oracle_probabilities(run_id, prepare.pixels.numpy().reshape(len(prepare.pixels), -1))
+    np.testing.assert_allclose(answer.probabilities.numpy(), expected, atol=1e-5)
+
+
+def test_a_lone_small_request_to_a_cheap_cached_model_is_answered_on_the_event_loop(bn_run_id: str) -> None:
+    model_server = ModelServer(Settings())
+    prepare = Recording(datasets.to_inputs(datasets.make_synthetic(2, seed=5).x))
+    infer_alone(model_server, bn_run_id, prepare, body_bytes=100)  # not cached yet: the batcher loads it
+    infer_alone(model_server, bn_run_id, prepare, body_bytes=100)
+    assert prepare.threads[0].startswith("batcher-")
+    assert prepare.threads[1] == threading.main_thread().name
+    assert model_server.batcher is not None
+    assert model_server.batcher.batches == 1
+    (key,) = model_server.cached_keys()
+    loaded = model_server.lookup(key)
+    assert loaded is not None
+    assert 0 < loaded.small_forward_s <= 100e-6
+
+
+@pytest.mark.parametrize(
+    ("settings", "body_bytes"),
+    [
+        (Settings(), None),  # an image to decode, say
+        (Settings(), server.INLINE_MAX_BODY_BYTES + 1),
+        (Settings(serve_inline_max_us=0), 100),
+        (Settings(serve_inline_max_us=0.001), 100),  # the article's model takes longer than 1 ns
+    ],
+    ids=["no-body-size", "large-body", "turned-off", "model-too-slow"],
+)
+def test_other_requests_go_to_the_batcher(bn_run_id: str, settings: Settings, body_bytes: int | None) -> None:
+    model_server = ModelServer(settings)
+    prepare = Recording(datasets.to_inputs(datasets.make_synthetic(2, seed=6).x))
+    for _ in range(2):
+        infer_alone(model_server, bn_run_id, prepare, body_bytes=body_bytes)
+    assert all(name.startswith("batcher-") for name in prepare.threads)
+    assert model_server.batcher is not None
+    assert model_server.batcher.batches == 2
+
+
+def test_requests_arriving_together_go_to_the_batcher_even_for_a_cheap_model(bn_run_id: str) -> None:
+    model_server = ModelServer(Settings())
+    pixels = datasets.to_inputs(datasets.make_synthetic(1, seed=7).x)
+    infer_alone(model_server, bn_run_id, Recording(pixels), body_bytes=100)  # load it
+    together = [Recording(pixels) for _ in range(8)]
+
+    async def scenario() -> None:
+        await asyncio.gather(
+            *(model_server.infer(bn_run_id, None, fused=True, prepare=p, body_bytes=100) for p in together)
+        )
+
+    asyncio.run(scenario())
+    threads = [name for prepare in together for name in prepare.threads]
+    assert len(threads) == 8
+    assert all(name.startswith("batcher-") for name in threads)
