@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -403,27 +405,34 @@ def scale_curve(synthetic: bool) -> None:
                 f" {rates[False]:>16,.0f} {rates[True] / rates[False]:>10.2f}x {load():>5}")  # fmt: skip
 
 
-def grid_base(dataset: str) -> dict[str, Any]:
+def grid_base(dataset: str, samples: int = GRID_SAMPLES) -> dict[str, Any]:
     return {
-        "dataset": {"name": dataset, "limit": GRID_SAMPLES},
+        "dataset": {"name": dataset, "limit": samples},
         "train": {"epochs": GRID_EPOCHS, "batch_size": 32, "optimizer": "adam", "lr": 1e-3, "seed": 0},
     }
 
 
-def time_alone(client: httpx.Client, dataset: str) -> float:
+def time_alone(client: httpx.Client, dataset: str, samples: int = GRID_SAMPLES) -> float:
     """Seconds from the POST of one grid-sized run to its success, nothing else queued."""
     started = time.perf_counter()
-    response = client.post("/api/v1/runs", json={"name": "scale-alone", **grid_base(dataset)})
+    response = client.post("/api/v1/runs", json={"name": "scale-alone", **grid_base(dataset, samples)})
     response.raise_for_status()
     wait_succeeded(client, [response.json()["id"]], poll_s=SHORT_POLL_S)
     return time.perf_counter() - started
 
 
-def time_grid(client: httpx.Client, dataset: str) -> tuple[float, int, float]:
-    """Seconds from the POST of the experiment until every run has succeeded, its run count, and the
-    seconds its runs spent in epochs (training steps and validation, as each epoch row records them).
-    Polls the experiment (one request) every SHORT_POLL_S: twenty run polls would compete for the cores."""
-    spec = {"name": "scale-grid", "base": grid_base(dataset), "grid": GRID, "seeds": list(GRID_SEEDS)}
+@dataclass(frozen=True)
+class GridTimes:
+    wall_s: float  # from the experiment's POST until every run has succeeded
+    runs: int
+    in_epochs_s: float  # training steps and validation, as each epoch row records them
+    in_runs_s: float  # each run from its start to its end (set-up, probes, records, the final model)
+
+
+def time_grid(client: httpx.Client, dataset: str, samples: int = GRID_SAMPLES) -> GridTimes:
+    """The grid experiment's times. Polls the experiment (one request) every SHORT_POLL_S: twenty
+    run polls would compete for the cores."""
+    spec = {"name": "scale-grid", "base": grid_base(dataset, samples), "grid": GRID, "seeds": list(GRID_SEEDS)}
     started = time.perf_counter()
     response = client.post("/api/v1/experiments", json=spec)
     response.raise_for_status()
@@ -434,8 +443,10 @@ def time_grid(client: httpx.Client, dataset: str) -> tuple[float, int, float]:
     counts = experiment["status_counts"]
     if counts["succeeded"] != len(experiment["runs"]):
         raise RuntimeError(f"not every run of the grid succeeded: {counts}")
-    in_epochs = sum(epoch_seconds(client, run["id"]) for run in experiment["runs"])
-    return seconds, len(experiment["runs"]), in_epochs
+    ids = [run["id"] for run in experiment["runs"]]
+    in_epochs = sum(epoch_seconds(client, run_id) for run_id in ids)
+    in_runs = sum(run_seconds(_get(client, f"/api/v1/runs/{run_id}")) for run_id in ids)
+    return GridTimes(seconds, len(ids), in_epochs, in_runs)
 
 
 def epoch_seconds(client: httpx.Client, run_id: str) -> float:
@@ -444,25 +455,47 @@ def epoch_seconds(client: httpx.Client, run_id: str) -> float:
     return sum(float(row["seconds"]) for row in response.json()["epochs"])
 
 
-def scale_grid(dataset: str) -> None:
-    """The grid on a fresh stack, and one run submitted alone, for the throughput ratio."""
+def run_seconds(run: dict[str, Any]) -> float:
+    started, finished = (datetime.fromisoformat(run[key]) for key in ("started_at", "finished_at"))
+    return (finished - started).total_seconds()
+
+
+# The grid again with runs about five times longer (48,000 training samples): what the cores' share
+# in training steps becomes when a run's fixed costs weigh less.
+LONGER_GRID_SAMPLES = 60_000
+
+
+def scale_grid(dataset: str, sizes: tuple[int, ...] = (GRID_SAMPLES,)) -> None:
+    """The grid on a fresh stack, and one run submitted alone, for the throughput ratio; for each
+    size of run in `sizes` (samples before the validation split)."""
     with tempfile.TemporaryDirectory(prefix="bnlab-bench-scale-") as folder:
         stack = Stack(Path(folder))
         say(f"worker: BNLAB_WORKER_CONCURRENCY={stack.env['BNLAB_WORKER_CONCURRENCY']}")
+        processes = int(stack.env["BNLAB_WORKER_CONCURRENCY"])
         with stack as client:
             warm_up(client)
-            say(f"load {load()}: one run alone, {ALONE_ROUNDS} times")
-            alone = [time_alone(client, dataset) for _ in range(ALONE_ROUNDS)]
-            say(f"load {load()}: the grid")
-            grid_s, runs, in_epochs = time_grid(client, dataset)
-            processes = int(stack.env["BNLAB_WORKER_CONCURRENCY"])
+            for samples in sizes:
+                say(f"load {load()}: one run of {samples:,} samples alone, {ALONE_ROUNDS} times")
+                alone = [time_alone(client, dataset, samples) for _ in range(ALONE_ROUNDS)]
+                say(f"load {load()}: the grid")
+                grid = time_grid(client, dataset, samples)
+                report_grid(samples, alone, grid, processes)
+
+
+def report_grid(samples: int, alone: list[float], grid: GridTimes, processes: int) -> None:
     alone_s = statistics.median(alone)
-    say(f"one run alone (median of {', '.join(f'{s:.2f}' for s in alone)} s): {alone_s:>6.2f} s")
-    say(f"the {runs}-run grid: {grid_s:.2f} s wall, {grid_s / runs:.3f} s a run;"
-        f" {alone_s / (grid_s / runs):.2f}x the throughput of runs submitted alone")  # fmt: skip
-    busy = in_epochs / (grid_s * processes)
-    say(f"the grid's utilisation: {in_epochs:.2f} s in epochs (steps and validation) of"
-        f" {grid_s:.2f} s x {processes} training processes = {busy:.1%}")  # fmt: skip
+    say(f"runs of {samples:,} samples ({samples - samples // 5:,} trained on), {GRID_EPOCHS} epochs:")
+    say(f"  one run alone (median of {', '.join(f'{s:.2f}' for s in alone)} s): {alone_s:>6.2f} s")
+    say(f"  the {grid.runs}-run grid: {grid.wall_s:.2f} s wall, {grid.wall_s / grid.runs:.3f} s a run;"
+        f" {alone_s / (grid.wall_s / grid.runs):.2f}x the throughput of runs submitted alone")  # fmt: skip
+    cores_s = grid.wall_s * processes
+    say(f"  the grid's utilisation: {grid.in_epochs_s:.2f} s in epochs (steps and validation) of"
+        f" {grid.wall_s:.2f} s x {processes} training processes = {grid.in_epochs_s / cores_s:.1%}")  # fmt: skip
+    outside = grid.in_runs_s - grid.in_epochs_s
+    between = cores_s - grid.in_runs_s
+    say(f"  the rest: {outside / cores_s:.1%} inside runs, outside epochs (set-up, probes, epoch records"
+        f" and training states, the final model); {between / cores_s:.1%} between runs (the hand-over"
+        " to the next run, the experiment's start and end)")  # fmt: skip
 
 
 def scale(synthetic: bool) -> None:
@@ -546,7 +579,7 @@ def main() -> None:
         scale(args.synthetic)
         return
     if args.grid:
-        scale_grid("synthetic" if args.synthetic else "fashion-mnist")
+        scale_grid("synthetic" if args.synthetic else "fashion-mnist", (GRID_SAMPLES, LONGER_GRID_SAMPLES))
         return
     dataset = "synthetic" if args.synthetic else "fashion-mnist"
     threads = torch.get_num_threads()

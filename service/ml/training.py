@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from service.ml import batch_order
 from service.ml.agc import agc_parameters, clip_gradients_
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
-from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, train_val_split
+from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, to_inputs_once, train_val_split
 from service.ml.fastpath import Batches, MlpStep, supports_optimizer
 from service.ml.nets import make_net, norm_slots
 from service.ml.norms import end_epoch
@@ -485,7 +485,7 @@ def train(
     step = make_step(parallel.wrap(model), optimizer, bs, parallel.shard, tcfg)
     # Converted once and resident for all epochs; flat rows (every net flattens its input first), so
     # a batch is one index_select (advanced indexing of the image-shaped tensor costs ten times more).
-    x_all, y_all = to_inputs(train_set.x).flatten(1).to(device), train_set.y.to(device)
+    x_all, y_all = to_inputs_once(train_set.x).flatten(1).to(device), train_set.y.to(device)
     reports = parallel.reports  # the other ranks leave the validation split as it came
     val_inputs = resident(val_set, device) if reports else val_set
     n = len(train_set)
@@ -538,10 +538,10 @@ def train(
 
 
 def resident(ds: ImageDataset, device: torch.device) -> ImageDataset:
-    """`ds` as the network's float inputs on `device`, converted once: for the split a run evaluates
-    after every epoch (converting 12,000 Fashion-MNIST images took 27 ms an epoch, more than the
+    """`ds` as the network's float inputs on `device`, converted once (and reused by the process's
+    next runs on the same split): for the split a run evaluates after every epoch (converting 12,000 Fashion-MNIST images took 27 ms an epoch, more than the
     forward pass). to_inputs and evaluate leave float inputs as they are, so the metrics are equal."""
-    return ImageDataset(to_inputs(ds.x).to(device), ds.y.to(device), ds.num_classes)
+    return ImageDataset(to_inputs_once(ds.x).to(device), ds.y.to(device), ds.num_classes)
 
 
 def used_samples(n: int, batch_size: int, processes: int = 1) -> int:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from service.ml import cifar, mnist1d
+from service.ml import datasets as datasets_module
 from service.ml.datasets import (
     BUILTIN_SHAPES,
     CIFAR10,
@@ -28,6 +29,7 @@ from service.ml.datasets import (
     read_idx_images,
     read_idx_labels,
     to_inputs,
+    to_inputs_once,
     train_val_split,
 )
 
@@ -197,6 +199,24 @@ def test_to_inputs_keeps_channels_and_passes_features_through() -> None:
     torch.testing.assert_close(out[0, 1], torch.tensor([[0.2, 0.4]]))
     features = torch.tensor([[-3.5, 0.0, 1e6]], dtype=torch.float32)
     assert torch.equal(to_inputs(features), features)  # floats are used as they are, not scaled
+
+
+def test_to_inputs_once_reuses_a_conversion_of_the_same_tensor_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = torch.randint(0, 256, (10, 4, 4), dtype=torch.uint8)
+    first = to_inputs_once(images[:8])
+    torch.testing.assert_close(first, to_inputs(images[:8]), rtol=0, atol=0)
+    assert to_inputs_once(images[:8]) is first  # a new view of the same bytes: reused
+    assert to_inputs_once(images[2:]) is not first  # other bytes, or other shapes: converted
+    assert to_inputs_once(images[:6]) is not first
+    assert to_inputs_once(images[:8].clone()) is not first  # same values elsewhere: converted
+    # Beyond the memory cap the least recently used go, and an entry alone too large is not kept.
+    monkeypatch.setattr(datasets_module, "CONVERTED_CACHE_BYTES", 2 * 8 * 16 * 4)
+    kept = to_inputs_once(images[:8])
+    to_inputs_once(images[1:9])
+    to_inputs_once(images[2:10])
+    assert to_inputs_once(images[:8]) is not kept
+    large = torch.zeros(100, 4, 4, dtype=torch.uint8)
+    assert to_inputs_once(large) is not to_inputs_once(large)
 
 
 def test_sample_shape_and_input_kind() -> None:
