@@ -432,7 +432,8 @@ class GridTimes:
 def time_grid(client: httpx.Client, dataset: str, samples: int = GRID_SAMPLES) -> GridTimes:
     """The grid experiment's times. Polls the experiment (one request) every SHORT_POLL_S: twenty
     run polls would compete for the cores."""
-    spec = {"name": "scale-grid", "base": grid_base(dataset, samples), "grid": GRID, "seeds": list(GRID_SEEDS)}
+    base = grid_base(dataset, samples)
+    spec = {"name": "scale-grid", "base": base, "grid": GRID, "seeds": list(GRID_SEEDS)}
     started = time.perf_counter()
     response = client.post("/api/v1/experiments", json=spec)
     response.raise_for_status()
@@ -489,8 +490,9 @@ def report_grid(samples: int, alone: list[float], grid: GridTimes, processes: in
     say(f"  the {grid.runs}-run grid: {grid.wall_s:.2f} s wall, {grid.wall_s / grid.runs:.3f} s a run;"
         f" {alone_s / (grid.wall_s / grid.runs):.2f}x the throughput of runs submitted alone")  # fmt: skip
     cores_s = grid.wall_s * processes
+    busy = grid.in_epochs_s / cores_s
     say(f"  the grid's utilisation: {grid.in_epochs_s:.2f} s in epochs (steps and validation) of"
-        f" {grid.wall_s:.2f} s x {processes} training processes = {grid.in_epochs_s / cores_s:.1%}")  # fmt: skip
+        f" {grid.wall_s:.2f} s x {processes} training processes = {busy:.1%}")  # fmt: skip
     outside = grid.in_runs_s - grid.in_epochs_s
     between = cores_s - grid.in_runs_s
     say(f"  the rest: {outside / cores_s:.1%} inside runs, outside epochs (set-up, probes, epoch records"

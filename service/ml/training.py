@@ -539,8 +539,9 @@ def train(
 
 def resident(ds: ImageDataset, device: torch.device) -> ImageDataset:
     """`ds` as the network's float inputs on `device`, converted once (and reused by the process's
-    next runs on the same split): for the split a run evaluates after every epoch (converting 12,000 Fashion-MNIST images took 27 ms an epoch, more than the
-    forward pass). to_inputs and evaluate leave float inputs as they are, so the metrics are equal."""
+    next runs on the same split): for the split a run evaluates after every epoch (converting
+    12,000 Fashion-MNIST images took 27 ms an epoch, more than the forward pass). to_inputs and
+    evaluate leave float inputs as they are, so the metrics are equal."""
     return ImageDataset(to_inputs_once(ds.x).to(device), ds.y.to(device), ds.num_classes)
 
 
