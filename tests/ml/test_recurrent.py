@@ -6,7 +6,9 @@ serving a sample alone as inside a batch; the flops count of all T steps; what i
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load, save
@@ -485,6 +487,37 @@ def test_probes_see_the_cells() -> None:
     # Per-step running statistics are left out of the per-layer gap; the train/eval gap is measured.
     assert {v.layer for v in gap} == {probes.MODEL}
     assert {v.name for v in gap} >= {"accuracy_gap", "train_accuracy", "eval_accuracy"}
+
+
+def test_slot_probes_of_a_cell_report_its_last_step_input() -> None:
+    """A cell calls each slot once a step; the probes report the last step's input, as measured in a
+    hook at that call (here, the oracle: every call measured, the last kept)."""
+    net = rnn("lstm", "batch").float().eval()
+    x = torch.randn(16, 6, 3)
+    slots = nets.norm_slots(net)
+    last: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
+
+    def keep(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            last[name] = args[0].detach().clone()
+            calls[name] = calls.get(name, 0) + 1
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(keep(name)) for name, module in slots]
+    with torch.inference_mode():
+        net(x)
+    for handle in handles:
+        handle.remove()
+    assert set(calls.values()) == {6}  # one call a step
+    statistics = {s.layer: (s.input_mean, s.input_std) for s in probes.probe_slot_inputs(net, slots, x, 0)}
+    percentiles = {(v.layer, v.name): v.value for v in probes.probe_percentiles(net, slots, x, 0)}
+    for name, values in last.items():
+        flat = values.double()
+        assert statistics[name] == (flat.mean().item(), flat.std(unbiased=False).item())
+        expected = np.quantile(flat.numpy().reshape(-1), [q / 100 for q in probes.PERCENTILES])
+        assert [percentiles[(name, f"p{q}")] for q in probes.PERCENTILES] == [float(v) for v in expected]
 
 
 def test_a_stored_rnn_config_rebuilds_the_network_and_old_configs_load_unchanged() -> None:
