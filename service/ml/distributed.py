@@ -35,6 +35,7 @@ format), and a message's JSON file is written after its tensors, so a reader tha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -60,6 +61,8 @@ from service.ml.config import ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset
 from service.ml.probes import ProbeValue, SlotStatistics
 from service.ml.resume import TrainingState, encode_training_state, load_training_state
+
+log = logging.getLogger(__name__)
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; None = the default (world) group
 
@@ -312,6 +315,7 @@ JOB, DATA, RESUME = "job", "data", "resume"  # configs and the rest; the dataset
 EPOCH, SNAPSHOT = "epoch-", "snapshot-"  # + the epoch's number: rank 0's metrics; its training state
 FINAL, WEIGHTS = "final", "weights"  # how the run ended; the model's state dict
 STOP, FAILED = "stop", "failed-"  # the launcher's stop request (empty); + a rank: why it failed (text)
+LEFT = "left-"  # + a rank: it passed the final barrier, its part of the run done (empty)
 # The ranks import this code, wherever the package that the launcher runs lies.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 RANK_COMMAND = "from service.ml.distributed import run_rank; run_rank()"
@@ -378,14 +382,23 @@ def launch_ranks(folder: Path, processes: int) -> list[subprocess.Popen[bytes]]:
 
 
 def _all_done(ranks: list[subprocess.Popen[bytes]], folder: Path) -> bool:
-    """Whether every rank has ended well; RankFailed as soon as one has not."""
+    """Whether every rank has ended well; RankFailed as soon as one has not. A rank that passed the
+    final barrier has done its part: if it dies after that, in gloo's or the interpreter's teardown
+    (seen once in a full test run on a loaded machine: SIGABRT, "terminate called without an active
+    exception"), nothing of the run is lost."""
     codes = [process.poll() for process in ranks]
-    if any(code not in (None, 0) for code in codes):
+    left = [(folder / f"{LEFT}{rank}").exists() for rank in range(len(ranks))]
+    if any(code not in (None, 0) and not done for code, done in zip(codes, left, strict=True)):
         failures = sorted(folder.glob(f"{FAILED}*"), key=lambda path: path.stat().st_mtime)
         # The first to fail names the cause; its peers then fail at their next collective.
         cause = failures[0].read_text() if failures else f"exit codes {codes}"
         raise RankFailed(f"a data-parallel training process failed: {cause}")
-    return all(code == 0 for code in codes)
+    if any(code is None for code in codes):
+        return False
+    for rank, code in enumerate(codes):
+        if code != 0:
+            log.warning("data-parallel rank %d exited with %d after its part of the run was done", rank, code)
+    return True
 
 
 class Relay:
@@ -476,6 +489,7 @@ def _train_rank(folder: Path, rank: int) -> None:
         # Leave together: a rank that tears its connections down while a peer is still finishing
         # can make gloo abort that peer ("terminate called without an active exception").
         dist.barrier()
+        _write(folder / f"{LEFT}{rank}", b"")
     finally:
         dist.destroy_process_group()
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 import json
 import math
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -27,6 +29,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from service.ml import distributed
 from service.ml.config import ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, train_val_split
 from service.ml.distributed import (
@@ -422,3 +425,25 @@ def test_the_epoch_reports_and_final_state_reach_the_launcher_as_they_left_rank_
     assert json.loads((tmp_path / FINAL).read_bytes()) == {"cancelled": True, "dropped_last_batch": True}
     expected = model.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in result.model.state_dict().items())
+
+
+def test_a_rank_that_dies_after_the_final_barrier_loses_nothing_and_one_before_it_fails_the_run(
+    tmp_path: Path,
+) -> None:
+    # Real processes with real exit codes: one ended well, one aborted (SIGABRT, as gloo's teardown
+    # once did), one still running.
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    aborted = subprocess.Popen([sys.executable, "-c", "import os; os.abort()"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for process in (ended, aborted):
+            process.wait(timeout=30)
+        assert aborted.returncode == -6
+        with pytest.raises(RankFailed, match="exit codes"):
+            distributed._all_done([ended, aborted], tmp_path)  # aborted before leaving: the run fails
+        (tmp_path / f"{distributed.LEFT}1").touch()  # it had passed the final barrier
+        assert distributed._all_done([ended, aborted], tmp_path)
+        assert not distributed._all_done([ended, aborted, running], tmp_path)  # rank 2 still trains
+    finally:
+        running.kill()
+        running.wait()
