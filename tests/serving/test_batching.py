@@ -294,8 +294,13 @@ def infer_alone(model_server: ModelServer, run_id: str, prepare: Recording, body
     np.testing.assert_allclose(answer.probabilities.numpy(), expected, atol=1e-5)
 
 
+# The routing under test, not the timing: on a loaded machine the article's model can take longer
+# than the default 100 µs, and the oracle's own work longer than the name cache's second.
+ROOMY: dict[str, object] = {"serve_inline_max_us": 10_000, "serve_name_cache_ms": 60_000}
+
+
 def test_a_lone_small_request_to_a_cheap_cached_model_is_answered_on_the_event_loop(bn_run_id: str) -> None:
-    model_server = ModelServer(Settings())
+    model_server = ModelServer(Settings(**ROOMY))  # type: ignore[arg-type]
     prepare = Recording(datasets.to_inputs(datasets.make_synthetic(2, seed=5).x))
     infer_alone(model_server, bn_run_id, prepare, body_bytes=100)  # not cached yet: the batcher loads it
     infer_alone(model_server, bn_run_id, prepare, body_bytes=100)
@@ -306,21 +311,23 @@ def test_a_lone_small_request_to_a_cheap_cached_model_is_answered_on_the_event_l
     (key,) = model_server.cached_keys()
     loaded = model_server.lookup(key)
     assert loaded is not None
-    assert 0 < loaded.small_forward_s <= 100e-6
+    assert 0 < loaded.small_forward_s <= 10e-3
 
 
 @pytest.mark.parametrize(
-    ("settings", "body_bytes"),
+    ("changes", "body_bytes"),
     [
-        (Settings(), None),  # an image to decode, say
-        (Settings(), server.INLINE_MAX_BODY_BYTES + 1),
-        (Settings(serve_inline_max_us=0), 100),
-        (Settings(serve_inline_max_us=0.001), 100),  # the article's model takes longer than 1 ns
+        ({}, None),  # an image to decode, say
+        ({}, server.INLINE_MAX_BODY_BYTES + 1),
+        ({"serve_inline_max_us": 0}, 100),
+        ({"serve_inline_max_us": 0.001}, 100),  # the article's model takes longer than 1 ns
     ],
     ids=["no-body-size", "large-body", "turned-off", "model-too-slow"],
 )
-def test_other_requests_go_to_the_batcher(bn_run_id: str, settings: Settings, body_bytes: int | None) -> None:
-    model_server = ModelServer(settings)
+def test_other_requests_go_to_the_batcher(
+    bn_run_id: str, changes: dict[str, object], body_bytes: int | None
+) -> None:
+    model_server = ModelServer(Settings(**(ROOMY | changes)))  # type: ignore[arg-type]
     prepare = Recording(datasets.to_inputs(datasets.make_synthetic(2, seed=6).x))
     for _ in range(2):
         infer_alone(model_server, bn_run_id, prepare, body_bytes=body_bytes)
@@ -330,7 +337,7 @@ def test_other_requests_go_to_the_batcher(bn_run_id: str, settings: Settings, bo
 
 
 def test_requests_arriving_together_go_to_the_batcher_even_for_a_cheap_model(bn_run_id: str) -> None:
-    model_server = ModelServer(Settings())
+    model_server = ModelServer(Settings(**ROOMY))  # type: ignore[arg-type]
     pixels = datasets.to_inputs(datasets.make_synthetic(1, seed=7).x)
     infer_alone(model_server, bn_run_id, Recording(pixels), body_bytes=100)  # load it
     together = [Recording(pixels) for _ in range(8)]
