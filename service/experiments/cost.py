@@ -59,8 +59,10 @@ VAL_PER_OTHER_FLOP_S = 1 / 1.516e10
 PROBE_GRADIENTS_FACTOR = 1.8
 PROBE_PERCENTILES_FACTOR = 2.5
 # Measured on the replication cards' runs (their rows' timestamps): a run's set-up and end outside its
-# epochs take about 0.03 s and a worker's pick-up of the next run 0.04 s; between two epochs, besides
-# the probes, recording the epoch takes about 0.01 s.
+# epochs take about 0.03 s and a worker's pick-up of the next run 0.04 s (with the embedded broker
+# polled every 50 ms; every 10 ms now, a grid's hand-overs measure 0.015-0.025 s: kept until the
+# cards' times are recorded again, so estimates may run long by 0.02 s a run); between two epochs,
+# besides the probes, recording the epoch takes about 0.01 s.
 RUN_OVERHEAD_S = 0.07
 EPOCH_OVERHEAD_S = 0.01
 # Each epoch's training state (weights and optimizer moments, BNLAB_KEEP_CHECKPOINTS=epoch), serialised
