@@ -387,17 +387,16 @@ def _all_done(ranks: list[subprocess.Popen[bytes]], folder: Path) -> bool:
     (seen once in a full test run on a loaded machine: SIGABRT, "terminate called without an active
     exception"), nothing of the run is lost."""
     codes = [process.poll() for process in ranks]
-    left = [(folder / f"{LEFT}{rank}").exists() for rank in range(len(ranks))]
-    if any(code not in (None, 0) and not done for code, done in zip(codes, left, strict=True)):
+    ended_badly = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+    if any(not (folder / f"{LEFT}{rank}").exists() for rank in ended_badly):  # files read only then
         failures = sorted(folder.glob(f"{FAILED}*"), key=lambda path: path.stat().st_mtime)
         # The first to fail names the cause; its peers then fail at their next collective.
         cause = failures[0].read_text() if failures else f"exit codes {codes}"
         raise RankFailed(f"a data-parallel training process failed: {cause}")
     if any(code is None for code in codes):
         return False
-    for rank, code in enumerate(codes):
-        if code != 0:
-            log.warning("data-parallel rank %d exited with %d after its part of the run was done", rank, code)
+    for rank in ended_badly:
+        log.warning("data-parallel rank %d exited with %d after its part was done", rank, codes[rank])
     return True
 
 

@@ -35,11 +35,12 @@ import asyncio
 import logging
 import threading
 import time
+import timeit
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import chain
 from typing import Generic, TypeVar
 
@@ -301,14 +302,8 @@ def load_model(
         fused=fused,
         fusion=report,
         nbytes=module_bytes(unfused, fused),
-        small_forward_s=min(_seconds(forward_proba, fused, two) for _ in range(5)),
+        small_forward_s=min(timeit.repeat(partial(forward_proba, fused, two), number=1, repeat=5)),
     )
-
-
-def _seconds(call: Callable[..., object], *args: object) -> float:
-    started = time.perf_counter()
-    call(*args)
-    return time.perf_counter() - started
 
 
 Prepare = Callable[[LoadedModel], torch.Tensor]  # a request's body → input tensor, once the model is known
