@@ -53,6 +53,9 @@ sys.path.insert(0, str(ROOT))
 CLIENTS = (1, 8, 64, 128)
 MLSERVER_VERSION = "1.7.1"
 MLSERVER_MODEL = "bench"
+# bnlab is measured as `make run` starts it, one API process per core; where that is more than one,
+# also as a single process, the way MLServer serves.
+ONE_PROCESS = "bnlab-1"
 DEFAULT_CACHE = Path(os.environ.get("BNLAB_BENCH_CACHE", "/var/cache/bnlab-bench"))
 STARTUP_TIMEOUT_S = 120
 
@@ -199,7 +202,8 @@ def tail(log: Path) -> str:
     return log.read_text(errors="replace")[-2000:] if log.exists() else ""
 
 
-def start_bnlab(data_dir: Path, logs: Path) -> Server:
+def start_bnlab(name: str, processes: int, data_dir: Path, logs: Path) -> Server:
+    """`bnlab api` with `processes` API processes (0: one per core, as `make run` starts)."""
     # BNLAB_SERVE_* set by the caller (say BNLAB_SERVE_MICRO_BATCHING=false) reach the server; other
     # BNLAB_ variables do not, so a developer's own settings cannot point it at their database.
     port = free_port()
@@ -208,11 +212,12 @@ def start_bnlab(data_dir: Path, logs: Path) -> Server:
         "BNLAB_DATA_DIR": str(data_dir),
         "BNLAB_HOST": "127.0.0.1",
         "BNLAB_PORT": str(port),
+        "BNLAB_API_PROCESSES": str(processes),
         "BNLAB_LOG_LEVEL": "warning",
         "BNLAB_RATE_LIMIT_PER_MINUTE": "1000000",
         "BNLAB_RATE_LIMIT_BURST": "100000",
     }
-    log = logs / "bnlab.log"
+    log = logs / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "api"],
@@ -221,7 +226,7 @@ def start_bnlab(data_dir: Path, logs: Path) -> Server:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = Server("bnlab", process, port, log)
+    server = Server(name, process, port, log)
     wait_until_live(server, "/health/live")
     return server
 
@@ -374,10 +379,11 @@ def parse_hey(output: str) -> Cell:
 
 # ---------------------------------------------------------------------------------------- table
 
-ROWS = (  # (label, bnlab route, MLServer route)
-    ("V2 infer", "v2", "v2"),
-    ("bnlab /predict vs MLServer infer", "predict", "v2"),
-    ("HTTP floor (health/live)", "floor", "floor"),
+ROWS = (  # (label, bnlab server, its route, MLServer route)
+    ("V2 infer", "bnlab", "v2", "v2"),
+    ("bnlab /predict vs MLServer infer", "bnlab", "predict", "v2"),
+    ("HTTP floor (health/live)", "bnlab", "floor", "floor"),
+    ("V2 infer, one bnlab API process", ONE_PROCESS, "v2", "v2"),
 )
 
 
@@ -391,8 +397,10 @@ def print_table(results: dict[tuple[str, str, int], Cell], with_mlserver: bool) 
     say(header)
     say("-" * len(header))
     for clients in CLIENTS:
-        for label, ours, theirs in ROWS:
-            a = results[("bnlab", ours, clients)]
+        for label, server, ours, theirs in ROWS:
+            if (server, ours, clients) not in results:
+                continue
+            a = results[(server, ours, clients)]
             line = (
                 f"{clients:>7}  {label:34} {a.rate:>11,.0f} {a.p50_ms:>7.2f} {a.p99_ms:>7.2f} {a.non_200:>7}"
             )
@@ -473,8 +481,12 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     environment = mlserver_environment(args.cache) if not args.bnlab_only else "--bnlab-only"
     servers: list[Server] = []
     try:
-        bnlab = start_bnlab(data_dir, logs)
+        bnlab = start_bnlab("bnlab", 0, data_dir, logs)
         servers.append(bnlab)
+        processes = os.cpu_count() or 1  # what BNLAB_API_PROCESSES=0 reads as
+        say(
+            f"bnlab: {processes} API process{'es' if processes > 1 else ''} (one per core, as make run starts)"
+        )
         targets = [
             Target(bnlab, "v2", f"/v2/models/{run_id}/infer", v2_body(image)),
             Target(
@@ -492,6 +504,10 @@ def run(args: argparse.Namespace, folder: Path) -> None:
             targets += [theirs, Target(mlserver, "floor", "/v2/health/live")]
         else:
             say(f"MLServer: not measured ({environment})")
+        if processes > 1:
+            single = start_bnlab(ONE_PROCESS, 1, data_dir, logs)
+            servers.append(single)
+            targets.append(Target(single, "v2", f"/v2/models/{run_id}/infer", v2_body(image)))
         results = measure(targets, args, folder)
     finally:
         for server in servers:

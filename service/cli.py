@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -24,7 +25,11 @@ from service.config import get_settings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from service.supervisor import Start
+
 SHUTDOWN_GRACE_S = 30
+# Connections the kernel holds for a process before it accepts them (uvicorn's own default).
+LISTEN_BACKLOG = 2048
 
 
 def worker_command() -> list[str]:
@@ -53,13 +58,36 @@ def migrate() -> None:
 
 
 def serve_api(app: FastAPI | None = None) -> None:
-    """Serve `app`, or the app service.main creates."""
+    """Serve `app`, or the app service.main creates, from BNLAB_API_PROCESSES processes."""
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.api_process_count == 1:
+        _serve(app, shared_port=False)
+        return
+    from service.main import create_app
+    from service.supervisor import Supervisor
+
+    # Built once, here: each process is a fork of this one, as `bnlab run`'s are.
+    built = app if app is not None else create_app()
+    sys.exit(Supervisor.of(api_starters(built), grace_s=SHUTDOWN_GRACE_S).run())
+
+
+def api_starters(app: FastAPI) -> dict[str, Start]:
+    """The supervisor's starters of the API processes, each a fork of this process serving `app`."""
+    from service.supervisor import forked
+
+    count = get_settings().api_process_count
+    if count == 1:
+        return {"api": forked(lambda: _serve(app, shared_port=False))}
+    return {f"api-{number}": forked(lambda: _serve(app, shared_port=True)) for number in range(1, count + 1)}
+
+
+def _serve(app: FastAPI | None, *, shared_port: bool) -> None:
     import uvicorn
 
     from service.telemetry import logging_config
 
     settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     def served() -> FastAPI:  # called by uvicorn once its logging is configured
         from service.main import create_app
@@ -72,7 +100,7 @@ def serve_api(app: FastAPI | None = None) -> None:
         gc.freeze()
         return built
 
-    uvicorn.run(
+    config = uvicorn.Config(
         served,
         factory=True,
         host=settings.host,
@@ -83,6 +111,21 @@ def serve_api(app: FastAPI | None = None) -> None:
         log_config=logging_config(settings.log_level, settings.log_format),
         access_log=False,
     )
+    server = uvicorn.Server(config)
+    server.run(sockets=[shared_port_socket(settings.host, settings.port)] if shared_port else None)
+
+
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on a port that other API processes listen on too: with SO_REUSEPORT the
+    kernel spreads new connections over the processes, and a process that exits takes only its own
+    connections with it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    return sock
 
 
 def run_worker() -> None:
@@ -95,13 +138,11 @@ def run_all() -> None:
     """API and one worker in the foreground, each restarted if it exits on its own; Ctrl-C (or
     SIGTERM) stops both cleanly."""
     from service.main import create_app
-    from service.supervisor import Supervisor, command, forked
+    from service.supervisor import Supervisor, command
 
     migrate()
     # Built once, here: a restarted API is a fork of this process, answering within a second.
-    app = create_app()
-    starters = {
-        "api": forked(lambda: serve_api(app)),
+    starters = api_starters(create_app()) | {
         # Through `bnlab worker`: each start names its Celery node after its own PID, so a restarted
         # worker is a new node, one that may take back the runs its predecessor handed back.
         "worker": command([sys.executable, "-m", "service.cli", "worker"]),

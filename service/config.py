@@ -26,6 +26,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    # 1 by default: the rate limits, the concurrency cap and the serving statistics are each
+    # process's own, so a second process doubles what a key may do; make run and the compose file
+    # ask for one per core, where a single process would leave cores idle under inference load.
+    api_processes: int = Field(
+        1, ge=0, le=64, description="API processes sharing the port (Linux); 0 = one per core."
+    )
     data_dir: Path = Field(
         Path("bnlab-data"), description="Datasets, the SQLite file and the embedded broker."
     )
@@ -244,7 +250,13 @@ class Settings(BaseSettings):
         return max(1, (os.cpu_count() or 1) // self.training_processes)
 
     def effective_inference_threads(self) -> int:
+        # The cores, in each API process: a process with one thread stalled its batches behind each
+        # other while its peer's were idle (8 clients on 2 processes of 2 cores: 0.3x the rate).
         return self.serve_inference_threads or os.cpu_count() or 1
+
+    @property
+    def api_process_count(self) -> int:
+        return self.api_processes or os.cpu_count() or 1
 
     @property
     def training_processes(self) -> int:

@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 # A request answered on the event loop has its body parsed there too: only small ones (the article's
 # model's one-image V2 body is about 10 KiB; 64 KiB of JSON parse in a fraction of a millisecond).
 INLINE_MAX_BODY_BYTES = 64 * 1024
+# Forward passes timed at load, the fastest kept: a model loads while other requests, or another API
+# process loading it too, share the cores, and five timings were all slowed that way often enough
+# to keep a cheap model off the event loop for the process's life. 25 take ~2 ms for a small model.
+LOAD_TIMINGS = 25
 
 # Rows per forward pass, at most: a batch of large requests runs in chunks of this many samples.
 MAX_FORWARD_ROWS = 1024
@@ -302,7 +306,7 @@ def load_model(
         fused=fused,
         fusion=report,
         nbytes=module_bytes(unfused, fused),
-        small_forward_s=min(timeit.repeat(partial(forward_proba, fused, two), number=1, repeat=5)),
+        small_forward_s=min(timeit.repeat(partial(forward_proba, fused, two), number=1, repeat=LOAD_TIMINGS)),
     )
 
 
