@@ -18,9 +18,10 @@ install: $(STAMP)
 ## One training process per core, one thread each (unless set): the runs of a pair train side by
 ## side, and a small model's step does not wait on a second thread (bench/train.py measured the
 ## pair ten times slower with one process of two threads on a busy 2-core machine). Each training
-## process decodes Fashion-MNIST as it starts (BNLAB_PRELOAD_DATASETS; set it empty to skip).
+## process decodes Fashion-MNIST as it starts (BNLAB_PRELOAD_DATASETS; set it empty to skip). One API
+## process per core too: under inference load one process is bound to one core by Python's GIL.
 run: install
-	BNLAB_WORKER_CONCURRENCY=$${BNLAB_WORKER_CONCURRENCY:-0} \
+	BNLAB_WORKER_CONCURRENCY=$${BNLAB_WORKER_CONCURRENCY:-0} BNLAB_API_PROCESSES=$${BNLAB_API_PROCESSES:-0} \
 	BNLAB_PRELOAD_DATASETS=$${BNLAB_PRELOAD_DATASETS-fashion-mnist} $(BIN)/bnlab run
 
 migrate: install

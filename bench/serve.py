@@ -484,9 +484,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         bnlab = start_bnlab("bnlab", 0, data_dir, logs)
         servers.append(bnlab)
         processes = os.cpu_count() or 1  # what BNLAB_API_PROCESSES=0 reads as
-        say(
-            f"bnlab: {processes} API process{'es' if processes > 1 else ''} (one per core, as make run starts)"
-        )
+        say(f"bnlab: {processes} API process(es), one per core, as make run starts them")
         targets = [
             Target(bnlab, "v2", f"/v2/models/{run_id}/infer", v2_body(image)),
             Target(

@@ -1,0 +1,135 @@
+"""`bnlab api` with several API processes (BNLAB_API_PROCESSES): one port, connections spread over the
+processes, a process that dies restarted while the others answer, all of them stopped together."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import bnlab_free_environ, sqlite_backend_at
+from tests.drills.cluster import wait_until
+from tests.integration.stack import free_port
+from tests.integration.test_run_command import child_pids, is_alive
+
+pytestmark = pytest.mark.integration
+
+PROCESSES = 2
+CONNECTIONS = 40
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed since it was listed
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:[") : -1]))
+    return inodes
+
+
+def server_side_inode(server_port: int, client_port: int) -> int:
+    """The inode of the server's end of the loopback connection from `client_port` (/proc/net/tcp:
+    local and remote addresses as hex ip:port, the inode in the tenth column)."""
+    local, remote = f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            return int(fields[9])
+    raise AssertionError(f"no connection from port {client_port} in /proc/net/tcp")
+
+
+def answering_process(port: int, children: list[int]) -> int:
+    """Which of `children` accepted a new connection and answered a request on it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        inode = server_side_inode(port, connection.getsockname()[1])
+        (owner,) = [pid for pid in children if inode in socket_inodes(pid)]
+        return owner
+
+
+def live(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health/live", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.timeout(180)
+def test_api_processes_share_the_port_restart_alone_and_stop_together(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = bnlab_free_environ() | sqlite_backend_at(tmp_path).env
+    env |= {"BNLAB_PORT": str(port), "BNLAB_API_PROCESSES": str(PROCESSES), "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "api.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "api"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: len(child_pids(process.pid)) == PROCESSES and live(url), 90, "the API processes")
+        # Each process binds on its own once forked: wait until every one of them answers.
+        children = child_pids(process.pid)
+        wait_until(
+            lambda: {answering_process(port, children) for _ in range(20)} == set(children),
+            30,
+            "both processes",
+        )
+        spread = Counter(answering_process(port, children) for _ in range(CONNECTIONS))
+        assert set(spread) == set(children), spread
+        assert min(spread.values()) >= CONNECTIONS // 10, f"connections spread unevenly: {spread}"
+
+        victim, survivor = children
+        os.kill(victim, signal.SIGKILL)
+        # While the victim is down and restarting, the other process answers every request.
+        for _ in range(20):
+            assert httpx.get(f"{url}/health/live", timeout=5).status_code == 200
+        wait_until(lambda: victim not in child_pids(process.pid), 10, "the supervisor to notice")
+        wait_until(lambda: len(child_pids(process.pid)) == PROCESSES, 10, "a new API process")
+        (replacement,) = set(child_pids(process.pid)) - {survivor}
+        pair = [replacement, survivor]
+        wait_until(
+            lambda: replacement in {answering_process(port, pair) for _ in range(20)}, 30, "the new one"
+        )
+        assert "exited unexpectedly (killed by SIGKILL)" in log_path.read_text()
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=45) == 0
+        for child in (survivor, replacement):
+            assert not is_alive(child), f"API process {child} outlived its parent's SIGTERM"
+        assert not live(url)
+    except BaseException:
+        print(log_path.read_text()[-6000:])  # noqa: T201 - shown by pytest only when the test fails
+        raise
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_one_api_process_is_the_default_and_needs_no_supervisor(tmp_path: Path) -> None:
+    port = free_port()
+    env = bnlab_free_environ() | sqlite_backend_at(tmp_path).env | {"BNLAB_PORT": str(port)}
+    with (tmp_path / "api.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "api"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: live(f"http://127.0.0.1:{port}"), 90, "the API")
+        assert child_pids(process.pid) == [], "one process serves, itself"
+        assert answering_process(port, [process.pid]) == process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=45)
