@@ -56,6 +56,8 @@ class DatabaseCallbacks:
     cores: CoreShare | None = None
     # Called with the run id once an epoch is stored (the worker passes the searches' hook).
     on_epoch: Callable[[str], None] | None = None
+    # The spec's last epoch: its training state is not stored (below).
+    final_epoch: int | None = None
 
     def on_epoch_end(self, metrics: training.EpochMetrics, snapshot: training.Snapshot) -> None:
         try:
@@ -64,8 +66,7 @@ class DatabaseCallbacks:
                     session=session,
                     lease=self.lease,
                     metrics=metrics,
-                    # Not even serialised when not kept (BNLAB_KEEP_CHECKPOINTS=final).
-                    training_state=snapshot() if get_settings().keep_checkpoints == "epoch" else None,
+                    training_state=snapshot() if self._keeps_state_of(metrics.epoch) else None,
                     train_samples=self.train_samples,
                 )
         except run_repo.LeaseLost:
@@ -74,6 +75,12 @@ class DatabaseCallbacks:
         log.info("run %s epoch %d: val_accuracy=%.4f", self.lease.run_id, metrics.epoch, metrics.val_accuracy)
         if self.on_epoch is not None:
             notify(self.on_epoch, self.lease.run_id)
+
+    def _keeps_state_of(self, epoch: int) -> bool:
+        # Not even serialised when not kept (BNLAB_KEEP_CHECKPOINTS=final). The last epoch's state
+        # would be deleted a moment later, as the run succeeds with its final model; a crash in
+        # between resumes from the epoch before and trains the last one again.
+        return get_settings().keep_checkpoints == "epoch" and epoch != self.final_epoch
 
     def should_stop(self) -> bool:
         # Celery's soft time limit does the same, but only for messages that carry it; this one
@@ -173,7 +180,7 @@ def execute_run(
         checkpoint = run_repo.resume_point(session=session, run_id=run_id)
         start_state = checkpoint.state if checkpoint else None
     log.info("run %s attempt %d started on %s", run_id, lease.attempt, worker)
-    callbacks = DatabaseCallbacks(lease, limit_s, on_epoch=on_epoch)
+    callbacks = DatabaseCallbacks(lease, limit_s, on_epoch=on_epoch, final_epoch=spec.train.epochs)
     try:
         with Heartbeat(lease, callbacks.lease_lost):
             result, config = _train(spec, callbacks, start_state)

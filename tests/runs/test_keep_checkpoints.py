@@ -49,7 +49,7 @@ def checkpoints_of(run_id: str) -> int:
         return session.scalar(query) or 0
 
 
-def end_epoch(lease: run_repo.Lease) -> list[int]:
+def end_epoch(lease: run_repo.Lease, epoch: int = 1, final_epoch: int | None = None) -> list[int]:
     """What training does after an epoch; returns how often the training state was serialised."""
     calls: list[int] = []
 
@@ -57,7 +57,8 @@ def end_epoch(lease: run_repo.Lease) -> list[int]:
         calls.append(1)
         return b"state"
 
-    runner.DatabaseCallbacks(lease, 600).on_epoch_end(EpochMetrics(1, 0.5, 0.8, 0.6, 0.7, 0.1), snapshot)
+    callbacks = runner.DatabaseCallbacks(lease, 600, final_epoch=final_epoch)
+    callbacks.on_epoch_end(EpochMetrics(epoch, 0.5, 0.8, 0.6, 0.7, 0.1), snapshot)
     return calls
 
 
@@ -66,6 +67,24 @@ def test_by_default_each_epoch_stores_the_state_to_resume_from(configure: Callab
     lease = claimed_run()
     assert end_epoch(lease) == [1]
     assert checkpoints_of(lease.run_id) == 1
+
+
+def test_the_last_epoch_stores_no_state_and_a_crash_after_it_resumes_from_the_one_before(
+    configure: Callable[[str], None],
+) -> None:
+    configure("epoch")
+    lease = claimed_run()
+    assert end_epoch(lease, epoch=1, final_epoch=2) == [1]
+    assert end_epoch(lease, epoch=2, final_epoch=2) == []  # the run's success would delete it at once
+    with session_scope() as session:
+        checkpoint = run_repo.resume_point(session=session, run_id=lease.run_id)
+        assert checkpoint is not None
+        assert checkpoint.epoch == 1
+        run = run_repo.get_run(session=session, run_id=lease.run_id)
+        assert run is not None
+        assert run.epochs_done == 1, "epoch 2 is trained again"
+        stored = run_repo.list_epoch_metrics(session=session, run_id=lease.run_id)
+        assert [row.epoch for row in stored] == [1]
 
 
 def test_final_stores_no_training_state_and_the_model_all_the_same(configure: Callable[[str], None]) -> None:
