@@ -74,12 +74,16 @@ def serve_api(app: FastAPI | None = None) -> None:
 
 def api_starters(app: FastAPI) -> dict[str, Start]:
     """The supervisor's starters of the API processes, each a fork of this process serving `app`."""
+    from service.serving.server import share_naming_with_forks
     from service.supervisor import forked
 
-    count = get_settings().api_process_count
-    if count == 1:
+    settings = get_settings()
+    if settings.api_process_count == 1:
         return {"api": forked(lambda: _serve(app, shared_port=False))}
-    return {f"api-{number}": forked(lambda: _serve(app, shared_port=True)) for number in range(1, count + 1)}
+    refuse_a_taken_port(settings.host, settings.port)
+    share_naming_with_forks()
+    numbers = range(1, settings.api_process_count + 1)
+    return {f"api-{number}": forked(lambda: _serve(app, shared_port=True)) for number in numbers}
 
 
 def _serve(app: FastAPI | None, *, shared_port: bool) -> None:
@@ -115,12 +119,27 @@ def _serve(app: FastAPI | None, *, shared_port: bool) -> None:
     server.run(sockets=[shared_port_socket(settings.host, settings.port)] if shared_port else None)
 
 
+def refuse_a_taken_port(host: str, port: int) -> None:
+    """Exit as uvicorn does when the port is taken. SO_REUSEPORT alone would let the API processes
+    join the listeners of another server started the same way (a second bnlab on another database,
+    say), each then answering some of the other's connections; a plain bind fails on any listener."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            sys.exit(f"cannot listen on {host}:{port}: {exc.strerror}")
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def shared_port_socket(host: str, port: int) -> socket.socket:
     """A listening socket on a port that other API processes listen on too: with SO_REUSEPORT the
     kernel spreads new connections over the processes, and a process that exits takes only its own
     connections with it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))

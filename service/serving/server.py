@@ -17,9 +17,10 @@
   4). Train-mode inference (batch statistics) is never batched with other requests, since it would.
 - **Names.** What a name means (run id or alias, and version) is read from the database once and
   reused for `serve_name_cache_ms` (1 s by default): a lookup costs more than the article's model's
-  forward pass. Every commit in this process that writes an alias, a model version, a
-  recalibration, or deletes rows drops the reused answers at once; changes made by other processes
-  (an experiment alias's best run as workers finish, another API process) are seen within that time.
+  forward pass. Every commit in this process, or in another API process forked from the same
+  parent (`BNLAB_API_PROCESSES`), that writes an alias, a model version, a recalibration, or
+  deletes rows drops the reused answers at once; changes made by other processes (an experiment
+  alias's best run as workers finish, an API replica elsewhere) are seen within that time.
 - **Threads.** Everything above runs in a pool of `inference_threads` threads (default: the
   machine's cores): routes await `asyncio.wrap_future`. Without micro-batching each request runs
   the same steps alone in that pool. One exception: a request that is alone (no batch waits or
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import threading
 import time
 import timeit
@@ -42,6 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from itertools import chain
+from multiprocessing.sharedctypes import Synchronized
 from typing import Generic, TypeVar
 
 import torch
@@ -210,12 +213,45 @@ _NAMING_ROWS = (ModelAlias, ModelArtifact, Recalibration, Run)
 _CHANGED = "bnlab_serving_names_changed"
 
 
-class NameCache:
-    """(name, version) → ResolvedModel for `ttl_s`; `generation` moves on every naming commit of this
-    process (see the listeners below), which empties it. A lookup that started before a commit
-    stores nothing, so an answer read before a change never outlives it."""
+class NamingGeneration:
+    """A counter that every commit which can change a name's meaning moves on (the listeners below).
+    A plain number in one process; in shared memory once `share_with_forks` is called, so that the
+    API processes forked afterwards from this one see each other's commits at once."""
 
-    generation = 0  # process-wide: every commit of every session moves it
+    def __init__(self) -> None:
+        self._own = 0
+        self._shared: Synchronized[int] | None = None
+
+    @property
+    def value(self) -> int:
+        # An aligned 8-byte read: never torn, so no lock to read it.
+        return self._own if self._shared is None else self._shared.get_obj().value
+
+    def advance(self) -> None:
+        if self._shared is None:
+            self._own += 1
+            return
+        with self._shared.get_lock():  # two processes' commits must not count as one
+            self._shared.value += 1
+
+    def share_with_forks(self) -> None:
+        if self._shared is None:
+            self._shared = multiprocessing.get_context("fork").Value("Q", self._own)
+
+
+NAMING = NamingGeneration()
+
+
+def share_naming_with_forks() -> None:
+    """Called before forking API processes: a naming change committed by any of them then empties
+    every one's name cache, not only its own."""
+    NAMING.share_with_forks()
+
+
+class NameCache:
+    """(name, version) → ResolvedModel for `ttl_s`; the NAMING generation moves on every naming
+    commit (see the listeners below), which empties it. A lookup that started before a commit
+    stores nothing, so an answer read before a change never outlives it."""
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
@@ -227,12 +263,12 @@ class NameCache:
         if entry is None:
             return None
         resolved, expires, generation = entry
-        if generation != NameCache.generation or time.monotonic() >= expires:
+        if generation != NAMING.value or time.monotonic() >= expires:
             return None
         return resolved
 
     def put(self, resolved: model_repo.ResolvedModel, version: int | None, generation: int) -> None:
-        if self.ttl_s <= 0 or generation != NameCache.generation:
+        if self.ttl_s <= 0 or generation != NAMING.value:
             return
         with self._lock:
             if len(self._entries) > 4096:  # many names, most stale: start over
@@ -255,7 +291,7 @@ def _note_bulk_writes(state: ORMExecuteState) -> None:
 @event.listens_for(Session, "after_commit")
 def _forget_names(session: Session) -> None:
     if session.info.pop(_CHANGED, False):
-        NameCache.generation += 1
+        NAMING.advance()
 
 
 @event.listens_for(Session, "after_rollback")
@@ -414,7 +450,7 @@ class ModelServer:
         """
         resolved = self.names.get(name, version)
         if resolved is None:
-            generation = NameCache.generation
+            generation = NAMING.value
             with session_scope(read_only=True) as session:  # SQLite: no write lock for a read
                 resolved = model_repo.resolve_model(session=session, name=name, version=version)
             self.names.put(resolved, version, generation)

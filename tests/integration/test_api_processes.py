@@ -9,15 +9,17 @@ import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import bnlab_free_environ, sqlite_backend_at
+from tests.conftest import Backend, bnlab_free_environ, sqlite_backend_at
 from tests.drills.cluster import wait_until
 from tests.integration.stack import free_port
 from tests.integration.test_run_command import child_pids, is_alive
+from tests.serving.conftest import BN_SPEC, NO_BN_SPEC, store_trained_run
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +135,69 @@ def test_one_api_process_is_the_default_and_needs_no_supervisor(tmp_path: Path) 
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=45)
+
+
+def test_api_processes_refuse_a_port_another_server_listens_on(tmp_path: Path) -> None:
+    """Even one that shares its port the same way (SO_REUSEPORT): its connections must not be ours."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        env = bnlab_free_environ() | sqlite_backend_at(tmp_path).env
+        env |= {"BNLAB_PORT": str(port), "BNLAB_API_PROCESSES": str(PROCESSES)}
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "api"], env=env, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+
+
+def infer_on_a_new_connection(url: str, name: str) -> str:
+    body = {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]}
+    answer = httpx.post(f"{url}/v2/models/{name}/infer", json=body, headers={"Connection": "close"})
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["parameters"]["run_id"])
+
+
+@pytest.mark.timeout(180)
+def test_an_alias_moved_through_one_api_process_is_served_at_once_by_every_one(
+    tmp_path: Path, use_backend: Callable[[Backend], None]
+) -> None:
+    """Each process reuses what a name means for BNLAB_SERVE_NAME_CACHE_MS; a commit in one of them
+    must empty the others' too, or a client's next request could get the alias's previous model."""
+    backend = sqlite_backend_at(tmp_path)
+    use_backend(backend)
+    runs = [store_trained_run(BN_SPEC), store_trained_run(NO_BN_SPEC)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = bnlab_free_environ() | backend.env
+    env |= {
+        "BNLAB_PORT": str(port),
+        "BNLAB_API_PROCESSES": str(PROCESSES),
+        "BNLAB_SERVE_NAME_CACHE_MS": "60000",
+    }
+    with (tmp_path / "api.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "api"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: len(child_pids(process.pid)) == PROCESSES and live(url), 90, "the API processes")
+        children = child_pids(process.pid)
+        wait_until(lambda: {answering_process(port, children) for _ in range(20)} == set(children), 30, "all")
+        for turn in range(24):
+            expected = runs[turn % 2]
+            moved = httpx.put(
+                f"{url}/api/v1/models/prod", json={"run_id": expected}, headers={"Connection": "close"}
+            )
+            assert moved.status_code in (200, 201), moved.text
+            served = [infer_on_a_new_connection(url, "prod") for _ in range(4)]
+            assert served == [expected] * 4, f"turn {turn}: the alias points at {expected}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from service.db import get_engine, session_scope
 from service.serving import repository as model_repo
-from service.serving.server import NameCache, get_model_server
+from service.serving.server import NAMING, NameCache, get_model_server
 
 INFER = {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]}
 
@@ -52,11 +52,11 @@ def test_a_lookup_that_began_before_a_commit_is_not_reused(client: TestClient, b
     with session_scope() as session:
         resolved = model_repo.resolve_model(session=session, name=bn_run, version=None)
     names = NameCache(ttl_s=60)
-    began = NameCache.generation
+    began = NAMING.value
     assert client.put("/api/v1/models/other", json={"run_id": bn_run}).status_code == 201  # a commit
     names.put(resolved, None, began)
     assert names.get(bn_run, None) is None
-    names.put(resolved, None, NameCache.generation)
+    names.put(resolved, None, NAMING.value)
     assert names.get(bn_run, None) == resolved
 
 
