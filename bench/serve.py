@@ -8,8 +8,9 @@ What it does, all on 127.0.0.1 with a temporary data folder:
 1. trains the article's model (Flatten → Dense(128, relu) → BN → Dense(10)) on Fashion-MNIST
    (synthetic data with --synthetic) for two epochs in-process and stores it as a succeeded run;
 2. exports it with bnlab's own ONNX export (BN folded, as served);
-3. starts `bnlab api` with its defaults (in-flight cap, queue, micro-batching, logs at warning) and
-   the per-key rate limit raised out of the way;
+3. starts `bnlab api` as `make run` starts it, one API process per core (in-flight cap, queue,
+   micro-batching, logs at warning), the per-key rate limit raised out of the way; and, where that
+   is more than one process, a second `bnlab api` of one process, measured on V2 infer beside it;
 4. starts MLServer (SeldonIO's, from PyPI) in a virtual environment of its own, created on first use
    under the cache folder (--cache, default /var/cache/bnlab-bench) so that bnlab's dependencies stay
    its own. MLServer 1.7 has no ONNX runtime package of its own: it serves the exported ONNX file

@@ -94,10 +94,11 @@ def test_api_processes_share_the_port_restart_alone_and_stop_together(tmp_path: 
 
         victim, survivor = children
         os.kill(victim, signal.SIGKILL)
-        # While the victim is down and restarting, the other process answers every request.
+        # Connections the kernel had queued for the victim die with it (reset); once it is gone, the
+        # other process answers every request while the victim's replacement starts.
+        wait_until(lambda: victim not in child_pids(process.pid), 10, "the supervisor to notice")
         for _ in range(20):
             assert httpx.get(f"{url}/health/live", timeout=5).status_code == 200
-        wait_until(lambda: victim not in child_pids(process.pid), 10, "the supervisor to notice")
         wait_until(lambda: len(child_pids(process.pid)) == PROCESSES, 10, "a new API process")
         (replacement,) = set(child_pids(process.pid)) - {survivor}
         pair = [replacement, survivor]
