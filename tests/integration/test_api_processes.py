@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -67,28 +69,62 @@ def live(url: str) -> bool:
         return False
 
 
-@pytest.mark.timeout(180)
-def test_api_processes_share_the_port_restart_alone_and_stop_together(tmp_path: Path) -> None:
+@dataclass
+class Api:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def children(self) -> list[int]:
+        return child_pids(self.process.pid)
+
+    def wait_until_every_process_answers(self, processes: int) -> list[int]:
+        wait_until(lambda: len(self.children()) == processes and live(self.url), 90, "the API processes")
+        # Each process binds on its own once forked: wait until every one of them answers.
+        children = self.children()
+        every_one = set(children)
+        wait_until(
+            lambda: {answering_process(self.port, children) for _ in range(20)} == every_one, 30, "all"
+        )
+        return children
+
+
+@contextmanager
+def bnlab_api(backend: Backend, folder: Path, **settings: str) -> Iterator[Api]:
+    """`bnlab api` on a free port with these BNLAB_ settings; its log printed if the test fails."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = bnlab_free_environ() | sqlite_backend_at(tmp_path).env
-    env |= {"BNLAB_PORT": str(port), "BNLAB_API_PROCESSES": str(PROCESSES), "PYTHONUNBUFFERED": "1"}
-    log_path = tmp_path / "api.log"
-    with log_path.open("wb") as log:
+    env = bnlab_free_environ() | backend.env | {"BNLAB_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    env |= {f"BNLAB_{name.upper()}": value for name, value in settings.items()}
+    log = folder / "api.log"
+    with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "api"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "service.cli", "api"], env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     try:
-        wait_until(lambda: len(child_pids(process.pid)) == PROCESSES and live(url), 90, "the API processes")
-        # Each process binds on its own once forked: wait until every one of them answers.
-        children = child_pids(process.pid)
-        wait_until(
-            lambda: {answering_process(port, children) for _ in range(20)} == set(children),
-            30,
-            "both processes",
-        )
-        spread = Counter(answering_process(port, children) for _ in range(CONNECTIONS))
+        yield Api(process, port, log)
+    except BaseException:
+        print(log.read_text()[-6000:])  # noqa: T201 - shown by pytest only when the test fails
+        raise
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.mark.timeout(180)
+def test_api_processes_share_the_port_restart_alone_and_stop_together(tmp_path: Path) -> None:
+    with bnlab_api(sqlite_backend_at(tmp_path), tmp_path, api_processes=str(PROCESSES)) as api:
+        children = api.wait_until_every_process_answers(PROCESSES)
+        spread = Counter(answering_process(api.port, children) for _ in range(CONNECTIONS))
         assert set(spread) == set(children), spread
         assert min(spread.values()) >= CONNECTIONS // 10, f"connections spread unevenly: {spread}"
 
@@ -96,46 +132,27 @@ def test_api_processes_share_the_port_restart_alone_and_stop_together(tmp_path: 
         os.kill(victim, signal.SIGKILL)
         # Connections the kernel had queued for the victim die with it (reset); once it is gone, the
         # other process answers every request while the victim's replacement starts.
-        wait_until(lambda: victim not in child_pids(process.pid), 10, "the supervisor to notice")
+        wait_until(lambda: victim not in api.children(), 10, "the supervisor to notice")
         for _ in range(20):
-            assert httpx.get(f"{url}/health/live", timeout=5).status_code == 200
-        wait_until(lambda: len(child_pids(process.pid)) == PROCESSES, 10, "a new API process")
-        (replacement,) = set(child_pids(process.pid)) - {survivor}
+            assert httpx.get(f"{api.url}/health/live", timeout=5).status_code == 200
+        wait_until(lambda: len(api.children()) == PROCESSES, 10, "a new API process")
+        (replacement,) = set(api.children()) - {survivor}
         pair = [replacement, survivor]
-        wait_until(
-            lambda: replacement in {answering_process(port, pair) for _ in range(20)}, 30, "the new one"
-        )
-        assert "exited unexpectedly (killed by SIGKILL)" in log_path.read_text()
+        wait_until(lambda: replacement in {answering_process(api.port, pair) for _ in range(20)}, 30, "it")
+        assert "exited unexpectedly (killed by SIGKILL)" in api.log.read_text()
 
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=45) == 0
+        api.process.send_signal(signal.SIGTERM)
+        assert api.process.wait(timeout=45) == 0
         for child in (survivor, replacement):
             assert not is_alive(child), f"API process {child} outlived its parent's SIGTERM"
-        assert not live(url)
-    except BaseException:
-        print(log_path.read_text()[-6000:])  # noqa: T201 - shown by pytest only when the test fails
-        raise
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        assert not live(api.url)
 
 
 def test_one_api_process_is_the_default_and_needs_no_supervisor(tmp_path: Path) -> None:
-    port = free_port()
-    env = bnlab_free_environ() | sqlite_backend_at(tmp_path).env | {"BNLAB_PORT": str(port)}
-    with (tmp_path / "api.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "api"], env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_until(lambda: live(f"http://127.0.0.1:{port}"), 90, "the API")
-        assert child_pids(process.pid) == [], "one process serves, itself"
-        assert answering_process(port, [process.pid]) == process.pid
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=45)
+    with bnlab_api(sqlite_backend_at(tmp_path), tmp_path) as api:
+        wait_until(lambda: live(api.url), 90, "the API")
+        assert api.children() == [], "one process serves, itself"
+        assert answering_process(api.port, [api.process.pid]) == api.process.pid
 
 
 def test_api_processes_refuse_a_port_another_server_listens_on(tmp_path: Path) -> None:
@@ -170,35 +187,14 @@ def test_an_alias_moved_through_one_api_process_is_served_at_once_by_every_one(
     backend = sqlite_backend_at(tmp_path)
     use_backend(backend)
     runs = [store_trained_run(BN_SPEC), store_trained_run(NO_BN_SPEC)]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = bnlab_free_environ() | backend.env
-    env |= {
-        "BNLAB_PORT": str(port),
-        "BNLAB_API_PROCESSES": str(PROCESSES),
-        "BNLAB_SERVE_NAME_CACHE_MS": "60000",
-    }
-    with (tmp_path / "api.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "api"], env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_until(lambda: len(child_pids(process.pid)) == PROCESSES and live(url), 90, "the API processes")
-        children = child_pids(process.pid)
-        wait_until(lambda: {answering_process(port, children) for _ in range(20)} == set(children), 30, "all")
+    # A minute of reuse: a stale name would outlive the test.
+    settings = {"api_processes": str(PROCESSES), "serve_name_cache_ms": "60000"}
+    with bnlab_api(backend, tmp_path, **settings) as api:
+        api.wait_until_every_process_answers(PROCESSES)
         for turn in range(24):
             expected = runs[turn % 2]
-            moved = httpx.put(
-                f"{url}/api/v1/models/prod", json={"run_id": expected}, headers={"Connection": "close"}
-            )
+            closing = {"Connection": "close"}
+            moved = httpx.put(f"{api.url}/api/v1/models/prod", json={"run_id": expected}, headers=closing)
             assert moved.status_code in (200, 201), moved.text
-            served = [infer_on_a_new_connection(url, "prod") for _ in range(4)]
+            served = [infer_on_a_new_connection(api.url, "prod") for _ in range(4)]
             assert served == [expected] * 4, f"turn {turn}: the alias points at {expected}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=45)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
