@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import click
@@ -62,7 +63,7 @@ def serve_api(app: FastAPI | None = None) -> None:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.api_process_count == 1:
-        _serve(app, shared_port=False)
+        _serve(app)
         return
     from service.main import create_app
     from service.supervisor import Supervisor
@@ -78,17 +79,22 @@ def api_starters(app: FastAPI) -> dict[str, Start]:
     from service.supervisor import forked
 
     settings = get_settings()
-    if settings.api_process_count == 1:
-        return {"api": forked(lambda: _serve(app, shared_port=False))}
+    count = settings.api_process_count
+    if count == 1:
+        freeze_startup_heap()
+        return {"api": forked(lambda: _serve(app))}
     refuse_a_taken_port(settings.host, settings.port)
-    share_naming_with_forks()
-    numbers = range(1, settings.api_process_count + 1)
-    return {f"api-{number}": forked(lambda: _serve(app, shared_port=True)) for number in numbers}
+    share_naming_with_forks(count)
+    freeze_startup_heap()
+    return {f"api-{slot + 1}": forked(partial(_serve, app, naming_slot=slot)) for slot in range(count)}
 
 
-def _serve(app: FastAPI | None, *, shared_port: bool) -> None:
+def _serve(app: FastAPI | None, *, naming_slot: int | None = None) -> None:
+    """One API process: on the port alone, or (`naming_slot`, its place among the API processes
+    forked from one parent) sharing it with the others."""
     import uvicorn
 
+    from service.serving.server import use_naming_slot
     from service.telemetry import logging_config
 
     settings = get_settings()
@@ -97,11 +103,7 @@ def _serve(app: FastAPI | None, *, shared_port: bool) -> None:
         from service.main import create_app
 
         built = app if app is not None else create_app()
-        # What start-up imported and built (torch, Optuna, the routes: over 400,000 objects) lives as
-        # long as the process. Frozen, the collector's full passes skip it: each took 50-150 ms, a
-        # stall of every request in flight (the p99 under load).
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()
         return built
 
     config = uvicorn.Config(
@@ -116,7 +118,11 @@ def _serve(app: FastAPI | None, *, shared_port: bool) -> None:
         access_log=False,
     )
     server = uvicorn.Server(config)
-    server.run(sockets=[shared_port_socket(settings.host, settings.port)] if shared_port else None)
+    if naming_slot is None:
+        server.run()
+        return
+    use_naming_slot(naming_slot)
+    server.run(sockets=[shared_port_socket(settings.host, settings.port)])
 
 
 def refuse_a_taken_port(host: str, port: int) -> None:
@@ -133,6 +139,15 @@ def refuse_a_taken_port(host: str, port: int) -> None:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def freeze_startup_heap() -> None:
+    """What start-up imported and built (torch, Optuna, the routes: over 400,000 objects) lives as
+    long as the process. Frozen, the collector's full passes skip it: each took 50-150 ms, a stall of
+    every request in flight (the p99 under load). Frozen before a fork, the children share its pages
+    instead of each writing its own copy of them (~120 MB) as its collector marks the objects."""
+    gc.collect()
+    gc.freeze()
 
 
 def shared_port_socket(host: str, port: int) -> socket.socket:

@@ -60,7 +60,10 @@ def make_engine(url: str) -> Engine:
     # took twice as long with 5 + 5). Overflow connections open on demand and close when returned, so
     # a worker, which needs few, never opens them. The API's 5 + 64 fit Postgres' default 100
     # max_connections; raise that with BNLAB_MAX_CONCURRENT_REQUESTS (past it: 503, see api/busy.py).
-    overflow = get_settings().max_concurrent_requests
+    # Several API processes (BNLAB_API_PROCESSES) share that budget: each has its share of the
+    # overflow, so that together they open no more than one process did.
+    settings = get_settings()
+    overflow = max(1, settings.max_concurrent_requests // settings.api_process_count)
     return create_engine(
         url, pool_pre_ping=True, pool_size=5, max_overflow=overflow, pool_timeout=POOL_TIMEOUT_S
     )

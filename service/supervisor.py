@@ -13,6 +13,7 @@ back), then SIGKILL to what is still running after the grace period.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ MAX_QUICK_EXITS = 5
 # How often the children are checked; also the latency of reacting to a signal.
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class Process(Protocol):
@@ -91,19 +93,21 @@ def forked(function: Callable[[], object]) -> Start:
     def start() -> ForkedProcess:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # or the child would write what is buffered here a second time
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _run_forked(function)
+            _run_forked(function, parent)
         return ForkedProcess(pid)
 
     return start
 
 
-def _run_forked(function: Callable[[], object]) -> NoReturn:
+def _run_forked(function: Callable[[], object], parent: int) -> NoReturn:
     status = 1
     try:
         for signum in STOP_SIGNALS:  # the supervisor's handlers only set a flag in its copy
             signal.signal(signum, signal.SIG_DFL)
+        _die_with(parent)
         function()
         status = 0
     except SystemExit as exc:
@@ -114,6 +118,19 @@ def _run_forked(function: Callable[[], object]) -> NoReturn:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(status)  # never return into the supervisor's loop
+
+
+def _die_with(parent: int) -> None:
+    """A SIGTERM to this child when the supervisor dies, even by SIGKILL (the OOM killer, kill -9):
+    an API process left behind would go on serving the port with nobody to stop or restart it.
+    Linux's parent-death signal; elsewhere nothing."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def exit_reason(returncode: int) -> str:

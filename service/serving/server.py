@@ -41,10 +41,10 @@ import timeit
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from ctypes import Array, c_uint64
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from itertools import chain
-from multiprocessing.sharedctypes import Synchronized
 from typing import Generic, TypeVar
 
 import torch
@@ -214,38 +214,48 @@ _CHANGED = "bnlab_serving_names_changed"
 
 
 class NamingGeneration:
-    """A counter that every commit which can change a name's meaning moves on (the listeners below).
-    A plain number in one process; in shared memory once `share_with_forks` is called, so that the
-    API processes forked afterwards from this one see each other's commits at once."""
+    """A count that every commit which can change a name's meaning moves on (the listeners below).
+    A plain number in one process. Across API processes forked from one parent, one slot each in
+    shared memory, made before the fork (`share_with_forks`): a process adds to its own slot only,
+    and the count is the sum of all, so a commit in any of them is seen by every one at once, with
+    no lock (a process killed while holding a shared lock would stall the others for good)."""
 
     def __init__(self) -> None:
         self._own = 0
-        self._shared: Synchronized[int] | None = None
+        self._slots: Array[c_uint64] | None = None
+        self._slot: int | None = None
 
     @property
     def value(self) -> int:
-        # An aligned 8-byte read: never torn, so no lock to read it.
-        return self._own if self._shared is None else self._shared.get_obj().value
+        # Each slot an aligned 8-byte word with one writer: never torn.
+        return self._own if self._slots is None else self._own + sum(self._slots)
 
     def advance(self) -> None:
-        if self._shared is None:
+        if self._slots is not None and self._slot is not None:
+            self._slots[self._slot] += 1
+        else:
             self._own += 1
-            return
-        with self._shared.get_lock():  # two processes' commits must not count as one
-            self._shared.value += 1
 
-    def share_with_forks(self) -> None:
-        if self._shared is None:
-            self._shared = multiprocessing.get_context("fork").Value("Q", self._own)
+    def share_with_forks(self, processes: int) -> None:
+        if self._slots is None:
+            self._slots = multiprocessing.get_context("fork").RawArray(c_uint64, processes)
+
+    def use_slot(self, slot: int) -> None:
+        self._slot = slot
 
 
 NAMING = NamingGeneration()
 
 
-def share_naming_with_forks() -> None:
-    """Called before forking API processes: a naming change committed by any of them then empties
-    every one's name cache, not only its own."""
-    NAMING.share_with_forks()
+def share_naming_with_forks(processes: int) -> None:
+    """Called before forking `processes` API processes: a naming change committed by any of them
+    then empties every one's name cache, not only its own."""
+    NAMING.share_with_forks(processes)
+
+
+def use_naming_slot(slot: int) -> None:
+    """In a forked API process: its place among those `share_naming_with_forks` counted."""
+    NAMING.use_slot(slot)
 
 
 class NameCache:

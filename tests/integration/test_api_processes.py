@@ -148,6 +148,17 @@ def test_api_processes_share_the_port_restart_alone_and_stop_together(tmp_path: 
         assert not live(api.url)
 
 
+@pytest.mark.timeout(180)
+def test_api_processes_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer) leaves no chance to stop them: they must not serve on, unsupervised."""
+    with bnlab_api(sqlite_backend_at(tmp_path), tmp_path, api_processes=str(PROCESSES)) as api:
+        children = api.wait_until_every_process_answers(PROCESSES)
+        os.kill(api.process.pid, signal.SIGKILL)
+        api.process.wait()
+        wait_until(lambda: not any(is_alive(child) for child in children), 30, "the API processes to stop")
+        assert not live(api.url)
+
+
 def test_one_api_process_is_the_default_and_needs_no_supervisor(tmp_path: Path) -> None:
     with bnlab_api(sqlite_backend_at(tmp_path), tmp_path) as api:
         wait_until(lambda: live(api.url), 90, "the API")
