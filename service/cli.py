@@ -58,24 +58,24 @@ def migrate() -> None:
     print(f"database ready: {settings.sqlalchemy_url}")  # noqa: T201 - CLI output
 
 
-def serve_api(app: FastAPI | None = None) -> None:
-    """Serve `app`, or the app service.main creates, from BNLAB_API_PROCESSES processes."""
+def serve_api() -> None:
+    """Serve the app service.main creates from BNLAB_API_PROCESSES processes."""
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.api_process_count == 1:
-        _serve(app)
+        _serve(None)
         return
     from service.main import create_app
     from service.supervisor import Supervisor
 
     # Built once, here: each process is a fork of this one, as `bnlab run`'s are.
-    built = app if app is not None else create_app()
-    sys.exit(Supervisor.of(api_starters(built), grace_s=SHUTDOWN_GRACE_S).run())
+    sys.exit(Supervisor.of(api_starters(create_app()), grace_s=SHUTDOWN_GRACE_S).run())
 
 
 def api_starters(app: FastAPI) -> dict[str, Start]:
-    """The supervisor's starters of the API processes, each a fork of this process serving `app`."""
-    from service.serving.server import share_naming_with_forks
+    """The supervisor's starters of the API processes, each a fork of this process serving `app`
+    (whose start-up heap is frozen here, before the forks)."""
+    from service.serving.server import NAMING
     from service.supervisor import forked
 
     settings = get_settings()
@@ -84,25 +84,28 @@ def api_starters(app: FastAPI) -> dict[str, Start]:
         freeze_startup_heap()
         return {"api": forked(lambda: _serve(app))}
     refuse_a_taken_port(settings.host, settings.port)
-    share_naming_with_forks(count)
+    NAMING.share_with_forks(count)
     freeze_startup_heap()
     return {f"api-{slot + 1}": forked(partial(_serve, app, naming_slot=slot)) for slot in range(count)}
 
 
 def _serve(app: FastAPI | None, *, naming_slot: int | None = None) -> None:
-    """One API process: on the port alone, or (`naming_slot`, its place among the API processes
-    forked from one parent) sharing it with the others."""
+    """One API process serving `app` (built and frozen by api_starters), or the app it builds: on the
+    port alone, or (`naming_slot`, its place among the API processes forked from one parent) sharing
+    it with the others."""
     import uvicorn
 
-    from service.serving.server import use_naming_slot
+    from service.serving.server import NAMING
     from service.telemetry import logging_config
 
     settings = get_settings()
 
     def served() -> FastAPI:  # called by uvicorn once its logging is configured
+        if app is not None:
+            return app
         from service.main import create_app
 
-        built = app if app is not None else create_app()
+        built = create_app()
         freeze_startup_heap()
         return built
 
@@ -121,7 +124,7 @@ def _serve(app: FastAPI | None, *, naming_slot: int | None = None) -> None:
     if naming_slot is None:
         server.run()
         return
-    use_naming_slot(naming_slot)
+    NAMING.use_slot(naming_slot)
     server.run(sockets=[shared_port_socket(settings.host, settings.port)])
 
 

@@ -97,7 +97,9 @@ def run_seconds(spec: RunCreate) -> float:
     epoch_s = steps * step_s + validation_seconds(cfg, n_val)
     # The probes run at initialisation (epoch 0) and after every epoch.
     probes_s = (train.epochs + 1) * probe_seconds(cfg, tcfg.probes, min(n_train, probes.STATISTICS_SAMPLES))
-    return RUN_OVERHEAD_S + train.epochs * (epoch_s + EPOCH_OVERHEAD_S + state_seconds(cfg, tcfg)) + probes_s
+    # Every epoch's training state is stored but the last one's (the final model follows at once).
+    states_s = (train.epochs - 1) * state_seconds(cfg, tcfg)
+    return RUN_OVERHEAD_S + train.epochs * (epoch_s + EPOCH_OVERHEAD_S) + states_s + probes_s
 
 
 def state_seconds(cfg: ModelConfig, tcfg: TrainConfig) -> float:

@@ -237,25 +237,17 @@ class NamingGeneration:
             self._own += 1
 
     def share_with_forks(self, processes: int) -> None:
+        """Before forking `processes` API processes: a naming change committed by any of them then
+        empties every one's name cache, not only its own."""
         if self._slots is None:
             self._slots = multiprocessing.get_context("fork").RawArray(c_uint64, processes)
 
     def use_slot(self, slot: int) -> None:
+        """In a forked API process: its place among those `share_with_forks` counted."""
         self._slot = slot
 
 
 NAMING = NamingGeneration()
-
-
-def share_naming_with_forks(processes: int) -> None:
-    """Called before forking `processes` API processes: a naming change committed by any of them
-    then empties every one's name cache, not only its own."""
-    NAMING.share_with_forks(processes)
-
-
-def use_naming_slot(slot: int) -> None:
-    """In a forked API process: its place among those `share_naming_with_forks` counted."""
-    NAMING.use_slot(slot)
 
 
 class NameCache:
