@@ -11,16 +11,16 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from service import __version__
 from service.api import health, metrics, web
+from service.api.admission import admit
 from service.api.busy import BUSY_ERRORS, database_busy_handler
 from service.api.errors import (
     COMMON_RESPONSES,
     document_json_bodies,
     http_error_handler,
-    require_json_content_type,
     validation_error_handler,
 )
-from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter, rate_limit
-from service.api.security import authorize, mark_public_operations
+from service.api.limits import ConcurrencyLimitMiddleware, new_rate_limiter
+from service.api.security import document_security
 from service.cards import routes as card_routes
 from service.config import get_settings
 from service.datasets.routes import upload_router_limits
@@ -42,7 +42,7 @@ def create_app() -> FastAPI:
         version=__version__,
         description="Train and serve neural networks with and without batch normalization.",
         # Every route: authenticate, check its scope, the per-key rate limit, then the content type.
-        dependencies=[Depends(authorize), Depends(rate_limit), Depends(require_json_content_type)],
+        dependencies=[Depends(admit)],
         responses=COMMON_RESPONSES,
         docs_url=None,  # web.install serves /docs from vendored files; ReDoc would load from a CDN
         redoc_url=None,
@@ -90,7 +90,7 @@ def _document_public_operations(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_json_bodies(mark_public_operations(generate()))
+            app.openapi_schema = document_json_bodies(document_security(generate()))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it

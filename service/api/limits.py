@@ -25,7 +25,7 @@ import anyio.to_thread
 from fastapi import HTTPException, Request, status
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.security import current_principal, required_scope
+from service.auth import Principal
 from service.config import get_settings
 
 # The Server-Sent Events routes (api/events.py): /api/v1/runs/{id}/events, /api/v1/experiments/{id}/events.
@@ -195,12 +195,11 @@ class RateLimiter:
             return (1 - bucket.tokens) / self.rate
 
 
-async def rate_limit(request: Request) -> None:
-    # Async: on every request, and only an in-memory bucket under a short lock.
-    if required_scope(request) == "public":
-        return
+def enforce_rate_limit(request: Request, principal: Principal) -> None:
+    """429 with Retry-After when `principal` has used up its bucket (an in-memory bucket under a
+    short lock, so on the event loop)."""
     limiter: RateLimiter = request.app.state.rate_limiter
-    wait = limiter.wait_time(current_principal(request).name)
+    wait = limiter.wait_time(principal.name)
     if wait > 0:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,

@@ -1,7 +1,9 @@
-"""Authentication and authorization for every route, applied once as an app-wide dependency.
+"""Authentication and authorization for every route (called by the app-wide gate, api/admission.py).
 
-It is async on purpose: it runs on every request and never blocks (a stat of the keys file, a
-hash), so it should not cost a thread hand-off.
+It runs on every request and never blocks (a stat of the keys file, a hash), so it runs on the event
+loop. The key is read from the Authorization header here rather than through FastAPI's HTTPBearer
+dependency, which cost every request more than the route itself; the OpenAPI document declares the
+scheme (document_security).
 
 A route's required scope is `openapi_extra={"x-bnlab-scope": ...}` when it declares one, else read
 for GET/HEAD and train for anything that changes state. Health probes declare "public".
@@ -15,7 +17,6 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.auth import LOCAL, KeyStore, Principal
 from service.config import get_settings
@@ -26,7 +27,10 @@ READ = {SCOPE_KEY: "read"}
 TRAIN = {SCOPE_KEY: "train"}
 ADMIN = {SCOPE_KEY: "admin"}
 
-bearer = HTTPBearer(auto_error=False, description="An API key from `bnlab keys create`.")
+# The OpenAPI security scheme (what FastAPI's HTTPBearer declares), by the name it gives it.
+BEARER_SCHEME = {
+    "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "An API key from `bnlab keys create`."}
+}
 
 
 @lru_cache
@@ -48,17 +52,23 @@ def _unauthorized(message: str) -> HTTPException:
     )
 
 
-async def authorize(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> Principal:
-    scope = required_scope(request)
+def bearer_key(request: Request) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header (the scheme in any case), else None."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
+def authorize(request: Request, scope: str) -> Principal:
+    """The caller, allowed `scope` (401 without a valid key, 403 without the scope); remembered on
+    the request for the route (current_principal)."""
     keys_file = get_settings().api_keys_file
     if scope == "public" or keys_file is None:
         principal = LOCAL
-    elif credentials is None or credentials.scheme.lower() != "bearer":
+    elif (key := bearer_key(request)) is None:
         raise _unauthorized("missing credentials: send 'Authorization: Bearer <key>'")
     else:
-        found = key_store(keys_file).authenticate(credentials.credentials)
+        found = key_store(keys_file).authenticate(key)
         if found is None:
             raise _unauthorized("invalid API key")
         principal = found
@@ -68,12 +78,15 @@ async def authorize(
     return principal
 
 
-def mark_public_operations(schema: dict[str, Any]) -> dict[str, Any]:
-    """Public operations need no key: say so in the OpenAPI document (an empty `security`)."""
+def document_security(schema: dict[str, Any]) -> dict[str, Any]:
+    """The bearer scheme in the OpenAPI document, required by every operation but the public ones
+    (an empty `security`, and no 401 or 403 among their answers)."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(BEARER_SCHEME)
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
-            if operation.get(SCOPE_KEY) == "public":
-                operation["security"] = []
+            public = operation.get(SCOPE_KEY) == "public"
+            operation["security"] = [] if public else [{name: []} for name in BEARER_SCHEME]
+            if public:
                 for code in ("401", "403"):
                     operation.get("responses", {}).pop(code, None)
     return schema

@@ -122,6 +122,18 @@ def test_health_and_docs_stay_public(keyed: tuple[TestClient, dict[str, str]]) -
     assert "HTTPBearer" in client.get("/openapi.json").text
 
 
+def test_the_document_says_which_operations_need_the_key(keyed: tuple[TestClient, dict[str, str]]) -> None:
+    client, keys = keyed
+    document = client.get("/openapi.json").json()
+    assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    live, runs = document["paths"]["/health/live"]["get"], document["paths"]["/api/v1/runs"]["get"]
+    assert live["security"] == [] and "401" not in live["responses"]
+    assert runs["security"] == [{"HTTPBearer": []}] and "401" in runs["responses"]
+    # The scheme's name is case-insensitive (RFC 7235); blanks around the key do not count.
+    assert client.get("/api/v1/runs", headers={"Authorization": f"bearer  {keys['root']} "}).status_code == 200
+    assert client.get("/api/v1/runs", headers={"Authorization": "Bearer "}).status_code == 401
+
+
 def test_no_keys_means_loopback_only() -> None:
     with pytest.raises(ValidationError, match="not a loopback address"):
         Settings(host="0.0.0.0")
