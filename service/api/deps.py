@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, status
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from service.config import Settings, get_settings
@@ -63,16 +64,30 @@ def full_id(kind: str, given: str, matching: Callable[[Session, str, int], list[
     return matches[0] if matches else given
 
 
-def resolve_run_id(run_id: RunIdPath) -> str:
-    return full_id("run", run_id, lambda s, p, n: run_repo.run_ids_with_prefix(session=s, prefix=p, limit=n))
+def run_id_for(given: str) -> str:
+    return full_id("run", given, lambda s, p, n: run_repo.run_ids_with_prefix(session=s, prefix=p, limit=n))
 
 
-def resolve_experiment_id(experiment_id: ExperimentIdPath) -> str:
+def experiment_id_for(given: str) -> str:
     return full_id(
         "experiment",
-        experiment_id,
+        given,
         lambda s, p, n: experiment_repo.experiment_ids_with_prefix(session=s, prefix=p, limit=n),
     )
+
+
+async def resolved_id(given: str, lookup: Callable[[str], str]) -> str:
+    """`lookup(given)` in a thread for a prefix; a whole id (what scripts and the serving path send)
+    as it is, in the dependency itself: a sync dependency would cost every request two thread hand-offs."""
+    return given if len(given) == ID_LENGTH else await run_in_threadpool(lookup, given)
+
+
+async def resolve_run_id(run_id: RunIdPath) -> str:
+    return await resolved_id(run_id, run_id_for)
+
+
+async def resolve_experiment_id(experiment_id: ExperimentIdPath) -> str:
+    return await resolved_id(experiment_id, experiment_id_for)
 
 
 RunId = Annotated[str, Depends(resolve_run_id)]

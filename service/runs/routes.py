@@ -17,7 +17,7 @@ from service.api.deps import (
     RunId,
     SessionDep,
     SettingsDep,
-    resolve_experiment_id,
+    experiment_id_for,
 )
 from service.api.errors import Message
 from service.api.security import READ, PrincipalDep
@@ -138,7 +138,7 @@ def list_runs(
 ) -> RunsPublic:
     where = run_repo.RunFilter(
         status=status_filter,
-        experiment_id=resolve_experiment_id(experiment_id) if experiment_id else None,
+        experiment_id=experiment_id_for(experiment_id) if experiment_id else None,
         in_experiment=in_experiment,
         name=name,
         search=q,

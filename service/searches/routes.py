@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
 from pydantic import ValidationError
 
-from service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, full_id
+from service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, full_id, resolved_id
 from service.api.errors import Message
 from service.api.images import IMAGE_RESPONSES, PlotFormat
 from service.api.security import PrincipalDep
@@ -42,10 +42,14 @@ SearchIdPath = Annotated[
 ]
 
 
-def resolve_search_id(search_id: SearchIdPath) -> str:
+def search_id_for(given: str) -> str:
     return full_id(
-        "search", search_id, lambda s, p, n: search_repo.search_ids_with_prefix(session=s, prefix=p, limit=n)
+        "search", given, lambda s, p, n: search_repo.search_ids_with_prefix(session=s, prefix=p, limit=n)
     )
+
+
+async def resolve_search_id(search_id: SearchIdPath) -> str:
+    return await resolved_id(search_id, search_id_for)
 
 
 SearchId = Annotated[str, Depends(resolve_search_id)]

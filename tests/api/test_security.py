@@ -127,10 +127,13 @@ def test_the_document_says_which_operations_need_the_key(keyed: tuple[TestClient
     document = client.get("/openapi.json").json()
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     live, runs = document["paths"]["/health/live"]["get"], document["paths"]["/api/v1/runs"]["get"]
-    assert live["security"] == [] and "401" not in live["responses"]
-    assert runs["security"] == [{"HTTPBearer": []}] and "401" in runs["responses"]
+    assert live["security"] == []
+    assert "401" not in live["responses"]
+    assert runs["security"] == [{"HTTPBearer": []}]
+    assert "401" in runs["responses"]
     # The scheme's name is case-insensitive (RFC 7235); blanks around the key do not count.
-    assert client.get("/api/v1/runs", headers={"Authorization": f"bearer  {keys['root']} "}).status_code == 200
+    padded = {"Authorization": f"bearer  {keys['root']} "}
+    assert client.get("/api/v1/runs", headers=padded).status_code == 200
     assert client.get("/api/v1/runs", headers={"Authorization": "Bearer "}).status_code == 401
 
 
