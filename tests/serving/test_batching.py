@@ -314,6 +314,20 @@ def test_a_lone_small_request_to_a_cheap_cached_model_is_answered_on_the_event_l
     assert 0 < loaded.small_forward_s <= 10e-3
 
 
+def test_a_model_timed_slow_at_load_is_timed_again_by_its_small_batches(bn_run_id: str) -> None:
+    model_server = ModelServer(Settings(**ROOMY))  # type: ignore[arg-type]
+    prepare = Recording(datasets.to_inputs(datasets.make_synthetic(1, seed=8).x))
+    infer_alone(model_server, bn_run_id, prepare, body_bytes=100)  # the batcher loads it
+    (key,) = model_server.cached_keys()
+    loaded = model_server.lookup(key)
+    assert loaded is not None
+    loaded.small_forward_s = float("inf")  # as if every load-time timing had been slowed by other work
+    infer_alone(model_server, bn_run_id, prepare, body_bytes=100)  # the batcher again, which times it
+    infer_alone(model_server, bn_run_id, prepare, body_bytes=100)
+    assert [name.startswith("batcher-") for name in prepare.threads] == [True, True, False]
+    assert 0 < loaded.small_forward_s <= 10e-3
+
+
 @pytest.mark.parametrize(
     ("changes", "body_bytes"),
     [
