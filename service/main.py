@@ -81,11 +81,11 @@ def create_app() -> FastAPI:
     app.include_router(events.router)
     app.include_router(metrics.router)
     web.install(app)
-    _document_public_operations(app)
+    _document_security_and_bodies(app)
     return app
 
 
-def _document_public_operations(app: FastAPI) -> None:
+def _document_security_and_bodies(app: FastAPI) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
