@@ -66,10 +66,10 @@ log = logging.getLogger(__name__)
 # A request answered on the event loop has its body parsed there too: only small ones (the article's
 # model's one-image V2 body is about 10 KiB; 64 KiB of JSON parse in a fraction of a millisecond).
 INLINE_MAX_BODY_BYTES = 64 * 1024
-# Forward passes timed at load, the fastest kept: a model loads while other requests, or another API
-# process loading it too, share the cores, and five timings were all slowed that way often enough
-# to keep a cheap model off the event loop for the process's life. 25 take ~2 ms for a small model.
-LOAD_TIMINGS = 25
+# Forward passes timed at load, the fastest kept. A model often loads while other requests, or
+# another API process loading it too, share the cores, and all of them may be slowed: the small
+# batches it then serves time it again (ModelServer._process), so more timings here would buy nothing.
+LOAD_TIMINGS = 5
 
 # Rows per forward pass, at most: a batch of large requests runs in chunks of this many samples.
 MAX_FORWARD_ROWS = 1024
