@@ -44,6 +44,14 @@ def clear_setting_caches() -> None:
     dispose_storages()  # Optuna's, for searches
 
 
+# What the suite's bnlab processes add to it: one torch thread per training process. On 2 cores shared
+# with anything else, a process of two OpenMP threads spin-waits for its descheduled twin: beside two
+# busy processes, 125 steps of a small MLP took 16 s instead of 0.1 s (0.19 s on one thread), and a CI
+# run's kill -9 drill outlived its four minutes. The tests check what bnlab does, not how fast it
+# trains; tests/runs/test_cores.py covers how the worker sizes its threads.
+ONE_TORCH_THREAD = {"BNLAB_TORCH_THREADS": "1"}
+
+
 def bnlab_free_environ() -> dict[str, str]:
     """The current environment without any BNLAB_ variable a developer may have exported."""
     return {k: v for k, v in os.environ.items() if not k.startswith("BNLAB_")}

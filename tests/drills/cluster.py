@@ -21,7 +21,7 @@ import httpx
 from sqlalchemy import create_engine, func, select
 
 from service.models import EpochMetric, ModelArtifact, Run
-from tests.conftest import Backend, bnlab_free_environ
+from tests.conftest import ONE_TORCH_THREAD, Backend, bnlab_free_environ
 from tests.integration.stack import free_port
 
 # Leases short enough for drills to finish in seconds.
@@ -31,11 +31,6 @@ FAST_LEASES = {
     "BNLAB_REAPER_INTERVAL_S": "0.5",
     "BNLAB_REQUEUE_AFTER_S": "2",
 }
-# One thread per training process. On 2 cores shared with anything else, a process of two OpenMP
-# threads spin-waits for its descheduled twin: with two busy processes beside it, 125 steps of the
-# drills' MLP took 16 s instead of 0.1 s (0.19 s on one thread), and a CI run's drill outlived its
-# four minutes. The drills check what a fault does to a run, not how fast it trains.
-ONE_THREAD = {"BNLAB_TORCH_THREADS": "1"}
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -180,7 +175,14 @@ class Cluster:
 
 @contextmanager
 def cluster(backend: Backend, folder: Path, **extra: str) -> Iterator[Cluster]:
-    env = bnlab_free_environ() | backend.env | FAST_LEASES | ONE_THREAD | extra | {"PYTHONUNBUFFERED": "1"}
+    env = (
+        bnlab_free_environ()
+        | backend.env
+        | FAST_LEASES
+        | ONE_TORCH_THREAD
+        | extra
+        | {"PYTHONUNBUFFERED": "1"}
+    )
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], env=env, check=True, capture_output=True)
     running = Cluster(env=env, folder=folder)

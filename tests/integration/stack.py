@@ -18,7 +18,13 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Backend, bnlab_free_environ, postgres_backend_at, sqlite_backend_at
+from tests.conftest import (
+    ONE_TORCH_THREAD,
+    Backend,
+    bnlab_free_environ,
+    postgres_backend_at,
+    sqlite_backend_at,
+)
 
 STARTUP_TIMEOUT_S = 60
 
@@ -86,8 +92,15 @@ def _wait_ready(client: httpx.Client, processes: list[subprocess.Popen[bytes]]) 
 
 @contextmanager
 def start_stack(backend: Backend, logs: Path, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """API and worker on `backend`, one torch thread per training process unless `extra_env` says
+    otherwise (ONE_TORCH_THREAD says why)."""
     port = free_port()
-    env = bnlab_free_environ() | backend.env | {"BNLAB_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    env = (
+        bnlab_free_environ()
+        | backend.env
+        | ONE_TORCH_THREAD
+        | {"BNLAB_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    )
     env |= extra_env or {}
     logs.mkdir(parents=True, exist_ok=True)
     bnlab = [sys.executable, "-m", "service.cli"]

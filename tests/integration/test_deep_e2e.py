@@ -47,10 +47,8 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], bool]] = {
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # One torch thread, as `make run` gives each training process: with two on a busy 2-core machine
-    # the conv steps spin waiting for each other (measured ≈ 30× slower).
     folder = tmp_path_factory.mktemp(request.param)
-    with stack_on(request.param, folder, {"BNLAB_TORCH_THREADS": "1"}) as running:
+    with stack_on(request.param, folder) as running:
         yield running
 
 

@@ -29,7 +29,7 @@ DIVERGES = {
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp(f"divergence-{request.param}")
-    with stack_on(request.param, folder, {"BNLAB_TORCH_THREADS": "1"}) as running:
+    with stack_on(request.param, folder) as running:
         yield running
 
 
