@@ -71,6 +71,10 @@ INLINE_MAX_BODY_BYTES = 64 * 1024
 # batches it then serves time it again (ModelServer._process), so more timings here would buy nothing.
 LOAD_TIMINGS = 5
 
+# The batch whose forward pass decides whether a model is cheap enough for the event loop: two rows (a
+# BN without running statistics normalises each batch by itself, and cannot take one sample).
+SMALL_BATCH_ROWS = 2
+
 # Rows per forward pass, at most: a batch of large requests runs in chunks of this many samples.
 MAX_FORWARD_ROWS = 1024
 
@@ -318,9 +322,8 @@ class LoadedModel:
     fused: nn.Module  # the unfused module itself when fusion was impossible
     fusion: FusionReport
     nbytes: int
-    # Seconds of a two-sample forward pass through the variant served by default, timed at load (two:
-    # a BN without running statistics normalises each batch by itself, and cannot take one sample),
-    # then the fastest forward pass of a batch of one or two samples served since.
+    # Seconds of a SMALL_BATCH_ROWS forward pass through the variant served by default, timed at load,
+    # then the fastest forward pass of a batch of at most that many samples served since.
     small_forward_s: float = float("inf")
 
     def module(self, fused: bool) -> nn.Module:
@@ -333,9 +336,10 @@ def load_model(
     unfused, model_config = checkpoints.load_checkpoint(weights, ModelConfig.from_dict(config))
     assert isinstance(unfused, nn.Sequential)
     fused, report = fuse_bn(unfused)
-    two = torch.zeros(2, *model_config.input_shape)
+    small = torch.zeros(SMALL_BATCH_ROWS, *model_config.input_shape)
     for module in {id(unfused): unfused, id(fused): fused}.values():
-        forward_proba(module, two)  # warm: first call allocates
+        forward_proba(module, small)  # warm: first call allocates
+    timings = timeit.repeat(partial(forward_proba, fused, small), number=1, repeat=LOAD_TIMINGS)
     return LoadedModel(
         run_id=run_id,
         version=version,
@@ -345,7 +349,7 @@ def load_model(
         fused=fused,
         fusion=report,
         nbytes=module_bytes(unfused, fused),
-        small_forward_s=min(timeit.repeat(partial(forward_proba, fused, two), number=1, repeat=LOAD_TIMINGS)),
+        small_forward_s=min(timings),
     )
 
 
@@ -551,7 +555,7 @@ class ModelServer:
                 [forward_proba(module, chunk) for chunk in torch.split(batch, MAX_FORWARD_ROWS)]
             )
             computed = time.perf_counter_ns()
-            if len(batch) <= 2 and module is loaded.fused:
+            if len(batch) <= SMALL_BATCH_ROWS and module is loaded.fused:
                 # Timed again by every small batch: the load-time timings ran while the model loaded,
                 # often with both cores busy (each API process loading it under load), and a cheap
                 # model timed slow then would never be answered on the event loop.
