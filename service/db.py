@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -19,6 +21,35 @@ SQLITE_BUSY_TIMEOUT_MS = 15_000
 # means overload: the API answers 503 with Retry-After (service/api/busy.py) instead of hanging.
 POOL_TIMEOUT_S = 10
 
+# SQLite copies its write-ahead log into the database file (a checkpoint, two fsyncs) in whichever
+# connection's commit takes the log past 1,000 pages (4 MiB); that commit waits for it. In a worker
+# it was the commit storing a run's model, every second or third run of a grid of small runs: 15 ms
+# on average against 2.8 ms without (bench/train.py --grid's runs, in process). A worker's training
+# processes leave the checkpoints to its main process (leave_wal_checkpoints_to_another_process,
+# checkpoint_wal); the API's connections keep checkpointing as before.
+_wal_autocheckpoint = True
+
+
+def leave_wal_checkpoints_to_another_process() -> None:
+    """This process's SQLite connections, from now on, never checkpoint the write-ahead log on commit:
+    another process must call checkpoint_wal often (a worker's main process does, every
+    WAL_CHECKPOINT_INTERVAL_S), or the log grows with every write."""
+    global _wal_autocheckpoint
+    _wal_autocheckpoint = False
+
+
+def checkpoint_wal() -> None:
+    """Copy the write-ahead log's committed pages into the SQLite database file, as far as readers
+    allow (PASSIVE: it waits for no reader or writer); nothing on another database."""
+    engine = get_engine()
+    if engine.dialect.name != "sqlite":
+        return
+    connection = engine.raw_connection()  # in autocommit: the pragma cannot run inside a transaction
+    try:
+        connection.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    finally:
+        connection.close()
+
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the API read while a worker writes; busy_timeout waits for a lock instead of failing.
@@ -29,11 +60,15 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    if not _wal_autocheckpoint:
+        cursor.execute("PRAGMA wal_autocheckpoint=0")
     cursor.close()
 
 
 # Execution option of a session that only reads (session_scope(read_only=True)).
 READ_ONLY = "bnlab_read_only"
+# Key in a pooled SQLite connection's info: its query_only pragma as last set.
+QUERY_ONLY = "bnlab_query_only"
 
 
 def _begin_immediate(connection: Connection) -> None:
@@ -42,9 +77,43 @@ def _begin_immediate(connection: Connection) -> None:
     # makes concurrent transactions wait their turn (up to busy_timeout) instead.
     # A read-only session begins deferred: in WAL mode it reads a snapshot without the write lock,
     # so the many polls of open event streams never hold up a writer (nor wait for one).
-    connection.exec_driver_sql(
-        "BEGIN" if connection.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE"
-    )
+    # A read-only session also cannot write (query_only): a write there would surface as a rare
+    # "database is locked" under load, so it fails at once, in every test that reaches it, instead.
+    read_only = bool(connection.get_execution_options().get(READ_ONLY))
+    info = connection.connection.info  # the pooled connection's: the pragma outlives this session
+    if info.get(QUERY_ONLY, False) != read_only:
+        connection.exec_driver_sql(f"PRAGMA query_only={int(read_only)}")
+        info[QUERY_ONLY] = read_only
+    if read_only:
+        connection.exec_driver_sql("BEGIN")
+    else:
+        _take_write_lock(connection)
+
+
+# SQLite's own wait for a lock (busy_timeout) sleeps 1, 2, 5, 10, 15 … ms between its tries: a
+# writer that found the lock taken for a few milliseconds slept 8 or 18 ms, not until it was free
+# (in a grid of small runs, each training process waited 13 ms a wait, 3-5 ms a run). A writer
+# first tries every WRITE_LOCK_POLL_S for WRITE_LOCK_POLLS tries, then waits as SQLite does.
+WRITE_LOCK_POLL_S = 0.0005
+WRITE_LOCK_POLLS = 100
+
+
+def _take_write_lock(connection: Connection) -> None:
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    driver.execute("PRAGMA busy_timeout=0")
+    try:
+        for _ in range(WRITE_LOCK_POLLS):
+            try:
+                driver.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    break  # not the lock: the BEGIN below raises it as SQLAlchemy's error
+            time.sleep(WRITE_LOCK_POLL_S)
+    finally:
+        driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    connection.exec_driver_sql("BEGIN IMMEDIATE")  # held longer: wait as SQLite does
 
 
 def make_engine(url: str) -> Engine:

@@ -17,7 +17,7 @@ from celery.signals import setup_logging, worker_init, worker_process_init, work
 
 from service.config import get_settings
 from service.datasets import loading
-from service.db import session_scope
+from service.db import checkpoint_wal, get_engine, leave_wal_checkpoints_to_another_process, session_scope
 from service.ml import nets, training
 from service.queue import celery_config
 from service.runs import repository as run_repo
@@ -38,7 +38,11 @@ if get_settings().uses_embedded_broker:
     # Remote control needs fanout exchanges that the folder broker only emulates; nobody uses it here.
     app.conf.worker_enable_remote_control = False
 
-_reaper_stop = threading.Event()
+# Set at shutdown: the main process's background threads (the reaper, the WAL checkpoints) stop.
+_main_threads_stop = threading.Event()
+# How often the main process checkpoints SQLite's write-ahead log for its training processes, which
+# leave that to it (service/db.py); in a grid of small runs the log grows by a few MiB a second.
+WAL_CHECKPOINT_INTERVAL_S = 1.0
 
 
 def worker_id(nodename: str, pid: int) -> str:
@@ -67,6 +71,12 @@ def _watch_main_process(**_: Any) -> None:
 
 
 @worker_process_init.connect
+def _leave_wal_checkpoints_to_main_process(**_: Any) -> None:
+    # Before anything in this process connects: no commit of a run waits for SQLite's checkpoint.
+    leave_wal_checkpoints_to_another_process()
+
+
+@worker_process_init.connect
 def _configure_torch(**_: Any) -> None:
     # Each pool process trains on its share of the cores (oversubscription slows small models down),
     # with subnormal floats flushed to zero (see configure_training_process).
@@ -86,7 +96,7 @@ def _reap() -> None:
 
 def _reap_forever() -> None:
     interval = get_settings().reaper_interval_s
-    while not _reaper_stop.wait(interval):
+    while not _main_threads_stop.wait(interval):
         try:
             _reap()
         except Exception:  # a database or broker blip must not end the loop: the next pass retries
@@ -100,11 +110,25 @@ def _start_reaper(**_: Any) -> None:
     threading.Thread(target=_reap_forever, name="bnlab-reaper", daemon=True).start()
 
 
+def _checkpoint_wal_forever() -> None:
+    while not _main_threads_stop.wait(WAL_CHECKPOINT_INTERVAL_S):
+        try:
+            checkpoint_wal()
+        except Exception:  # a locked or vanished file must not end the loop: the next pass retries
+            log.exception("checkpointing the database's write-ahead log failed")
+
+
+@worker_ready.connect
+def _start_wal_checkpoints(**_: Any) -> None:
+    if get_engine().dialect.name == "sqlite":
+        threading.Thread(target=_checkpoint_wal_forever, name="bnlab-wal-checkpoint", daemon=True).start()
+
+
 @worker_shutting_down.connect
 def _hand_back_runs(sender: str, **_: Any) -> None:
     # Warm shutdown (SIGTERM): ask this node's running jobs to checkpoint and return to the queue,
     # instead of holding the shutdown for the rest of a long training run.
-    _reaper_stop.set()
+    _main_threads_stop.set()
     with session_scope() as session:
         count = run_repo.request_release(session=session, node=sender)
     if count:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Path, Query, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
@@ -19,13 +19,21 @@ from service.runs import repository as run_repo
 ID_LENGTH = 32
 
 
-def get_db() -> Iterator[Session]:
+# Requests that never write: their session reads a snapshot without taking SQLite's write lock.
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def get_db(request: Request) -> Iterator[Session]:
     """The request owns the transaction: commit when the route returns, roll back when it raises.
 
     Function-scoped (below): the commit runs before the response is sent, not after, so a client
     never gets a 2xx for a write that then failed to commit, and a transaction (on SQLite, the
-    database's write lock) is never held while the answer travels to a slow client."""
-    with session_scope() as session:
+    database's write lock) is never held while the answer travels to a slow client.
+
+    A GET reads without the write lock: every request's session took it, so a dashboard or a script
+    polling a 20-run experiment every 50 ms held up the worker's writes (a grid's training processes
+    waited 6-8 ms a run for it, measured with bench/train.py --grid)."""
+    with session_scope(read_only=request.method in READ_METHODS) as session:
         yield session
 
 

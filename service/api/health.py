@@ -7,7 +7,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.api.security import PUBLIC
-from service.db import get_engine
+from service.db import session_scope
 from service.queue import broker_reachable
 
 router = APIRouter(prefix="/health", tags=["health"])
@@ -20,8 +20,9 @@ async def live() -> dict[str, str]:  # async: a sync route costs two thread hand
 
 def database_reachable() -> bool:
     try:
-        with get_engine().connect() as connection:
-            connection.execute(text("SELECT 1"))
+        # Read only: a readiness probe never waits behind a worker's write (SQLite's write lock).
+        with session_scope(read_only=True) as session:
+            session.execute(text("SELECT 1"))
     except SQLAlchemyError:
         return False
     return True

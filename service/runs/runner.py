@@ -90,7 +90,8 @@ class DatabaseCallbacks:
         if self.lease_lost.is_set():
             self.stop_reason = StopReason.lease_lost
             return True
-        with session_scope() as session:
+        # Read only: no wait behind the write lock another training process holds (SQLite).
+        with session_scope(read_only=True) as session:
             signals = run_repo.read_signals(session=session, lease=self.lease)
             if self.cores is not None:
                 self.cores.resize(session)

@@ -128,14 +128,14 @@ def create_search(*, session: Session, settings: Settings, owner: str | None, sp
 def epoch_hook(run_id: str) -> Callable[[str], None] | None:
     """What a run's epochs should call: `on_run_event` when the run is a search's trial (its
     pruner reads every epoch), None for the rest, which then pay no lookup per epoch."""
-    with session_scope() as session:
+    with session_scope(read_only=True) as session:  # after each epoch of every run: no write lock
         search_id = search_repo.search_of_run(session=session, run_id=run_id)
     return on_run_event if search_id is not None else None
 
 
 def on_run_event(run_id: str) -> None:
     """A run finished an epoch or ended: advance its search, if it belongs to one."""
-    with session_scope() as session:
+    with session_scope(read_only=True) as session:  # after each epoch of every run: no write lock
         search_id = search_repo.search_of_run(session=session, run_id=run_id)
     if search_id is not None:
         advance(search_id)

@@ -40,6 +40,7 @@ class Stack:
     base_url: str
     client: httpx.Client
     logs: Path
+    data_dir: Path  # BNLAB_DATA_DIR: on SQLite, the database file's folder
 
     def submit(self, spec: dict[str, Any]) -> str:
         response = self.client.post("/api/v1/runs", json=spec)
@@ -115,7 +116,7 @@ def start_stack(backend: Backend, logs: Path, extra_env: dict[str, str] | None =
         base_url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base_url, timeout=30) as client:
             _wait_ready(client, processes)
-            yield Stack(base_url=base_url, client=client, logs=logs)
+            yield Stack(base_url=base_url, client=client, logs=logs, data_dir=Path(env["BNLAB_DATA_DIR"]))
     finally:
         for process in processes:
             _stop(process)

@@ -8,13 +8,19 @@ pysqlite's legacy defaults also pass, but only because they run reads outside th
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
-from service.db import session_scope
+from service import db
+from service.config import get_settings
+from service.db import get_engine, session_scope
 from service.ml.training import EpochMetrics
 from service.runs import repository as run_repo
 from service.runs.reaper import reap_once
@@ -115,3 +121,89 @@ def test_a_read_only_session_never_holds_up_a_writer(
         with session_scope() as writer:
             run_repo.create_run(session=writer, spec=SPEC)
         assert time.monotonic() - started < 1
+
+
+def test_a_read_only_session_cannot_write_and_its_connection_writes_again_after(
+    sqlite_backend: Backend, use_backend: Callable[[Backend], None]
+) -> None:
+    """A write in a read-only session would fail only now and then (when another writer commits
+    between its read and its write); query_only makes it fail every time, so that tests find it."""
+    use_backend(sqlite_backend)
+    with pytest.raises(OperationalError, match="readonly"), session_scope(read_only=True) as reader:
+        run_repo.create_run(session=reader, spec=SPEC)
+    with session_scope() as writer:  # the pool hands out the same connection: writable again
+        run_repo.create_run(session=writer, spec=SPEC)
+    with session_scope(read_only=True) as reader:
+        assert run_repo.list_runs(session=reader, status=None, limit=5, offset=0)[1] == 1
+
+
+def test_a_get_request_reads_while_a_worker_holds_the_write_lock(client: TestClient) -> None:
+    """GET requests read in read-only sessions: a dashboard polling an experiment does not hold up
+    a worker's writes, nor wait for them. Here the lock is held for two seconds; a request that
+    wanted it would have waited that long."""
+    database = get_settings().data_dir / "bnlab.db"
+    holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # as a worker's transaction does
+    release = threading.Timer(2.0, holder.rollback)
+    release.start()
+    try:
+        started = time.monotonic()
+        for path in ("/api/v1/runs", "/api/v1/experiments", "/health/ready"):
+            assert client.get(path).status_code == 200, path
+        assert time.monotonic() - started < 1
+    finally:
+        release.join()
+        holder.close()
+
+
+def test_worker_training_processes_leave_wal_checkpoints_to_the_main_process(
+    sqlite_backend: Backend, use_backend: Callable[[Backend], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a training process no commit checkpoints the write-ahead log (it waited for two fsyncs);
+    checkpoint_wal, which the worker's main process calls every second, copies it into the file."""
+    monkeypatch.setattr(db, "_wal_autocheckpoint", True)  # set back for the tests after this one
+    use_backend(sqlite_backend)
+    db.leave_wal_checkpoints_to_another_process()
+    db.dispose_engines()  # connections opened from now on
+    connection = get_engine().raw_connection()
+    try:
+        assert connection.cursor().execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    finally:
+        connection.close()
+    with session_scope() as session:  # 5 MB: past the 4 MiB at which a commit would checkpoint
+        run = run_repo.create_run(session=session, spec=SPEC)
+        run_repo.save_artifact(
+            session=session, run_id=run.id, weights=bytes(5_000_000), model_config={}, sha256="0" * 64
+        )
+    database = get_settings().data_dir / "bnlab.db"
+    before = database.stat().st_size
+    assert before < 1_000_000, "the commit checkpointed the log"
+    db.checkpoint_wal()
+    assert database.stat().st_size > before + 5_000_000
+    db.dispose_engines()  # no connection without checkpoints serves another test
+
+
+@pytest.mark.parametrize("held_s", [0.01, 0.3])
+def test_a_writer_waits_for_the_lock_and_keeps_its_busy_timeout(
+    held_s: float, sqlite_backend: Backend, use_backend: Callable[[Backend], None]
+) -> None:
+    """A writer tries for the lock every half millisecond at first (SQLite's own wait sleeps up to
+    tens of milliseconds past its release), then, held longer, waits as SQLite does: either way it
+    writes once the lock is free, and its connection keeps the busy timeout for everything else."""
+    use_backend(sqlite_backend)
+    database = get_settings().data_dir / "bnlab.db"
+    holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(held_s, holder.rollback)
+    release.start()
+    try:
+        started = time.monotonic()
+        with session_scope() as writer:
+            run_repo.create_run(session=writer, spec=SPEC)
+            waited = time.monotonic() - started
+            timeout_ms = writer.execute(text("PRAGMA busy_timeout")).scalar_one()
+    finally:
+        release.join()
+        holder.close()
+    assert waited >= held_s * 0.9  # it did wait for the holder
+    assert timeout_ms == db.SQLITE_BUSY_TIMEOUT_MS
