@@ -160,7 +160,9 @@ def _layer_weights(module: nn.Module) -> list[nn.Parameter]:
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
+    # Each norm in float64 by one kernel, without a float64 copy of the tensor and of its squares.
+    norms = [float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) for t in tensors]
+    return math.sqrt(sum(n * n for n in norms))
 
 
 def fit_log_growth(norms: Sequence[float]) -> tuple[float, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -369,7 +369,9 @@ def _replace_epochs(
         return
     epochs = {value.epoch for value in values}
     session.execute(delete(table).where(table.run_id == run_id, table.epoch.in_(epochs)))
-    rows = [{"run_id": run_id} | {k: _stored(v) for k, v in asdict(value).items()} for value in values]
+    # The fields read one by one: asdict would deep-copy every value of these flat records.
+    names = [f.name for f in fields(values[0])]
+    rows = [{"run_id": run_id} | {k: _stored(getattr(value, k)) for k in names} for value in values]
     session.execute(insert(table), rows)
 
 
