@@ -21,21 +21,23 @@ SQLITE_BUSY_TIMEOUT_MS = 15_000
 # means overload: the API answers 503 with Retry-After (service/api/busy.py) instead of hanging.
 POOL_TIMEOUT_S = 10
 
-# SQLite copies its write-ahead log into the database file (a checkpoint, two fsyncs) in whichever
-# connection's commit takes the log past 1,000 pages (4 MiB); that commit waits for it. In a worker
-# it was the commit storing a run's model, every second or third run of a grid of small runs: 15 ms
-# on average against 2.8 ms without (bench/train.py --grid's runs, in process). A worker's training
-# processes leave the checkpoints to its main process (leave_wal_checkpoints_to_another_process,
-# checkpoint_wal); the API's connections keep checkpointing as before.
-_wal_autocheckpoint = True
+# How this process's SQLite connections behave: as the API's (the default), or as a worker's training
+# process's (configure_for_training_process).
+_training_process = False
 
 
-def leave_wal_checkpoints_to_another_process() -> None:
-    """This process's SQLite connections, from now on, never checkpoint the write-ahead log on commit:
-    another process must call checkpoint_wal often (a worker's main process does, every
-    WAL_CHECKPOINT_INTERVAL_S), or the log grows with every write."""
-    global _wal_autocheckpoint
-    _wal_autocheckpoint = False
+def configure_for_training_process() -> None:
+    """This process trains runs, one at a time, beside a few others like it (a worker's pool
+    processes): its SQLite connections, from now on, never checkpoint the write-ahead log on commit,
+    and poll for the write lock.
+
+    The checkpoint (two fsyncs) runs in whichever commit takes the log past 1,000 pages (4 MiB): in a
+    grid of small runs, the commit storing a run's model, every second or third run, 15 ms on average
+    against 2.8 ms without (bench/train.py --grid's runs, in process). Another process must call
+    checkpoint_wal often instead (a worker's main process does, every WAL_CHECKPOINT_INTERVAL_S), or
+    the log grows with every write. The lock: see _take_write_lock."""
+    global _training_process
+    _training_process = True
 
 
 def checkpoint_wal() -> None:
@@ -60,7 +62,7 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    if not _wal_autocheckpoint:
+    if _training_process:
         cursor.execute("PRAGMA wal_autocheckpoint=0")
     cursor.close()
 
@@ -86,16 +88,20 @@ def _begin_immediate(connection: Connection) -> None:
         info[QUERY_ONLY] = read_only
     if read_only:
         connection.exec_driver_sql("BEGIN")
-    else:
+    elif _training_process:
         _take_write_lock(connection)
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 # SQLite's own wait for a lock (busy_timeout) sleeps 1, 2, 5, 10, 15 … ms between its tries: a
-# writer that found the lock taken for a few milliseconds slept 8 or 18 ms, not until it was free
-# (in a grid of small runs, each training process waited 13 ms a wait, 3-5 ms a run). A writer
-# first tries every WRITE_LOCK_POLL_S for WRITE_LOCK_POLLS tries, then waits as SQLite does.
+# training process that found the lock taken by another's commit for a few milliseconds slept 8 or
+# 18 ms, not until it was free (in a grid of small runs: waits of 9-10 ms on average). A training
+# process first tries every WRITE_LOCK_POLL_S for WRITE_LOCK_POLLS tries, then waits as SQLite does.
+# Only there: the API's threads can be dozens of writers at once, for whom SQLite's backing off
+# spares the interpreter lock that the one holding the database lock needs.
 WRITE_LOCK_POLL_S = 0.0005
-WRITE_LOCK_POLLS = 100
+WRITE_LOCK_POLLS = 40
 
 
 def _take_write_lock(connection: Connection) -> None:

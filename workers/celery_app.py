@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from celery.signals import setup_logging, worker_init, worker_process_init, work
 
 from service.config import get_settings
 from service.datasets import loading
-from service.db import checkpoint_wal, get_engine, leave_wal_checkpoints_to_another_process, session_scope
+from service.db import checkpoint_wal, configure_for_training_process, get_engine, session_scope
 from service.ml import nets, training
 from service.queue import celery_config
 from service.runs import repository as run_repo
@@ -71,9 +72,10 @@ def _watch_main_process(**_: Any) -> None:
 
 
 @worker_process_init.connect
-def _leave_wal_checkpoints_to_main_process(**_: Any) -> None:
-    # Before anything in this process connects: no commit of a run waits for SQLite's checkpoint.
-    leave_wal_checkpoints_to_another_process()
+def _configure_database(**_: Any) -> None:
+    # Before anything in this process connects: its commits leave SQLite's checkpoints to this main
+    # process, and it polls for the write lock (service/db.py).
+    configure_for_training_process()
 
 
 @worker_process_init.connect
@@ -94,34 +96,31 @@ def _reap() -> None:
         notify(on_run_event, run_id)
 
 
-def _reap_forever() -> None:
-    interval = get_settings().reaper_interval_s
-    while not _main_threads_stop.wait(interval):
-        try:
-            _reap()
-        except Exception:  # a database or broker blip must not end the loop: the next pass retries
-            log.exception("reaper pass failed")
+def _start_repeating(name: str, interval_s: float, job: Callable[[], None]) -> None:
+    """Run `job` every `interval_s` seconds in a daemon thread of this main process until shutdown. A
+    failure (a database or broker blip) is logged and does not end the loop: the next pass retries."""
+
+    def repeat() -> None:
+        while not _main_threads_stop.wait(interval_s):
+            try:
+                job()
+            except Exception:
+                log.exception("%s: a pass failed", name)
+
+    threading.Thread(target=repeat, name=f"bnlab-{name}", daemon=True).start()
 
 
 @worker_ready.connect
 def _start_reaper(**_: Any) -> None:
     # The reaper runs in the worker's main process (no torch there: only database and broker calls).
     _reap()  # at start-up: runs orphaned by a previous crash, runs queued while the broker was down
-    threading.Thread(target=_reap_forever, name="bnlab-reaper", daemon=True).start()
-
-
-def _checkpoint_wal_forever() -> None:
-    while not _main_threads_stop.wait(WAL_CHECKPOINT_INTERVAL_S):
-        try:
-            checkpoint_wal()
-        except Exception:  # a locked or vanished file must not end the loop: the next pass retries
-            log.exception("checkpointing the database's write-ahead log failed")
+    _start_repeating("reaper", get_settings().reaper_interval_s, _reap)
 
 
 @worker_ready.connect
 def _start_wal_checkpoints(**_: Any) -> None:
     if get_engine().dialect.name == "sqlite":
-        threading.Thread(target=_checkpoint_wal_forever, name="bnlab-wal-checkpoint", daemon=True).start()
+        _start_repeating("wal-checkpoint", WAL_CHECKPOINT_INTERVAL_S, checkpoint_wal)
 
 
 @worker_shutting_down.connect

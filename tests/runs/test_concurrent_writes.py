@@ -161,9 +161,9 @@ def test_worker_training_processes_leave_wal_checkpoints_to_the_main_process(
 ) -> None:
     """In a training process no commit checkpoints the write-ahead log (it waited for two fsyncs);
     checkpoint_wal, which the worker's main process calls every second, copies it into the file."""
-    monkeypatch.setattr(db, "_wal_autocheckpoint", True)  # set back for the tests after this one
+    monkeypatch.setattr(db, "_training_process", False)  # set back for the tests after this one
     use_backend(sqlite_backend)
-    db.leave_wal_checkpoints_to_another_process()
+    db.configure_for_training_process()
     db.dispose_engines()  # connections opened from now on
     connection = get_engine().raw_connection()
     try:
@@ -183,13 +183,20 @@ def test_worker_training_processes_leave_wal_checkpoints_to_the_main_process(
     db.dispose_engines()  # no connection without checkpoints serves another test
 
 
+@pytest.mark.parametrize("training_process", [True, False])
 @pytest.mark.parametrize("held_s", [0.01, 0.3])
 def test_a_writer_waits_for_the_lock_and_keeps_its_busy_timeout(
-    held_s: float, sqlite_backend: Backend, use_backend: Callable[[Backend], None]
+    held_s: float,
+    training_process: bool,
+    sqlite_backend: Backend,
+    use_backend: Callable[[Backend], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A writer tries for the lock every half millisecond at first (SQLite's own wait sleeps up to
-    tens of milliseconds past its release), then, held longer, waits as SQLite does: either way it
-    writes once the lock is free, and its connection keeps the busy timeout for everything else."""
+    """A training process tries for the lock every half millisecond at first (SQLite's own wait
+    sleeps up to tens of milliseconds past its release), then, held longer, waits as SQLite does, as
+    the API's writers do from the start: either way it writes once the lock is free, and its
+    connection keeps the busy timeout for everything else."""
+    monkeypatch.setattr(db, "_training_process", training_process)
     use_backend(sqlite_backend)
     database = get_settings().data_dir / "bnlab.db"
     holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
