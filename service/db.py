@@ -42,11 +42,8 @@ def configure_for_training_process() -> None:
 
 def checkpoint_wal() -> None:
     """Copy the write-ahead log's committed pages into the SQLite database file, as far as readers
-    allow (PASSIVE: it waits for no reader or writer); nothing on another database."""
-    engine = get_engine()
-    if engine.dialect.name != "sqlite":
-        return
-    connection = engine.raw_connection()  # in autocommit: the pragma cannot run inside a transaction
+    allow (PASSIVE: it waits for no reader or writer). SQLite only: its caller checks the database."""
+    connection = get_engine().raw_connection()  # autocommit: the pragma cannot run in a transaction
     try:
         connection.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     finally:

@@ -128,7 +128,7 @@ def create_search(*, session: Session, settings: Settings, owner: str | None, sp
 def epoch_hook(run_id: str) -> Callable[[str], None] | None:
     """What a run's epochs should call: `on_run_event` when the run is a search's trial (its
     pruner reads every epoch), None for the rest, which then pay no lookup per epoch."""
-    with session_scope(read_only=True) as session:  # after each epoch of every run: no write lock
+    with session_scope(read_only=True) as session:  # as every run starts: no write lock
         search_id = search_repo.search_of_run(session=session, run_id=run_id)
     return on_run_event if search_id is not None else None
 
