@@ -4,7 +4,7 @@ A training step through autograd costs a fixed part (the optimizer, the loss, th
 module call (PyTorch's Python and dispatch overhead, forward and backward: what dominates small and
 deep networks) and a part per floating-point operation (what dominates convolutions and wide
 layers); validation costs the module calls and the flops of a forward pass per batch. Module calls
-and flops are counted on the meta device for the exact network (an LSTM's cell once per time step),
+and flops are counted in passes of the exact network (an LSTM's cell once per time step),
 so one set of constants covers every architecture. The MLPs the compiled fast path trains
 (service/ml/fastpath.py) have constants of their own.
 

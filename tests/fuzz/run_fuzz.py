@@ -63,8 +63,8 @@ def wait_ready(url: str, timeout: float = 90) -> None:
 
 
 def warm_card_estimates(url: str, key: str) -> None:
-    """The card list estimates each card's run time from forward passes of its networks on the meta
-    device, once per API process: 8-10 s on a busy 2-core machine, over the fuzzer's 10 s per
+    """The card list estimates each card's run time from forward passes of its 51 networks, once per
+    API process: 2-4 s on a 2-core machine, more when it is busy, against the fuzzer's 10 s per
     request. Asked once before fuzzing (one API process, below), so that the fuzzer checks the
     route's answers rather than its first call's time."""
     request = urllib.request.Request(f"{url}/api/v1/cards", headers={"Authorization": f"Bearer {key}"})

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from service.ml.config import ModelConfig, NormConfig
-from service.ml.nets import count_parameters, forward_flops, make_net, norm_slots, parameter_count
+from service.ml.config import NORM_KINDS, ModelConfig, NormConfig
+from service.ml.nets import (
+    count_parameters,
+    forward_flops,
+    forward_profile,
+    make_net,
+    norm_slots,
+    parameter_count,
+)
 
 BN_AFTER = ModelConfig()  # the article's model: Linear -> ReLU -> BN -> Linear
 NO_BN = ModelConfig(norm=NormConfig(kind="none"))
@@ -252,3 +262,49 @@ def test_forward_flops_count_convolutions_by_their_feature_maps() -> None:
     assert forward_flops(cnn) > conv_flops
     assert count_parameters(make_net(cnn)) < 1000  # few parameters, yet far more flops than the mlp
     assert forward_flops(cnn) > forward_flops(mlp)
+
+
+class _CountCalls(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _counting_configs() -> list[ModelConfig]:
+    """Every architecture with every norm it accepts (the profile must count them all)."""
+    small = {
+        "mlp": ModelConfig(hidden=(16, 16)),
+        "cnn": ModelConfig(arch="cnn", channels=(8, 8)),
+        "resnet": ModelConfig(arch="resnet", depth=8, width=8),
+        "resmlp": ModelConfig(arch="resmlp", depth=6, width=16),
+        "rnn": ModelConfig(arch="rnn", hidden_size=8, input_shape=(1, 6, 5)),
+    }
+    configs = []
+    for base in small.values():
+        for kind in NORM_KINDS:
+            cfg = dataclasses.replace(base, norm=NormConfig(kind=kind, num_groups=4, virtual_batch_size=1))
+            try:
+                with torch.device("meta"):
+                    make_net(cfg)
+            except ValueError:
+                continue  # a combination make_net refuses, as the API does
+            configs.append(cfg)
+    return configs
+
+
+@pytest.mark.parametrize("cfg", _counting_configs(), ids=lambda c: f"{c.arch}-{c.norm.kind}")
+def test_forward_profile_counts_the_calls_of_a_real_training_pass(cfg: ModelConfig) -> None:
+    """The profile counts calls on zeroed weights: the count must be that of the network as
+    initialised and trained, the path training takes (noisy BN's noise, batch renorm's clipping)."""
+    torch.manual_seed(0)
+    net = make_net(cfg).train()
+    counter = _CountCalls()
+    with counter:
+        net(torch.rand(2, *cfg.input_shape))
+    before = torch.get_rng_state()
+    assert forward_profile(cfg).calls == counter.count
+    assert torch.equal(torch.get_rng_state(), before)  # a run's random stream is not drawn from
