@@ -13,6 +13,12 @@ message or nothing. The exchange's binding table has the same flaw where kombu c
 first queue bound: a publisher reading it then got an empty file and a JSONDecodeError; this
 module's stress test caught it), so a new table is written whole under another name and linked
 into place. Celery picks this class through `broker_transport` (see service/queue.py).
+
+The worker's loop polls the folder, sleeping `polling_interval` between polls. While every
+training process is busy it has no room for another message (acks_late, prefetch 1), so in a
+grid each run's end waited out the rest of a sleep before the next message was taken. Here an ack
+or a reject (a training process's task ending, in the pool's result thread) wakes the sleeping
+loop at once.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from time import monotonic_ns
+from time import monotonic, monotonic_ns
 from typing import Any
 
 from kombu.exceptions import ChannelError
-from kombu.transport import filesystem
+from kombu.transport import filesystem, virtual
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
@@ -90,6 +96,47 @@ class Channel(filesystem.Channel):
                 raise ChannelError(f"Cannot create {table}") from exc
         super()._queue_bind(exchange, routing_key, pattern, queue)  # the table exists: kombu's locked update
 
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple)
+        self._wake_transport()
+
+    def _wake_transport(self) -> None:
+        # A task's ack comes from the pool's result thread; the transport's loop may be asleep.
+        # (No transport once kombu has closed the channel.)
+        if isinstance(self.connection, Transport):
+            self.connection.wake()
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue)
+        self._wake_transport()
+
 
 class Transport(filesystem.Transport):
     Channel = Channel
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._room = threading.Event()
+
+    def wake(self) -> None:
+        self._room.set()
+
+    def drain_events(self, connection: Any, timeout: float | None = None, **_: Any) -> None:
+        """kombu's virtual transport's loop (take a message, or sleep `polling_interval` and try
+        again until `timeout`), with the sleep cut short by an ack or a reject."""
+        assert self.cycle is not None  # made with the transport (kombu's stubs allow None)
+        started = monotonic()
+        interval = self.polling_interval
+        if timeout and interval and interval > timeout:
+            interval = timeout
+        while True:
+            self._room.clear()  # before the try: an ack during it leaves the event set
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+            except virtual.Empty:
+                if timeout is not None and monotonic() - started >= timeout:
+                    raise TimeoutError from None  # socket.timeout, as kombu raises
+                if interval is not None:
+                    self._room.wait(interval)
+            else:
+                return

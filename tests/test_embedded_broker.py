@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,32 @@ def test_messages_published_in_a_burst_are_taken_in_the_order_they_were_publishe
     names = [embedded_broker.message_name(QUEUE) for _ in range(10_000)]
     assert names == sorted(names)
     assert len(set(names)) == len(names)
+
+
+def test_an_ack_wakes_the_consumer_for_the_next_message_at_once(tmp_path: Path) -> None:
+    # A worker whose training processes are all busy (prefetch 1, acks_late) has no room for the next
+    # message; a task's end acks its message from the pool's result thread. The poll loop, sleeping
+    # `polling_interval` (a long one here), must take the next message on that ack, not after its sleep.
+    options = broker_transport_options(Settings(data_dir=tmp_path)) | {"polling_interval": 3.0}
+    with Connection("filesystem://", transport=EMBEDDED_TRANSPORT, transport_options=options) as conn:
+        queue = conn.SimpleQueue(f"{QUEUE}-handover")  # a queue of its own, as above
+        queue.consumer.qos(prefetch_count=1)
+        queue.put({"i": 0})
+        queue.put({"i": 1})
+        first = queue.get(timeout=5)
+        acked_at: list[float] = []
+
+        def end_the_task() -> None:
+            time.sleep(0.3)  # the loop is asleep by now: no room for the second message
+            acked_at.append(time.monotonic())
+            first.ack()
+
+        ender = threading.Thread(target=end_the_task)
+        ender.start()
+        second = queue.get(timeout=10)
+        taken_at = time.monotonic()
+        ender.join()
+        second.ack()
+        queue.close()
+    assert second.payload == {"i": 1}
+    assert taken_at - acked_at[0] < 1.0  # 3 s, the rest of the sleep, before
