@@ -113,20 +113,14 @@ class MlpStep:
     @classmethod
     def for_model(cls, model: nn.Module) -> MlpStep | None:
         """A step for `model` if its layers are all supported, else None (train with autograd)."""
-        children = list(model.children())
-        if not children or not isinstance(children[0], nn.Flatten) or children[0].end_dim != -1:
-            return None
-        layers, blocks = children[1:], []
-        while len(layers) > 1:
-            block = _match_block(layers)
-            if block is None:
-                return None
-            blocks.append(block)
-            layers = layers[3:]
-        head = layers[0] if layers else None
-        if not isinstance(head, nn.Linear) or not _plain_linear(head):
-            return None
-        return cls(blocks, head)
+        matched = _match_model(model)
+        return None if matched is None else cls(*matched)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Whether `for_model` makes a step for `model`, without making it (its gradient buffers
+        and compiled network)."""
+        return _match_model(model) is not None
 
     def steps_per_call(self, batch_size: int) -> int:
         """How many steps `run` should be given at a time (see STEPS_PER_CALL)."""
@@ -287,6 +281,25 @@ def _block_params(block: _Block) -> list[Tensor]:
     if block.norm is not None:
         params += [p for p in (block.norm.weight, block.norm.bias) if p is not None]
     return params
+
+
+def _match_model(model: nn.Module) -> tuple[list[_Block], nn.Linear] | None:
+    """`model`'s blocks and head if every layer is one the fast path trains: Flatten, then
+    Linear → act → norm blocks (or Linear → norm → act), then a plain Linear."""
+    children = list(model.children())
+    if not children or not isinstance(children[0], nn.Flatten) or children[0].end_dim != -1:
+        return None
+    layers, blocks = children[1:], []
+    while len(layers) > 1:
+        block = _match_block(layers)
+        if block is None:
+            return None
+        blocks.append(block)
+        layers = layers[3:]
+    head = layers[0] if layers else None
+    if not isinstance(head, nn.Linear) or not _plain_linear(head):
+        return None
+    return blocks, head
 
 
 def _net(blocks: list[_Block], head: nn.Linear) -> Net:

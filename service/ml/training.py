@@ -295,7 +295,7 @@ def trains_fast(cfg: ModelConfig) -> bool:
 @cache
 def _fast_path_supports(cfg: ModelConfig) -> bool:
     with torch.device("meta"):  # the layers alone matter: no memory, no random draws
-        return MlpStep.for_model(make_net(cfg)) is not None
+        return MlpStep.supports(make_net(cfg))
 
 
 def make_step(
