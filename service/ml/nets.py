@@ -321,9 +321,12 @@ def _counted(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def warm_up_meta_device() -> None:
-    """The first network built on the meta device and counted in a process costs a few tenths of a
-    second (torch loads its meta kernels and torch._dynamo lazily); the processes that count flops
-    and parameters per submitted run call this at start-up, so no request or run waits for it."""
+    """The first network built on the meta device and counted in a process costs about a second:
+    torch loads its meta kernels lazily, and imports torch._dynamo for some of them (var_mean, which
+    weight standardisation computes as its layers are built: 0.6 s). The processes that count flops
+    and parameters per submitted run call this at start-up, so that no request or run waits for it."""
+    import torch._dynamo  # noqa: F401
+
     forward_flops(ModelConfig())
 
 
