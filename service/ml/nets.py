@@ -21,6 +21,7 @@ last pre-activation block.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -229,10 +230,18 @@ class ForwardProfile:
         return self.linear_flops + self.conv_flops + self.other_flops
 
 
+# The counting passes run on the CPU, several times faster than on the meta device (where norms and
+# activations run as Python decompositions: the cards' 51 networks took 2.6 s there, 0.7 s on the
+# CPU). But they compute there: a wide CNN on 128×128 inputs took over a second and most of a
+# gigabyte. Networks whose three samples may cost more than this many flops (bounded from above by
+# 2 per multiply-add × parameters × positions per input channel) are counted on the meta device.
+CPU_COUNTING_MAX_FLOPS = 10**10
+
+
 @functools.lru_cache(maxsize=1024)
 def forward_profile(cfg: ModelConfig) -> ForwardProfile:
-    """Measured by forward passes of the network itself (on zeroed weights, _zeroed_net), so that
-    every architecture is counted the same way."""
+    """Measured by forward passes of the network itself, so that every architecture is counted the
+    same way: on zeroed weights on the CPU (_zeroed_net), or on the meta device for a large network."""
     counts = {"linear": 0, "conv": 0, "other": 0, "conv_layers": 0}
 
     def count(module: nn.Module, _args: object, output: torch.Tensor) -> None:
@@ -254,23 +263,32 @@ def forward_profile(cfg: ModelConfig) -> ForwardProfile:
         assert isinstance(module, recurrent.RecurrentLayer)
         counts["other"] += ELEMENTWISE_FLOPS * recurrent.STEP_VALUES[module.cell] * output.numel()
 
-    net = _zeroed_net(cfg).eval()
-    handles = [m.register_forward_hook(count) for m in _counted(net)]
-    handles += [m.register_forward_hook(count_block) for m in resnets.blocks(net)]
-    handles += [m.register_forward_hook(count_cell) for m in recurrent.layers(net)]
-    with torch.no_grad():
-        net(torch.zeros(1, *cfg.input_shape))
-    for handle in handles:
-        handle.remove()
-    calls = _dispatches(net, cfg)
+    on_cpu = counts_on_cpu(cfg)
+    with contextlib.nullcontext() if on_cpu else torch.device("meta"):
+        net = (_zeroed_net(cfg) if on_cpu else make_net(cfg)).eval()
+        handles = [m.register_forward_hook(count) for m in _counted(net)]
+        handles += [m.register_forward_hook(count_block) for m in resnets.blocks(net)]
+        handles += [m.register_forward_hook(count_cell) for m in recurrent.layers(net)]
+        with torch.no_grad():
+            net(torch.zeros(1, *cfg.input_shape))
+        for handle in handles:
+            handle.remove()
+        calls = _dispatches(net, cfg)
     return ForwardProfile(counts["linear"], counts["conv"], counts["other"], calls, counts["conv_layers"])
+
+
+def counts_on_cpu(cfg: ModelConfig) -> bool:
+    """Whether forward_profile runs its passes on the CPU (see CPU_COUNTING_MAX_FLOPS): a layer is
+    applied at most once per position of an input channel (a Linear once, a convolution at each
+    pixel of a map no larger than the input's, a cell at each step)."""
+    channels = cfg.input_shape[0] if len(cfg.input_shape) > 1 else 1
+    positions = math.prod(cfg.input_shape) // channels
+    return 2 * 3 * parameter_count(cfg) * positions <= CPU_COUNTING_MAX_FLOPS
 
 
 def _zeroed_net(cfg: ModelConfig) -> nn.Sequential:
     """The network on the CPU with every parameter and buffer zero: built on the meta device, so
-    that no initialiser draws from the RNG, then given memory. Counting passes run on the CPU, not
-    on the meta device, whose Python decompositions of norms and activations are several times
-    slower than the CPU's kernels on a batch of one or two (the cards' 51 networks: 2.6 s → 0.7 s)."""
+    that no initialiser draws from the RNG, then given memory."""
     with torch.device("meta"):
         net = make_net(cfg)
     net = net.to_empty(device="cpu")
@@ -298,11 +316,20 @@ class _Dispatches(TorchFunctionMode):
 def _dispatches(net: nn.Module, cfg: ModelConfig) -> int:
     """Torch calls of one training-mode forward pass (a batch of two, as BN needs), with gradients
     on and without hooks, so that every layer takes the path training takes (an rnn's fused kernel,
-    its all-steps BN, noisy BN's noise). The RNG is forked: a run's random stream stays its own."""
-    counter = _Dispatches()
-    with torch.random.fork_rng(devices=[]), counter:
-        net.train()(torch.zeros(2, *cfg.input_shape))
-    return counter.count
+    its all-steps BN, noisy BN's noise); the RNG forked, so that a run's random stream stays its own.
+    On the meta device, eval mode where training mode cannot run (batch renorm reads a number)."""
+    sample = torch.zeros(2, *cfg.input_shape)
+    for train in (True, False):
+        counter = _Dispatches()
+        try:
+            with torch.random.fork_rng(devices=[]), counter:
+                net.train(train)(sample)
+        except RuntimeError:
+            if not sample.is_meta:
+                raise
+            continue
+        return counter.count
+    raise AssertionError("a forward pass in eval mode runs on the meta device")
 
 
 def forward_flops(cfg: ModelConfig) -> int:

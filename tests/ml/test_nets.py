@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from service.ml import nets
 from service.ml.config import NORM_KINDS, ModelConfig, NormConfig
 from service.ml.nets import (
     count_parameters,
@@ -301,10 +302,37 @@ def test_forward_profile_counts_the_calls_of_a_real_training_pass(cfg: ModelConf
     """The profile counts calls on zeroed weights: the count must be that of the network as
     initialised and trained, the path training takes (noisy BN's noise, batch renorm's clipping)."""
     torch.manual_seed(0)
-    net = make_net(cfg).train()
+    net, sample = make_net(cfg).train(), torch.rand(2, *cfg.input_shape)
     counter = _CountCalls()
     with counter:
-        net(torch.rand(2, *cfg.input_shape))
+        net(sample)
     before = torch.get_rng_state()
     assert forward_profile(cfg).calls == counter.count
     assert torch.equal(torch.get_rng_state(), before)  # a run's random stream is not drawn from
+
+
+def test_a_large_network_is_counted_on_the_meta_device() -> None:
+    # On the CPU its counting passes would take over a second and most of a gigabyte.
+    channels = (512,) * 8
+    cfg = ModelConfig(arch="cnn", channels=channels, input_shape=(1, 128, 128), norm=NormConfig(kind="none"))
+    assert not nets.counts_on_cpu(cfg)
+    expected, side, previous = 0, 128, 1
+    for c in channels:  # 3×3 convolutions, each map halved after its block while it is at least 2×2
+        expected += 2 * 9 * previous * c * side * side
+        side, previous = (side // 2 if side >= 2 else side), c
+    assert forward_profile(cfg).conv_flops == expected
+    assert forward_profile(cfg).conv_layers == len(channels)
+
+
+@pytest.mark.parametrize("cfg", _counting_configs(), ids=lambda c: f"{c.arch}-{c.norm.kind}")
+def test_the_meta_device_counts_as_the_cpu_does(cfg: ModelConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training-mode paths that cannot run on the meta device (batch renorm and noisy BN read numbers
+    from tensors) are counted in eval mode there: those differ in their calls."""
+    assert nets.counts_on_cpu(cfg)
+    on_cpu = nets.forward_profile.__wrapped__(cfg)
+    monkeypatch.setattr(nets, "CPU_COUNTING_MAX_FLOPS", -1)
+    on_meta = nets.forward_profile.__wrapped__(cfg)
+    if cfg.norm.kind in ("batch_renorm", "noisy_batch"):
+        assert dataclasses.replace(on_meta, calls=on_cpu.calls) == on_cpu
+    else:
+        assert on_meta == on_cpu
