@@ -100,15 +100,15 @@ class Channel(filesystem.Channel):
         super().basic_ack(delivery_tag, multiple)
         self._wake_transport()
 
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue)
+        self._wake_transport()
+
     def _wake_transport(self) -> None:
         # A task's ack comes from the pool's result thread; the transport's loop may be asleep.
         # (No transport once kombu has closed the channel.)
         if isinstance(self.connection, Transport):
             self.connection.wake()
-
-    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        super().basic_reject(delivery_tag, requeue)
-        self._wake_transport()
 
 
 class Transport(filesystem.Transport):
