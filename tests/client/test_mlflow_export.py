@@ -211,7 +211,13 @@ def check_report(stack: Stack, store: str, parent: Run, experiment_id: str, tmp_
 
 
 def test_a_run_exported_while_running_gets_only_its_new_epochs_later(stack: Stack, store: str) -> None:
-    spec = BASE | {"name": "mlflow-long", "train": {"epochs": 200}}
+    # Long enough to be still running after the export, which imports MLflow (seconds): 200 epochs of
+    # 300 samples once ended first on a fast machine, and the cancel came too late.
+    spec = BASE | {
+        "name": "mlflow-long",
+        "dataset": {"name": "fashion-mnist", "limit": 3000},
+        "train": {"epochs": 1000},
+    }
     run_id = stack.submit(spec)
     deadline = time.monotonic() + 120
     while stack.run(run_id)["summary"]["epochs_done"] < 1:
