@@ -101,7 +101,10 @@ def test_runs_show_and_predict_agree_with_the_api(stack: Stack, tmp_path: Path) 
 
 
 def test_a_waited_run_that_is_cancelled_exits_1(stack: Stack, tmp_path: Path) -> None:
-    spec = spec_file(tmp_path, TINY | {"name": "cli-cancel", "train": {"epochs": 200}})
+    # Long enough to be still running when the cancel comes from a second CLI process (200 epochs of
+    # 300 samples take about a second and a half on a fast machine).
+    long = {"dataset": {"name": "synthetic", "limit": 3000}, "train": {"epochs": 1000}}
+    spec = spec_file(tmp_path, TINY | long | {"name": "cli-cancel"})
     env = bnlab_free_environ() | {"BNLAB_URL": stack.base_url}
     waiting = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "submit", spec, "--wait"],
