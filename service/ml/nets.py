@@ -60,10 +60,7 @@ def make_net(cfg: ModelConfig) -> nn.Sequential:
     _check(cfg)
     net = nn.Sequential(OrderedDict(_layers(cfg)))
     _initialise(net, cfg)
-    # Fixup re-draws its branches and zeroes the classifier. Not on the meta device, which holds no
-    # values (networks are built there to be counted): its first normal_ in a process takes a second.
-    if not any(p.is_meta for p in net.parameters()):
-        resnets.initialise(net, cfg)
+    resnets.initialise(net, cfg)  # Fixup re-draws its branches and zeroes the classifier
     # Every Linear/Conv but the output layer, input to output (inside residual blocks too).
     hidden = [m for name, m in net.named_modules() if name != "out" and isinstance(m, nn.Linear | nn.Conv2d)]
     if cfg.norm.kind == "weight":

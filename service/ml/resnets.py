@@ -240,8 +240,10 @@ def blocks(net: nn.Module) -> list[ResidualBlock]:
 
 
 def initialise(net: nn.Module, cfg: ModelConfig) -> None:
-    """Fixup's init (SkipInit's α = 0 is set as its blocks are built; the default init does nothing)."""
-    if cfg.residual_init != "fixup":
+    """Fixup's init (SkipInit's α = 0 is set as its blocks are built; the default init does nothing).
+    Nothing is drawn on the meta device, which holds no values (networks are built there to be
+    counted), and whose first normal_ in a process takes a second."""
+    if cfg.residual_init != "fixup" or any(p.is_meta for p in net.parameters()):
         return
     residual = blocks(net)
     scale = len(residual) ** (-1 / (2 * BRANCH_LAYERS - 2))
