@@ -218,7 +218,10 @@ def test_the_median_pruner_prunes_a_trial_whose_seeds_fall_behind(
 
 @pytest.mark.parametrize("searches", ["sqlite"], indirect=True)
 def test_cancelling_a_search_leaves_no_run_queued(searches: SearchStack) -> None:
-    spec = SEARCH | {"name": "cancel", "trials": 6, "base": BASE | {"train": {"epochs": 3}}}
+    # Runs long enough that no trial ends between the submit and the cancel (3 epochs of 300 samples
+    # once did: that trial was complete, not cancelled).
+    long = {"dataset": {"name": "fashion-mnist", "limit": 3000}, "train": {"epochs": 3}}
+    spec = SEARCH | {"name": "cancel", "trials": 6, "base": BASE | long}
     submitted = searches.client.post("/api/v1/searches", json=spec)
     assert submitted.status_code == 202, submitted.text
     assert submitted.json()["trial_counts"]["running"] == 2  # max_in_flight
