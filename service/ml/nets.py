@@ -239,6 +239,10 @@ CPU_COUNTING_MAX_FLOPS = 10**10
 def forward_profile(cfg: ModelConfig) -> ForwardProfile:
     """Measured by forward passes of the network itself, so that every architecture is counted the
     same way: on zeroed weights on the CPU (_zeroed_net), or on the meta device for a large network."""
+    return _measured_profile(cfg, on_cpu=counts_on_cpu(cfg))
+
+
+def _measured_profile(cfg: ModelConfig, *, on_cpu: bool) -> ForwardProfile:
     counts = {"linear": 0, "conv": 0, "other": 0, "conv_layers": 0}
 
     def count(module: nn.Module, _args: object, output: torch.Tensor) -> None:
@@ -260,7 +264,6 @@ def forward_profile(cfg: ModelConfig) -> ForwardProfile:
         assert isinstance(module, recurrent.RecurrentLayer)
         counts["other"] += ELEMENTWISE_FLOPS * recurrent.STEP_VALUES[module.cell] * output.numel()
 
-    on_cpu = counts_on_cpu(cfg)
     with contextlib.nullcontext() if on_cpu else torch.device("meta"):
         net = (_zeroed_net(cfg) if on_cpu else make_net(cfg)).eval()
         handles = [m.register_forward_hook(count) for m in _counted(net)]
@@ -347,10 +350,15 @@ def warm_up_meta_device() -> None:
     """The first network built on the meta device and counted in a process costs about a second:
     torch loads its meta kernels lazily, and imports torch._dynamo for some of them (var_mean, which
     weight standardisation computes as its layers are built: 0.6 s). The processes that count flops
-    and parameters per submitted run call this at start-up, so that no request or run waits for it."""
+    and parameters per submitted run call this at start-up, so that no request or run waits for it.
+
+    It runs no kernel on the CPU: the API's parent process calls it before it forks the API
+    processes, and a CPU kernel with more than one thread there starts OpenMP's threads, which a
+    forked child cannot use: the first such kernel in a child's main thread (an inference on a batch
+    of two) then waits for them forever."""
     import torch._dynamo  # noqa: F401
 
-    forward_flops(ModelConfig())
+    _measured_profile(ModelConfig(), on_cpu=False)
 
 
 # Norms cost a handful of operations per value (subtract, scale, shift, statistics); so do the rest.

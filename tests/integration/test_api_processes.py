@@ -209,3 +209,38 @@ def test_an_alias_moved_through_one_api_process_is_served_at_once_by_every_one(
             assert moved.status_code in (200, 201), moved.text
             served = [infer_on_a_new_connection(api.url, "prod") for _ in range(4)]
             assert served == [expected] * 4, f"turn {turn}: the alias points at {expected}"
+
+
+# A fresh interpreter does what `bnlab api` and `bnlab run` do before they fork their API processes
+# (build the app), then forks one child that runs a batched inference in its main thread, as an API
+# process answers a small request on its event loop.
+FORK_AFTER_CREATE_APP = """
+import os, sys, torch
+from service.main import create_app
+create_app()
+pid = os.fork()
+if pid == 0:
+    net = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
+    with torch.inference_mode():
+        net(torch.full((8, 784), 0.5))
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_process_forked_after_the_app_is_built_runs_multithreaded_kernels(tmp_path: Path) -> None:
+    """A multi-threaded CPU kernel in the parent before the fork (start-up's flop count once ran
+    one) starts OpenMP's threads, which do not survive a fork: the child's first such kernel in its
+    main thread then waited for them forever, and the API process hung on its second inference."""
+    env = bnlab_free_environ() | sqlite_backend_at(tmp_path).env
+    process = subprocess.Popen(
+        [sys.executable, "-c", FORK_AFTER_CREATE_APP], env=env, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, errors = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        os.killpg(process.pid, signal.SIGKILL)  # the hung child too: it is in the same session
+        process.communicate()
+        raise AssertionError("the forked child hung in its first batched inference") from exc
+    assert process.returncode == 0, errors
