@@ -88,7 +88,9 @@ class ForkedProcess:
 
 def forked(function: Callable[[], object]) -> Start:
     """Start by forking this process to run `function`. Safe while this process has one thread,
-    as the supervisor does."""
+    as the supervisor does, and has run no multi-threaded torch kernel: OpenMP's threads do not
+    survive a fork, and a child's first such kernel would wait for them forever (hence the API's
+    start-up warm-up stays on the meta device: nets.warm_up_meta_device)."""
 
     def start() -> ForkedProcess:
         for stream in (sys.stdout, sys.stderr):

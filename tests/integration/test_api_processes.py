@@ -215,7 +215,7 @@ def test_an_alias_moved_through_one_api_process_is_served_at_once_by_every_one(
 # (build the app), then forks one child that runs a batched inference in its main thread, as an API
 # process answers a small request on its event loop.
 FORK_AFTER_CREATE_APP = """
-import os, sys, torch
+import os, torch
 from service.main import create_app
 create_app()
 pid = os.fork()

@@ -314,13 +314,12 @@ def test_a_large_network_is_counted_on_the_meta_device() -> None:
 
 
 @pytest.mark.parametrize("cfg", _counting_configs(), ids=lambda c: f"{c.arch}-{c.norm.kind}")
-def test_the_meta_device_counts_as_the_cpu_does(cfg: ModelConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_meta_device_counts_as_the_cpu_does(cfg: ModelConfig) -> None:
     """Training-mode paths that cannot run on the meta device (batch renorm and noisy BN read numbers
     from tensors) are counted in eval mode there: those differ in their calls."""
     assert nets.counts_on_cpu(cfg)
-    on_cpu = nets.forward_profile.__wrapped__(cfg)
-    monkeypatch.setattr(nets, "CPU_COUNTING_MAX_FLOPS", -1)
-    on_meta = nets.forward_profile.__wrapped__(cfg)
+    on_cpu = nets._measured_profile(cfg, on_cpu=True)
+    on_meta = nets._measured_profile(cfg, on_cpu=False)
     if cfg.norm.kind in ("batch_renorm", "noisy_batch"):
         assert dataclasses.replace(on_meta, calls=on_cpu.calls) == on_cpu
     else:
