@@ -39,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,6 @@ BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # the article's Keras constants (momentum 0.99
 # few milliseconds of the same two cores the runs train on; at 20 polls a second per run the pair
 # measured about a second slower.
 POLL_S = 0.2
-# The scale grid's runs last a fraction of a second: its waits poll one request every 0.05 s.
-SHORT_POLL_S = 0.05
 
 
 def say(text: str = "") -> None:
@@ -414,51 +412,81 @@ def grid_base(dataset: str, samples: int = GRID_SAMPLES) -> dict[str, Any]:
 
 def time_alone(client: httpx.Client, dataset: str, samples: int = GRID_SAMPLES) -> float:
     """Seconds from the POST of one grid-sized run to its success, nothing else queued."""
-    started = time.perf_counter()
+    started = time.time()
     response = client.post("/api/v1/runs", json={"name": "scale-alone", **grid_base(dataset, samples)})
     response.raise_for_status()
-    wait_succeeded(client, [response.json()["id"]], poll_s=SHORT_POLL_S)
-    return time.perf_counter() - started
+    (run,) = wait_succeeded(client, [response.json()["id"]])
+    return unix_time(run["finished_at"]) - started
 
 
 @dataclass(frozen=True)
 class GridTimes:
     wall_s: float  # from the experiment's POST until every run has succeeded
     runs: int
-    in_epochs_s: float  # training steps and validation, as each epoch row records them
+    in_steps_s: float  # training steps alone, as each epoch row records them (train_seconds)
+    in_epochs_s: float  # training steps and validation, as each epoch row records them (seconds)
     in_runs_s: float  # each run from its start to its end (set-up, probes, records, the final model)
 
 
 def time_grid(client: httpx.Client, dataset: str, samples: int = GRID_SAMPLES) -> GridTimes:
-    """The grid experiment's times. Polls the experiment (one request) every SHORT_POLL_S: twenty
-    run polls would compete for the cores."""
+    """The grid experiment's times."""
     base = grid_base(dataset, samples)
     spec = {"name": "scale-grid", "base": base, "grid": GRID, "seeds": list(GRID_SEEDS)}
-    started = time.perf_counter()
+    started = time.time()
     response = client.post("/api/v1/experiments", json=spec)
     response.raise_for_status()
-    path = f"/api/v1/experiments/{response.json()['id']}"
-    while not (experiment := _get(client, path))["finished"]:
-        time.sleep(SHORT_POLL_S)
-    seconds = time.perf_counter() - started
-    counts = experiment["status_counts"]
-    if counts["succeeded"] != len(experiment["runs"]):
-        raise RuntimeError(f"not every run of the grid succeeded: {counts}")
-    ids = [run["id"] for run in experiment["runs"]]
-    in_epochs = sum(epoch_seconds(client, run_id) for run_id in ids)
-    in_runs = sum(run_seconds(_get(client, f"/api/v1/runs/{run_id}")) for run_id in ids)
-    return GridTimes(seconds, len(ids), in_epochs, in_runs)
+    return experiments_times(client, [response.json()["id"]], started)
 
 
-def epoch_seconds(client: httpx.Client, run_id: str) -> float:
+def time_card(client: httpx.Client, card: str, dataset: str) -> GridTimes:
+    """A replication card at its quick scale, as `POST /api/v1/cards/{card}` starts it."""
+    body = {"scale": "quick"} | ({"dataset": dataset} if dataset == "synthetic" else {})
+    started = time.time()
+    response = client.post(f"/api/v1/cards/{card}", json=body)
+    response.raise_for_status()
+    return experiments_times(client, response.json()["experiments"], started)
+
+
+def experiments_times(client: httpx.Client, experiment_ids: list[str], started: float) -> GridTimes:
+    """The times of these experiments' runs, submitted at `started` (time.time()): the wall time runs
+    until the last run's end as the run records it, not until a poll sees it. Polls each experiment
+    (one request) every POLL_S: an experiment's answer costs the API process about 10 ms of a core,
+    which the training processes share, and twenty run polls would cost more."""
+    experiments = []
+    for experiment_id in experiment_ids:
+        while not (experiment := _get(client, f"/api/v1/experiments/{experiment_id}"))["finished"]:
+            time.sleep(POLL_S)
+        experiments.append(experiment)
+    for experiment in experiments:
+        counts = experiment["status_counts"]
+        if counts["succeeded"] != len(experiment["runs"]):
+            raise RuntimeError(f"not every run of the grid succeeded: {counts}")
+    ids = [run["id"] for experiment in experiments for run in experiment["runs"]]
+    epochs = [row for run_id in ids for row in epoch_rows(client, run_id)]
+    in_steps = sum(float(row["train_seconds"]) for row in epochs)
+    in_epochs = sum(float(row["seconds"]) for row in epochs)
+    runs = [_get(client, f"/api/v1/runs/{run_id}") for run_id in ids]
+    seconds = max(unix_time(run["finished_at"]) for run in runs) - started
+    in_runs = sum(run_seconds(run) for run in runs)
+    return GridTimes(seconds, len(ids), in_steps, in_epochs, in_runs)
+
+
+def epoch_rows(client: httpx.Client, run_id: str) -> list[dict[str, Any]]:
     response = client.get(f"/api/v1/runs/{run_id}/metrics")
     response.raise_for_status()
-    return sum(float(row["seconds"]) for row in response.json()["epochs"])
+    rows: list[dict[str, Any]] = response.json()["epochs"]
+    return rows
 
 
 def run_seconds(run: dict[str, Any]) -> float:
-    started, finished = (datetime.fromisoformat(run[key]) for key in ("started_at", "finished_at"))
-    return (finished - started).total_seconds()
+    return unix_time(run["finished_at"]) - unix_time(run["started_at"])
+
+
+def unix_time(stamp: str) -> float:
+    """A timestamp of the API (UTC, ISO 8601) as time.time() counts: the benchmark runs on the API's
+    machine, so the two clocks are one."""
+    moment = datetime.fromisoformat(stamp)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # The grid again with runs about five times longer (48,000 training samples): what the cores' share
@@ -466,9 +494,16 @@ def run_seconds(run: dict[str, Any]) -> float:
 LONGER_GRID_SAMPLES = 60_000
 
 
-def scale_grid(dataset: str, sizes: tuple[int, ...] = (GRID_SAMPLES,)) -> None:
+# A replication card of 4 configurations x 5 seeds of small runs (issue 18's grid goal, literally):
+# higher-lr's quick scale, 2 x 128 MLPs, 4 epochs of 8,000 samples at batch 32.
+GRID_CARD = "higher-lr"
+CARD_ROUNDS = 2
+
+
+def scale_grid(dataset: str, sizes: tuple[int, ...] = (GRID_SAMPLES,), card: str | None = None) -> None:
     """The grid on a fresh stack, and one run submitted alone, for the throughput ratio; for each
-    size of run in `sizes` (samples before the validation split)."""
+    size of run in `sizes` (samples before the validation split). Then, with `card`, that replication
+    card at its quick scale, CARD_ROUNDS times."""
     with tempfile.TemporaryDirectory(prefix="bnlab-bench-scale-") as folder:
         stack = Stack(Path(folder))
         say(f"worker: BNLAB_WORKER_CONCURRENCY={stack.env['BNLAB_WORKER_CONCURRENCY']}")
@@ -480,19 +515,35 @@ def scale_grid(dataset: str, sizes: tuple[int, ...] = (GRID_SAMPLES,)) -> None:
                 alone = [time_alone(client, dataset, samples) for _ in range(ALONE_ROUNDS)]
                 say(f"load {load()}: the grid")
                 grid = time_grid(client, dataset, samples)
-                report_grid(samples, alone, grid, processes)
+                report_alone(samples, alone, grid)
+                report_utilisation(grid, processes)
+            if card is not None:
+                card_rounds(client, card, dataset, processes)
 
 
-def report_grid(samples: int, alone: list[float], grid: GridTimes, processes: int) -> None:
+def card_rounds(client: httpx.Client, card: str, dataset: str, processes: int) -> None:
+    for round_number in range(1, CARD_ROUNDS + 1):
+        say(f"load {load()}: the card {card}, quick scale, round {round_number}")
+        times = time_card(client, card, dataset)
+        say(f"the replication card {card} at its quick scale, round {round_number}:")
+        say(f"  {times.runs} runs: {times.wall_s:.2f} s wall, {times.wall_s / times.runs:.3f} s a run")
+        report_utilisation(times, processes)
+
+
+def report_alone(samples: int, alone: list[float], grid: GridTimes) -> None:
     alone_s = statistics.median(alone)
     say(f"runs of {samples:,} samples ({samples - samples // 5:,} trained on), {GRID_EPOCHS} epochs:")
     say(f"  one run alone (median of {', '.join(f'{s:.2f}' for s in alone)} s): {alone_s:>6.2f} s")
     say(f"  the {grid.runs}-run grid: {grid.wall_s:.2f} s wall, {grid.wall_s / grid.runs:.3f} s a run;"
         f" {alone_s / (grid.wall_s / grid.runs):.2f}x the throughput of runs submitted alone")  # fmt: skip
+
+
+def report_utilisation(grid: GridTimes, processes: int) -> None:
+    """Where the training processes' time went: wall time x processes, split by the runs' records."""
     cores_s = grid.wall_s * processes
-    busy = grid.in_epochs_s / cores_s
-    say(f"  the grid's utilisation: {grid.in_epochs_s:.2f} s in epochs (steps and validation) of"
-        f" {grid.wall_s:.2f} s x {processes} training processes = {busy:.1%}")  # fmt: skip
+    say(f"  utilisation: {grid.in_steps_s:.2f} s in training steps of {grid.wall_s:.2f} s x {processes}"
+        f" training processes = {grid.in_steps_s / cores_s:.1%}; with validation (the epochs)"
+        f" {grid.in_epochs_s / cores_s:.1%}")  # fmt: skip
     outside = grid.in_runs_s - grid.in_epochs_s
     between = cores_s - grid.in_runs_s
     say(f"  the rest: {outside / cores_s:.1%} inside runs, outside epochs (set-up, probes, epoch records"
@@ -574,14 +625,16 @@ def main() -> None:
     parser.add_argument(
         "--grid",
         action="store_true",
-        help="instead: only the 20-run grid through the API vs one run alone, and its utilisation",
+        help="instead: the 20-run grids through the API vs one run alone, and a replication card of 4"
+        " configurations x 5 seeds, with their utilisation",
     )
     args = parser.parse_args()
     if args.scale:
         scale(args.synthetic)
         return
     if args.grid:
-        scale_grid("synthetic" if args.synthetic else "fashion-mnist", (GRID_SAMPLES, LONGER_GRID_SAMPLES))
+        dataset = "synthetic" if args.synthetic else "fashion-mnist"
+        scale_grid(dataset, (GRID_SAMPLES, LONGER_GRID_SAMPLES), card=GRID_CARD)
         return
     dataset = "synthetic" if args.synthetic else "fashion-mnist"
     threads = torch.get_num_threads()

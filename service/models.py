@@ -130,6 +130,9 @@ class EpochMetric(Base):
     # Training samples the epoch went through (its throughput is train_samples / seconds); null in
     # rows written before this column existed.
     train_samples: Mapped[int | None] = mapped_column(Integer)
+    # Seconds of the epoch's training steps alone (`seconds` less validation); null in rows written
+    # before this column existed.
+    train_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     run: Mapped[Run] = relationship(back_populates="metrics")

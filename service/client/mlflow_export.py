@@ -57,6 +57,7 @@ METRICS = {
     "val_loss": "val_loss",
     "val_accuracy": "val_accuracy",
     "seconds": "epoch_seconds",
+    "train_seconds": "train_seconds",
     "train_samples": "train_samples",
 }
 # MLflow's limits per log_batch call.

@@ -78,6 +78,8 @@ class EpochMetrics:
     # The probes the run switched on (TrainConfig.probes), after this epoch; epoch 1 also carries
     # the initial network's, as layer_stats does.
     probes: tuple[ProbeValue, ...] = ()
+    # Wall time of the epoch's training steps alone: `seconds` less validation.
+    train_seconds: float | None = None
 
     @property
     def diverged(self) -> bool:
@@ -516,9 +518,10 @@ def train(
             step.run(batches, start, min(start + rows_per_call, n_used))
         # Summed once per epoch from per-sample values: no .item() (a host sync) per step.
         totals = parallel.sum_totals(batches.totals())
+        trained = time.monotonic()  # after the sum, which waits for a GPU's queued steps
         if reports:
             metrics = epoch_metrics(
-                model, epoch, totals, n_used, started, val_inputs, (probe, slots, pending)
+                model, epoch, totals, n_used, (started, trained), val_inputs, (probe, slots, pending)
             )
             # The other probes after validation, outside the epoch's seconds (timed as the table does).
             metrics = replace(metrics, probes=(*pending_more, *more(model, epoch, lr_at(tcfg, epoch))))
@@ -563,14 +566,16 @@ def epoch_metrics(
     epoch: int,
     totals: tuple[float, int],
     n_used: int,
-    started: float,
+    times: tuple[float, float],
     val_set: ImageDataset,
     probes: Probes,
 ) -> EpochMetrics:
     """An epoch's end: population statistics made final, validation in eval mode, the slot probes;
-    `totals` is the epoch's (summed cross-entropy, correct predictions) over its `n_used` samples, and
-    `val_set` is best `resident`."""
+    `totals` is the epoch's (summed cross-entropy, correct predictions) over its `n_used` samples,
+    `times` when the epoch started and when its training steps ended (time.monotonic), and `val_set`
+    is best `resident`."""
     loss_sum, correct = totals
+    started, trained = times
     end_epoch(model)  # per-epoch population statistics (batch_layer) are final before validating
     val_loss, val_accuracy = evaluate(model, val_set)
     probe, slots, pending = probes
@@ -580,8 +585,9 @@ def epoch_metrics(
         train_accuracy=correct / n_used,
         val_loss=val_loss,
         val_accuracy=val_accuracy,
-        seconds=time.monotonic() - started,
+        seconds=time.monotonic() - started,  # before the slot probes below
         layer_stats=(*pending, *probe_slot_inputs(model, slots, probe, epoch=epoch)),
+        train_seconds=trained - started,
     )
 
 

@@ -338,6 +338,7 @@ def record_epoch(
             val_loss=finite_or_none(metrics.val_loss),
             val_accuracy=finite_or_none(metrics.val_accuracy),
             seconds=metrics.seconds,
+            train_seconds=metrics.train_seconds,
             train_samples=train_samples,
         )
     )

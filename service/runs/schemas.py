@@ -854,6 +854,11 @@ class EpochMetricPublic(BaseModel):
     )
     val_accuracy: Measured
     seconds: float = Field(description="Wall time of the epoch, validation included.")
+    train_seconds: float | None = Field(
+        None,
+        description="Wall time of the epoch's training steps alone, validation excluded (null: stored "
+        "before bnlab recorded it).",
+    )
     train_samples: int | None = Field(
         None, description="Training samples the epoch went through (samples/s = train_samples / seconds)."
     )

@@ -35,6 +35,7 @@ METRIC_KEYS = {
     "val_loss": "val_loss",
     "val_accuracy": "val_accuracy",
     "seconds": "epoch_seconds",
+    "train_seconds": "train_seconds",
     "train_samples": "train_samples",
 }
 # MLflow 3 refuses file stores unless asked for explicitly; a file store in a temporary folder is what

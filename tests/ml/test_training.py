@@ -111,6 +111,8 @@ def test_callbacks_see_every_epoch(small: tuple[ImageDataset, ImageDataset]) -> 
     assert all(
         type(v) is float for v in (m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds)
     )
+    # The training steps' own seconds: part of the epoch's, which validation follows.
+    assert all(e.train_seconds is not None and 0 < e.train_seconds < e.seconds for e in result.epochs)
     # Asked once per epoch end except after the last; the 0.5 s throttle keeps it off the steps.
     assert recorder.stop_calls <= 2 + sum(e.seconds for e in result.epochs) / training.STOP_CHECK_INTERVAL_S
 

@@ -56,6 +56,7 @@ def finish(run_id: str, val_losses: list[float]) -> None:
                     val_loss=loss,
                     val_accuracy=1 - loss / 2,
                     seconds=0.25,
+                    train_seconds=0.2,
                     train_samples=160,
                 )
             )
@@ -151,6 +152,7 @@ def test_metrics_csv_and_format_csv_are_the_same_table(client: TestClient) -> No
         "val_loss": "0.4",
         "val_accuracy": "0.8",
         "seconds": "0.25",
+        "train_seconds": "0.2",
         "train_samples": "160",
     }
     assert client.get(f"/api/v1/runs/{run_id}/metrics", params={"format": "csv"}).text == response.text
