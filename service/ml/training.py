@@ -39,7 +39,8 @@ from service.ml.probes import (
     EpochProbes,
     ProbeValue,
     SlotStatistics,
-    probe_slot_inputs,
+    capture_slot_inputs,
+    slot_statistics,
 )
 from service.ml.resnets import FIXUP_SCALAR_LR_FACTOR, fixup_scalar_parameters
 from service.ml.resume import TrainingState, restore, save_training_state
@@ -495,12 +496,17 @@ def train(
     result = TrainResult(model=model, dropped_last_batch=n_used < n)
     poller = StopPoller(callbacks)
     probe, slots = val_inputs.x[:PROBE_SAMPLES], norm_slots(model)  # after wrap: it may swap BN layers
-    # The initial network's statistics (epoch 0) travel with epoch 1; a resumed run has them stored.
-    pending = probe_slot_inputs(model, slots, probe, epoch=0) if first_epoch == 1 and reports else ()
     more = EpochProbes(
         frozenset(tcfg.probes), probe, val_inputs.y[:PROBE_SAMPLES], slots, x_all[:STATISTICS_SAMPLES]
     )
-    pending_more = more(model, 0, lr_at(tcfg, 1)) if first_epoch == 1 and reports else ()
+
+    def probed(epoch: int, lr: float) -> tuple[tuple[SlotStatistics, ...], tuple[ProbeValue, ...]]:
+        # The slot statistics and the other probes; one forward pass gives both the slots' inputs.
+        seen = capture_slot_inputs(model, slots, probe)
+        return slot_statistics(seen, slots, epoch), more(model, epoch, lr, seen)
+
+    # The initial network's probes (epoch 0) travel with epoch 1; a resumed run has them stored.
+    pending, pending_more = probed(0, lr_at(tcfg, 1)) if first_epoch == 1 and reports else ((), ())
     rows_per_call = bs * step.steps_per_call
 
     for epoch in range(first_epoch, tcfg.epochs + 1):
@@ -520,11 +526,10 @@ def train(
         totals = parallel.sum_totals(batches.totals())
         trained = time.monotonic()  # after the sum, which waits for a GPU's queued steps
         if reports:
-            metrics = epoch_metrics(
-                model, epoch, totals, n_used, (started, trained), val_inputs, (probe, slots, pending)
-            )
-            # The other probes after validation, outside the epoch's seconds (timed as the table does).
-            metrics = replace(metrics, probes=(*pending_more, *more(model, epoch, lr_at(tcfg, epoch))))
+            metrics = epoch_metrics(model, epoch, totals, n_used, (started, trained), val_inputs)
+            # The probes after validation, outside the epoch's seconds (timed as the table does).
+            stats, values = probed(epoch, lr_at(tcfg, epoch))
+            metrics = replace(metrics, layer_stats=(*pending, *stats), probes=(*pending_more, *values))
             pending, pending_more = (), ()
             result.epochs.append(metrics)
             callbacks.on_epoch_end(metrics, partial(save_training_state, model, optimizer, epoch))
@@ -556,11 +561,6 @@ def used_samples(n: int, batch_size: int, processes: int = 1) -> int:
     return n - remainder if 0 < remainder < 2 * processes else n
 
 
-# What an epoch's end probes: the probe batch, the model's norm slots, and the statistics still to
-# report with this epoch (the initial network's, with epoch 1).
-Probes = tuple[torch.Tensor, list[tuple[str, nn.Module]], tuple[SlotStatistics, ...]]
-
-
 def epoch_metrics(
     model: nn.Module,
     epoch: int,
@@ -568,25 +568,22 @@ def epoch_metrics(
     n_used: int,
     times: tuple[float, float],
     val_set: ImageDataset,
-    probes: Probes,
 ) -> EpochMetrics:
-    """An epoch's end: population statistics made final, validation in eval mode, the slot probes;
-    `totals` is the epoch's (summed cross-entropy, correct predictions) over its `n_used` samples,
-    `times` when the epoch started and when its training steps ended (time.monotonic), and `val_set`
-    is best `resident`."""
+    """An epoch's end: population statistics made final, then validation in eval mode; `totals` is
+    the epoch's (summed cross-entropy, correct predictions) over its `n_used` samples, `times` when
+    the epoch started and when its training steps ended (time.monotonic), and `val_set` is best
+    `resident`."""
     loss_sum, correct = totals
     started, trained = times
     end_epoch(model)  # per-epoch population statistics (batch_layer) are final before validating
     val_loss, val_accuracy = evaluate(model, val_set)
-    probe, slots, pending = probes
     return EpochMetrics(
         epoch=epoch,
         train_loss=loss_sum / n_used,
         train_accuracy=correct / n_used,
         val_loss=val_loss,
         val_accuracy=val_accuracy,
-        seconds=time.monotonic() - started,  # before the slot probes below
-        layer_stats=(*pending, *probe_slot_inputs(model, slots, probe, epoch=epoch)),
+        seconds=time.monotonic() - started,
         train_seconds=trained - started,
     )
 

@@ -148,6 +148,16 @@ def test_percentiles_are_torch_quantiles_linear_interpolation_exactly(shape: tup
     assert [got["bn1", f"p{q}"] for q in (15, 50, 85)] == want.tolist()
 
 
+def test_percentiles_of_an_input_with_a_nan_are_nan_as_torch_quantile_says() -> None:
+    net = identity_slot()
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    x[3, 5] = math.nan
+    got = as_dict(probe_percentiles(net, norm_slots(net), x, epoch=0))
+    want = torch.quantile(x.reshape(-1).double(), torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
+    assert all(math.isnan(v) for v in want.tolist())
+    assert all(math.isnan(got["bn1", f"p{q}"]) for q in (15, 50, 85))
+
+
 def test_percentiles_of_a_standard_normal_input() -> None:
     net = identity_slot()
     x = torch.randn(256, 784, generator=torch.Generator().manual_seed(0))
