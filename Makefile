@@ -71,8 +71,9 @@ bench-train: install
 bench-families: install
 	$(BIN)/python bench/families.py
 
-## A 4 × 5 grid of small runs through the API against one run alone: the share of the cores' time
-## spent in training steps (about a minute).
+## A 4 × 5 grid of small runs through the API against one run alone, the same with larger runs, and
+## a 4 × 5 replication card (higher-lr): the share of the cores' time spent in training steps
+## (about a minute and a half).
 bench-grid: install
 	$(BIN)/python bench/train.py --grid
 

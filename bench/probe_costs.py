@@ -18,7 +18,14 @@ from service.datasets.loading import load_training_data
 from service.ml.config import PROBE_NAMES, ModelConfig, NormConfig, TrainConfig
 from service.ml.datasets import to_inputs
 from service.ml.nets import make_net, norm_slots
-from service.ml.probes import PROBE_SAMPLES, STATISTICS_SAMPLES, EpochProbes, probe_slot_inputs
+from service.ml.probes import (
+    PROBE_SAMPLES,
+    STATISTICS_SAMPLES,
+    EpochProbes,
+    capture_slot_inputs,
+    probe_percentiles,
+    probe_slot_inputs,
+)
 from service.ml.training import configure_training_process, train
 from service.runs.schemas import RunCreate
 
@@ -62,14 +69,17 @@ def main() -> None:
         for name in PROBE_NAMES:
             probes = EpochProbes(frozenset({name}), x, y, slots, train_x)
             row[name] = seconds(partial(probes, model, 1, 1e-3), args.repeats)
+        # As training runs it: on the slot inputs that the slot mean/std's forward pass captured.
+        shared = partial(probe_percentiles, model, slots, x, 1, capture_slot_inputs(model, slots, x))
+        row["percentiles, in training"] = seconds(shared, args.repeats)
         n = len(train_set) if cfg.hidden == (128,) else args.epoch_samples
         subset = type(train_set)(train_set.x[:n], train_set.y[:n], train_set.num_classes)
         started = time.perf_counter()
         train(cfg, TrainConfig(epochs=1, probes=()), subset, val_set)
         epoch = (time.perf_counter() - started) * len(train_set) / n
         say(f"\n{label}: one epoch over {len(train_set)} samples ≈ {epoch:.2f} s (measured on {n})")
-        for name, s in row.items():
-            say(f"  {name:24s} {s * 1000:9.1f} ms  {100 * s / epoch:6.2f} % of an epoch")
+        for probe_name, s in row.items():
+            say(f"  {probe_name:24s} {s * 1000:9.1f} ms  {100 * s / epoch:6.2f} % of an epoch")
 
 
 if __name__ == "__main__":

@@ -1043,7 +1043,7 @@ function comparisonRows(runs, groups) {
 }
 
 function comparisonCsv(runs, groups) {
-  return toCsv(["run_id", "name", "group", "epoch", ...METRIC_KEYS, "seconds", "train_samples"], comparisonRows(runs, groups));
+  return toCsv(["run_id", "name", "group", "epoch", ...METRIC_KEYS, "seconds", "train_seconds", "train_samples"], comparisonRows(runs, groups));
 }
 
 function comparisonJson(runs, groups) {
