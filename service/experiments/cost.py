@@ -54,10 +54,12 @@ VAL_PER_LINEAR_FLOP_S = 1 / 1.647e11
 VAL_PER_CONV_FLOP_S = 1 / 3.273e10
 VAL_PER_OTHER_FLOP_S = 1 / 1.516e10
 # The probes against the passes they make (measured in-process on MLPs of 10 and 100 layers, a
-# residual MLP and a CNN): the gradients probe's per-layer norms and the percentiles probe's
-# quantiles per slot cost about as much again as the passes themselves.
+# residual MLP and a CNN): the gradients probe's per-layer norms cost about as much again as its
+# pass. The percentiles make no pass of their own in training (they read the slots' inputs that the
+# slot statistics' pass captured): their quantiles cost 0.5-0.6 of that pass (bench/probe_costs.py,
+# the article's MLP and a 100-layer one).
 PROBE_GRADIENTS_FACTOR = 1.8
-PROBE_PERCENTILES_FACTOR = 2.5
+PROBE_PERCENTILES_FACTOR = 0.6
 # Measured on the replication cards' runs (their rows' timestamps): a run's set-up and end outside its
 # epochs take about 0.03 s and a worker's pick-up of the next run 0.04 s (with the embedded broker
 # polled every 50 ms; every 10 ms now, a grid's hand-overs measure 0.015-0.025 s: kept until the
@@ -129,9 +131,9 @@ def step_seconds(cfg: ModelConfig, batch: int, *, fast: bool, optimizer: Optimiz
 
 def probe_seconds(cfg: ModelConfig, names: Sequence[str], training_samples: int) -> float:
     """One round of the probes (service/ml/probes.py) on the PROBE_SAMPLES probe batch: the slots'
-    inputs and the percentiles a forward pass each, the gradients a forward and backward pass, the
-    smoothness one per step size and one more, the statistics gap a forward pass over the training
-    samples it reads and two over the probe batch."""
+    inputs a forward pass (whose captured inputs the percentiles sort), the gradients a forward and
+    backward pass, the smoothness one per step size and one more, the statistics gap a forward pass
+    over the training samples it reads and two over the probe batch."""
     forward = validation_seconds(cfg, probes.PROBE_SAMPLES)
     backward = step_seconds(cfg, probes.PROBE_SAMPLES, fast=False, optimizer=None)
     costs = {
