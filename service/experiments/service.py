@@ -8,7 +8,7 @@ from fastapi import HTTPException, Response, status
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.experiments import grid, report
+from service.experiments import cost, grid, report
 from service.experiments import repository as experiment_repo
 from service.experiments.schemas import ExperimentCreate, ExperimentPublic, ExperimentRunPublic
 from service.models import EpochMetric, Experiment, Run, RunStatus
@@ -97,9 +97,19 @@ def create_experiment(
     # exists, and ten publishes must not hold the database while the broker answers.
     session.commit()
     location = f"/api/v1/experiments/{experiment.id}"
-    _publish_all(session, [(run.id, p.spec) for run, p in zip(runs, planned, strict=True)], location)
+    _publish_all(
+        session, longest_first([(run.id, p.spec) for run, p in zip(runs, planned, strict=True)]), location
+    )
     response.headers["Location"] = location
     return answer
+
+
+def longest_first(runs: list[tuple[str, RunCreate]]) -> list[tuple[str, RunCreate]]:
+    """The runs in the order to publish them: the cost model's longest first (ties in grid order).
+    The training processes take them in that order, so the last runs are the shortest and the
+    processes end nearly together; in grid order a card whose runs differ several times in cost
+    could end on one process's long run while the others had nothing left."""
+    return sorted(runs, key=lambda run: -cost.run_seconds(run[1]))
 
 
 def _publish_all(session: Session, runs: list[tuple[str, RunCreate]], location: str) -> None:

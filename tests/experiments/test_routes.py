@@ -5,7 +5,9 @@ epoch_metrics and layer_stats); tests/integration/test_experiments_e2e.py trains
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import statistics
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -56,6 +58,16 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 
 def queued_messages() -> list[Path]:
     return sorted((get_settings().broker_folder / "queue").glob("*.msg"))
+
+
+def published_run_ids() -> list[str]:
+    """The queued messages' run ids, in the order the worker takes them (the folder's sorted order)."""
+    ids = []
+    for path in queued_messages():
+        message = json.loads(path.read_bytes())
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        ids.append(args[0])
+    return ids
 
 
 def nothing_stored(client: TestClient) -> None:
@@ -110,6 +122,28 @@ def test_submit_creates_one_queued_run_per_grid_point_and_seed(client: TestClien
     assert client.get("/api/v1/runs").json()["total"] == 9
     assert client.get("/api/v1/experiments").json()["items"][0]["id"] == body["id"]
     assert client.get(f"/api/v1/experiments/{body['id']}").json()["spec"]["seeds"] == [0, 1]
+
+
+def test_an_experiments_runs_are_published_longest_first(client: TestClient) -> None:
+    # Runs of 2,000 samples and of 200, in grid order small ones first: the cost model's longest
+    # runs go to the queue first, so the training processes end on the short ones, nearly together.
+    spec = {
+        "name": "sizes",
+        "base": {"dataset": {"name": "synthetic"}, "train": {"epochs": 2}},
+        "grid": {"dataset.limit": [200, 2000], "model.norm.kind": ["none", "batch"]},
+        "seeds": [0, 1],
+    }
+    response = client.post("/api/v1/experiments", json=spec)
+    assert response.status_code == 202, response.text
+    runs = {run["id"]: run for run in response.json()["runs"]}
+    assert [run["grid_point"]["dataset.limit"] for run in runs.values()] == [200] * 4 + [2000] * 4
+    published = published_run_ids()
+    assert sorted(published) == sorted(runs)
+    assert [runs[run_id]["grid_point"]["dataset.limit"] for run_id in published] == [2000] * 4 + [200] * 4
+    # Equal estimates keep the grid's order: each configuration's seed 0 before its seed 1.
+    seeds = {config: [runs[i]["seed"] for i in published if runs[i]["config"] == config] for config in
+             {run["config"] for run in runs.values()}}  # fmt: skip
+    assert all(order == [0, 1] for order in seeds.values()), seeds
 
 
 @pytest.mark.parametrize(
