@@ -11,6 +11,7 @@ from service.config import Settings
 from service.experiments import cost, grid, report
 from service.experiments import repository as experiment_repo
 from service.experiments.schemas import ExperimentCreate, ExperimentPublic, ExperimentRunPublic
+from service.ml.datasets import BUILTIN_SHAPES
 from service.models import EpochMetric, Experiment, Run, RunStatus
 from service.queue import BrokerUnavailable
 from service.runs.schemas import RunCreate
@@ -108,7 +109,10 @@ def longest_first(runs: list[tuple[str, RunCreate]]) -> list[tuple[str, RunCreat
     """The runs in the order to publish them: the cost model's longest first (ties in grid order).
     The training processes take them in that order, so the last runs are the shortest and the
     processes end nearly together; in grid order a card whose runs differ several times in cost
-    could end on one process's long run while the others had nothing left."""
+    could end on one process's long run while the others had nothing left. Runs on an upload keep
+    the grid's order: the cost model knows the built-in datasets' shapes only."""
+    if any(spec.dataset.name not in BUILTIN_SHAPES for _, spec in runs):
+        return runs
     return sorted(runs, key=lambda run: -cost.run_seconds(run[1]))
 
 

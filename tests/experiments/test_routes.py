@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -144,6 +145,26 @@ def test_an_experiments_runs_are_published_longest_first(client: TestClient) -> 
     seeds = {config: [runs[i]["seed"] for i in published if runs[i]["config"] == config] for config in
              {run["config"] for run in runs.values()}}  # fmt: skip
     assert all(order == [0, 1] for order in seeds.values()), seeds
+
+
+def test_an_experiment_on_an_upload_is_published_in_grid_order(client: TestClient) -> None:
+    # The cost model knows the built-in datasets' shapes only: an upload's runs keep the grid's order.
+    buffer = io.BytesIO()
+    x = np.random.default_rng(0).normal(size=(60, 6)).astype(np.float32)
+    np.savez(buffer, x=x, y=np.arange(60) % 3)
+    uploaded = client.post(
+        "/api/v1/datasets", files={"file": ("d.npz", buffer.getvalue())}, data={"name": "f"}
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    spec = {
+        "name": "on-upload",
+        "base": {"dataset": {"name": "uploaded", "id": uploaded.json()["id"]}, "train": {"epochs": 1}},
+        "grid": {"model.hidden": [[8], [256, 256]]},
+        "seeds": [0],
+    }
+    response = client.post("/api/v1/experiments", json=spec)
+    assert response.status_code == 202, response.text
+    assert published_run_ids() == [run["id"] for run in response.json()["runs"]]
 
 
 @pytest.mark.parametrize(
