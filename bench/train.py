@@ -421,7 +421,7 @@ def time_alone(client: httpx.Client, dataset: str, samples: int = GRID_SAMPLES) 
 
 @dataclass(frozen=True)
 class GridTimes:
-    wall_s: float  # from the experiment's POST until every run has succeeded
+    wall_s: float  # from the POST until the last run's end, as the runs record it
     runs: int
     in_steps_s: float  # training steps alone, as each epoch row records them (train_seconds)
     in_epochs_s: float  # training steps and validation, as each epoch row records them (seconds)

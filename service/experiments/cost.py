@@ -22,7 +22,7 @@ from service.experiments.grid import expand
 from service.experiments.schemas import ExperimentCreate
 from service.ml import nets, probes, training
 from service.ml.config import ModelConfig, OptimizerName, TrainConfig
-from service.ml.datasets import BUILTIN_SHAPES, split_sizes
+from service.ml.datasets import BUILTIN_SHAPES, DataShape, split_sizes
 from service.runs.schemas import RunCreate
 from service.runs.spec import DEFAULT_SHAPE, model_config, train_config
 
@@ -86,10 +86,11 @@ def estimated_seconds(spec: ExperimentCreate, processes: int = 1) -> int:
     return max(1, round(EXPERIMENT_OVERHEAD_S + max(shared, max(runs))))
 
 
-def run_seconds(spec: RunCreate) -> float:
-    """One run: its epochs' steps and validation, and the per-run and per-epoch overheads."""
+def run_seconds(spec: RunCreate, shape: DataShape | None = None) -> float:
+    """One run: its epochs' steps and validation, and the per-run and per-epoch overheads. `shape`:
+    its data's (loading.data_shape); without it an upload is priced as Fashion-MNIST."""
     dataset, train = spec.dataset, spec.train
-    shape = BUILTIN_SHAPES.get(dataset.name, DEFAULT_SHAPE)  # an upload: priced as Fashion-MNIST
+    shape = shape or BUILTIN_SHAPES.get(dataset.name, DEFAULT_SHAPE)
     n = dataset.limit or shape.train_samples
     n_train, n_val = split_sizes(n, dataset.val_split)
     steps = math.ceil(n_train / train.batch_size)

@@ -8,10 +8,11 @@ from fastapi import HTTPException, Response, status
 from sqlalchemy.orm import Session
 
 from service.config import Settings
+from service.datasets import loading
 from service.experiments import cost, grid, report
 from service.experiments import repository as experiment_repo
 from service.experiments.schemas import ExperimentCreate, ExperimentPublic, ExperimentRunPublic
-from service.ml.datasets import BUILTIN_SHAPES
+from service.ml.datasets import DataShape
 from service.models import EpochMetric, Experiment, Run, RunStatus
 from service.queue import BrokerUnavailable
 from service.runs.schemas import RunCreate
@@ -94,26 +95,36 @@ def create_experiment(
         for p in planned
     ]
     answer = experiment_public(session=session, experiment=experiment)
+    # Priced inside the transaction (an upload's shape is a read): after the commit a read would open
+    # another, which the publishes' own sessions would wait behind.
+    ordered = longest_first(session, [(run.id, p.spec) for run, p in zip(runs, planned, strict=True)])
     # Commit, then publish outside any transaction: a worker must never get an id before its row
     # exists, and ten publishes must not hold the database while the broker answers.
     session.commit()
     location = f"/api/v1/experiments/{experiment.id}"
-    _publish_all(
-        session, longest_first([(run.id, p.spec) for run, p in zip(runs, planned, strict=True)]), location
-    )
+    _publish_all(session, ordered, location)
     response.headers["Location"] = location
     return answer
 
 
-def longest_first(runs: list[tuple[str, RunCreate]]) -> list[tuple[str, RunCreate]]:
-    """The runs in the order to publish them: the cost model's longest first (ties in grid order).
-    The training processes take them in that order, so the last runs are the shortest and the
-    processes end nearly together; in grid order a card whose runs differ several times in cost
-    could end on one process's long run while the others had nothing left. Runs on an upload keep
-    the grid's order: the cost model knows the built-in datasets' shapes only."""
-    if any(spec.dataset.name not in BUILTIN_SHAPES for _, spec in runs):
-        return runs
-    return sorted(runs, key=lambda run: -cost.run_seconds(run[1]))
+def longest_first(session: Session, runs: list[tuple[str, RunCreate]]) -> list[tuple[str, RunCreate]]:
+    """The runs in the order to publish them: the cost model's longest first (ties in grid order),
+    each priced on its data's shape. The training processes take them in that order, so the last
+    runs are the shortest and the processes end nearly together; in grid order a card whose runs
+    differ several times in cost could end on one process's long run while the others had nothing
+    left."""
+    shapes: dict[tuple[str, str], DataShape | None] = {}
+
+    def seconds(spec: RunCreate) -> float:
+        key = (spec.dataset.name, str(spec.dataset.id))
+        if key not in shapes:
+            try:
+                shapes[key] = loading.data_shape(session=session, dataset=spec.dataset)
+            except loading.UnknownDataset:  # deleted since it was checked: the run fails as it loads
+                shapes[key] = None
+        return cost.run_seconds(spec, shapes[key])
+
+    return sorted(runs, key=lambda run: -seconds(run[1]))
 
 
 def _publish_all(session: Session, runs: list[tuple[str, RunCreate]], location: str) -> None:

@@ -147,8 +147,10 @@ def test_an_experiments_runs_are_published_longest_first(client: TestClient) -> 
     assert all(order == [0, 1] for order in seeds.values()), seeds
 
 
-def test_an_experiment_on_an_upload_is_published_in_grid_order(client: TestClient) -> None:
-    # The cost model knows the built-in datasets' shapes only: an upload's runs keep the grid's order.
+def test_an_experiment_on_an_upload_is_priced_on_its_shape_and_published_longest_first(
+    client: TestClient,
+) -> None:
+    # Priced on the upload's stored shape (6 features): the 256 × 256 network's run goes first.
     buffer = io.BytesIO()
     x = np.random.default_rng(0).normal(size=(60, 6)).astype(np.float32)
     np.savez(buffer, x=x, y=np.arange(60) % 3)
@@ -164,7 +166,9 @@ def test_an_experiment_on_an_upload_is_published_in_grid_order(client: TestClien
     }
     response = client.post("/api/v1/experiments", json=spec)
     assert response.status_code == 202, response.text
-    assert published_run_ids() == [run["id"] for run in response.json()["runs"]]
+    runs = response.json()["runs"]
+    assert [run["grid_point"]["model.hidden"] for run in runs] == [[8], [256, 256]]  # the grid's order
+    assert published_run_ids() == [runs[1]["id"], runs[0]["id"]]
 
 
 @pytest.mark.parametrize(
