@@ -80,7 +80,14 @@ class Family:
 BN_BEFORE = {"kind": "batch", "position": "before_activation"}
 FAMILIES = (
     Family("cnn (32, 64), BN", {"arch": "cnn", "channels": [32, 64], "norm": BN_BEFORE}, 20_000, 3),
-    Family("resnet-20, BN", {"arch": "resnet", "depth": 20, "norm": {"kind": "batch"}}, 5_000, 2),
+    # BN momentum 0.1, PyTorch's default and the ResNet papers': at bnlab's default 0.01 (Keras') the running
+    # statistics had not caught up after 126 steps, and both ways evaluated at chance.
+    Family(
+        "resnet-20, BN",
+        {"arch": "resnet", "depth": 20, "norm": {"kind": "batch", "momentum": 0.1}},
+        5_000,
+        2,
+    ),  # fmt: skip
     Family(
         "lstm 128, no norm",
         {"arch": "rnn", "cell": "lstm", "hidden_size": 128, "norm": {"kind": "none"}},

@@ -304,18 +304,19 @@ def probe_smoothness(
 def _quantiles(values: torch.Tensor, qs: Sequence[float]) -> list[float]:
     """The `qs` quantiles of every value, exactly as torch.quantile computes them over the values in
     float64 (linear interpolation between the two order statistics around rank q·(n − 1); NaN if any
-    value is NaN), without its limit of 2**24 values. The values are sorted by numpy in their own
-    dtype, which orders them as float64 would: a float32 slot input of 256 × 128 values sorts in a
-    quarter of the time numpy's quantile (which selects, in float64) took, and several times faster
-    than torch's sort."""
-    ordered = np.sort(values.detach().reshape(-1).cpu().numpy())
-    if ordered.size == 0 or np.isnan(ordered[-1]):  # numpy sorts NaN last
+    value is NaN), without its limit of 2**24 values. numpy selects the order statistics (a partial
+    sort, np.partition) in the values' own dtype, which orders them as float64 would: for a ResNet's
+    slot input of 3.2 million float32 values it took 48 ms where a full sort took 127 ms, and a
+    full sort in turn a quarter of numpy's quantile (which selects in float64)."""
+    flat = values.detach().reshape(-1).cpu().numpy()
+    if flat.size == 0 or np.isnan(flat).any():
         return [math.nan] * len(qs)
-    ranks = torch.tensor(qs, dtype=torch.float64) * (ordered.size - 1)
-    below, above = ranks.long(), ranks.ceil().long()
-    low = torch.from_numpy(ordered[below.numpy()]).double()
-    high = torch.from_numpy(ordered[above.numpy()]).double()
-    return low.lerp(high, ranks - below).tolist()
+    ranks = torch.tensor(qs, dtype=torch.float64) * (flat.size - 1)
+    below, above = ranks.long().numpy(), ranks.ceil().long().numpy()
+    selected = np.partition(flat, np.union1d(below, above))  # a copy: the captured inputs stay as they are
+    low = torch.from_numpy(selected[below]).double()
+    high = torch.from_numpy(selected[above]).double()
+    return low.lerp(high, torch.from_numpy(ranks.numpy() - below)).tolist()
 
 
 def probe_percentiles(
