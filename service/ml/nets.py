@@ -214,13 +214,15 @@ class ForwardProfile:
     multiply-add), of convolutions, and of everything else (ELEMENTWISE_FLOPS per value output by
     norms, activations, pooling, residual additions), and the calls of layers (what a step's Python
     and dispatch overhead grows with; a layer called at every time step counts at each), and the
-    convolutions (each sets up oneDNN's kernels forward and backward, whatever its size)."""
+    convolutions (each sets up oneDNN's kernels forward and backward, whatever its size), and the
+    values of the largest output of any layer (what a batch's activations take from the caches)."""
 
     linear_flops: int
     conv_flops: int
     other_flops: int
     calls: int
     conv_layers: int = 0
+    largest_output: int = 0
 
     @property
     def flops(self) -> int:
@@ -243,9 +245,10 @@ def forward_profile(cfg: ModelConfig) -> ForwardProfile:
 
 
 def _measured_profile(cfg: ModelConfig, *, on_cpu: bool) -> ForwardProfile:
-    counts = {"linear": 0, "conv": 0, "other": 0, "conv_layers": 0}
+    counts = {"linear": 0, "conv": 0, "other": 0, "conv_layers": 0, "largest": 0}
 
     def count(module: nn.Module, _args: object, output: torch.Tensor) -> None:
+        counts["largest"] = max(counts["largest"], output.numel())
         if isinstance(module, nn.Linear):
             rows = output.numel() // module.out_features  # 1, or one per position it is applied at
             counts["linear"] += 2 * module.in_features * module.out_features * rows
@@ -263,18 +266,29 @@ def _measured_profile(cfg: ModelConfig, *, on_cpu: bool) -> ForwardProfile:
         # An rnn layer's gates and states at every step (output: [1, T, H]).
         assert isinstance(module, recurrent.RecurrentLayer)
         counts["other"] += ELEMENTWISE_FLOPS * recurrent.STEP_VALUES[module.cell] * output.numel()
+        counts["largest"] = max(counts["largest"], output.numel())
 
     with contextlib.nullcontext() if on_cpu else torch.device("meta"):
         net = (_zeroed_net(cfg) if on_cpu else make_net(cfg)).eval()
         handles = [m.register_forward_hook(count) for m in _counted(net)]
         handles += [m.register_forward_hook(count_block) for m in resnets.blocks(net)]
         handles += [m.register_forward_hook(count_cell) for m in recurrent.layers(net)]
+        # Two samples, counted per sample: a BN without running statistics normalises with the
+        # batch's own in eval mode too, which one sample cannot give (a 500 for such a spec before).
         with torch.no_grad():
-            net(torch.zeros(1, *cfg.input_shape))
+            net(torch.zeros(2, *cfg.input_shape))
         for handle in handles:
             handle.remove()
         calls = _dispatches(net, cfg)
-    return ForwardProfile(counts["linear"], counts["conv"], counts["other"], calls, counts["conv_layers"])
+    per_sample = {name: counts[name] // 2 for name in ("linear", "conv", "other", "largest")}
+    return ForwardProfile(
+        per_sample["linear"],
+        per_sample["conv"],
+        per_sample["other"],
+        calls,
+        counts["conv_layers"],  # calls, not values: the same for any batch
+        per_sample["largest"],
+    )
 
 
 def counts_on_cpu(cfg: ModelConfig) -> bool:

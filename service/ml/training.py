@@ -31,7 +31,7 @@ from service.ml.agc import agc_parameters, clip_gradients_
 from service.ml.config import BATCH_STAT_KINDS, ModelConfig, TrainConfig
 from service.ml.datasets import ImageDataset, make_synthetic, to_inputs, to_inputs_once, train_val_split
 from service.ml.fastpath import Batches, MlpStep, supports_optimizer
-from service.ml.nets import make_net, norm_slots
+from service.ml.nets import forward_profile, make_net, norm_slots
 from service.ml.norms import end_epoch
 from service.ml.probes import (
     PROBE_SAMPLES,
@@ -48,6 +48,13 @@ from service.ml.trainable import restrict_trainable
 
 # should_stop() may query a database: ask at most this often between steps (plus once per epoch end).
 STOP_CHECK_INTERVAL_S = 0.5
+# A validation batch's largest layer output holds at most this many values (8 MiB of float32): past
+# the caches, a batch costs more per sample. Over 4,000 images on two threads, a CNN [32, 64] took
+# 0.90-0.93 s at 1,024 images a batch, 0.27-0.31 s at 83 (what this gives it); a ResNet-20 3.4 s and
+# 1.6 s at 167; an LSTM with recurrent BN 0.41-0.46 s and 0.36 s at 146; MLPs keep 1,024, which
+# their small layers run fastest.
+EVALUATION_BATCH_VALUES = 2**21
+EVALUATION_MAX_BATCH = 1024
 # MLPs that fastpath.MlpStep supports train with its hand-written, compiled loop (same gradients,
 # about twice as fast at the article's size); False trains every model through autograd (tests compare).
 USE_FAST_PATH = True
@@ -491,6 +498,7 @@ def train(
     x_all, y_all = to_inputs_once(train_set.x).flatten(1).to(device), train_set.y.to(device)
     reports = parallel.reports  # the other ranks leave the validation split as it came
     val_inputs = resident(val_set, device) if reports else val_set
+    val_batch = evaluation_batch_size(cfg)
     n = len(train_set)
     n_used = used_samples(n, bs, parallel.shard.world)
     result = TrainResult(model=model, dropped_last_batch=n_used < n)
@@ -526,7 +534,9 @@ def train(
         totals = parallel.sum_totals(batches.totals())
         trained = time.monotonic()  # after the sum, which waits for a GPU's queued steps
         if reports:
-            metrics = epoch_metrics(model, epoch, totals, n_used, (started, trained), val_inputs)
+            metrics = epoch_metrics(
+                model, epoch, totals, n_used, (started, trained), val_inputs, val_batch=val_batch
+            )
             # The probes after validation, outside the epoch's seconds (timed as the table does).
             stats, values = probed(epoch, lr_at(tcfg, epoch))
             metrics = replace(metrics, layer_stats=(*pending, *stats), probes=(*pending_more, *values))
@@ -568,15 +578,17 @@ def epoch_metrics(
     n_used: int,
     times: tuple[float, float],
     val_set: ImageDataset,
+    *,
+    val_batch: int = EVALUATION_MAX_BATCH,
 ) -> EpochMetrics:
-    """An epoch's end: population statistics made final, then validation in eval mode; `totals` is
-    the epoch's (summed cross-entropy, correct predictions) over its `n_used` samples, `times` when
-    the epoch started and when its training steps ended (time.monotonic), and `val_set` is best
-    `resident`."""
+    """An epoch's end: population statistics made final, then validation in eval mode, `val_batch`
+    samples at a time; `totals` is the epoch's (summed cross-entropy, correct predictions) over its
+    `n_used` samples, `times` when the epoch started and when its training steps ended
+    (time.monotonic), and `val_set` is best `resident`."""
     loss_sum, correct = totals
     started, trained = times
     end_epoch(model)  # per-epoch population statistics (batch_layer) are final before validating
-    val_loss, val_accuracy = evaluate(model, val_set)
+    val_loss, val_accuracy = evaluate(model, val_set, val_batch)
     return EpochMetrics(
         epoch=epoch,
         train_loss=loss_sum / n_used,
@@ -619,7 +631,15 @@ def warm_up() -> None:
     train(ModelConfig(), TrainConfig(epochs=1), train_set, val_set)
 
 
-def evaluate(model: nn.Module, ds: ImageDataset, batch_size: int = 1024) -> tuple[float, float]:
+def evaluation_batch_size(cfg: ModelConfig) -> int:
+    """The validation batch for `make_net(cfg)`: as large as its activations fit EVALUATION_BATCH_VALUES."""
+    largest = max(1, forward_profile(cfg).largest_output)
+    return max(1, min(EVALUATION_MAX_BATCH, EVALUATION_BATCH_VALUES // largest))
+
+
+def evaluate(
+    model: nn.Module, ds: ImageDataset, batch_size: int = EVALUATION_MAX_BATCH
+) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) over `ds`, in eval mode: BN uses its running statistics."""
     n = len(ds)
     if n == 0:

@@ -107,6 +107,24 @@ def test_synced_batch_norm_over_two_processes_is_accepted_and_echoed(client: Tes
     assert (spec["model"]["norm"]["sync"], spec["train"]["processes"]) == (True, 2)
 
 
+@pytest.mark.parametrize("arch", [{}, {"arch": "cnn", "channels": [8]}])
+def test_batch_norm_without_running_statistics_is_accepted_and_priced(
+    client: TestClient, arch: dict[str, Any]
+) -> None:
+    # Its time limit counts the network's operations on a forward pass in eval mode, where this BN
+    # normalises with the batch's own statistics: a pass of one sample raised, and the POST was a 500.
+    model = arch | {"norm": {"kind": "batch", "track_running_stats": False}}
+    response = submit(client, model)
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["model"]["norm"]["track_running_stats"] is False
+    grid = {
+        "name": "no-running-stats",
+        "base": {"dataset": DATA, "model": model},
+        "grid": {"train.lr": [0.1, 0.01]},
+    }
+    assert client.post("/api/v1/experiments", json=grid).status_code == 202
+
+
 def test_unknown_compat_is_422(client: TestClient) -> None:
     response = client.post("/api/v1/runs", json={"dataset": DATA, "compat": "jax"})
     assert response.status_code == 422
