@@ -4,11 +4,12 @@ experiment's public view, and its runs' results for the report."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import HTTPException, Response, status
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.datasets import loading
 from service.experiments import cost, grid, report
 from service.experiments import repository as experiment_repo
 from service.experiments.schemas import ExperimentCreate, ExperimentPublic, ExperimentRunPublic
@@ -64,6 +65,14 @@ def _run_public(run: Run, last: EpochMetric | None) -> ExperimentRunPublic:
     )
 
 
+# A dataset as a grid names it: a built-in by name, an upload by its id.
+DatasetKey = tuple[str, str | None]
+
+
+def dataset_key(spec: RunCreate) -> DatasetKey:
+    return spec.dataset.name, None if spec.dataset.id is None else str(spec.dataset.id)
+
+
 def create_experiment(
     *,
     session: Session,
@@ -78,10 +87,10 @@ def create_experiment(
         planned = grid.expand(spec)
     except grid.GridError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
-    for name in {p.spec.dataset.name for p in planned}:
-        require_dataset(
-            next(p.spec for p in planned if p.spec.dataset.name == name), settings, session=session
-        )
+    firsts: dict[DatasetKey, RunCreate] = {}  # each dataset's first run in the grid
+    for p in planned:
+        firsts.setdefault(dataset_key(p.spec), p.spec)
+    shapes = {key: require_dataset(first, settings, session=session) for key, first in firsts.items()}
     require_capacity(
         session=session, owner=owner, limit=settings.max_active_runs_per_key, adding=len(planned)
     )
@@ -95,36 +104,25 @@ def create_experiment(
         for p in planned
     ]
     answer = experiment_public(session=session, experiment=experiment)
-    # Priced inside the transaction (an upload's shape is a read): after the commit a read would open
-    # another, which the publishes' own sessions would wait behind.
-    ordered = longest_first(session, [(run.id, p.spec) for run, p in zip(runs, planned, strict=True)])
     # Commit, then publish outside any transaction: a worker must never get an id before its row
     # exists, and ten publishes must not hold the database while the broker answers.
     session.commit()
     location = f"/api/v1/experiments/{experiment.id}"
+    ordered = longest_first([(run.id, p.spec) for run, p in zip(runs, planned, strict=True)], shapes)
     _publish_all(session, ordered, location)
     response.headers["Location"] = location
     return answer
 
 
-def longest_first(session: Session, runs: list[tuple[str, RunCreate]]) -> list[tuple[str, RunCreate]]:
+def longest_first(
+    runs: list[tuple[str, RunCreate]], shapes: Mapping[DatasetKey, DataShape]
+) -> list[tuple[str, RunCreate]]:
     """The runs in the order to publish them: the cost model's longest first (ties in grid order),
-    each priced on its data's shape. The training processes take them in that order, so the last
-    runs are the shortest and the processes end nearly together; in grid order a card whose runs
-    differ several times in cost could end on one process's long run while the others had nothing
-    left."""
-    shapes: dict[tuple[str, str], DataShape | None] = {}
-
-    def seconds(spec: RunCreate) -> float:
-        key = (spec.dataset.name, str(spec.dataset.id))
-        if key not in shapes:
-            try:
-                shapes[key] = loading.data_shape(session=session, dataset=spec.dataset)
-            except loading.UnknownDataset:  # deleted since it was checked: the run fails as it loads
-                shapes[key] = None
-        return cost.run_seconds(spec, shapes[key])
-
-    return sorted(runs, key=lambda run: -seconds(run[1]))
+    each priced on its data's shape (`shapes`, by dataset_key). The training processes take them in
+    that order, so the last runs are the shortest and the processes end nearly together; in grid
+    order a card whose runs differ several times in cost could end on one process's long run while
+    the others had nothing left."""
+    return sorted(runs, key=lambda run: -cost.run_seconds(run[1], shapes[dataset_key(run[1])]))
 
 
 def _publish_all(session: Session, runs: list[tuple[str, RunCreate]], location: str) -> None:

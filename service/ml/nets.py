@@ -237,6 +237,11 @@ class ForwardProfile:
 CPU_COUNTING_MAX_FLOPS = 10**10
 
 
+# The counting pass's batch: a BN without running statistics normalises with the batch's own
+# statistics in eval mode too, which one sample cannot give.
+COUNTED_SAMPLES = 2
+
+
 @functools.lru_cache(maxsize=1024)
 def forward_profile(cfg: ModelConfig) -> ForwardProfile:
     """Measured by forward passes of the network itself, so that every architecture is counted the
@@ -273,22 +278,16 @@ def _measured_profile(cfg: ModelConfig, *, on_cpu: bool) -> ForwardProfile:
         handles = [m.register_forward_hook(count) for m in _counted(net)]
         handles += [m.register_forward_hook(count_block) for m in resnets.blocks(net)]
         handles += [m.register_forward_hook(count_cell) for m in recurrent.layers(net)]
-        # Two samples, counted per sample: a BN without running statistics normalises with the
-        # batch's own in eval mode too, which one sample cannot give (a 500 for such a spec before).
         with torch.no_grad():
-            net(torch.zeros(2, *cfg.input_shape))
+            net(torch.zeros(COUNTED_SAMPLES, *cfg.input_shape))
         for handle in handles:
             handle.remove()
         calls = _dispatches(net, cfg)
-    per_sample = {name: counts[name] // 2 for name in ("linear", "conv", "other", "largest")}
+    n = COUNTED_SAMPLES  # the values' counts per sample; conv_layers counts calls, the same for any batch
     return ForwardProfile(
-        per_sample["linear"],
-        per_sample["conv"],
-        per_sample["other"],
-        calls,
-        counts["conv_layers"],  # calls, not values: the same for any batch
-        per_sample["largest"],
-    )
+        counts["linear"] // n, counts["conv"] // n, counts["other"] // n, calls, counts["conv_layers"],
+        counts["largest"] // n,
+    )  # fmt: skip
 
 
 def counts_on_cpu(cfg: ModelConfig) -> bool:
@@ -328,12 +327,12 @@ class _Dispatches(TorchFunctionMode):
 
 
 def _dispatches(net: nn.Module, cfg: ModelConfig) -> int:
-    """Torch calls of one training-mode forward pass (a batch of two, as BN needs), with gradients
+    """Torch calls of one training-mode forward pass (a batch of COUNTED_SAMPLES), with gradients
     on and without hooks, so that every layer takes the path training takes (an rnn's fused kernel,
     its all-steps BN, noisy BN's noise); the RNG forked, so that a run's random stream stays its own.
     Eval mode where training mode cannot run (on the meta device, batch renorm reads a number): the
     estimates that use the count must not fail where the run itself would."""
-    sample = torch.zeros(2, *cfg.input_shape)
+    sample = torch.zeros(COUNTED_SAMPLES, *cfg.input_shape)
     for train in (True, False):
         counter = _Dispatches()
         try:

@@ -14,6 +14,7 @@ from service.api.busy import is_busy
 from service.config import Settings
 from service.datasets import loading
 from service.db import session_scope
+from service.ml.datasets import DataShape
 from service.models import Run
 from service.queue import enqueue_training
 from service.runs import repository as run_repo
@@ -55,11 +56,11 @@ def run_public(*, session: Session, run: Run) -> RunPublic:
     )
 
 
-def require_dataset(spec: RunCreate, settings: Settings, *, session: Session) -> None:
-    """A missing dataset, or one the model cannot train on, is the user's to fix: say so at submit
-    time (422), not as a failed run later. Reads through the request's session before it writes
-    anything, and ends that read before counting parameters (CPU work no transaction should span:
-    on SQLite every transaction holds the write lock)."""
+def require_dataset(spec: RunCreate, settings: Settings, *, session: Session) -> DataShape:
+    """The spec's data shape. A missing dataset, or one the model cannot train on, is the user's to
+    fix: say so at submit time (422), not as a failed run later. Reads through the request's session
+    before it writes anything, and ends that read before counting parameters (CPU work no transaction
+    should span: on SQLite every transaction holds the write lock)."""
     missing = loading.missing_dataset(spec, settings)
     if missing is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=missing)
@@ -71,6 +72,7 @@ def require_dataset(spec: RunCreate, settings: Settings, *, session: Session) ->
     problem = shape_problem(spec, shape, max_parameters=MAX_PARAMETERS)
     if problem is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=problem)
+    return shape
 
 
 def require_capacity(*, session: Session, owner: str, limit: int, adding: int = 1) -> None:

@@ -147,10 +147,8 @@ def test_an_experiments_runs_are_published_longest_first(client: TestClient) -> 
     assert all(order == [0, 1] for order in seeds.values()), seeds
 
 
-def test_an_experiment_on_an_upload_is_priced_on_its_shape_and_published_longest_first(
-    client: TestClient,
-) -> None:
-    # Priced on the upload's stored shape (6 features): the 256 × 256 network's run goes first.
+def upload_features(client: TestClient) -> str:
+    """A 60-sample dataset of 6 features and 3 classes, uploaded; its id."""
     buffer = io.BytesIO()
     x = np.random.default_rng(0).normal(size=(60, 6)).astype(np.float32)
     np.savez(buffer, x=x, y=np.arange(60) % 3)
@@ -158,9 +156,16 @@ def test_an_experiment_on_an_upload_is_priced_on_its_shape_and_published_longest
         "/api/v1/datasets", files={"file": ("d.npz", buffer.getvalue())}, data={"name": "f"}
     )
     assert uploaded.status_code == 201, uploaded.text
+    return str(uploaded.json()["id"])
+
+
+def test_an_experiment_on_an_upload_is_priced_on_its_shape_and_published_longest_first(
+    client: TestClient,
+) -> None:
+    # Priced on the upload's stored shape (6 features): the 256 × 256 network's run goes first.
     spec = {
         "name": "on-upload",
-        "base": {"dataset": {"name": "uploaded", "id": uploaded.json()["id"]}, "train": {"epochs": 1}},
+        "base": {"dataset": {"name": "uploaded", "id": upload_features(client)}, "train": {"epochs": 1}},
         "grid": {"model.hidden": [[8], [256, 256]]},
         "seeds": [0],
     }
@@ -169,6 +174,25 @@ def test_an_experiment_on_an_upload_is_priced_on_its_shape_and_published_longest
     runs = response.json()["runs"]
     assert [run["grid_point"]["model.hidden"] for run in runs] == [[8], [256, 256]]  # the grid's order
     assert published_run_ids() == [runs[1]["id"], runs[0]["id"]]
+
+
+def test_a_grid_over_uploads_checks_every_one_and_stores_nothing_when_one_is_missing(
+    client: TestClient,
+) -> None:
+    # Each upload the grid names is checked, not only the first run's: the missing one is a 422 at
+    # submit time rather than a run that fails as it loads its data.
+    present, missing = upload_features(client), "0" * 32
+    spec = {
+        "name": "two-uploads",
+        "base": {"dataset": {"name": "uploaded", "id": present}, "train": {"epochs": 1}},
+        "grid": {"dataset.id": [present, missing]},
+        "seeds": [0],
+    }
+    response = client.post("/api/v1/experiments", json=spec)
+    assert response.status_code == 422, response.text
+    assert missing in response.json()["detail"]
+    assert client.get("/api/v1/experiments").json()["total"] == 0
+    assert published_run_ids() == []
 
 
 @pytest.mark.parametrize(
