@@ -132,10 +132,11 @@ def fast_step_time(cfg: ModelConfig, batch: int, optimizer_name: OptimizerName) 
     return median_s(lambda: step.run(batches, 0, k * batch)) / k  # run takes sample positions
 
 
-def validation_time(cfg: ModelConfig) -> float:
+def validation_time(cfg: ModelConfig, batch: int) -> float:
+    """Seconds a sample of validation, `batch` samples at a time (as training validates `cfg`)."""
     model = training.build_model(cfg, 0)
     data = ImageDataset(torch.rand(SAMPLES, *cfg.input_shape), torch.randint(0, 10, (SAMPLES,)), 10)
-    return median_s(lambda: training.evaluate(model, data)) / SAMPLES
+    return median_s(lambda: training.evaluate(model, data, batch)) / SAMPLES
 
 
 def fit(rows: list[list[float]], seconds: list[float]) -> np.ndarray:
@@ -151,7 +152,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     say = print
     say(f"torch {torch.__version__}, 1 thread; autograd steps and validation, median of 5 windows")
-    step_rows, step_s, val_rows, val_s, names = [], [], [], [], []
+    step_rows, step_s, val_rows, val_s, names, val_names = [], [], [], [], [], []
     for name, cfg, batches in networks():
         p = nets.forward_profile(cfg)
         flops = [float(p.linear_flops), float(p.conv_flops), float(p.other_flops)]
@@ -166,11 +167,13 @@ def main() -> None:
                 names.append(f"{name}, batch {batch}, {optimizer}")
                 counted = f"{calls} calls, {p.flops:,} flops, {params:,} parameters"
                 say(f"  step  {name:18} batch {batch:>4} {optimizer:4}: {seconds * 1e3:8.3f} ms  ({counted})")
-        per_sample = validation_time(cfg)
-        # Per sample: the fixed and per-call parts of a batch of 1024, and the flops.
-        val_rows.append([1 / 1024, calls / 1024, *flops])
+        val_batch = training.evaluation_batch_size(cfg)
+        per_sample = validation_time(cfg, val_batch)
+        # Per sample: the fixed and per-call parts of a batch, shared by its samples, and the flops.
+        val_rows.append([1 / val_batch, calls / val_batch, *flops])
         val_s.append(per_sample)
-        say(f"  val   {name:18}: {per_sample * 1e6:8.2f} µs a sample")
+        val_names.append(f"{name}, batch {val_batch}")
+        say(f"  val   {name:18}: {per_sample * 1e6:8.2f} µs a sample, {val_batch} a batch")
     step = fit(step_rows, step_s)
     val = fit(val_rows, val_s)
     say()
@@ -185,6 +188,9 @@ def main() -> None:
     say(f"STEP_PER_PARAMETER_S = {per_parameter(step[6:])}")
     say()
     show_fit(names, step_rows, step_s, step)
+    say()
+    say("validation, a sample")
+    show_fit(val_names, val_rows, val_s, val)
     fast_rows, fast_s, fast_names = [], [], []
     say()
     say("the fast path's step")

@@ -46,8 +46,11 @@ FAST_STEP_PER_NORM_LAYER_S = 0.0000290
 FAST_STEP_PER_LINEAR_FLOP_S = 1 / 1.844e11
 FAST_STEP_PER_OTHER_FLOP_S = 1 / 1.466e10
 FAST_STEP_PER_PARAMETER_S: dict[OptimizerName, float] = {"adam": 1.148e-09, "sgd": 9.938e-10}
-# Validation, per batch of VAL_BATCH: fixed + per torch call; per sample: per flop of the forward pass.
-VAL_BATCH = 1024
+# Validation, per batch (training.evaluation_batch_size: up to 1,024 samples, fewer where a layer's
+# outputs would leave the caches): fixed + per torch call; per sample: per flop of the forward pass.
+# Fitted when every network validated 1,024 samples a batch: convolutions validate faster in their
+# sized batches, so deep conv nets' validation is overpriced (a ResNet-20's about 1.5-2x); one rate per
+# conv flop does not fit both a CNN whose first convolution has one input channel and a ResNet.
 VAL_FIXED_S = 0.000000
 VAL_PER_CALL_S = 0.0000098
 VAL_PER_LINEAR_FLOP_S = 1 / 1.647e11
@@ -150,7 +153,8 @@ def probe_seconds(cfg: ModelConfig, names: Sequence[str], training_samples: int)
 def validation_seconds(cfg: ModelConfig, samples: int) -> float:
     p = nets.forward_profile(cfg)
     per_sample = _flop_seconds(p, VAL_PER_LINEAR_FLOP_S, VAL_PER_CONV_FLOP_S, VAL_PER_OTHER_FLOP_S)
-    return math.ceil(samples / VAL_BATCH) * (VAL_FIXED_S + VAL_PER_CALL_S * p.calls) + samples * per_sample
+    batches = math.ceil(samples / training.evaluation_batch_size(cfg))
+    return batches * (VAL_FIXED_S + VAL_PER_CALL_S * p.calls) + samples * per_sample
 
 
 def _flop_seconds(p: nets.ForwardProfile, linear: float, conv: float, other: float) -> float:
