@@ -27,7 +27,7 @@ from service.ml.probes import (
     probe_percentiles,
     probe_slot_inputs,
 )
-from service.ml.training import configure_training_process, train
+from service.ml.training import configure_training_process, evaluation_batch_size, train
 from service.runs.schemas import RunCreate
 from service.runs.spec import model_config
 
@@ -78,7 +78,8 @@ def main() -> None:
         always = partial(probe_slot_inputs, model, slots, x, 1)
         row = {"slot mean/std (always)": seconds(always, args.repeats)}
         for name in PROBE_NAMES:
-            probes = EpochProbes(frozenset({name}), x, y, slots, train_x)
+            # statistics_gap's chunks as training sizes them: validation's batch for this network.
+            probes = EpochProbes(frozenset({name}), x, y, slots, train_x, evaluation_batch_size(cfg))
             row[name] = seconds(partial(probes, model, 1, 1e-3), args.repeats)
         # As training runs it: on the slot inputs that the slot mean/std's forward pass captured.
         shared = partial(probe_percentiles, model, slots, x, 1, capture_slot_inputs(model, slots, x))

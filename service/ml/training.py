@@ -505,7 +505,12 @@ def train(
     poller = StopPoller(callbacks)
     probe, slots = val_inputs.x[:PROBE_SAMPLES], norm_slots(model)  # after wrap: it may swap BN layers
     more = EpochProbes(
-        frozenset(tcfg.probes), probe, val_inputs.y[:PROBE_SAMPLES], slots, x_all[:STATISTICS_SAMPLES]
+        frozenset(tcfg.probes),
+        probe,
+        val_inputs.y[:PROBE_SAMPLES],
+        slots,
+        x_all[:STATISTICS_SAMPLES],
+        chunk=val_batch,
     )
 
     def probed(epoch: int, lr: float) -> tuple[tuple[SlotStatistics, ...], tuple[ProbeValue, ...]]:
