@@ -150,6 +150,19 @@ def last_epoch_metric(*, session: Session, run: Run) -> EpochMetric | None:
     return session.get(EpochMetric, (run.id, run.epochs_done))
 
 
+def last_epoch_metrics(*, session: Session, runs: Sequence[Run]) -> dict[str, EpochMetric]:
+    """Each of these runs' last finished epoch, in one query (a page of runs, not one query each)."""
+    ids = [run.id for run in runs if run.epochs_done > 0]
+    if not ids:
+        return {}
+    rows = session.scalars(
+        select(EpochMetric)
+        .join(Run, and_(Run.id == EpochMetric.run_id, Run.epochs_done == EpochMetric.epoch))
+        .where(Run.id.in_(ids))
+    ).all()
+    return {row.run_id: row for row in rows}
+
+
 def list_epoch_metrics(*, session: Session, run_id: str, after_epoch: int = 0) -> Sequence[EpochMetric]:
     """A run's epochs in order; `after_epoch` skips those a caller (a live stream) already has."""
     return session.scalars(

@@ -48,6 +48,7 @@ from service.runs.service import (
     require_capacity,
     require_dataset,
     run_public,
+    runs_public,
 )
 from service.serving import served
 from service.serving.images import Invert
@@ -150,9 +151,7 @@ def list_runs(
     runs, total = run_repo.list_runs(
         session=session, limit=limit, offset=offset, where=where, sort=sort, descending=descending
     )
-    return RunsPublic(
-        items=[run_public(session=session, run=run) for run in runs], total=total, limit=limit, offset=offset
-    )
+    return RunsPublic(items=runs_public(session=session, runs=runs), total=total, limit=limit, offset=offset)
 
 
 @router.get("/{run_id}", summary="One run: status, spec, timestamps, error and summary")

@@ -15,7 +15,7 @@ from service.config import Settings
 from service.datasets import loading
 from service.db import session_scope
 from service.ml.datasets import DataShape
-from service.models import Run
+from service.models import EpochMetric, Run
 from service.queue import enqueue_training
 from service.runs import repository as run_repo
 from service.runs.budget import run_time_limit_s
@@ -26,9 +26,18 @@ from service.serving import repository as serving_repo
 log = logging.getLogger(__name__)
 
 
+def runs_public(*, session: Session, runs: Sequence[Run]) -> list[RunPublic]:
+    """A page of runs, their last epochs read in one query."""
+    last = run_repo.last_epoch_metrics(session=session, runs=runs)
+    return [_public(run, last.get(run.id)) for run in runs]
+
+
 def run_public(*, session: Session, run: Run) -> RunPublic:
+    return _public(run, run_repo.last_epoch_metric(session=session, run=run))
+
+
+def _public(run: Run, last: EpochMetric | None) -> RunPublic:
     spec = RunCreate.model_validate(run.spec)
-    last = run_repo.last_epoch_metric(session=session, run=run)
     summary = RunSummary(
         epochs_done=run.epochs_done,
         epochs_total=spec.train.epochs,

@@ -108,6 +108,10 @@ def test_filters_search_and_sort_combine_and_the_total_counts_the_matches(any_cl
     run = client.get(f"/api/v1/runs/{a}").json()
     assert run["experiment_id"] is None
     assert run["summary"]["val_loss"] == 0.5
+    # A page's summaries (their last epochs read in one query) are each run's own.
+    listed = {item["id"]: item["summary"] for item in get()["items"]}
+    assert listed == {r: client.get(f"/api/v1/runs/{r}").json()["summary"] for r in (a, b, c, d)}
+    assert (listed[a]["val_loss"], listed[b]["val_loss"], listed[d]["val_loss"]) == (0.5, 0.3, None)
     # Tags (set by PATCH): exact matches only, `_` is no wildcard, other tags do not count.
     assert client.patch(f"/api/v1/runs/{a}", json={"tags": ["baseline", "lr_high"]}).status_code == 200
     assert client.patch(f"/api/v1/runs/{b}", json={"tags": ["baseline2", "lrXhigh"]}).status_code == 200
