@@ -232,6 +232,10 @@ def _train(
         return result, config
     if device.type == "cpu":
         callbacks.cores = CoreShare.for_run(callbacks.lease.worker, config, tcfg)
+        # Sized now rather than at the first stop check, half a second in: the initial probes and
+        # those first steps of a lone run get the idle cores too.
+        with session_scope(read_only=True) as session:
+            callbacks.cores.resize(session)
     result = training.train(config, tcfg, train_set, val_set, callbacks, resume=state, device=device)
     return result, config
 
