@@ -125,8 +125,8 @@ GAMMA_NEAR_ZERO = 0.01
 # statistics_gap's exact population statistics: over the first this-many samples of the training split.
 STATISTICS_SAMPLES = 8192
 # ... passed through the network this many at a time, unless the caller sizes the chunk to the
-# network as validation does (training.evaluation_batch_size: a ResNet-20's 167 took 3.3 s per 2,048
-# samples where 1,024 took 9.4 s, its activations no longer in the caches).
+# network as validation does (training.evaluation_batch_size: a ResNet-20's 167 took 2.8 s per 2,048
+# samples where 1,024 took 6.0 s, its activations no longer in the caches).
 STATISTICS_CHUNK = 1024
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
