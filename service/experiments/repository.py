@@ -92,16 +92,6 @@ def list_experiment_runs(*, session: Session, experiment_id: str) -> Sequence[Ru
     ).all()
 
 
-def last_metrics(*, session: Session, experiment_id: str) -> dict[str, EpochMetric]:
-    """Each run's last finished epoch, in one query (for listing many runs at once)."""
-    rows = session.scalars(
-        select(EpochMetric)
-        .join(Run, and_(Run.id == EpochMetric.run_id, Run.epochs_done == EpochMetric.epoch))
-        .where(Run.experiment_id == experiment_id)
-    ).all()
-    return {row.run_id: row for row in rows}
-
-
 def metrics_by_run(*, session: Session, experiment_id: str) -> dict[str, list[EpochMetric]]:
     """Every epoch of every run of the experiment, in one query, by run then epoch."""
     rows = session.scalars(

@@ -16,6 +16,7 @@ from service.experiments.schemas import ExperimentCreate, ExperimentPublic, Expe
 from service.ml.datasets import DataShape
 from service.models import EpochMetric, Experiment, Run, RunStatus
 from service.queue import BrokerUnavailable
+from service.runs import repository as run_repo
 from service.runs.schemas import RunCreate
 from service.runs.service import publish_runs, require_capacity, require_dataset
 
@@ -29,7 +30,7 @@ def experiment_or_404(session: Session, experiment_id: str) -> Experiment:
 
 def experiment_public(*, session: Session, experiment: Experiment) -> ExperimentPublic:
     runs = experiment_repo.list_experiment_runs(session=session, experiment_id=experiment.id)
-    last = experiment_repo.last_metrics(session=session, experiment_id=experiment.id)
+    last = run_repo.last_epoch_metrics(session=session, runs=runs)
     counts = {s.value: 0 for s in RunStatus}
     for run in runs:
         counts[run.status] += 1

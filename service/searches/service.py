@@ -477,8 +477,8 @@ def search_public(*, session: Session, search: Search, importances: bool = False
 def _trial_public(session: Session, spec: SearchCreate, trial: SearchTrial) -> TrialPublic:
     values: list[float | None] = []
     if trial.experiment_id is not None:
-        last = experiment_repo.last_metrics(session=session, experiment_id=trial.experiment_id)
         runs = sorted(_trial_runs(session, trial), key=lambda r: int(r.spec["train"]["seed"]))
+        last = run_repo.last_epoch_metrics(session=session, runs=runs)
         values = [float(getattr(last[r.id], spec.objective.metric)) if r.id in last else None for r in runs]
     return TrialPublic(
         number=trial.number,
